@@ -1,0 +1,229 @@
+"""Daemon configuration: defaults, the TOML file and command-line overrides.
+
+Everything the daemon can be told lives in one frozen `Config`, built once at start-up, so the
+rest of the code never reads the environment or the file system for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-f16.gguf"
+# The bundled model was trained with max_seq_length 256 (sentence-transformers'
+# sentence_bert_config.json); its GGUF header says 512, but longer inputs give vectors the
+# reference implementation never produces.
+BUNDLED_MAX_TOKENS = 256
+DEFAULT_MODEL = "default"
+
+POOLING_NAMES = ("none", "mean", "cls", "last", "rank")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file, key and reason."""
+
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One servable model."""
+
+    name: str
+    path: Path
+    # None: take the context length from the GGUF header.
+    max_tokens: int | None = None
+    # None: use the pooling type the GGUF declares.
+    pooling: str | None = None
+    threads: int = field(default_factory=_default_threads)
+    # Tokens per llama batch. Every input must fit in one (non-causal models attend over the
+    # whole sequence at once), so the effective value is at least max_tokens.
+    batch_tokens: int = 512
+    # Bound of the model's queue, in tokens of accepted but not yet computed inputs.
+    max_queue_tokens: int = 1_000_000
+    # Seconds idle before the model unloads itself; 0 keeps it loaded forever.
+    keep_alive: float = 300.0
+    prompts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: Path
+    models: Mapping[str, ModelConfig]
+    max_frame: int = 64 * 1024 * 1024
+    max_connections: int = 64
+    max_inflight: int = 256
+    max_inputs: int = 100_000
+    request_timeout: float = 120.0
+    allow_shutdown: bool = False
+    source: Path | None = None
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """The socket path when none is given: $EMBEDD_SOCKET, the runtime dir, else /tmp/embedd-UID."""
+    env = os.environ if env is None else env
+    if env.get("EMBEDD_SOCKET"):
+        return Path(env["EMBEDD_SOCKET"])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "embedd" / "embedd.sock"
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(f"/tmp/embedd-{uid}") / "embedd.sock"
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("EMBEDD_CONFIG"):
+        return Path(env["EMBEDD_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "embedd" / "config.toml"
+
+
+_TOP_KEYS = {
+    "socket": str,
+    "max_frame": int,
+    "max_connections": int,
+    "max_inflight": int,
+    "max_inputs": int,
+    "request_timeout": (int, float),
+    "allow_shutdown": bool,
+    "models": dict,
+}
+_MODEL_KEYS = {
+    "path": str,
+    "max_tokens": int,
+    "pooling": str,
+    "threads": int,
+    "batch_tokens": int,
+    "max_queue_tokens": int,
+    "keep_alive": (int, float),
+    "prompts": dict,
+}
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+        expected = allowed[key]
+        # bool is an int subclass: refuse True where a number is meant.
+        if isinstance(value, bool) and expected is not bool:
+            raise ConfigError(f"{where}: {key} must be {_type_name(expected)}, not a boolean")
+        if not isinstance(value, expected):
+            raise ConfigError(
+                f"{where}: {key} must be {_type_name(expected)}, not {type(value).__name__}"
+            )
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, tuple):
+        return "a number"
+    return {str: "a string", int: "an integer", bool: "a boolean", dict: "a table"}[expected]
+
+
+def _positive(value: float, key: str, where: str, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}: {key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: str) -> ModelConfig:
+    _check_keys(table, _MODEL_KEYS, where)
+    if "path" not in table:
+        raise ConfigError(f"{where}: path is required")
+    path = Path(os.path.expanduser(table["path"]))
+    if not path.is_absolute():
+        path = base / path
+    pooling = table.get("pooling")
+    if pooling is not None and pooling not in POOLING_NAMES:
+        raise ConfigError(f"{where}: pooling must be one of {', '.join(POOLING_NAMES)}, got {pooling!r}")
+    prompts = table.get("prompts", {})
+    for pname, prefix in prompts.items():
+        if not isinstance(prefix, str):
+            raise ConfigError(f"{where}.prompts: {pname} must be a string")
+    kwargs: dict[str, Any] = {}
+    for key in ("max_tokens", "threads", "batch_tokens", "max_queue_tokens"):
+        if key in table:
+            _positive(table[key], key, where)
+            kwargs[key] = table[key]
+    if "keep_alive" in table:
+        _positive(table["keep_alive"], "keep_alive", where, allow_zero=True)
+        kwargs["keep_alive"] = float(table["keep_alive"])
+    return ModelConfig(name=name, path=path, pooling=pooling, prompts=dict(prompts), **kwargs)
+
+
+def bundled_model() -> ModelConfig:
+    return ModelConfig(name=DEFAULT_MODEL, path=BUNDLED_MODEL, max_tokens=BUNDLED_MAX_TOKENS)
+
+
+def parse_model_option(option: str) -> ModelConfig:
+    """`NAME=PATH` from `embedd serve --model`."""
+    name, sep, path = option.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--model {option!r}: expected NAME=PATH")
+    return ModelConfig(name=name, path=Path(os.path.expanduser(path)).resolve())
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    socket: Path | None = None,
+    extra_models: tuple[ModelConfig, ...] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config: defaults, then the TOML file (if any), then command-line options.
+
+    An explicitly named file must exist; the default location is optional.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("EMBEDD_CONFIG"))
+    path = path if path is not None else default_config_path(env)
+    data: dict[str, Any] = {}
+    source: Path | None = None
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        source = path
+    elif explicit:
+        raise ConfigError(f"{path}: config file not found")
+
+    where = str(path)
+    _check_keys(data, _TOP_KEYS, where)
+    models: dict[str, ModelConfig] = {DEFAULT_MODEL: bundled_model()}
+    for name, table in data.get("models", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [models.{name}] must be a table")
+        models[name] = _model_from_table(name, table, path.parent, f"{where} [models.{name}]")
+    for model in extra_models:
+        models[model.name] = model
+
+    kwargs: dict[str, Any] = {}
+    for key in ("max_frame", "max_connections", "max_inflight", "max_inputs"):
+        if key in data:
+            _positive(data[key], key, where)
+            kwargs[key] = data[key]
+    if "request_timeout" in data:
+        _positive(data["request_timeout"], "request_timeout", where)
+        kwargs["request_timeout"] = float(data["request_timeout"])
+    if "allow_shutdown" in data:
+        kwargs["allow_shutdown"] = data["allow_shutdown"]
+
+    if socket is None and "socket" in data:
+        socket = Path(os.path.expanduser(data["socket"]))
+    return Config(
+        socket=socket if socket is not None else default_socket_path(env),
+        models=models,
+        source=source,
+        **kwargs,
+    )

@@ -1,0 +1,238 @@
+"""What each op does, and the daemon's life from start to a clean exit.
+
+`Daemon` answers typed requests and knows nothing about sockets; `server.py` is the transport
+shell around it. `run` wires the two together with signal handling and the idle sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .errors import Code, EmbeddError
+from .messages import CancelArgs, EmbedArgs, ModelArgs, Request, TokenizeArgs
+from .models import ModelRegistry
+from .protocol import PROTOCOL_VERSION
+from .worker import EmbedJob, TokenizeJob
+
+_log = logging.getLogger("embedd.daemon")
+
+# Requests with more inputs than this go to the bulk lane unless they say otherwise.
+BULK_THRESHOLD = 8
+
+
+class Daemon:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.models = ModelRegistry(config, loop)
+        self.started = time.monotonic()
+        self.draining = False
+        self.stop_requested = asyncio.Event()
+        self.requests_total = 0
+        self.requests_ok = 0
+        self.errors: Counter[str] = Counter()
+        self.connections_open = 0
+        self.connections_total = 0
+        self.connections_refused = 0
+
+    def count(self, error: EmbeddError | None) -> None:
+        self.requests_total += 1
+        if error is None:
+            self.requests_ok += 1
+        else:
+            self.errors[str(error.code)] += 1
+
+    async def handle(self, req: Request) -> dict[str, Any]:
+        if self.draining:
+            raise EmbeddError(Code.SHUTTING_DOWN, "the daemon is shutting down; retry later")
+        args = req.args
+        op = req.op
+        if op == "embed":
+            assert isinstance(args, EmbedArgs)
+            return await self._embed(args)
+        if op == "tokenize":
+            assert isinstance(args, TokenizeArgs)
+            return await self._tokenize(args)
+        if op == "hello":
+            return {
+                "protocol": PROTOCOL_VERSION,
+                "server": f"embedd {__version__}",
+                "pid": os.getpid(),
+                "models": sorted(self.models.slots),
+                "max_frame": self.config.max_frame,
+            }
+        if op == "health":
+            return self._health()
+        if op == "models":
+            return {"models": [s.describe() for s in self.models.slots.values()]}
+        if op == "load":
+            assert isinstance(args, ModelArgs)
+            slot = self.models.get(args.model)
+            await slot.load(self.config.request_timeout)
+            return slot.describe()
+        if op == "unload":
+            assert isinstance(args, ModelArgs)
+            slot = self.models.get(args.model)
+            await slot.unload()
+            return slot.describe()
+        if op == "stats":
+            return self._stats()
+        if op == "shutdown":
+            if not self.config.allow_shutdown:
+                raise EmbeddError(
+                    Code.FORBIDDEN,
+                    "shutdown over the socket is disabled; set allow_shutdown = true in the "
+                    "config, or stop the daemon with SIGTERM / the service manager",
+                )
+            _log.info("shutdown requested over the socket")
+            self.loop.call_soon(self.stop_requested.set)
+            return {}
+        if op == "cancel":  # answered by the connection, which owns its requests
+            assert isinstance(args, CancelArgs)
+        raise EmbeddError(Code.INTERNAL, f"op {op!r} has no handler")
+
+    def _health(self) -> dict[str, Any]:
+        return {
+            "status": "shutting_down" if self.draining else "ok",
+            "uptime": round(time.monotonic() - self.started, 3),
+            "models_ready": sum(1 for s in self.models.slots.values() if s.state == "ready"),
+        }
+
+    def _stats(self) -> dict[str, Any]:
+        models: dict[str, Any] = {}
+        for name, slot in self.models.slots.items():
+            st = slot.stats
+            w = slot.worker
+            models[name] = {
+                "state": slot.state,
+                "requests": st.requests,
+                "inputs": st.inputs,
+                "tokens": st.tokens,
+                "batches": st.batches,
+                "cancelled": st.cancelled,
+                "queue_inputs": w.queued_inputs if w else 0,
+                "queue_tokens": w.queued_tokens if w else 0,
+                "tokens_per_second": round(st.tokens_per_second, 1),
+            }
+        return {
+            "uptime": round(time.monotonic() - self.started, 3),
+            "connections": {
+                "open": self.connections_open,
+                "total": self.connections_total,
+                "refused": self.connections_refused,
+            },
+            "requests": {
+                "total": self.requests_total,
+                "ok": self.requests_ok,
+                "errors": dict(self.errors),
+            },
+            "models": models,
+        }
+
+    async def _embed(self, args: EmbedArgs) -> dict[str, Any]:
+        slot = self.models.get(args.model)
+        prefix = self.models.prompt_prefix(slot, args.prompt)
+        texts = [prefix + t for t in args.inputs] if prefix else list(args.inputs)
+        bulk = (
+            args.priority == "bulk"
+            if args.priority is not None
+            else len(texts) > BULK_THRESHOLD
+        )
+        job = EmbedJob(
+            texts=texts,
+            future=self.loop.create_future(),
+            loop=self.loop,
+            truncate=args.truncate,
+            normalize=args.normalize,
+            dimensions=args.dimensions,
+            encoding=args.encoding,
+            bulk=bulk,
+        )
+        result = await slot.run(job, args.timeout or self.config.request_timeout)
+        return {"model": args.model, **result}
+
+    async def _tokenize(self, args: TokenizeArgs) -> dict[str, Any]:
+        slot = self.models.get(args.model)
+        prefix = self.models.prompt_prefix(slot, args.prompt)
+        job = TokenizeJob(
+            texts=[prefix + t for t in args.inputs],
+            future=self.loop.create_future(),
+            loop=self.loop,
+        )
+        result = await slot.run(job, self.config.request_timeout)
+        info = slot.last_info
+        return {"model": args.model, **result, "max_tokens": info.max_tokens if info else None}
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # llama.cpp's own chatter (model metadata, graph sizes) only with --verbose.
+    logging.getLogger("embedd.llama").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+async def _sweep(daemon: Daemon) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        await daemon.models.sweep_idle()
+
+
+async def serve(config: Config) -> int:
+    from .server import Server, SocketInUseError
+
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(config, loop)
+    server = Server(config, daemon)
+    try:
+        await server.start()
+    except SocketInUseError as exc:
+        _log.error("%s", exc)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop_requested.set)
+    sweeper = asyncio.create_task(_sweep(daemon))
+    _log.info(
+        "embedd %s serving on %s (pid %d; models: %s)",
+        __version__,
+        config.socket,
+        os.getpid(),
+        ", ".join(sorted(config.models)),
+    )
+    try:
+        await daemon.stop_requested.wait()
+        _log.info("stopping: no new connections; finishing %d requests in flight", server.inflight)
+        daemon.draining = True
+        await server.stop_accepting()
+        await server.drain()
+        sweeper.cancel()
+        await daemon.models.close()
+        await server.close()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    _log.info("stopped")
+    return 0
+
+
+def run(config: Config, *, verbose: bool = False) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or an allowed `shutdown`); returns the exit code."""
+    setup_logging(verbose)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        _log.error("cannot serve on %s: %s", config.socket, exc)
+        return 1

@@ -1,0 +1,294 @@
+"""One loaded GGUF embedding model, driven through llama.cpp's C API.
+
+Everything here must be called from the one thread that owns the model (llama.cpp contexts are
+not thread-safe); `worker.py` guarantees that. The C API is used directly rather than
+`llama_cpp.Llama` because `Llama.embed` truncates by cutting the token list (dropping the final
+SEP, which moves vectors away from the reference), and because `Llama(verbose=False)` redirects
+the process's stdout/stderr file descriptors while loading, which would swallow the daemon's own
+log lines written by other threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as lc
+import numpy as np
+import numpy.typing as npt
+
+_log = logging.getLogger("embedd.engine")
+_llama_log = logging.getLogger("embedd.llama")
+
+POOLING_BY_NAME = {
+    "none": lc.LLAMA_POOLING_TYPE_NONE,
+    "mean": lc.LLAMA_POOLING_TYPE_MEAN,
+    "cls": lc.LLAMA_POOLING_TYPE_CLS,
+    "last": lc.LLAMA_POOLING_TYPE_LAST,
+    "rank": lc.LLAMA_POOLING_TYPE_RANK,
+}
+POOLING_NAME = {v: k for k, v in POOLING_BY_NAME.items()}
+
+
+class ModelLoadError(Exception):
+    """The file cannot be served as an embedding model; the message says why."""
+
+
+class DecodeError(Exception):
+    """llama.cpp refused a batch."""
+
+
+# --- llama.cpp's log, routed into Python logging -------------------------------------------
+
+_log_lock = threading.Lock()
+_log_installed = False
+_log_partial: list[str] = []
+# ggml_log_level (ggml.h): NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the
+# previous line). Its warnings are about GGUF metadata quirks (e.g. BERT's "special_eos_id is
+# not in special_eog_ids") that an operator cannot act on, so only errors show by default;
+# `--verbose` shows everything.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.ERROR}
+_last_level = logging.DEBUG
+
+
+def _on_llama_log(level: int, text: bytes | None, _user: Any) -> None:
+    global _last_level
+    if text is None:
+        return
+    if level != 5:
+        _last_level = _LEVELS.get(level, logging.DEBUG)
+    if not _llama_log.isEnabledFor(_last_level):
+        return
+    msg = text.decode("utf-8", "replace")
+    _log_partial.append(msg)
+    if msg.endswith("\n"):
+        line = "".join(_log_partial).rstrip()
+        _log_partial.clear()
+        if line:
+            _llama_log.log(_last_level, "%s", line)
+
+
+# Kept referenced for the process's lifetime: llama.cpp holds the raw function pointer.
+_LOG_CALLBACK = lc.llama_log_callback(_on_llama_log)
+
+
+def install_llama_log() -> None:
+    global _log_installed
+    with _log_lock:
+        if not _log_installed:
+            lc.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+            _log_installed = True
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    dim: int
+    pooling: str
+    n_ctx_train: int
+    memory: int
+    max_tokens: int
+    batch_tokens: int
+    max_seqs: int
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if magic != b"GGUF":
+        raise ModelLoadError(f"not a GGUF file (bad magic {magic!r}): {path}")
+
+
+class Engine:
+    """A model plus the context and batch that run it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int,
+        batch_tokens: int,
+        max_tokens: int | None,
+        pooling: str | None,
+    ) -> None:
+        install_llama_log()
+        _check_file(path)
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (unsupported or corrupt GGUF)")
+        self._model = model
+        self._ctx: Any = None
+        self._batch: Any = None
+        try:
+            self._init_context(path, threads, batch_tokens, max_tokens, pooling)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_context(
+        self,
+        path: Path,
+        threads: int,
+        batch_tokens: int,
+        max_tokens: int | None,
+        pooling: str | None,
+    ) -> None:
+        model = self._model
+        self._vocab = lc.llama_model_get_vocab(model)
+        dim = int(lc.llama_model_n_embd(model))
+        n_ctx_train = int(lc.llama_model_n_ctx_train(model))
+        if max_tokens is None:
+            max_tokens = n_ctx_train
+        if max_tokens > n_ctx_train:
+            raise ModelLoadError(
+                f"max_tokens {max_tokens} exceeds the model's context length {n_ctx_train}"
+            )
+        # A non-causal model must see each input in one ubatch (llama.cpp asserts
+        # n_ubatch >= n_tokens), so the batch is never smaller than the longest input.
+        batch_tokens = max(batch_tokens, max_tokens)
+        max_seqs = int(min(batch_tokens, lc.llama_max_parallel_sequences(), 64))
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = batch_tokens
+        cparams.n_batch = batch_tokens
+        cparams.n_ubatch = batch_tokens
+        cparams.n_seq_max = max_seqs
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.embeddings = True
+        cparams.kv_unified = True
+        # Measured here: with flash attention, packing several sequences in one ubatch helps;
+        # without it, the masked attention over the whole ubatch makes packing slower.
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.pooling_type = (
+            POOLING_BY_NAME[pooling] if pooling is not None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
+        )
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self._ctx = ctx
+        pooling_type = int(lc.llama_pooling_type(ctx))
+        if pooling_type in (lc.LLAMA_POOLING_TYPE_NONE, lc.LLAMA_POOLING_TYPE_UNSPECIFIED):
+            raise ModelLoadError(
+                f"not an embedding model: {path} declares no pooling type "
+                "(set `pooling` for it in the config if it really is one)"
+            )
+        if pooling_type == lc.LLAMA_POOLING_TYPE_RANK:
+            raise ModelLoadError(f"{path} is a reranking model, not an embedding model")
+        self._batch = lc.llama_batch_init(batch_tokens, 0, max_seqs)
+        self._cap = batch_tokens
+        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(batch_tokens,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(batch_tokens,))
+        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(batch_tokens,))
+        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(batch_tokens,))
+        self._seq_ptrs = [self._batch.seq_id[i] for i in range(batch_tokens)]
+        self._memory = lc.llama_get_memory(ctx)
+        self.info = ModelInfo(
+            dim=dim,
+            pooling=POOLING_NAME.get(pooling_type, str(pooling_type)),
+            n_ctx_train=n_ctx_train,
+            memory=int(lc.llama_model_size(model)),
+            max_tokens=max_tokens,
+            batch_tokens=batch_tokens,
+            max_seqs=max_seqs,
+        )
+        self._head, self._tail = self._special_frame()
+        if len(self._head) + len(self._tail) >= max_tokens:
+            raise ModelLoadError(f"max_tokens {max_tokens} leaves no room for text")
+
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The special tokens the model wraps every input in (BERT: [CLS] ... [SEP]).
+
+        Found by tokenizing a probe with and without them, so truncation can cut the word pieces
+        and keep the frame, whatever the vocabulary type.
+        """
+        full = self._tokenize_raw("hello", add_special=True)
+        bare = self._tokenize_raw("hello", add_special=False)
+        for i in range(len(full) - len(bare) + 1):
+            if full[i : i + len(bare)] == bare:
+                return full[:i], full[i + len(bare) :]
+        raise ModelLoadError("cannot find how the tokenizer adds special tokens")
+
+    # --- tokenizing -------------------------------------------------------------------------
+
+    def _tokenize_raw(self, text: str, *, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        while True:
+            buf = (lc.llama_token * n_max)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, False)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+
+    def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
+        """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""
+        bare = self._tokenize_raw(text, add_special=False)
+        n_special = len(self._head) + len(self._tail)
+        truncated = False
+        if truncate_to is not None and len(bare) + n_special > truncate_to:
+            bare = bare[: truncate_to - n_special]
+            truncated = True
+        return self._head + bare + self._tail, truncated
+
+    # --- computing ---------------------------------------------------------------------------
+
+    def embed(self, seqs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """Pooled, unnormalized vectors of sequences that together fit in one batch."""
+        n_total = sum(len(s) for s in seqs)
+        if n_total > self._cap or len(seqs) > self.info.max_seqs:
+            raise ValueError(
+                f"batch of {len(seqs)} sequences / {n_total} tokens exceeds "
+                f"{self.info.max_seqs} / {self._cap}"
+            )
+        n = 0
+        for seq_id, toks in enumerate(seqs):
+            k = len(toks)
+            self._tok[n : n + k] = toks
+            self._pos[n : n + k] = np.arange(k)
+            for i in range(n, n + k):
+                self._seq_ptrs[i][0] = seq_id
+            n += k
+        self._nseq[:n] = 1
+        self._logits[:n] = 1
+        self._batch.n_tokens = n
+        if self._memory:
+            lc.llama_memory_clear(self._memory, True)
+        rc = lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise DecodeError(f"llama_decode returned {rc}")
+        dim = self.info.dim
+        out = np.empty((len(seqs), dim), dtype=np.float32)
+        for seq_id in range(len(seqs)):
+            ptr = lc.llama_get_embeddings_seq(self._ctx, seq_id)
+            if not ptr:
+                raise DecodeError(f"llama.cpp returned no embedding for sequence {seq_id}")
+            out[seq_id] = np.ctypeslib.as_array(ptr, shape=(dim,))
+        return out
+
+    def close(self) -> None:
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lc.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,206 @@
+"""The configured models and their lifecycle: unloaded -> loading -> ready (or failed).
+
+Runs on the event loop. A model's worker thread is created on first use or on `load`, replaced
+after a failed load (so fixing the file and retrying works without a restart), stopped on
+`unload`, and stopped by the idle sweep after `keep_alive` seconds without work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Config, ModelConfig
+from .engine import ModelInfo
+from .errors import Code, EmbeddError
+from .worker import EmbedJob, Job, ModelWorker, WorkerStats
+
+_log = logging.getLogger("embedd.models")
+
+
+def estimate_tokens(text: str, cap: int | None) -> int:
+    """Queue accounting before tokenizing (which happens on the model thread): WordPiece and
+    BPE vocabularies average well over 3 bytes per token on prose, so bytes/3 + 2 special
+    tokens errs on the side of counting more."""
+    n = len(text.encode("utf-8")) // 3 + 2
+    return min(n, cap) if cap is not None else n
+
+
+class ModelSlot:
+    def __init__(self, config: ModelConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self._loop = loop
+        self.worker: ModelWorker | None = None
+        self.last_info: ModelInfo | None = None
+        self.last_error: str | None = None
+        self.stats = WorkerStats()
+        self.last_used = time.monotonic()
+        self.active_jobs = 0
+        self.queued_estimate = 0
+
+    @property
+    def state(self) -> str:
+        w = self.worker
+        if w is None:
+            return "failed" if self.last_error else "unloaded"
+        if not w.loaded.done():
+            return "loading"
+        if w.loaded.exception() is not None:
+            return "failed"
+        return "ready"
+
+    def describe(self) -> dict[str, Any]:
+        info = self.last_info
+        state = self.state
+        out: dict[str, Any] = {
+            "name": self.config.name,
+            "path": str(self.config.path),
+            "state": state,
+            "dim": info.dim if info else None,
+            "max_tokens": info.max_tokens if info else self.config.max_tokens,
+            "pooling": info.pooling if info else self.config.pooling,
+            "threads": self.config.threads,
+            "memory": info.memory if info and state == "ready" else 0,
+            "prompts": sorted(self.config.prompts),
+        }
+        if state == "failed":
+            out["error"] = self.last_error
+        return out
+
+    def _ensure_worker(self) -> ModelWorker:
+        w = self.worker
+        if w is not None and (not w.loaded.done() or w.loaded.exception() is None):
+            return w
+        _log.info("loading model %s from %s", self.config.name, self.config.path)
+        w = ModelWorker(self.config, self._loop, self.stats)
+        w.loaded.add_done_callback(lambda fut, w=w: self._on_loaded(w, fut))
+        self.worker = w
+        w.start()
+        return w
+
+    def _on_loaded(self, worker: ModelWorker, fut: asyncio.Future[ModelInfo]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self.last_info = fut.result()
+            self.last_error = None
+        else:
+            self.last_error = worker.error
+
+    async def load(self, timeout: float) -> ModelInfo:
+        w = self._ensure_worker()
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(w.loaded)
+        except TimeoutError:
+            raise EmbeddError(
+                Code.TIMEOUT, f"model {self.config.name!r} did not load within {timeout:g}s",
+                limit=timeout,
+            ) from None
+
+    async def unload(self) -> None:
+        w = self.worker
+        if w is None:
+            return
+        self.worker = None
+        w.stop()
+        await asyncio.shield(w.finished)
+        _log.info("model %s unloaded", self.config.name)
+
+    def busy_error(self, extra: int, max_queue: int) -> EmbeddError | None:
+        if self.queued_estimate + extra <= max_queue or self.queued_estimate == 0:
+            return None
+        rate = max(self.stats.tokens_per_second, 1.0)
+        retry = round(max(0.05, (self.queued_estimate + extra - max_queue) / rate), 3)
+        return EmbeddError(
+            Code.BUSY,
+            f"model {self.config.name!r} has {self.queued_estimate} tokens queued; this "
+            f"request's {extra} would exceed the limit of {max_queue}",
+            retry_after=retry,
+            limit=max_queue,
+        )
+
+    async def run(self, job: Job, timeout: float) -> dict[str, Any]:
+        """Queue a job and wait for its answer; cancels the job's remaining work if the caller
+        gives up (timeout, `cancel`, or the client going away)."""
+        cap = self.config.max_tokens if isinstance(job, EmbedJob) and job.truncate else None
+        estimate = sum(estimate_tokens(t, cap) for t in job.texts)
+        if isinstance(job, EmbedJob):
+            err = self.busy_error(estimate, self.config.max_queue_tokens)
+            if err is not None:
+                raise err
+        deadline = self._loop.time() + timeout
+        self.active_jobs += 1
+        self.queued_estimate += estimate
+        try:
+            worker = self._ensure_worker()
+            worker.submit(job)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await job.future
+            except TimeoutError:
+                job.cancelled = True
+                worker.wake()
+                raise EmbeddError(
+                    Code.TIMEOUT,
+                    f"request not done within its timeout of {timeout:g}s",
+                    limit=timeout,
+                ) from None
+            except asyncio.CancelledError:
+                job.cancelled = True
+                worker.wake()
+                raise
+        finally:
+            self.active_jobs -= 1
+            self.queued_estimate -= estimate
+            self.last_used = time.monotonic()
+
+
+class ModelRegistry:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.slots: Mapping[str, ModelSlot] = {
+            name: ModelSlot(mc, loop) for name, mc in config.models.items()
+        }
+
+    def get(self, name: str) -> ModelSlot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise EmbeddError(
+                Code.UNKNOWN_MODEL,
+                f"unknown model {name!r}; configured models: {', '.join(sorted(self.slots))}",
+            )
+        return slot
+
+    def prompt_prefix(self, slot: ModelSlot, prompt: str | None) -> str:
+        if prompt is None:
+            return ""
+        prompts = slot.config.prompts
+        if prompt not in prompts:
+            known = ", ".join(sorted(prompts)) or "none configured"
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"model {slot.config.name!r} has no prompt {prompt!r} (known: {known})",
+                key="prompt",
+            )
+        return prompts[prompt]
+
+    async def sweep_idle(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots.values():
+            ka = slot.config.keep_alive
+            if (
+                ka > 0
+                and slot.state == "ready"
+                and slot.active_jobs == 0
+                and now - slot.last_used >= ka
+            ):
+                _log.info("model %s idle for %.0fs: unloading", slot.config.name, now - slot.last_used)
+                await slot.unload()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(slot.unload() for slot in self.slots.values()))

@@ -1,0 +1,310 @@
+"""The asyncio shell: the listening socket, one reader per connection, one task per request.
+
+Framing is `protocol.FrameDecoder`'s job and answering is `daemon.Daemon`'s; this module only
+moves bytes, enforces the per-connection limits and makes sure every accepted request gets
+exactly one answer (or is cancelled when its client goes away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .daemon import Daemon
+from .errors import Code, EmbeddError
+from .messages import CancelArgs, parse_request, request_id
+from .protocol import FrameDecoder, FrameError, Message, encode_frame
+
+_log = logging.getLogger("embedd.server")
+
+_READ_SIZE = 256 * 1024
+# Linux sun_path is 108 bytes including the terminating NUL (macOS: 104).
+_MAX_SOCKET_PATH = 107
+
+
+class SocketInUseError(Exception):
+    """Another daemon answers on the socket path, or the path cannot be ours."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    task: asyncio.Task[None] | None = None
+    cancelled_by_client: bool = False
+
+
+@dataclass(eq=False)
+class _Connection:
+    server: Server
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    inflight: dict[int, _Pending] = field(default_factory=dict)
+    closing: bool = False
+
+    async def run(self) -> None:
+        decoder = FrameDecoder(self.server.config.max_frame)
+        try:
+            while not decoder.closed:
+                data = await self.reader.read(_READ_SIZE)
+                if not data:
+                    break
+                for event in decoder.feed(data):
+                    if isinstance(event, FrameError):
+                        _log.warning("closing a connection: %s", event.message)
+                        err = EmbeddError(event.code, event.message, limit=event.limit)
+                        self.server.daemon.count(err)
+                        await self.send({"id": None, "ok": False, "error": err.to_wire()})
+                    else:
+                        self._accept(event)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closing = True
+            # The client went away (or broke the stream): its pending work is cancelled.
+            for pending in list(self.inflight.values()):
+                if pending.task is not None:
+                    pending.task.cancel()
+            self.writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.writer.wait_closed()
+
+    def _accept(self, message: Message) -> None:
+        rid = request_id(message)
+        try:
+            req = parse_request(message, max_inputs=self.server.config.max_inputs)
+            if req.id in self.inflight:
+                raise EmbeddError(
+                    Code.BAD_REQUEST, f"id {req.id} is already in flight on this connection",
+                    key="id",
+                )
+            if req.op == "cancel":
+                assert isinstance(req.args, CancelArgs)
+                self._reply_soon(rid, {"cancelled": self._cancel(req.args.target)})
+                return
+            if len(self.inflight) >= self.server.config.max_inflight:
+                raise EmbeddError(
+                    Code.BUSY,
+                    f"this connection already has {len(self.inflight)} requests in flight "
+                    f"(limit {self.server.config.max_inflight})",
+                    retry_after=0.1,
+                    limit=self.server.config.max_inflight,
+                )
+        except EmbeddError as exc:
+            self.server.daemon.count(exc)
+            self._reply_soon(rid, exc)
+            return
+        pending = _Pending()
+        self.inflight[req.id] = pending
+        pending.task = asyncio.create_task(self._answer(req.id, req, pending))
+
+    def _cancel(self, target: int) -> bool:
+        pending = self.inflight.get(target)
+        if pending is None or pending.task is None or pending.cancelled_by_client:
+            return False
+        pending.cancelled_by_client = True
+        pending.task.cancel()
+        return True
+
+    def _reply_soon(self, rid: int | None, result: dict[str, Any] | EmbeddError) -> None:
+        task = asyncio.create_task(self.send(_response(rid, result)))
+        self.server.background.add(task)
+        task.add_done_callback(self.server.background.discard)
+
+    async def _answer(self, rid: int, req: Any, pending: _Pending) -> None:
+        result: dict[str, Any] | EmbeddError
+        try:
+            result = await self.server.daemon.handle(req)
+        except EmbeddError as exc:
+            result = exc
+        except asyncio.CancelledError:
+            self.inflight.pop(rid, None)
+            if not pending.cancelled_by_client or self.closing:
+                self.server.daemon.count(EmbeddError(Code.CANCELLED, "client went away"))
+                raise
+            result = EmbeddError(Code.CANCELLED, f"request {rid} cancelled by the client")
+        except Exception as exc:
+            _log.exception("request %s (%s) failed", rid, req.op)
+            result = EmbeddError(Code.INTERNAL, f"{req.op} failed: {exc!r}")
+        self.inflight.pop(rid, None)
+        self.server.daemon.count(result if isinstance(result, EmbeddError) else None)
+        await self.send(_response(rid, result))
+
+    async def send(self, message: Message) -> None:
+        if self.writer.is_closing():
+            return
+        try:
+            self.writer.write(encode_frame(message))
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+
+def _response(rid: int | None, result: dict[str, Any] | EmbeddError) -> Message:
+    if isinstance(result, EmbeddError):
+        return {"id": rid, "ok": False, "error": result.to_wire()}
+    return {"id": rid, "ok": True, **result}
+
+
+class Server:
+    def __init__(self, config: Config, daemon: Daemon) -> None:
+        self.config = config
+        self.daemon = daemon
+        self.connections: set[_Connection] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(c.inflight) for c in self.connections)
+
+    async def start(self) -> None:
+        sock = _bind(self.config.socket)
+        st = os.stat(self.config.socket)
+        self._inode = (st.st_dev, st.st_ino)
+        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        daemon = self.daemon
+        if daemon.draining or len(self.connections) >= self.config.max_connections:
+            daemon.connections_refused += 1
+            if daemon.draining:
+                err = EmbeddError(Code.SHUTTING_DOWN, "the daemon is shutting down")
+            else:
+                err = EmbeddError(
+                    Code.BUSY,
+                    f"too many connections (limit {self.config.max_connections})",
+                    retry_after=1.0,
+                    limit=self.config.max_connections,
+                )
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.write(encode_frame(_response(None, err)))
+                await writer.drain()
+            writer.close()
+            return
+        conn = _Connection(self, reader, writer)
+        self.connections.add(conn)
+        daemon.connections_open += 1
+        daemon.connections_total += 1
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            daemon.connections_open -= 1
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self) -> None:
+        """Wait until every request accepted so far has been answered."""
+        while True:
+            tasks = [
+                p.task for c in self.connections for p in c.inflight.values() if p.task is not None
+            ]
+            tasks += list(self.background)
+            if not tasks:
+                return
+            await asyncio.wait(tasks)
+
+    async def close(self) -> None:
+        for conn in list(self.connections):
+            conn.writer.close()
+        self._remove_socket()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+
+    def _remove_socket(self) -> None:
+        """Remove the socket file, unless it is no longer ours (a newer daemon bound there)."""
+        path = self.config.socket
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if self._inode == (st.st_dev, st.st_ino):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Make the socket's directory private (0700) if it is a directory of its own.
+
+    A dedicated directory (ours, or created here) is forced to 0700 whatever the umask; an
+    existing shared one (say /tmp, named with --socket) is left alone, with a warning.
+    """
+    uid = os.getuid()
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        return
+    st = directory.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise SocketInUseError(f"{directory} is not a directory")
+    dedicated = directory.name == "embedd" or directory.name.startswith("embedd-")
+    if dedicated and st.st_uid != uid:
+        raise SocketInUseError(
+            f"socket directory {directory} belongs to uid {st.st_uid}, not to us (uid {uid}); "
+            "refusing to serve from a directory someone else controls"
+        )
+    if dedicated:
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(directory, 0o700)
+    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        _log.warning("socket directory %s is writable by others", directory)
+
+
+def _bind(path: Path) -> socket.socket:
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise SocketInUseError(
+            f"socket path is {len(os.fsencode(path))} bytes, longer than the {_MAX_SOCKET_PATH} "
+            f"a Unix socket allows: {path}"
+        )
+    _prepare_directory(path.parent)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise SocketInUseError(f"{path} exists and is not a socket; refusing to replace it")
+        if _answers(path):
+            raise SocketInUseError(
+                f"another embedd is already serving on {path}; stop it first (embedd stop) "
+                "or choose another --socket"
+            )
+        _log.info("removing stale socket %s (nobody answers on it)", path)
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (98, 48):  # EADDRINUSE on Linux / macOS: another daemon won the race
+            raise SocketInUseError(f"another embedd is already serving on {path}") from exc
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()

@@ -1,0 +1,328 @@
+"""The dedicated thread of one loaded model: it owns the llama context and runs every batch.
+
+The event loop hands it jobs through `submit` and gets answers back through the jobs' asyncio
+futures (completed with `call_soon_threadsafe`), so the loop never waits on inference or on the
+tokenizing of long inputs. The thread drains whatever has arrived, tokenizes it, and packs
+inputs from all waiting jobs into each llama batch (`scheduler.py` decides which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import ModelConfig
+from .engine import DecodeError, Engine, ModelInfo, ModelLoadError
+from .errors import Code, EmbeddError
+from .scheduler import Item, Scheduler
+
+_log = logging.getLogger("embedd.worker")
+
+# Before the first batch has been timed, assume the throughput measured on a 2-core machine.
+_INITIAL_TOKENS_PER_SECOND = 5000.0
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work for the model thread. `cancelled` is set by the loop and read by the
+    thread: a stale read only means one more batch computes inputs nobody will read."""
+
+    texts: list[str]
+    future: asyncio.Future[dict[str, Any]]
+    loop: asyncio.AbstractEventLoop
+    owner: object = None
+    cancelled: bool = False
+
+    def resolve(self, result: dict[str, Any] | EmbeddError) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+@dataclass(eq=False)
+class EmbedJob(Job):
+    truncate: bool = False
+    normalize: bool = True
+    dimensions: int | None = None
+    encoding: str = "f32"
+    bulk: bool = False
+    # Filled in by the model thread.
+    tokens: list[list[int]] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    vectors: npt.NDArray[np.float32] | None = None
+    remaining: int = 0
+
+
+@dataclass(eq=False)
+class TokenizeJob(Job):
+    pass
+
+
+def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any] | EmbeddError) -> None:
+    if future.done():  # timed out or cancelled meanwhile
+        return
+    if isinstance(result, EmbeddError):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+@dataclass
+class WorkerStats:
+    requests: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    batches: int = 0
+    cancelled: int = 0
+    busy_seconds: float = 0.0
+    tokens_per_second: float = _INITIAL_TOKENS_PER_SECOND
+
+
+class ModelWorker:
+    """Loads one model on its own thread and serves jobs until stopped."""
+
+    def __init__(
+        self, config: ModelConfig, loop: asyncio.AbstractEventLoop, stats: WorkerStats
+    ) -> None:
+        self.config = config
+        self.info: ModelInfo | None = None
+        self.error: str | None = None
+        # Owned by the model's slot, so the counts survive unloading and reloading.
+        self.stats = stats
+        self._loop = loop
+        self.loaded: asyncio.Future[ModelInfo] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self._cond = threading.Condition()
+        self._incoming: deque[Job] = deque()
+        self._stopping = False
+        self._scheduler = Scheduler()
+        self._thread = threading.Thread(
+            target=self._run, name=f"embedd-model-{config.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queued_inputs(self) -> int:
+        return self._scheduler.pending_inputs
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._scheduler.pending_tokens
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EmbeddError(Code.SHUTTING_DOWN, f"model {self.config.name!r} is unloading")
+            self._incoming.append(job)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Finish every job already submitted, then free the model and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Make the thread look at its queue again (after a job was cancelled)."""
+        with self._cond:
+            self._cond.notify()
+
+    # --- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine: Engine | None = None
+        try:
+            engine = self._load()
+            if engine is not None:
+                self._serve(engine)
+        except BaseException as exc:  # never leave a job without an answer
+            _log.exception("model thread %s crashed", self.config.name)
+            self._fail_everything(EmbeddError(Code.INTERNAL, f"model thread crashed: {exc!r}"))
+        finally:
+            if engine is not None:
+                engine.close()
+            self._loop.call_soon_threadsafe(_set_done, self.finished)
+
+    def _load(self) -> Engine | None:
+        cfg = self.config
+        started = time.monotonic()
+        try:
+            engine = Engine(
+                cfg.path,
+                threads=cfg.threads,
+                batch_tokens=cfg.batch_tokens,
+                max_tokens=cfg.max_tokens,
+                pooling=cfg.pooling,
+            )
+        except ModelLoadError as exc:
+            self.error = str(exc)
+        except Exception as exc:
+            self.error = f"unexpected failure loading {cfg.path}: {exc!r}"
+        if self.error is not None:
+            _log.error("model %s failed to load: %s", cfg.name, self.error)
+            err = EmbeddError(
+                Code.MODEL_LOAD_FAILED, f"model {cfg.name!r} failed to load: {self.error}"
+            )
+            with self._cond:
+                self._stopping = True
+            self._fail_everything(err)
+            self._loop.call_soon_threadsafe(_set_exc, self.loaded, err)
+            return None
+        self.info = engine.info
+        _log.info(
+            "model %s loaded in %.2fs: dim %d, pooling %s, max_tokens %d, batch %d tokens, "
+            "%d threads",
+            cfg.name,
+            time.monotonic() - started,
+            engine.info.dim,
+            engine.info.pooling,
+            engine.info.max_tokens,
+            engine.info.batch_tokens,
+            cfg.threads,
+        )
+        self._loop.call_soon_threadsafe(_set_result, self.loaded, engine.info)
+        return engine
+
+    def _fail_everything(self, err: EmbeddError) -> None:
+        with self._cond:
+            jobs = list(self._incoming)
+            self._incoming.clear()
+        jobs.extend(self._scheduler.clear())
+        for job in jobs:
+            job.resolve(err)
+
+    def _serve(self, engine: Engine) -> None:
+        while True:
+            with self._cond:
+                while not self._incoming and not self._scheduler.has_work(self._stopping):
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                arrived = list(self._incoming)
+                self._incoming.clear()
+            for job in arrived:
+                self._admit(engine, job)
+            for job, dropped in self._scheduler.drop_cancelled():
+                self.stats.cancelled += dropped
+                job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
+            batch = self._scheduler.next_batch(engine.info.batch_tokens, engine.info.max_seqs)
+            if batch:
+                self._compute(engine, batch)
+
+    def _admit(self, engine: Engine, job: Job) -> None:
+        if job.cancelled:
+            job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
+            return
+        try:
+            if isinstance(job, TokenizeJob):
+                ids = [engine.tokenize(t)[0] for t in job.texts]
+                job.resolve({"ids": ids, "counts": [len(i) for i in ids]})
+                return
+            assert isinstance(job, EmbedJob)
+            self._tokenize_embed_job(engine, job)
+        except EmbeddError as exc:
+            job.resolve(exc)
+            return
+        self.stats.requests += 1
+        self._scheduler.add(job)
+
+    def _tokenize_embed_job(self, engine: Engine, job: EmbedJob) -> None:
+        limit = engine.info.max_tokens
+        if job.dimensions is not None and job.dimensions > engine.info.dim:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"dimensions {job.dimensions} exceeds the model's {engine.info.dim} dimensions",
+                key="dimensions",
+                limit=engine.info.dim,
+            )
+        for i, text in enumerate(job.texts):
+            toks, cut = engine.tokenize(text, truncate_to=limit if job.truncate else None)
+            if len(toks) > limit:
+                raise EmbeddError(
+                    Code.INPUT_TOO_LONG,
+                    f"input[{i}] has {len(toks)} tokens, more than the model's limit of {limit}; "
+                    "shorten it or send truncate=true",
+                    index=i,
+                    tokens=len(toks),
+                    limit=limit,
+                )
+            job.tokens.append(toks)
+            job.truncated.append(cut)
+        job.vectors = np.empty((len(job.texts), engine.info.dim), dtype=np.float32)
+        job.remaining = len(job.texts)
+
+    def _compute(self, engine: Engine, batch: list[Item]) -> None:
+        seqs = [item.job.tokens[item.index] for item in batch]
+        n_tokens = sum(len(s) for s in seqs)
+        started = time.perf_counter()
+        try:
+            vectors = engine.embed(seqs)
+        except DecodeError as exc:
+            err = EmbeddError(Code.INTERNAL, f"inference failed: {exc}")
+            for job in {item.job for item in batch}:
+                self._scheduler.remove(job)
+                job.resolve(err)
+            return
+        elapsed = time.perf_counter() - started
+        st = self.stats
+        st.batches += 1
+        st.inputs += len(batch)
+        st.tokens += n_tokens
+        st.busy_seconds += elapsed
+        if elapsed > 0:
+            st.tokens_per_second = 0.8 * st.tokens_per_second + 0.2 * (n_tokens / elapsed)
+        for item, vec in zip(batch, vectors, strict=True):
+            job = item.job
+            assert job.vectors is not None
+            job.vectors[item.index] = vec
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.resolve(_finish(job))
+
+
+def _finish(job: EmbedJob) -> dict[str, Any]:
+    """Shape the answer on this thread, so the event loop only has to send bytes."""
+    assert job.vectors is not None
+    vecs = job.vectors
+    if job.dimensions is not None:
+        vecs = vecs[:, : job.dimensions]
+    if job.normalize:
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        vecs = vecs / np.where(norms > 0, norms, 1.0)
+    vecs = np.ascontiguousarray(vecs, dtype="<f4")
+    embeddings: Any = vecs.tobytes() if job.encoding == "f32" else vecs.tolist()
+    counts = [len(t) for t in job.tokens]
+    return {
+        "dim": int(vecs.shape[1]),
+        "count": int(vecs.shape[0]),
+        "encoding": job.encoding,
+        "embeddings": embeddings,
+        "tokens": counts,
+        "truncated": job.truncated,
+        "usage": {"prompt_tokens": sum(counts)},
+    }
+
+
+def _set_result(future: asyncio.Future[ModelInfo], info: ModelInfo) -> None:
+    if not future.done():
+        future.set_result(info)
+
+
+def _set_exc(future: asyncio.Future[ModelInfo], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+        # Nobody may be awaiting a failed load; the error is reported through the jobs.
+        future.exception()
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
