@@ -50,6 +50,7 @@ class _Connection:
 
     async def run(self) -> None:
         decoder = FrameDecoder(self.server.config.max_frame)
+        client_gone = True
         try:
             while not decoder.closed:
                 data = await self.reader.read(_READ_SIZE)
@@ -61,16 +62,21 @@ class _Connection:
                         err = EmbeddError(event.code, event.message, limit=event.limit)
                         self.server.daemon.count(err)
                         await self.send({"id": None, "ok": False, "error": err.to_wire()})
+                        client_gone = False
                     else:
                         self._accept(event)
         except (ConnectionError, OSError):
             pass
         finally:
-            self.closing = True
-            # The client went away (or broke the stream): its pending work is cancelled.
-            for pending in list(self.inflight.values()):
-                if pending.task is not None:
-                    pending.task.cancel()
+            tasks = [p.task for p in self.inflight.values() if p.task is not None]
+            if client_gone:
+                # The client went away: its pending work is cancelled.
+                self.closing = True
+                for task in tasks:
+                    task.cancel()
+            elif tasks:
+                # The stream broke but the client is there: answer what was read before it.
+                await asyncio.wait(tasks)
             self.writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.wait_closed()

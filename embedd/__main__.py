@@ -1,0 +1,5 @@
+"""`python -m embedd`: the same as the `embedd` command."""
+
+from embedd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,542 @@
+"""The `embedd` command: run the daemon, and talk to it from a shell.
+
+Everything but `serve` is a thin layer over `embedd_client`, so that the command line exercises
+exactly the code other programs use. The daemon module (and with it llama.cpp) is imported only
+by `serve`, which keeps the client commands quick to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import embedd_client
+import numpy as np
+
+from embedd.config import ConfigError, load_config, parse_model_option
+
+PROG = "embedd"
+# Seconds `stop` waits for the daemon to go away: it drains the requests it accepted first.
+STOP_WAIT = 30.0
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _UsageError(Exception):
+    """Bad input from the user (exit status 2, as for argparse's own errors)."""
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Socket and client
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    """The daemon's socket as `embedd serve` would pick it, so both ends agree by default.
+
+    That is --socket, else the `socket` of the config file (when there is one and it sets
+    it), else the default path.
+    """
+    if args.socket:
+        return Path(args.socket)
+    try:
+        return load_config().socket
+    except ConfigError:
+        # A broken config file is `serve`'s problem; the client still has the default.
+        return embedd_client.default_socket_path()
+
+
+def _client(args: argparse.Namespace, timeout: float | None = 30.0) -> embedd_client.Client:
+    return embedd_client.Client(_socket_path(args), timeout=timeout)
+
+
+def _not_running(path: Path) -> str:
+    return f"the daemon is not running (nothing answers at {path}); start it with `embedd serve`"
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        extra = tuple(parse_model_option(m) for m in args.model)
+        config = load_config(
+            Path(args.config) if args.config else None,
+            socket=Path(args.socket) if args.socket else None,
+            extra_models=extra,
+        )
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    from embedd import daemon
+
+    return daemon.run(config, verbose=args.verbose)
+
+
+def _read_stdin_texts() -> list[str]:
+    if sys.stdin.isatty():
+        print("(reading texts from stdin, one per line; end with Ctrl-D)", file=sys.stderr)
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UsageError(f"stdin is not valid UTF-8: {exc}") from None
+    # Split on newlines only: str.splitlines() would also cut at form feeds and U+2028.
+    lines = (line.removesuffix("\r") for line in text.split("\n"))
+    return [line for line in lines if line.strip()]
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    texts: list[str] = args.texts or _read_stdin_texts()
+    if not texts:
+        raise _UsageError("nothing to embed: give TEXT arguments or lines on stdin")
+    # No client-side limit: a big batch may take a while, and the daemon enforces its own
+    # request_timeout.
+    with _client(args, timeout=None) as client:
+        vectors = client.embed(
+            texts,
+            args.model,
+            normalize=not args.no_normalize,
+            truncate=args.truncate,
+            dimensions=args.dimensions,
+            prompt=args.prompt,
+        )
+    count, dim = vectors.shape
+    if args.npy:
+        # Through a file object: np.save(name) would append ".npy" to a name without it.
+        with open(args.npy, "wb") as f:
+            np.save(f, vectors)
+        _err(f"wrote {count} x {dim} float32 vectors ({args.model}) to {args.npy}")
+        return 0
+    json.dump({"model": args.model, "dim": dim, "embeddings": vectors.tolist()}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _mb(nbytes: Any) -> str:
+    return f"{nbytes / 2**20:.1f}" if isinstance(nbytes, int | float) else "-"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = (
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
+    )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    header = ("NAME", "STATE", "DIM", "MAX_TOKENS", "POOLING", "THREADS", "MEMORY_MB", "PATH")
+    rows = [
+        (
+            _cell(m.get("name")),
+            _cell(m.get("state")),
+            _cell(m.get("dim")),
+            _cell(m.get("max_tokens")),
+            _cell(m.get("pooling")),
+            _cell(m.get("threads")),
+            _mb(m.get("memory")),
+            _cell(m.get("path")),
+        )
+        for m in models
+    ]
+    print(_table(header, rows))
+    for m in models:
+        if m.get("error"):
+            print(f"{m.get('name')}: failed to load: {m['error']}")
+    return 0
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [f"{days}d"] if days else []
+    parts += [f"{hours}h"] if hours or days else []
+    return " ".join([*parts, f"{minutes}m", f"{s:02d}s"])
+
+
+def _status_text(
+    path: Path, hello: Mapping[str, Any], health: Mapping[str, Any], stats: Mapping[str, Any]
+) -> str:
+    conns = stats.get("connections", {})
+    reqs = stats.get("requests", {})
+    errors: Mapping[str, int] = reqs.get("errors", {})
+    n_errors = sum(errors.values())
+    detail = ", ".join(f"{code} {n}" for code, n in sorted(errors.items()))
+    lines = [
+        f"{hello.get('server', 'embedd')} (protocol {hello.get('protocol')}), "
+        f"pid {hello.get('pid')}",
+        f"socket:      {path}",
+        f"status:      {health.get('status')}, up {_duration(health.get('uptime'))}",
+        f"connections: {conns.get('open', 0)} open, {conns.get('total', 0)} total, "
+        f"{conns.get('refused', 0)} refused",
+        f"requests:    {reqs.get('total', 0)} total, {reqs.get('ok', 0)} ok, {n_errors} errors"
+        + (f" ({detail})" if detail else ""),
+        f"models:      {health.get('models_ready', 0)} of {len(hello.get('models', []))} ready",
+    ]
+    model_stats: Mapping[str, Mapping[str, Any]] = stats.get("models", {})
+    rows = []
+    for name, m in model_stats.items():
+        tps = m.get("tokens_per_second")
+        rows.append(
+            (
+                name,
+                _cell(m.get("state")),
+                _cell(m.get("requests")),
+                _cell(m.get("inputs")),
+                _cell(m.get("tokens")),
+                _cell(m.get("queue_inputs")),
+                f"{tps:.0f}" if isinstance(tps, int | float) else "-",
+            )
+        )
+    if rows:
+        header = ("  MODEL", "STATE", "REQUESTS", "INPUTS", "TOKENS", "QUEUED", "TOKENS/S")
+        lines.append(_table(header, [("  " + r[0], *r[1:]) for r in rows]))
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    with embedd_client.Client(path) as client:
+        try:
+            hello = client.hello()
+        except embedd_client.DaemonUnavailableError:
+            _err(_not_running(path))
+            return 1
+        health = client.health()
+        stats = client.stats()
+    if args.json:
+        report = {"socket": str(path), "hello": hello, "health": health, "stats": stats}
+        print(json.dumps(report, indent=2))
+    else:
+        print(_status_text(path, hello, health, stats))
+    return 0
+
+
+def _model_line(m: Mapping[str, Any]) -> str:
+    line = f"{m.get('name')}: {m.get('state')}"
+    if m.get("dim") is not None:
+        line += f", dim {m['dim']}, {_mb(m.get('memory'))} MB"
+    if m.get("error"):
+        line += f" ({m['error']})"
+    return line
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    # No client-side limit: a large model may take minutes to load.
+    with _client(args, timeout=None) as client:
+        print(_model_line(client.load(args.name)))
+    return 0
+
+
+def _cmd_unload(args: argparse.Namespace) -> int:
+    with _client(args, timeout=None) as client:
+        print(_model_line(client.unload(args.name)))
+    return 0
+
+
+def _answers(path: Path) -> bool:
+    try:
+        with embedd_client.Client(path, timeout=2.0) as client:
+            client.health()
+    except embedd_client.DaemonUnavailableError:
+        return False
+    except embedd_client.EmbeddError:
+        return True  # e.g. our own timeout: something is still there
+    return True
+
+
+def _terminate(pid: Any) -> str | None:
+    """SIGTERM the daemon, but only a plausible pid of our own user; else why not."""
+    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+        return f"the daemon reported an implausible pid {pid!r}"
+    try:
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return f"no process {pid} here (is the daemon in another container?)"
+        owner = None  # no /proc (macOS): rely on kill()'s own permission check
+    if owner is not None and owner != os.getuid():
+        return f"process {pid} belongs to uid {owner}, not to you"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return f"no process {pid}"
+    except PermissionError:
+        return f"not allowed to signal process {pid}"
+    return None
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    with embedd_client.Client(path, timeout=10.0) as client:
+        try:
+            pid = client.hello().get("pid")
+        except embedd_client.DaemonUnavailableError:
+            _err(_not_running(path))
+            return 1
+        try:
+            client.shutdown()
+            how = "asked it to shut down"
+        except embedd_client.ForbiddenError:
+            # The daemon does not take shutdown over the socket (allow_shutdown = false);
+            # signalling it is what systemctl would do.
+            problem = _terminate(pid)
+            if problem is not None:
+                _err(f"the daemon's config does not allow shutdown, and SIGTERM failed: {problem}")
+                return 1
+            how = f"sent SIGTERM to pid {pid}"
+        except embedd_client.DaemonUnavailableError:
+            how = "asked it to shut down"  # it closed the connection on its way out
+    deadline = time.monotonic() + args.wait
+    while _answers(path):
+        if time.monotonic() >= deadline:
+            _err(
+                f"{how}, but the daemon (pid {pid}) still answers after {args.wait:g} s; "
+                "it may be finishing long requests"
+            )
+            return 1
+        time.sleep(0.2)
+    print(f"{PROG}: daemon (pid {pid}) stopped")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and examples."""
+
+
+def _subcommand(
+    subparsers: Any,
+    common: argparse.ArgumentParser,
+    name: str,
+    handler: Handler,
+    summary: str,
+    description: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        parents=[common],
+        help=summary,
+        description=description,
+        epilog="examples:\n" + examples,
+        formatter_class=_Formatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A local text-embedding daemon, and commands to talk to it.",
+        epilog=(
+            "The socket is, first that applies: --socket, the config file's `socket`,\n"
+            "$EMBEDD_SOCKET, $XDG_RUNTIME_DIR/embedd/embedd.sock, /tmp/embedd-$UID/embedd.sock.\n"
+            "\n"
+            "exit status: 0 success, 1 the daemon refused or is unreachable, 2 bad usage\n"
+            "\n"
+            "examples:\n"
+            "  embedd serve &\n"
+            "  embedd embed 'hello world'\n"
+            "  embedd status\n"
+            "  embedd <command> --help"
+        ),
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--socket", metavar="PATH", default=None, help="the daemon's Unix socket")
+    # The subcommands take --socket too; SUPPRESS keeps an absent one from hiding the global.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket", metavar="PATH", default=argparse.SUPPRESS, help="the daemon's Unix socket"
+    )
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+
+    p = _subcommand(
+        sub,
+        common,
+        "serve",
+        _cmd_serve,
+        "run the daemon in the foreground",
+        "Run the daemon in the foreground until SIGTERM or Ctrl-C. Models load on first use.\n"
+        "Settings come from the config file (default $XDG_CONFIG_HOME/embedd/config.toml,\n"
+        "or $EMBEDD_CONFIG), then from these options.",
+        "  embedd serve\n"
+        "  embedd serve --verbose --socket /tmp/embedd-test.sock\n"
+        "  embedd serve --config ~/embedd.toml --model bge=~/models/bge-small-en-v1.5.gguf",
+    )
+    p.add_argument("--config", metavar="FILE", help="config file (TOML); must exist if given")
+    p.add_argument(
+        "--model",
+        metavar="NAME=PATH",
+        action="append",
+        default=[],
+        help="serve the GGUF file PATH as model NAME (repeatable; overrides the config file)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+
+    p = _subcommand(
+        sub,
+        common,
+        "embed",
+        _cmd_embed,
+        "embed texts, print JSON or write .npy",
+        "Embed the TEXT arguments, or else each non-blank line of stdin, and print\n"
+        '{"model": ..., "dim": ..., "embeddings": [[...], ...]} on stdout (one vector per\n'
+        "text, in order), or with --npy save an (n, dim) float32 array instead.",
+        "  embedd embed 'The cat sat on the mat.' 'A dog barked.'\n"
+        "  embedd embed < sentences.txt > vectors.json\n"
+        "  embedd embed --npy vectors.npy --dimensions 128 < sentences.txt\n"
+        "  embedd embed --model bge --prompt query 'how do I reset my password'",
+    )
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: stdin lines)")
+    p.add_argument("--model", default="default", help="model name (default: %(default)s)")
+    p.add_argument("--prompt", metavar="NAME", help="a prompt prefix configured for the model")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut inputs longer than the model's max_tokens instead of failing",
+    )
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the vectors")
+    p.add_argument("--dimensions", type=int, metavar="N", help="keep only the first N components")
+    p.add_argument("--npy", metavar="FILE", help="write the vectors to FILE as .npy")
+
+    p = _subcommand(
+        sub,
+        common,
+        "models",
+        _cmd_models,
+        "list the configured models",
+        "List the models the daemon is configured with and their state.",
+        "  embedd models\n  embedd models --json | jq '.[].name'",
+    )
+    p.add_argument("--json", action="store_true", help="print the daemon's raw list as JSON")
+
+    p = _subcommand(
+        sub,
+        common,
+        "status",
+        _cmd_status,
+        "show whether the daemon runs, and its counters",
+        "Show the daemon's version, pid, uptime, connections, requests and models.\n"
+        "Exits with status 1 if no daemon answers.",
+        "  embedd status\n"
+        "  embedd status --json\n"
+        "  embedd status >/dev/null 2>&1 || embedd serve &",
+    )
+    p.add_argument("--json", action="store_true", help="print hello, health and stats as JSON")
+
+    p = _subcommand(
+        sub,
+        common,
+        "load",
+        _cmd_load,
+        "load a model now",
+        "Load a model now (instead of on first use) and wait until it is ready.",
+        "  embedd load default",
+    )
+    p.add_argument("name", metavar="MODEL", help="model name")
+
+    p = _subcommand(
+        sub,
+        common,
+        "unload",
+        _cmd_unload,
+        "free a model's memory",
+        "Let the model's accepted work finish, then free it. It loads again on next use.",
+        "  embedd unload default",
+    )
+    p.add_argument("name", metavar="MODEL", help="model name")
+
+    p = _subcommand(
+        sub,
+        common,
+        "stop",
+        _cmd_stop,
+        "stop the daemon",
+        "Stop the daemon: send it `shutdown`, or, if its config does not allow that,\n"
+        "SIGTERM (only to a process of your own user). Then wait until it is gone.\n"
+        "The daemon finishes the requests it already accepted before exiting.",
+        "  embedd stop\n  embedd stop --wait 120",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=STOP_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to exit (default: %(default)g)",
+    )
+    return parser
+
+
+def _quiet_broken_stdout() -> None:
+    # Output piped into `head` and the like: stop quietly, and keep Python from complaining
+    # again when it flushes stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        return _exit_code(exc)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except _UsageError as exc:
+        _err(str(exc))
+        return 2
+    except embedd_client.DaemonUnavailableError as exc:
+        _err(exc.message)
+        return 1
+    except embedd_client.EmbeddError as exc:
+        _err(f"{exc.code}: {exc.message}")
+        return 1
+    except BrokenPipeError:
+        _quiet_broken_stdout()
+        return 1
+    except KeyboardInterrupt:
+        return 130

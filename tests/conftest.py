@@ -1,0 +1,195 @@
+"""Fixtures that start the real daemon (`python -m embedd serve`) on a real socket with the real
+bundled model; nothing here is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tests.wire import RawConnection
+
+DATA = Path(__file__).parent / "data"
+BUNDLED = Path(__file__).parent.parent / "embedd" / "bundled" / "all-MiniLM-L6-v2-f16.gguf"
+
+# A config exercising what most tests need: the bundled model, one with prompts, and two that
+# cannot load (a missing file and a file that is not GGUF).
+BASE_CONFIG = """
+[models.prompted]
+path = "{bundled}"
+max_tokens = 256
+[models.prompted.prompts]
+query = "query: "
+document = "passage: "
+
+[models.missing]
+path = "{tmp}/no-such-model.gguf"
+
+[models.notgguf]
+path = "{tmp}/not-a-model.gguf"
+"""
+
+
+@dataclass
+class Daemon:
+    socket: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    workdir: Path
+    _conns: list[RawConnection] = field(default_factory=list)
+
+    def connect(self) -> RawConnection:
+        conn = RawConnection(self.socket)
+        self._conns.append(conn)
+        return conn
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        with RawConnection(self.socket) as conn:
+            return conn.call(op, **args)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        for conn in self._conns:
+            conn.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit within {timeout}s:\n{self.log()}") from None
+
+
+def short_tmpdir() -> Path:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix="embedd-t"))
+
+
+def start_daemon(
+    workdir: Path,
+    config: str = "",
+    *,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Daemon:
+    sock = workdir / "run" / "embedd.sock"
+    cfg = workdir / "config.toml"
+    (workdir / "not-a-model.gguf").write_text("this is not a model\n")
+    cfg.write_text(config.format(bundled=BUNDLED, tmp=workdir))
+    log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, **(env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "embedd", "serve",
+                "--socket", str(sock), "--config", str(cfg), *extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    daemon = Daemon(sock, proc, log_path, workdir)
+    if wait:
+        wait_until_serving(daemon)
+    return daemon
+
+
+def wait_until_serving(daemon: Daemon, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            if daemon.call("hello")["ok"]:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    daemon.stop(signal.SIGKILL)
+    raise AssertionError(f"daemon did not answer within {timeout}s:\n{daemon.log()}")
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """One daemon shared by the tests that do not change its state."""
+    workdir = short_tmpdir()
+    d = start_daemon(workdir, BASE_CONFIG)
+    yield d
+    d.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def own_daemon(workdir: Path) -> Iterator[list[Daemon]]:
+    """Daemons a test starts itself (with its own config); stopped afterwards if still running."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Reference:
+    queries: list[str]
+    chunks: list[str]
+    chunks_long: list[str]
+    q_vecs: npt.NDArray[np.float32]
+    c_vecs: npt.NDArray[np.float32]
+    cl_vecs: npt.NDArray[np.float32]
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    docs = json.loads((DATA / "stdlib_docs.json").read_text())
+    long = json.loads((DATA / "stdlib_docs_long.json").read_text())
+    return Reference(
+        queries=docs["queries"],
+        chunks=docs["chunks"],
+        chunks_long=long["chunks_long"],
+        q_vecs=np.load(DATA / "st_queries.npy"),
+        c_vecs=np.load(DATA / "st_chunks.npy"),
+        cl_vecs=np.load(DATA / "st_chunks_long.npy"),
+    )
+
+
+def vectors(response: dict[str, Any]) -> npt.NDArray[np.float32]:
+    assert response["ok"], response
+    raw = response["embeddings"]
+    if response["encoding"] == "list":
+        return np.asarray(raw, dtype=np.float32)
+    return np.frombuffer(raw, "<f4").reshape(response["count"], response["dim"])
+
+
+def cosines(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    a64 = a.astype(np.float64)
+    b64 = b.astype(np.float64)
+    dots = (a64 * b64).sum(axis=1)
+    result: npt.NDArray[np.float64] = dots / (
+        np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    )
+    return result
