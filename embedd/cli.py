@@ -293,6 +293,23 @@ def _terminate(pid: Any) -> str | None:
     return None
 
 
+def _request_stop(client: embedd_client.Client, pid: Any) -> str | None:
+    """Ask the daemon to exit, by request or else by signal; says how, or None on failure."""
+    try:
+        client.shutdown()
+    except embedd_client.ForbiddenError:
+        # The daemon does not take shutdown over the socket (allow_shutdown = false);
+        # signalling it is what systemctl would do.
+        problem = _terminate(pid)
+        if problem is not None:
+            _err(f"the daemon's config does not allow shutdown, and SIGTERM failed: {problem}")
+            return None
+        return f"sent SIGTERM to pid {pid}"
+    except embedd_client.DaemonUnavailableError:
+        pass  # it closed the connection on its way out
+    return "asked it to shut down"
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     with embedd_client.Client(path, timeout=10.0) as client:
@@ -301,19 +318,13 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         except embedd_client.DaemonUnavailableError:
             _err(_not_running(path))
             return 1
-        try:
-            client.shutdown()
-            how = "asked it to shut down"
-        except embedd_client.ForbiddenError:
-            # The daemon does not take shutdown over the socket (allow_shutdown = false);
-            # signalling it is what systemctl would do.
-            problem = _terminate(pid)
-            if problem is not None:
-                _err(f"the daemon's config does not allow shutdown, and SIGTERM failed: {problem}")
+        except embedd_client.ShuttingDownError:
+            pid, how = "?", "it was already shutting down"
+        else:
+            requested = _request_stop(client, pid)
+            if requested is None:
                 return 1
-            how = f"sent SIGTERM to pid {pid}"
-        except embedd_client.DaemonUnavailableError:
-            how = "asked it to shut down"  # it closed the connection on its way out
+            how = requested
     deadline = time.monotonic() + args.wait
     while _answers(path):
         if time.monotonic() >= deadline:

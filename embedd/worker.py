@@ -120,6 +120,11 @@ class ModelWorker:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
+                if self.error is not None:
+                    raise EmbeddError(
+                        Code.MODEL_LOAD_FAILED,
+                        f"model {self.config.name!r} failed to load: {self.error}",
+                    )
                 raise EmbeddError(Code.SHUTTING_DOWN, f"model {self.config.name!r} is unloading")
             self._incoming.append(job)
             self._cond.notify()
@@ -173,8 +178,10 @@ class ModelWorker:
             )
             with self._cond:
                 self._stopping = True
-            self._fail_everything(err)
+            # The state turns `failed` before any job hears of it, so a client that reacts to
+            # the error by asking `models` sees the same.
             self._loop.call_soon_threadsafe(_set_exc, self.loaded, err)
+            self._fail_everything(err)
             return None
         self.info = engine.info
         _log.info(
