@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import msgpack  # type: ignore[import-untyped, unused-ignore]
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 

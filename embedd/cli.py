@@ -310,6 +310,20 @@ def _request_stop(client: embedd_client.Client, pid: Any) -> str | None:
     return "asked it to shut down"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an exited daemon whose parent has not reaped it yet is a zombie: it is gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     with embedd_client.Client(path, timeout=10.0) as client:
@@ -326,7 +340,9 @@ def _cmd_stop(args: argparse.Namespace) -> int:
                 return 1
             how = requested
     deadline = time.monotonic() + args.wait
-    while _answers(path):
+    # The listening socket closes as soon as draining starts; the process is gone only once
+    # every accepted request has been answered, so wait for the process when we know it.
+    while _alive(pid) if isinstance(pid, int) else _answers(path):
         if time.monotonic() >= deadline:
             _err(
                 f"{how}, but the daemon (pid {pid}) still answers after {args.wait:g} s; "
@@ -372,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="A local text-embedding daemon, and commands to talk to it.",
         epilog=(
-            "The socket is, first that applies: --socket, the config file's `socket`,\n"
-            "$EMBEDD_SOCKET, $XDG_RUNTIME_DIR/embedd/embedd.sock, /tmp/embedd-$UID/embedd.sock.\n"
+            "The socket is, first that applies: --socket, $EMBEDD_SOCKET, the config file's\n"
+            "`socket`, $XDG_RUNTIME_DIR/embedd/embedd.sock, /tmp/embedd-$UID/embedd.sock.\n"
             "\n"
             "exit status: 0 success, 1 the daemon refused or is unreachable, 2 bad usage\n"
             "\n"

@@ -144,7 +144,9 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
         path = base / path
     pooling = table.get("pooling")
     if pooling is not None and pooling not in POOLING_NAMES:
-        raise ConfigError(f"{where}: pooling must be one of {', '.join(POOLING_NAMES)}, got {pooling!r}")
+        raise ConfigError(
+            f"{where}: pooling must be one of {', '.join(POOLING_NAMES)}, got {pooling!r}"
+        )
     prompts = table.get("prompts", {})
     for pname, prefix in prompts.items():
         if not isinstance(prefix, str):
@@ -219,7 +221,8 @@ def load_config(
     if "allow_shutdown" in data:
         kwargs["allow_shutdown"] = data["allow_shutdown"]
 
-    if socket is None and "socket" in data:
+    # --socket, then $EMBEDD_SOCKET, then the file's `socket`, then the runtime-dir default.
+    if socket is None and not env.get("EMBEDD_SOCKET") and "socket" in data:
         socket = Path(os.path.expanduser(data["socket"]))
     return Config(
         socket=socket if socket is not None else default_socket_path(env),

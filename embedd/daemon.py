@@ -27,6 +27,9 @@ _log = logging.getLogger("embedd.daemon")
 
 # Requests with more inputs than this go to the bulk lane unless they say otherwise.
 BULK_THRESHOLD = 8
+_SHUTDOWN_GRACE = 0.2
+# Refused while draining; questions about the daemon (hello, health, stats...) still answer.
+_WORK_OPS = frozenset({"embed", "tokenize", "load", "unload", "shutdown"})
 
 
 class Daemon:
@@ -52,10 +55,12 @@ class Daemon:
             self.errors[str(error.code)] += 1
 
     async def handle(self, req: Request) -> dict[str, Any]:
-        if self.draining:
-            raise EmbeddError(Code.SHUTTING_DOWN, "the daemon is shutting down; retry later")
         args = req.args
         op = req.op
+        if self.draining and op in _WORK_OPS:
+            raise EmbeddError(
+                Code.SHUTTING_DOWN, "the daemon is shutting down and takes no new work"
+            )
         if op == "embed":
             assert isinstance(args, EmbedArgs)
             return await self._embed(args)
@@ -142,11 +147,7 @@ class Daemon:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.inputs] if prefix else list(args.inputs)
-        bulk = (
-            args.priority == "bulk"
-            if args.priority is not None
-            else len(texts) > BULK_THRESHOLD
-        )
+        bulk = args.priority == "bulk" if args.priority is not None else len(texts) > BULK_THRESHOLD
         job = EmbedJob(
             texts=texts,
             future=self.loop.create_future(),
@@ -214,9 +215,12 @@ async def serve(config: Config) -> int:
     )
     try:
         await daemon.stop_requested.wait()
-        _log.info("stopping: no new connections; finishing %d requests in flight", server.inflight)
-        daemon.draining = True
         await server.stop_accepting()
+        # Requests a client sent just before the signal may still sit in the socket buffers:
+        # give the connections a moment to read them, so they are served rather than refused.
+        await asyncio.sleep(_SHUTDOWN_GRACE)
+        daemon.draining = True
+        _log.info("stopping: no new connections; finishing %d requests in flight", server.inflight)
         await server.drain()
         sweeper.cancel()
         await daemon.models.close()

@@ -1,4 +1,4 @@
-"""The error codes of the wire protocol and the one exception that carries them inside the daemon."""
+"""The wire protocol's error codes, and the one exception that carries them in the daemon."""
 
 from __future__ import annotations
 

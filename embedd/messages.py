@@ -106,7 +106,9 @@ def _inputs(args: dict[str, Any], max_inputs: int) -> tuple[tuple[str, ...], boo
         )
     for i, text in enumerate(raw):
         if not isinstance(text, str):
-            raise _bad(f"input[{i}] must be a string, got {type(text).__name__}", key="input", index=i)
+            raise _bad(
+                f"input[{i}] must be a string, got {type(text).__name__}", key="input", index=i
+            )
         if not text:
             raise _bad(f"input[{i}] is an empty string", key="input", index=i)
     return tuple(raw), False
@@ -142,7 +144,9 @@ OPS = tuple(_ALLOWED)
 def parse_request(message: dict[str, Any], *, max_inputs: int) -> Request:
     rid = request_id(message)
     if rid is None:
-        raise _bad(f"id must be an unsigned integer below 2**64, got {message.get('id')!r}", key="id")
+        raise _bad(
+            f"id must be an unsigned integer below 2**64, got {message.get('id')!r}", key="id"
+        )
     op = message.get("op")
     if not isinstance(op, str):
         raise _bad("op must be a string naming the operation", key="op")
@@ -198,7 +202,9 @@ def _parse_embed(args: dict[str, Any], max_inputs: int) -> EmbedArgs:
     if "encoding" in args:
         enc = _get(args, "encoding", str, "a string")
         if enc not in ENCODINGS:
-            raise _bad(f"encoding must be one of {', '.join(ENCODINGS)}, got {enc!r}", key="encoding")
+            raise _bad(
+                f"encoding must be one of {', '.join(ENCODINGS)}, got {enc!r}", key="encoding"
+            )
         kw["encoding"] = enc
     if "timeout" in args:
         timeout = float(_get(args, "timeout", (int, float), "a number of seconds"))
@@ -208,6 +214,8 @@ def _parse_embed(args: dict[str, Any], max_inputs: int) -> EmbedArgs:
     if "priority" in args:
         prio = _get(args, "priority", str, "a string")
         if prio not in PRIORITIES:
-            raise _bad(f"priority must be one of {', '.join(PRIORITIES)}, got {prio!r}", key="priority")
+            raise _bad(
+                f"priority must be one of {', '.join(PRIORITIES)}, got {prio!r}", key="priority"
+            )
         kw["priority"] = prio
     return EmbedArgs(inputs=inputs, single=single, model=_model(args), **kw)

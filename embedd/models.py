@@ -8,6 +8,7 @@ after a failed load (so fixing the file and retrying works without a restart), s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -76,7 +77,7 @@ class ModelSlot:
             return w
         _log.info("loading model %s from %s", self.config.name, self.config.path)
         w = ModelWorker(self.config, self._loop, self.stats)
-        w.loaded.add_done_callback(lambda fut, w=w: self._on_loaded(w, fut))
+        w.loaded.add_done_callback(functools.partial(self._on_loaded, w))
         self.worker = w
         w.start()
         return w
@@ -98,7 +99,8 @@ class ModelSlot:
                 return await asyncio.shield(w.loaded)
         except TimeoutError:
             raise EmbeddError(
-                Code.TIMEOUT, f"model {self.config.name!r} did not load within {timeout:g}s",
+                Code.TIMEOUT,
+                f"model {self.config.name!r} did not load within {timeout:g}s",
                 limit=timeout,
             ) from None
 
@@ -199,7 +201,9 @@ class ModelRegistry:
                 and slot.active_jobs == 0
                 and now - slot.last_used >= ka
             ):
-                _log.info("model %s idle for %.0fs: unloading", slot.config.name, now - slot.last_used)
+                _log.info(
+                    "model %s idle for %.0fs: unloading", slot.config.name, now - slot.last_used
+                )
                 await slot.unload()
 
     async def close(self) -> None:

@@ -87,7 +87,8 @@ class _Connection:
             req = parse_request(message, max_inputs=self.server.config.max_inputs)
             if req.id in self.inflight:
                 raise EmbeddError(
-                    Code.BAD_REQUEST, f"id {req.id} is already in flight on this connection",
+                    Code.BAD_REQUEST,
+                    f"id {req.id} is already in flight on this connection",
                     key="id",
                 )
             if req.op == "cancel":

@@ -303,7 +303,7 @@ def _finish(job: EmbedJob) -> dict[str, Any]:
         vecs = vecs[:, : job.dimensions]
     if job.normalize:
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        vecs = vecs / np.where(norms > 0, norms, 1.0)
+        vecs = (vecs / np.where(norms > 0, norms, 1.0)).astype(np.float32)
     vecs = np.ascontiguousarray(vecs, dtype="<f4")
     embeddings: Any = vecs.tobytes() if job.encoding == "f32" else vecs.tolist()
     counts = [len(t) for t in job.tokens]

@@ -88,22 +88,33 @@ def start_daemon(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     wait: bool = True,
+    socket: Path | None = None,
+    pass_socket: bool = True,
+    umask: int = 0o022,
 ) -> Daemon:
-    sock = workdir / "run" / "embedd.sock"
+    sock = socket if socket is not None else workdir / "run" / "embedd.sock"
     cfg = workdir / "config.toml"
     (workdir / "not-a-model.gguf").write_text("this is not a model\n")
     cfg.write_text(config.format(bundled=BUNDLED, tmp=workdir))
     log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
     full_env = {**os.environ, **(env or {})}
+    socket_args = ["--socket", str(sock)] if pass_socket else []
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "embedd", "serve",
-                "--socket", str(sock), "--config", str(cfg), *extra_args,
+                sys.executable,
+                "-m",
+                "embedd",
+                "serve",
+                *socket_args,
+                "--config",
+                str(cfg),
+                *extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            umask=umask,
         )
     daemon = Daemon(sock, proc, log_path, workdir)
     if wait:

@@ -11,7 +11,6 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tests.conftest import Daemon, Reference, start_daemon
-from tests.wire import RawConnection
 
 
 def _error(response: dict[str, object]) -> dict[str, object]:
@@ -255,8 +254,10 @@ def test_new_request_while_draining_is_shutting_down(
         time.sleep(0.3)
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        conn.send({"id": 2, "op": "hello"})
+        conn.send({"id": 2, "op": "embed", "input": "late"})
         assert _error(conn.recv_for(2))["code"] == "shutting_down"
+        conn.send({"id": 3, "op": "health"})
+        assert conn.recv_for(3)["status"] == "shutting_down"
         assert conn.recv_for(1)["ok"]
     assert d.proc.wait(30) == 0
 
