@@ -67,6 +67,13 @@ class Config:
     request_timeout: float = 120.0
     allow_shutdown: bool = False
     source: Path | None = None
+    # Who may connect besides the daemon's own uid and root (see peercred.py).
+    allow_uids: tuple[int, ...] = ()
+    allow_gid: int | None = None
+    # Seconds without any connection after which a socket-activated daemon exits (0: never).
+    idle_exit: float = 0.0
+    # Models loaded at start-up, before the daemon tells the service manager it is ready.
+    preload: tuple[str, ...] = ()
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
@@ -97,6 +104,10 @@ _TOP_KEYS = {
     "request_timeout": (int, float),
     "allow_shutdown": bool,
     "models": dict,
+    "allow_uids": list,
+    "allow_gid": (int, str),
+    "idle_exit": (int, float),
+    "preload": list,
 }
 _MODEL_KEYS = {
     "path": str,
@@ -126,8 +137,9 @@ def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str
 
 def _type_name(expected: Any) -> str:
     if isinstance(expected, tuple):
-        return "a number"
-    return {str: "a string", int: "an integer", bool: "a boolean", dict: "a table"}[expected]
+        return "a number" if float in expected else "an integer or a name"
+    names = {str: "a string", int: "an integer", bool: "a boolean", dict: "a table", list: "a list"}
+    return names[expected]
 
 
 def _positive(value: float, key: str, where: str, *, allow_zero: bool = False) -> None:
@@ -160,6 +172,40 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
         _positive(table["keep_alive"], "keep_alive", where, allow_zero=True)
         kwargs["keep_alive"] = float(table["keep_alive"])
     return ModelConfig(name=name, path=path, pooling=pooling, prompts=dict(prompts), **kwargs)
+
+
+def _service_keys(
+    data: Mapping[str, Any], models: Mapping[str, ModelConfig], where: str
+) -> dict[str, Any]:
+    """`allow_uids`, `allow_gid`, `idle_exit` and `preload`: users and groups resolved to ids."""
+    from .peercred import resolve_gid, resolve_uid
+
+    out: dict[str, Any] = {}
+    uids = []
+    for entry in data.get("allow_uids", []):
+        if isinstance(entry, bool) or not isinstance(entry, int | str):
+            raise ConfigError(f"{where}: allow_uids entries must be uids or user names")
+        try:
+            uids.append(resolve_uid(entry))
+        except KeyError:
+            raise ConfigError(f"{where}: allow_uids: no user named {entry!r}") from None
+    if uids:
+        out["allow_uids"] = tuple(uids)
+    if "allow_gid" in data:
+        try:
+            out["allow_gid"] = resolve_gid(data["allow_gid"])
+        except KeyError:
+            raise ConfigError(f"{where}: allow_gid: no group named {data['allow_gid']!r}") from None
+    if "idle_exit" in data:
+        _positive(data["idle_exit"], "idle_exit", where, allow_zero=True)
+        out["idle_exit"] = float(data["idle_exit"])
+    preload = data.get("preload", [])
+    for name in preload:
+        if not isinstance(name, str) or name not in models:
+            raise ConfigError(f"{where}: preload: no model named {name!r} is configured")
+    if preload:
+        out["preload"] = tuple(preload)
+    return out
 
 
 def bundled_model() -> ModelConfig:
@@ -220,6 +266,7 @@ def load_config(
         kwargs["request_timeout"] = float(data["request_timeout"])
     if "allow_shutdown" in data:
         kwargs["allow_shutdown"] = data["allow_shutdown"]
+    kwargs.update(_service_keys(data, models, where))
 
     # --socket, then $EMBEDD_SOCKET, then the file's `socket`, then the runtime-dir default.
     if socket is None and not env.get("EMBEDD_SOCKET") and "socket" in data:
