@@ -66,6 +66,10 @@ class Config:
     max_inputs: int = 100_000
     request_timeout: float = 120.0
     allow_shutdown: bool = False
+    # Bytes of vectors the LRU cache may hold (0 turns it off).
+    cache_bytes: int = 64 * 1024 * 1024
+    # `embed` requests with more inputs than this are bulk work unless they name a priority.
+    bulk_threshold: int = 8
     source: Path | None = None
     # Who may connect besides the daemon's own uid and root (see peercred.py).
     allow_uids: tuple[int, ...] = ()
@@ -103,6 +107,8 @@ _TOP_KEYS = {
     "max_inputs": int,
     "request_timeout": (int, float),
     "allow_shutdown": bool,
+    "cache_bytes": int,
+    "bulk_threshold": int,
     "models": dict,
     "allow_uids": list,
     "allow_gid": (int, str),
@@ -260,6 +266,10 @@ def load_config(
     for key in ("max_frame", "max_connections", "max_inflight", "max_inputs"):
         if key in data:
             _positive(data[key], key, where)
+            kwargs[key] = data[key]
+    for key in ("cache_bytes", "bulk_threshold"):
+        if key in data:
+            _positive(data[key], key, where, allow_zero=True)
             kwargs[key] = data[key]
     if "request_timeout" in data:
         _positive(data["request_timeout"], "request_timeout", where)

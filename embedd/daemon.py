@@ -15,7 +15,11 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from . import __version__
+from .cache import Entry, VectorCache
 from .config import Config
 from .errors import Code, EmbeddError
 from .messages import CancelArgs, EmbedArgs, ModelArgs, Request, TokenizeArgs
@@ -25,9 +29,8 @@ from .worker import EmbedJob, TokenizeJob
 
 _log = logging.getLogger("embedd.daemon")
 
-# Requests with more inputs than this go to the bulk lane unless they say otherwise.
-BULK_THRESHOLD = 8
 _SHUTDOWN_GRACE = 0.2
+_LIST_ON_LOOP_MAX = 50_000
 # Refused while draining; questions about the daemon (hello, health, stats...) still answer.
 _WORK_OPS = frozenset({"embed", "tokenize", "load", "unload", "shutdown"})
 
@@ -37,6 +40,7 @@ class Daemon:
         self.config = config
         self.loop = loop
         self.models = ModelRegistry(config, loop)
+        self.cache = VectorCache(config.cache_bytes)
         self.started = time.monotonic()
         self.draining = False
         self.stop_requested = asyncio.Event()
@@ -54,7 +58,8 @@ class Daemon:
         else:
             self.errors[str(error.code)] += 1
 
-    async def handle(self, req: Request) -> dict[str, Any]:
+    async def handle(self, req: Request, owner: object = None) -> dict[str, Any]:
+        """Answer one request; `owner` (the connection) is whose turn it is when batching."""
         args = req.args
         op = req.op
         if self.draining and op in _WORK_OPS:
@@ -63,7 +68,7 @@ class Daemon:
             )
         if op == "embed":
             assert isinstance(args, EmbedArgs)
-            return await self._embed(args)
+            return await self._embed(args, owner)
         if op == "tokenize":
             assert isinstance(args, TokenizeArgs)
             return await self._tokenize(args)
@@ -141,25 +146,94 @@ class Daemon:
                 "errors": dict(self.errors),
             },
             "models": models,
+            "cache": self.cache.stats(),
         }
 
-    async def _embed(self, args: EmbedArgs) -> dict[str, Any]:
+    async def _embed(self, args: EmbedArgs, owner: object) -> dict[str, Any]:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.inputs] if prefix else list(args.inputs)
-        bulk = args.priority == "bulk" if args.priority is not None else len(texts) > BULK_THRESHOLD
-        job = EmbedJob(
-            texts=texts,
-            future=self.loop.create_future(),
-            loop=self.loop,
-            truncate=args.truncate,
-            normalize=args.normalize,
-            dimensions=args.dimensions,
-            encoding=args.encoding,
-            bulk=bulk,
+        timeout = args.timeout or self.config.request_timeout
+        deadline = self.loop.time() + timeout
+        info = await slot.load(timeout)
+
+        # Cache hits skip the model; identical texts within the request are computed once.
+        rows: list[Entry | None] = [None] * len(texts)
+        todo: dict[str, list[int]] = {}
+        keys = [
+            (info.fingerprint, t, args.truncate, args.normalize, args.dimensions) for t in texts
+        ]
+        for i, key in enumerate(keys):
+            entry = self.cache.get(key) if self.cache.max_bytes else None
+            if entry is not None:
+                rows[i] = entry
+            else:
+                todo.setdefault(texts[i], []).append(i)
+
+        if todo:
+            unique = list(todo)
+            bulk = (
+                args.priority == "bulk"
+                if args.priority is not None
+                else len(unique) > self.config.bulk_threshold
+            )
+            job = EmbedJob(
+                texts=unique,
+                future=self.loop.create_future(),
+                loop=self.loop,
+                truncate=args.truncate,
+                normalize=args.normalize,
+                dimensions=args.dimensions,
+                encoding=args.encoding,
+                bulk=bulk,
+                owner=owner,
+                indices=[todo[t][0] for t in unique],
+            )
+            remaining = max(deadline - self.loop.time(), 0.001)
+            computed = await slot.run(job, remaining, timeout_reported=timeout)
+            vecs = computed["vectors"]
+            for j, text in enumerate(unique):
+                entry = Entry(vecs[j], computed["tokens"][j], computed["truncated"][j])
+                if self.cache.max_bytes:
+                    self.cache.put(keys[todo[text][0]], entry)
+                for i in todo[text]:
+                    rows[i] = entry
+            if len(unique) == len(texts):  # nothing cached, nothing repeated: no reassembly
+                return await self._embed_result(
+                    args, vecs, computed["tokens"], computed["truncated"]
+                )
+
+        done = [r for r in rows if r is not None]
+        assert len(done) == len(rows)
+        matrix = np.stack([r.vector for r in done]) if done else np.empty((0, 0), np.float32)
+        return await self._embed_result(
+            args, matrix, [r.tokens for r in done], [r.truncated for r in done]
         )
-        result = await slot.run(job, args.timeout or self.config.request_timeout)
-        return {"model": args.model, **result}
+
+    async def _embed_result(
+        self,
+        args: EmbedArgs,
+        vecs: npt.NDArray[np.float32],
+        tokens: list[int],
+        truncated: list[bool],
+    ) -> dict[str, Any]:
+        embeddings: Any
+        if args.encoding == "f32":
+            embeddings = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
+        elif vecs.size > _LIST_ON_LOOP_MAX:  # building millions of floats would stall the loop
+            embeddings = await asyncio.to_thread(vecs.tolist)
+        else:
+            embeddings = vecs.tolist()
+        return {
+            "model": args.model,
+            "dim": int(vecs.shape[1]),
+            "count": int(vecs.shape[0]),
+            "encoding": args.encoding,
+            "embeddings": embeddings,
+            "tokens": tokens,
+            "truncated": truncated,
+            "usage": {"prompt_tokens": sum(tokens)},
+        }
 
     async def _tokenize(self, args: TokenizeArgs) -> dict[str, Any]:
         slot = self.models.get(args.model)

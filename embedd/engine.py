@@ -98,6 +98,8 @@ class ModelInfo:
     max_tokens: int
     batch_tokens: int
     max_seqs: int
+    # Content fingerprint of the model file (cache keys); filled in by the worker.
+    fingerprint: str = ""
 
 
 def _check_file(path: Path) -> None:

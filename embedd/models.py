@@ -126,7 +126,9 @@ class ModelSlot:
             limit=max_queue,
         )
 
-    async def run(self, job: Job, timeout: float) -> dict[str, Any]:
+    async def run(
+        self, job: Job, timeout: float, *, timeout_reported: float | None = None
+    ) -> dict[str, Any]:
         """Queue a job and wait for its answer; cancels the job's remaining work if the caller
         gives up (timeout, `cancel`, or the client going away)."""
         cap = self.config.max_tokens if isinstance(job, EmbedJob) and job.truncate else None
@@ -147,10 +149,11 @@ class ModelSlot:
             except TimeoutError:
                 job.cancelled = True
                 worker.wake()
+                limit = timeout_reported if timeout_reported is not None else timeout
                 raise EmbeddError(
                     Code.TIMEOUT,
-                    f"request not done within its timeout of {timeout:g}s",
-                    limit=timeout,
+                    f"request not done within its timeout of {limit:g}s",
+                    limit=limit,
                 ) from None
             except asyncio.CancelledError:
                 job.cancelled = True

@@ -2,16 +2,18 @@
 
 Pure bookkeeping, no llama and no threads (the model thread owns the one instance), so the
 policy can be read and tested on its own:
-- interactive jobs fill the batch before any bulk job gets a slot;
-- within a lane, jobs take turns one input at a time (round robin), so a request of thousands
-  of inputs is computed in slices and a small request queued behind it still gets into the
-  very next batch;
+- interactive jobs fill the batch before any bulk job gets a slot, so a query waits for at most
+  the batch being computed, never behind an indexer's backlog;
+- within a lane, the clients (connections) that have work take turns one input at a time, so
+  one connection flooding requests does not starve the others; a client's own jobs go in order;
+- a request of thousands of inputs is therefore computed in batch-sized slices, with others'
+  inputs between them; its answer is still assembled whole by the worker;
 - an input is never split across batches (non-causal models must see it whole).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,15 +28,23 @@ class Item:
 
 
 class _Lane:
+    """Per-owner FIFO queues of jobs, visited in rotation."""
+
     def __init__(self) -> None:
-        self.jobs: deque[EmbedJob] = deque()
-        self.cursor: dict[EmbedJob, int] = {}
+        self.owners: OrderedDict[object, deque[EmbedJob]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self.owners)
+
+    def jobs(self) -> list[EmbedJob]:
+        return [job for queue in self.owners.values() for job in queue]
 
 
 class Scheduler:
     def __init__(self) -> None:
         self._interactive = _Lane()
         self._bulk = _Lane()
+        self._cursor: dict[EmbedJob, int] = {}
         self.pending_inputs = 0
         self.pending_tokens = 0
 
@@ -43,40 +53,40 @@ class Scheduler:
 
     def add(self, job: EmbedJob) -> None:
         lane = self._lane(job)
-        lane.jobs.append(job)
-        lane.cursor[job] = 0
+        lane.owners.setdefault(job.owner, deque()).append(job)
+        self._cursor[job] = 0
         self.pending_inputs += len(job.tokens)
         self.pending_tokens += sum(len(t) for t in job.tokens)
 
-    def has_work(self, _stopping: bool = False) -> bool:
-        return bool(self._interactive.jobs or self._bulk.jobs)
+    def has_work(self) -> bool:
+        return bool(self._interactive or self._bulk)
 
-    def _forget(self, lane: _Lane, job: EmbedJob) -> int:
+    def _forget(self, job: EmbedJob) -> int:
         """Drop a job's not-yet-scheduled inputs; returns how many there were."""
-        start = lane.cursor.pop(job)
+        start = self._cursor.pop(job)
         rest = job.tokens[start:]
         self.pending_inputs -= len(rest)
         self.pending_tokens -= sum(len(t) for t in rest)
+        lane = self._lane(job)
+        queue = lane.owners[job.owner]
+        queue.remove(job)
+        if not queue:
+            del lane.owners[job.owner]
         return len(rest)
 
     def remove(self, job: EmbedJob) -> None:
-        lane = self._lane(job)
-        if job in lane.cursor:
-            self._forget(lane, job)
-            lane.jobs.remove(job)
+        if job in self._cursor:
+            self._forget(job)
 
     def drop_cancelled(self) -> list[tuple[EmbedJob, int]]:
-        dropped: list[tuple[EmbedJob, int]] = []
-        for lane in (self._interactive, self._bulk):
-            for job in [j for j in lane.jobs if j.cancelled]:
-                dropped.append((job, self._forget(lane, job)))
-                lane.jobs.remove(job)
-        return dropped
+        cancelled = [job for job in self._cursor if job.cancelled]
+        return [(job, self._forget(job)) for job in cancelled]
 
     def clear(self) -> list[EmbedJob]:
-        jobs = [*self._interactive.jobs, *self._bulk.jobs]
+        jobs = list(self._cursor)
         self._interactive = _Lane()
         self._bulk = _Lane()
+        self._cursor.clear()
         self.pending_inputs = 0
         self.pending_tokens = 0
         return jobs
@@ -89,17 +99,18 @@ class Scheduler:
         return batch
 
     def _fill(self, lane: _Lane, batch: list[Item], budget: int, max_seqs: int) -> int:
-        # Round robin: each pass offers every job of the lane one slot; a job whose next input
-        # does not fit waits for the next batch (never split), others may still fill the gap.
+        # Each pass offers every owner of the lane one slot, for the next input of its oldest
+        # job. An owner whose next input does not fit waits for the next batch (inputs are
+        # never split); the others may still fill the gap.
         progress = True
-        while progress and len(batch) < max_seqs and lane.jobs:
+        while progress and lane and len(batch) < max_seqs:
             progress = False
-            for _ in range(len(lane.jobs)):
+            for owner in list(lane.owners):
                 if len(batch) >= max_seqs:
                     break
-                job = lane.jobs[0]
-                lane.jobs.rotate(-1)
-                i = lane.cursor[job]
+                queue = lane.owners[owner]
+                job = queue[0]
+                i = self._cursor[job]
                 n = len(job.tokens[i])
                 if n > budget:
                     continue
@@ -109,8 +120,13 @@ class Scheduler:
                 self.pending_tokens -= n
                 progress = True
                 if i + 1 == len(job.tokens):
-                    del lane.cursor[job]
-                    lane.jobs.remove(job)
+                    del self._cursor[job]
+                    queue.popleft()
+                    if not queue:
+                        del lane.owners[owner]
                 else:
-                    lane.cursor[job] = i + 1
+                    self._cursor[job] = i + 1
+                # Rotate: the owner just served goes to the back for the next batch.
+                if owner in lane.owners:
+                    lane.owners.move_to_end(owner)
         return budget

@@ -13,14 +13,18 @@ import logging
 import os
 import socket
 import stat
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .activation import Inherited
 from .config import Config
 from .daemon import Daemon
 from .errors import Code, EmbeddError
 from .messages import CancelArgs, parse_request, request_id
+from .peercred import AccessPolicy, peer_of, user_name
 from .protocol import FrameDecoder, FrameError, Message, encode_frame
 
 _log = logging.getLogger("embedd.server")
@@ -127,7 +131,7 @@ class _Connection:
     async def _answer(self, rid: int, req: Any, pending: _Pending) -> None:
         result: dict[str, Any] | EmbeddError
         try:
-            result = await self.server.daemon.handle(req)
+            result = await self.server.daemon.handle(req, owner=self)
         except EmbeddError as exc:
             result = exc
         except asyncio.CancelledError:
@@ -167,12 +171,29 @@ class Server:
         self.background: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
+        # The socket the service manager passed us (never unlinked or shut down), if any.
+        self.inherited: Inherited | None = None
+        self.policy = AccessPolicy.for_daemon(config.allow_uids, config.allow_gid)
+        # When a connection last opened or closed: the idle-exit clock (see supervise.py).
+        self.last_activity = time.monotonic()
+
+    @property
+    def address(self) -> str:
+        return self.inherited.address if self.inherited else str(self.config.socket)
 
     @property
     def inflight(self) -> int:
         return sum(len(c.inflight) for c in self.connections)
 
-    async def start(self) -> None:
+    async def start(self, inherited: Inherited | None = None) -> None:
+        if inherited is not None:
+            # The service manager's socket: served as it is, never chmod-ed or unlinked.
+            self.inherited = inherited
+            kwargs: dict[str, Any] = {"sock": inherited.sock}
+            if sys.version_info >= (3, 13):
+                kwargs["cleanup_socket"] = False  # else asyncio unlinks the path on close
+            self._server = await asyncio.start_unix_server(self._on_connect, **kwargs)
+            return
         sock = _bind(self.config.socket)
         st = os.stat(self.config.socket)
         self._inode = (st.st_dev, st.st_ino)
@@ -180,6 +201,8 @@ class Server:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         daemon = self.daemon
+        if await self._refused_peer(writer):
+            return
         if daemon.draining or len(self.connections) >= self.config.max_connections:
             daemon.connections_refused += 1
             if daemon.draining:
@@ -199,12 +222,46 @@ class Server:
         conn = _Connection(self, reader, writer)
         self.connections.add(conn)
         daemon.connections_open += 1
+        self.last_activity = time.monotonic()
         daemon.connections_total += 1
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
             daemon.connections_open -= 1
+            self.last_activity = time.monotonic()
+
+    async def _refused_peer(self, writer: asyncio.StreamWriter) -> bool:
+        """Answer `forbidden` and close if the peer's uid is not allowed; returns whether so."""
+        sock = writer.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return False
+        try:
+            peer = peer_of(sock.fileno())
+        except OSError as exc:
+            _log.warning("refused a connection: cannot read its credentials: %s", exc)
+            why = "the daemon could not read your credentials"
+        else:
+            if peer is None or self.policy.allows(peer):
+                return False
+            _log.warning(
+                "refused a connection from uid %d (%s), gid %s, pid %s: not allowed "
+                "(allow_uids / allow_gid in the config)",
+                peer.uid,
+                user_name(peer.uid),
+                peer.gid,
+                peer.pid,
+            )
+            why = (
+                f"uid {peer.uid} may not use this daemon; its owner can allow it with "
+                "allow_uids or allow_gid in the config"
+            )
+        self.daemon.connections_refused += 1
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.write(encode_frame(_response(None, EmbeddError(Code.FORBIDDEN, why))))
+            await writer.drain()
+        writer.close()
+        return True
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
@@ -231,6 +288,8 @@ class Server:
 
     def _remove_socket(self) -> None:
         """Remove the socket file, unless it is no longer ours (a newer daemon bound there)."""
+        if self.inherited is not None:
+            return  # the service manager's: it stays for the next start
         path = self.config.socket
         try:
             st = os.stat(path)

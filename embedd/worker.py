@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from .cache import model_fingerprint
 from .config import ModelConfig
 from .engine import DecodeError, Engine, ModelInfo, ModelLoadError
 from .errors import Code, EmbeddError
@@ -52,6 +53,9 @@ class EmbedJob(Job):
     dimensions: int | None = None
     encoding: str = "f32"
     bulk: bool = False
+    # Where each text stands in the client's request (texts may be a deduplicated subset),
+    # so that errors name the client's index.
+    indices: list[int] = field(default_factory=list)
     # Filled in by the model thread.
     tokens: list[list[int]] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
@@ -183,7 +187,7 @@ class ModelWorker:
             self._loop.call_soon_threadsafe(_set_exc, self.loaded, err)
             self._fail_everything(err)
             return None
-        self.info = engine.info
+        self.info = replace(engine.info, fingerprint=model_fingerprint(cfg.path))
         _log.info(
             "model %s loaded in %.2fs: dim %d, pooling %s, max_tokens %d, batch %d tokens, "
             "%d threads",
@@ -195,7 +199,7 @@ class ModelWorker:
             engine.info.batch_tokens,
             cfg.threads,
         )
-        self._loop.call_soon_threadsafe(_set_result, self.loaded, engine.info)
+        self._loop.call_soon_threadsafe(_set_result, self.loaded, self.info)
         return engine
 
     def _fail_everything(self, err: EmbeddError) -> None:
@@ -209,7 +213,7 @@ class ModelWorker:
     def _serve(self, engine: Engine) -> None:
         while True:
             with self._cond:
-                while not self._incoming and not self._scheduler.has_work(self._stopping):
+                while not self._incoming and not self._scheduler.has_work():
                     if self._stopping:
                         return
                     self._cond.wait()
@@ -226,6 +230,7 @@ class ModelWorker:
 
     def _admit(self, engine: Engine, job: Job) -> None:
         if job.cancelled:
+            self.stats.cancelled += len(job.texts)
             job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
             return
         try:
@@ -253,11 +258,12 @@ class ModelWorker:
         for i, text in enumerate(job.texts):
             toks, cut = engine.tokenize(text, truncate_to=limit if job.truncate else None)
             if len(toks) > limit:
+                index = job.indices[i] if job.indices else i
                 raise EmbeddError(
                     Code.INPUT_TOO_LONG,
-                    f"input[{i}] has {len(toks)} tokens, more than the model's limit of {limit}; "
-                    "shorten it or send truncate=true",
-                    index=i,
+                    f"input[{index}] has {len(toks)} tokens, more than the model's limit of "
+                    f"{limit}; shorten it or send truncate=true",
+                    index=index,
                     tokens=len(toks),
                     limit=limit,
                 )
@@ -296,7 +302,7 @@ class ModelWorker:
 
 
 def _finish(job: EmbedJob) -> dict[str, Any]:
-    """Shape the answer on this thread, so the event loop only has to send bytes."""
+    """Post-process on this thread, so the event loop only assembles and sends."""
     assert job.vectors is not None
     vecs = job.vectors
     if job.dimensions is not None:
@@ -304,17 +310,10 @@ def _finish(job: EmbedJob) -> dict[str, Any]:
     if job.normalize:
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         vecs = (vecs / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    vecs = np.ascontiguousarray(vecs, dtype="<f4")
-    embeddings: Any = vecs.tobytes() if job.encoding == "f32" else vecs.tolist()
-    counts = [len(t) for t in job.tokens]
     return {
-        "dim": int(vecs.shape[1]),
-        "count": int(vecs.shape[0]),
-        "encoding": job.encoding,
-        "embeddings": embeddings,
-        "tokens": counts,
+        "vectors": np.ascontiguousarray(vecs, dtype="<f4"),
+        "tokens": [len(t) for t in job.tokens],
         "truncated": job.truncated,
-        "usage": {"prompt_tokens": sum(counts)},
     }
 
 

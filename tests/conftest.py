@@ -26,8 +26,12 @@ DATA = Path(__file__).parent / "data"
 BUNDLED = Path(__file__).parent.parent / "embedd" / "bundled" / "all-MiniLM-L6-v2-f16.gguf"
 
 # A config exercising what most tests need: the bundled model, one with prompts, and two that
-# cannot load (a missing file and a file that is not GGUF).
+# cannot load (a missing file and a file that is not GGUF); the cache is off.
 BASE_CONFIG = """
+# The shared daemon computes every vector it is asked for: tests of the model and of timing
+# must not be answered from the cache (tests/test_cache.py starts its own daemon for that).
+cache_bytes = 0
+
 [models.prompted]
 path = "{bundled}"
 max_tokens = 256

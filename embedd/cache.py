@@ -1,0 +1,104 @@
+"""An LRU of computed vectors, bounded in bytes, shared by every client.
+
+Apps re-embed the same texts all the time (a document re-indexed after a small edit, the same
+query typed twice); a hit skips the model entirely. The key holds everything that changes the
+vector: the model file's content fingerprint (so replacing the file under the same name can
+never serve stale vectors), the exact text sent to the model (the prompt prefix included), and
+the truncate / normalize / dimensions options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+CacheKey = tuple[str, str, bool, bool, int | None]
+
+# Rough per-entry bookkeeping (dict slot, tuple, numpy header), so that many tiny entries are
+# not counted as free.
+_ENTRY_OVERHEAD = 200
+# Files up to this size are hashed whole; larger ones are sampled (a 4 GB model would otherwise
+# take seconds to hash on every load).
+_HASH_WHOLE_BELOW = 256 * 1024 * 1024
+_SAMPLES = 64
+_SAMPLE_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    vector: npt.NDArray[np.float32]
+    tokens: int
+    truncated: bool
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 of the file, or of its size and 64 evenly spaced 64 KiB samples if it is large."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with path.open("rb") as f:
+        if size <= _HASH_WHOLE_BELOW:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(size.to_bytes(8, "little"))
+            step = (size - _SAMPLE_SIZE) // (_SAMPLES - 1)
+            for i in range(_SAMPLES):
+                f.seek(i * step)
+                h.update(f.read(_SAMPLE_SIZE))
+    return h.hexdigest()
+
+
+class VectorCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _size(key: CacheKey, entry: Entry) -> int:
+        return entry.vector.nbytes + len(key[1]) + _ENTRY_OVERHEAD
+
+    def get(self, key: CacheKey) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: CacheKey, entry: Entry) -> None:
+        size = self._size(key, entry)
+        if size > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= self._size(key, old)
+        self._entries[key] = entry
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            k, e = self._entries.popitem(last=False)
+            self.bytes -= self._size(k, e)
+            self.evictions += 1
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "entries": len(self._entries),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "evictions": self.evictions,
+        }

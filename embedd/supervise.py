@@ -1,0 +1,131 @@
+"""The daemon's side of the service manager's contract, once the socket is served.
+
+- preload the configured models, then tell systemd `READY=1` (at once if nothing to preload);
+- keep `STATUS=` current (models ready, queued inputs, open connections);
+- ping `WATCHDOG=1` from the event loop, so that a wedged loop gets the daemon restarted;
+- `STOPPING=1` when shutting down;
+- exit-on-idle: under socket activation, stop after `idle_exit` seconds without a connection.
+  Clients arriving after that wait in the manager's socket, which starts the daemon again.
+
+Without `$NOTIFY_SOCKET` the notifications are no-ops; preloading and exit-on-idle still apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .errors import EmbeddError
+from .notify import Notifier
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .server import Server
+
+_log = logging.getLogger("embedd.supervise")
+
+_STATUS_EVERY = 2.0
+# After closing the listener on idle: how long connections accepted just before may take to
+# reach the server's bookkeeping (a few event-loop turns; this is ample).
+_SETTLE = 0.1
+
+
+class Supervisor:
+    def __init__(self, daemon: Daemon, server: Server, notifier: Notifier | None = None) -> None:
+        self.daemon = daemon
+        self.server = server
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.ready = asyncio.Event()
+        self.exited_idle = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for coro in (self.notifier.watchdog(), self._preload_then_ready(), self._idle_exit()):
+            self._tasks.append(asyncio.create_task(coro))
+
+    def stopping(self) -> None:
+        self.notifier.send(
+            "STOPPING=1", f"STATUS=stopping: finishing {self.server.inflight} requests"
+        )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.notifier.close()
+
+    def status_text(self) -> str:
+        models = self.daemon._stats()["models"]
+        ready = [name for name, m in models.items() if m.get("state") == "ready"]
+        queued = sum(int(m.get("queue_inputs") or 0) for m in models.values())
+        return (
+            f"serving on {self.server.address}; models ready: {', '.join(ready) or 'none'} "
+            f"(of {len(models)}); queued inputs: {queued}; "
+            f"connections: {len(self.server.connections)}"
+        )
+
+    async def _preload_then_ready(self) -> None:
+        config = self.daemon.config
+        for name in config.preload:
+            self.notifier.status(f"loading model {name}")
+            started = time.monotonic()
+            try:
+                await self.daemon.models.get(name).load(config.request_timeout)
+            except EmbeddError as exc:
+                # Still ready: other models may serve, and `models` reports the failure.
+                _log.error("preloading model %s failed: %s", name, exc.message)
+            else:
+                _log.info("preloaded model %s in %.2fs", name, time.monotonic() - started)
+        self.ready.set()
+        self.notifier.send("READY=1", "STATUS=" + self.status_text())
+        if self.notifier.enabled:
+            _log.info("told the service manager we are ready")
+        await self._status_loop()
+
+    async def _status_loop(self) -> None:
+        if not self.notifier.enabled:
+            return
+        last = ""
+        while True:
+            await asyncio.sleep(_STATUS_EVERY)
+            text = self.status_text()
+            if text != last:
+                self.notifier.status(text)
+                last = text
+
+    async def _idle_exit(self) -> None:
+        idle = self.daemon.config.idle_exit
+        if idle <= 0:
+            return
+        server = self.server
+        if server.inherited is None:
+            _log.warning(
+                "idle_exit is set but the socket was not passed by a service manager: ignoring "
+                "it, since nothing would start the daemon again"
+            )
+            return
+        await self.ready.wait()
+        server.last_activity = max(server.last_activity, time.monotonic())
+        while True:
+            await asyncio.sleep(min(idle / 4, 1.0))
+            if server.connections or time.monotonic() - server.last_activity < idle:
+                continue
+            # Clients connecting from now on queue in the manager's socket until it starts
+            # the next daemon; the few accepted just before are served to their end first.
+            await server.stop_accepting()
+            await asyncio.sleep(_SETTLE)
+            while server.connections:
+                await asyncio.sleep(_SETTLE)
+            _log.info(
+                "no connection for %gs: exiting (%s starts embedd again on the next connection)",
+                idle,
+                server.inherited.manager,
+            )
+            self.exited_idle = True
+            self.daemon.stop_requested.set()
+            return
