@@ -1,0 +1,97 @@
+"""The vector cache, on a daemon of its own with the cache on (the default)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import Daemon, short_tmpdir, start_daemon, vectors
+
+CONFIG = """
+[models.default]
+path = "{bundled}"
+max_tokens = 256
+[models.default.prompts]
+query = "query: "
+"""
+
+
+@pytest.fixture(scope="module")
+def cached() -> Iterator[Daemon]:
+    d = start_daemon(short_tmpdir(), CONFIG)
+    yield d
+    d.stop()
+
+
+def _counts(d: Daemon) -> tuple[int, int, int]:
+    s = d.call("stats")
+    return s["cache"]["hits"], s["cache"]["misses"], s["models"]["default"]["inputs"]
+
+
+def test_a_repeated_text_is_answered_from_the_cache_with_an_identical_vector(
+    cached: Daemon,
+) -> None:
+    first = cached.call("embed", input="the cache remembers this sentence")
+    hits, misses, inputs = _counts(cached)
+    again = cached.call("embed", input="the cache remembers this sentence")
+    assert _counts(cached) == (hits + 1, misses, inputs)  # a hit; the model saw nothing
+    assert np.array_equal(vectors(first), vectors(again))
+    assert again["tokens"] == first["tokens"] and again["truncated"] == first["truncated"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"normalize": False},
+        {"dimensions": 128},
+        {"prompt": "query"},
+        {"truncate": True},
+    ],
+)
+def test_changing_an_option_that_changes_the_vector_misses(
+    cached: Daemon, options: dict[str, Any]
+) -> None:
+    text = f"cache key test {sorted(options)}"
+    assert cached.call("embed", input=text)["ok"]
+    hits, misses, inputs = _counts(cached)
+    assert cached.call("embed", input=text, **options)["ok"]
+    assert _counts(cached) == (hits, misses + 1, inputs + 1)
+
+
+def test_identical_texts_within_one_request_are_computed_once(cached: Daemon) -> None:
+    _, _, inputs = _counts(cached)
+    r = cached.call("embed", input=["same words", "other words", "same words", "same words"])
+    assert _counts(cached)[2] == inputs + 2
+    v = vectors(r)
+    assert np.array_equal(v[0], v[2]) and np.array_equal(v[0], v[3])
+    assert r["count"] == 4 and len(r["tokens"]) == 4
+
+
+def test_a_request_mixing_hits_and_misses_keeps_the_input_order(cached: Daemon) -> None:
+    a = vectors(cached.call("embed", input="order alpha"))[0]
+    mixed = cached.call("embed", input=["order beta", "order alpha", "order gamma"])
+    b = vectors(cached.call("embed", input="order beta"))[0]
+    v = vectors(mixed)
+    assert np.array_equal(v[1], a)
+    assert np.array_equal(v[0], b)
+
+
+def test_the_cache_is_bounded_in_bytes(workdir: Path, own_daemon: list[Daemon]) -> None:
+    d = start_daemon(workdir, "cache_bytes = 20000\n")
+    own_daemon.append(d)
+    d.call("embed", input=[f"sentence number {i}" for i in range(40)])
+    stats = d.call("stats")["cache"]
+    assert stats["bytes"] <= 20000
+    assert stats["evictions"] > 0
+    assert 0 < stats["entries"] < 40
+
+
+def test_errors_name_the_clients_index_even_when_texts_repeat(cached: Daemon) -> None:
+    long_text = "word " * 300
+    r = cached.call("embed", input=["cached ok", "cached ok", long_text])
+    assert r["error"]["code"] == "input_too_long"
+    assert r["error"]["index"] == 2

@@ -1,0 +1,97 @@
+"""Priorities, fairness and cancellation, observed from outside the real daemon."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.conftest import Daemon, Reference
+from tests.wire import RawConnection
+
+
+def test_interactive_requests_sent_during_a_bulk_request_complete_before_it(
+    daemon: Daemon, reference: Reference
+) -> None:
+    finished: dict[str, float] = {}
+
+    def bulk() -> None:
+        with RawConnection(daemon.socket) as conn:
+            r = conn.call("embed", input=reference.chunks[:150], timeout=600)
+            assert r["ok"]
+            finished["bulk"] = time.monotonic()
+
+    indexer = threading.Thread(target=bulk)
+    indexer.start()
+    time.sleep(0.5)  # the bulk request is being computed
+    with RawConnection(daemon.socket) as conn:
+        for i in range(5):
+            assert conn.call("embed", input=reference.queries[i])["ok"]
+    finished["queries"] = time.monotonic()
+    indexer.join(300)
+    assert finished["queries"] < finished["bulk"]
+
+
+def test_explicit_bulk_priority_yields_to_interactive_work(
+    daemon: Daemon, reference: Reference
+) -> None:
+    with daemon.connect() as conn:
+        slow = conn.request("embed", input=reference.chunks[150:230], priority="bulk")
+        time.sleep(0.3)
+        quick = conn.request("embed", input=reference.chunks[230:240], priority="interactive")
+        first = conn.recv()
+        assert first["id"] == quick and first["ok"]
+        assert conn.recv_for(slow)["ok"]
+
+
+def test_two_clients_flooding_at_the_same_priority_both_make_progress(
+    daemon: Daemon, reference: Reference
+) -> None:
+    done: dict[str, list[float]] = {"a": [], "b": []}
+
+    def flood(name: str, offset: int) -> None:
+        with RawConnection(daemon.socket) as conn:
+            ids = [
+                conn.request(
+                    "embed", input=reference.chunks[offset + 10 * k : offset + 10 * k + 10]
+                )
+                for k in range(8)
+            ]
+            for rid in ids:
+                assert conn.recv_for(rid)["ok"]
+                done[name].append(time.monotonic())
+
+    threads = [
+        threading.Thread(target=flood, args=("a", 0)),
+        threading.Thread(target=flood, args=("b", 300)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(done["a"]) == len(done["b"]) == 8
+    # Neither waited for the other to finish everything: each got answers while the other
+    # still had work queued.
+    assert done["a"][0] < done["b"][-1]
+    assert done["b"][0] < done["a"][-1]
+
+
+def test_cancelled_inputs_never_reach_the_model_and_are_counted(
+    daemon: Daemon, reference: Reference
+) -> None:
+    before = daemon.call("stats")["models"]["default"]
+    with daemon.connect() as conn:
+        rid = conn.request("embed", input=reference.chunks_long[:300], truncate=True)
+        time.sleep(0.3)
+        assert conn.call("cancel", target=rid)["cancelled"] is True
+        assert conn.recv_for(rid)["error"]["code"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while True:  # the model thread drops the rest at its next batch boundary
+        after = daemon.call("stats")["models"]["default"]
+        dropped = after["cancelled"] - before["cancelled"]
+        computed = after["inputs"] - before["inputs"]
+        if computed + dropped >= 300 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert dropped > 0
+    assert computed + dropped == 300
+    assert computed < 300
