@@ -290,6 +290,8 @@ def _embed_args(
     dimensions: int | None,
     prompt: str | None,
     timeout: float | None,
+    priority: str | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     args: dict[str, Any] = {
         "input": texts if isinstance(texts, str) else list(texts),
@@ -304,6 +306,10 @@ def _embed_args(
         args["prompt"] = prompt
     if timeout is not None:
         args["timeout"] = timeout
+    if priority is not None:
+        args["priority"] = priority
+    if not cache:
+        args["cache"] = False
     return args
 
 
@@ -539,13 +545,17 @@ class Client:
         dimensions: int | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: str | None = None,
+        cache: bool = True,
     ) -> Vectors:
         """Vectors of shape (n, dim), or (dim,) for a single str.
 
         `timeout` is the daemon-side limit (default: the daemon's `request_timeout`); we wait
         a little longer than that ourselves.
         """
-        args = _embed_args(texts, model, normalize, truncate, dimensions, prompt, timeout)
+        args = _embed_args(
+            texts, model, normalize, truncate, dimensions, prompt, timeout, priority, cache
+        )
         return _decode_vectors(self.request("embed", **args), isinstance(texts, str))
 
 
@@ -807,11 +817,15 @@ class AsyncClient:
         dimensions: int | None = None,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: str | None = None,
+        cache: bool = True,
     ) -> Vectors:
         """Vectors of shape (n, dim), or (dim,) for a single str.
 
         `timeout` is the daemon-side limit (default: the daemon's `request_timeout`); we wait
         a little longer than that ourselves.
         """
-        args = _embed_args(texts, model, normalize, truncate, dimensions, prompt, timeout)
+        args = _embed_args(
+            texts, model, normalize, truncate, dimensions, prompt, timeout, priority, cache
+        )
         return _decode_vectors(await self.request("embed", **args), isinstance(texts, str))

@@ -163,8 +163,9 @@ class Daemon:
         keys = [
             (info.fingerprint, t, args.truncate, args.normalize, args.dimensions) for t in texts
         ]
+        use_cache = args.cache and self.cache.max_bytes > 0
         for i, key in enumerate(keys):
-            entry = self.cache.get(key) if self.cache.max_bytes else None
+            entry = self.cache.get(key) if use_cache else None
             if entry is not None:
                 rows[i] = entry
             else:
@@ -194,7 +195,7 @@ class Daemon:
             vecs = computed["vectors"]
             for j, text in enumerate(unique):
                 entry = Entry(vecs[j], computed["tokens"][j], computed["truncated"][j])
-                if self.cache.max_bytes:
+                if use_cache:
                     self.cache.put(keys[todo[text][0]], entry)
                 for i in todo[text]:
                     rows[i] = entry
@@ -267,28 +268,35 @@ async def _sweep(daemon: Daemon) -> None:
 
 
 async def serve(config: Config) -> int:
+    from .activation import ActivationError, inherited_socket
     from .server import Server, SocketInUseError
+    from .supervise import Supervisor
 
     loop = asyncio.get_running_loop()
     daemon = Daemon(config, loop)
     server = Server(config, daemon)
     try:
-        await server.start()
-    except SocketInUseError as exc:
+        # A socket passed by systemd or launchd is served instead of binding our own.
+        await server.start(inherited_socket())
+    except (SocketInUseError, ActivationError) as exc:
         _log.error("%s", exc)
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop_requested.set)
     sweeper = asyncio.create_task(_sweep(daemon))
     _log.info(
-        "embedd %s serving on %s (pid %d; models: %s)",
+        "embedd %s serving on %s%s (pid %d; models: %s)",
         __version__,
-        config.socket,
+        server.address,
+        f" (passed by {server.inherited.manager})" if server.inherited else "",
         os.getpid(),
         ", ".join(sorted(config.models)),
     )
+    supervisor = Supervisor(daemon, server)
+    supervisor.start()
     try:
         await daemon.stop_requested.wait()
+        supervisor.stopping()
         await server.stop_accepting()
         # Requests a client sent just before the signal may still sit in the socket buffers:
         # give the connections a moment to read them, so they are served rather than refused.
@@ -300,6 +308,7 @@ async def serve(config: Config) -> int:
         await daemon.models.close()
         await server.close()
     finally:
+        await supervisor.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     _log.info("stopped")

@@ -51,6 +51,7 @@ class EmbedArgs:
     encoding: str = "f32"
     timeout: float | None = None
     priority: str | None = None
+    cache: bool = True
 
 
 Args = NoArgs | ModelArgs | CancelArgs | TokenizeArgs | EmbedArgs
@@ -135,6 +136,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
             "encoding",
             "timeout",
             "priority",
+            "cache",
         }
     ),
 }
@@ -189,7 +191,7 @@ def _parse_args(op: str, args: dict[str, Any], max_inputs: int) -> Args:
 def _parse_embed(args: dict[str, Any], max_inputs: int) -> EmbedArgs:
     inputs, single = _inputs(args, max_inputs)
     kw: dict[str, Any] = {}
-    for key in ("normalize", "truncate"):
+    for key in ("normalize", "truncate", "cache"):
         if key in args:
             kw[key] = _get(args, key, bool, "true or false")
     if "dimensions" in args:

@@ -95,3 +95,11 @@ def test_errors_name_the_clients_index_even_when_texts_repeat(cached: Daemon) ->
     r = cached.call("embed", input=["cached ok", "cached ok", long_text])
     assert r["error"]["code"] == "input_too_long"
     assert r["error"]["index"] == 2
+
+
+def test_cache_false_neither_reads_nor_fills_the_cache(cached: Daemon) -> None:
+    text = "computed every time on request"
+    cached.call("embed", input=text)
+    hits, misses, inputs = _counts(cached)
+    assert cached.call("embed", input=text, cache=False)["ok"]
+    assert _counts(cached) == (hits, misses, inputs + 1)
