@@ -8,6 +8,7 @@ by `serve`, which keeps the client commands quick to start.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 import embedd_client
 import numpy as np
 
-from embedd.config import ConfigError, load_config, parse_model_option
+from embedd.config import Config, ConfigError, load_config, parse_model_option
 
 PROG = "embedd"
 # Seconds `stop` waits for the daemon to go away: it drains the requests it accepted first.
@@ -76,12 +77,59 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             socket=Path(args.socket) if args.socket else None,
             extra_models=extra,
         )
+        config = _service_options(config, args)
     except ConfigError as exc:
         _err(str(exc))
         return 2
     from embedd import daemon
 
     return daemon.run(config, verbose=args.verbose)
+
+
+def _service_options(config: Config, args: argparse.Namespace) -> Config:
+    """`serve --idle-exit` and `--preload` override the config file."""
+    changes: dict[str, Any] = {}
+    if args.idle_exit is not None:
+        if args.idle_exit < 0:
+            raise ConfigError(f"--idle-exit must be >= 0, got {args.idle_exit:g}")
+        changes["idle_exit"] = args.idle_exit
+    if args.preload:
+        for name in args.preload:
+            if name not in config.models:
+                raise ConfigError(f"--preload {name}: no model of that name is configured")
+        changes["preload"] = tuple(args.preload)
+    return dataclasses.replace(config, **changes)
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    from embedd import service
+
+    manager = args.manager or service.default_manager()
+    root = Path(args.root) if args.root else None
+    try:
+        if args.action == "install":
+            plan = service.plan_install(
+                manager=manager,
+                system=args.system,
+                python=sys.executable,
+                config=Path(args.config).expanduser().resolve() if args.config else None,
+                preload=not args.no_preload,
+                idle_exit=args.idle_exit,
+                root=root,
+            )
+        else:
+            plan = service.plan_uninstall(manager=manager, system=args.system, root=root)
+        lines: list[str] = []
+        try:
+            service.execute(plan, dry_run=args.dry_run, out=lines)
+        finally:
+            print("\n".join(lines))
+    except service.ServiceError as exc:
+        raise _UsageError(str(exc)) from None
+    except OSError as exc:
+        _err(f"cannot {args.action}: {exc}")
+        return 1
+    return 0
 
 
 def _read_stdin_texts() -> list[str]:
@@ -431,6 +479,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the GGUF file PATH as model NAME (repeatable; overrides the config file)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.add_argument(
+        "--preload",
+        metavar="MODEL",
+        action="append",
+        default=[],
+        help="load MODEL at start-up, before telling the service manager we are ready "
+        "(repeatable; overrides the config's preload)",
+    )
+    p.add_argument(
+        "--idle-exit",
+        type=float,
+        metavar="SECONDS",
+        help="under socket activation, exit after SECONDS without a connection; the service "
+        "manager starts the daemon again on the next one (overrides the config's idle_exit)",
+    )
 
     p = _subcommand(
         sub,
@@ -523,6 +586,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the daemon to exit (default: %(default)g)",
     )
+
+    p = _subcommand(
+        sub,
+        common,
+        "service",
+        _cmd_service,
+        "install the systemd units (or the launchd agent)",
+        "install: write the service manager's files, filled in with this Python\n"
+        "(sys.executable) and the given config, and print the commands that enable them:\n"
+        "systemd's embedd.socket + embedd.service (socket activation, Type=notify, watchdog),\n"
+        "or on macOS a LaunchAgent. uninstall: remove them. --dry-run prints instead.\n"
+        "See README, 'Running as a service'.",
+        "  embedd service install --dry-run\n"
+        "  embedd service install --user --idle-exit 600\n"
+        "  sudo embedd service install --system\n"
+        "  embedd service uninstall",
+    )
+    p.add_argument("action", choices=("install", "uninstall"))
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--user",
+        action="store_false",
+        dest="system",
+        default=False,
+        help="a per-user service (default)",
+    )
+    scope.add_argument(
+        "--system", action="store_true", help="a system-wide service for a shared machine"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing")
+    p.add_argument("--config", metavar="FILE", help="the config file the service runs with")
+    p.add_argument(
+        "--idle-exit", type=float, metavar="SECONDS", help="the daemon exits when idle that long"
+    )
+    p.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="do not load the default model before reporting ready (load on first use)",
+    )
+    p.add_argument(
+        "--manager",
+        choices=("systemd", "launchd"),
+        help="which service manager (default: launchd on macOS, else systemd)",
+    )
+    p.add_argument("--root", metavar="DIR", help="write under DIR instead of / (images, tests)")
+
     return parser
 
 

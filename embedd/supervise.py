@@ -82,15 +82,15 @@ class Supervisor:
             else:
                 _log.info("preloaded model %s in %.2fs", name, time.monotonic() - started)
         self.ready.set()
-        self.notifier.send("READY=1", "STATUS=" + self.status_text())
+        status = self.status_text()
+        self.notifier.send("READY=1", "STATUS=" + status)
         if self.notifier.enabled:
             _log.info("told the service manager we are ready")
-        await self._status_loop()
+        await self._status_loop(status)
 
-    async def _status_loop(self) -> None:
+    async def _status_loop(self, last: str) -> None:
         if not self.notifier.enabled:
             return
-        last = ""
         while True:
             await asyncio.sleep(_STATUS_EVERY)
             text = self.status_text()
