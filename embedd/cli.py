@@ -372,6 +372,23 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from embedd import bench  # imports llama.cpp for the baseline only when run
+
+    path = _socket_path(args)
+    try:
+        return bench.run(
+            path,
+            args.model,
+            quick=args.quick,
+            baseline=not args.no_baseline,
+            as_json=args.json,
+        )
+    except embedd_client.DaemonUnavailableError:
+        _err(_not_running(path))
+        return 1
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     with embedd_client.Client(path, timeout=10.0) as client:
@@ -632,6 +649,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", metavar="DIR", help="write under DIR instead of / (images, tests)")
 
+    p = _subcommand(
+        sub,
+        common,
+        "bench",
+        _cmd_bench,
+        "measure the running daemon against in-process llama-cpp-python",
+        "Run four workloads against the running daemon, then the same workloads against\n"
+        "llama-cpp-python in this process (same model file, threads and texts: the raw\n"
+        "baseline), and print a table with the ratios. W1: all bundled corpus chunks in\n"
+        "requests of 32 (chunks/s). W2: all queries, one per request, 8 clients (requests/s,\n"
+        "p50, p99). W3: W1 again while one client sends a query every 10 ms (the queries'\n"
+        "p50, p99). idle: one query at a time (p50). Plus the daemon's resident memory.\n"
+        "Takes about two minutes on 2 cores; --quick about twenty seconds.",
+        "  embedd bench\n  embedd bench --json > bench.json\n  embedd bench --quick --no-baseline",
+    )
+    p.add_argument("--model", default="default", help="model to measure (default: default)")
+    p.add_argument("--quick", action="store_true", help="a small slice of the corpus")
+    p.add_argument(
+        "--no-baseline", action="store_true", help="measure only the daemon (no llama.cpp here)"
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser
 
 

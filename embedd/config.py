@@ -47,8 +47,10 @@ class ModelConfig:
     pooling: str | None = None
     threads: int = field(default_factory=_default_threads)
     # Tokens per llama batch. Every input must fit in one (non-causal models attend over the
-    # whole sequence at once), so the effective value is at least max_tokens.
-    batch_tokens: int = 512
+    # whole sequence at once), so the effective value is at least max_tokens. Measured here
+    # (MiniLM f16, flash attention, 2 threads): 256 gives the same bulk throughput as 512 and
+    # more queries/s, and halves how long a query can wait behind a batch being computed.
+    batch_tokens: int = 256
     # Bound of the model's queue, in tokens of accepted but not yet computed inputs.
     max_queue_tokens: int = 1_000_000
     # Seconds idle before the model unloads itself; 0 keeps it loaded forever.

@@ -2,8 +2,9 @@
 
 Pure bookkeeping, no llama and no threads (the model thread owns the one instance), so the
 policy can be read and tested on its own:
-- interactive jobs fill the batch before any bulk job gets a slot, so a query waits for at most
-  the batch being computed, never behind an indexer's backlog;
+- interactive jobs fill the batch before any bulk job gets a slot, and such a batch is not
+  topped up with bulk inputs, so a query waits for at most the one batch being computed plus
+  its own short one, never behind an indexer's backlog;
 - within a lane, the clients (connections) that have work take turns one input at a time, so
   one connection flooding requests does not starve the others; a client's own jobs go in order;
 - a request of thousands of inputs is therefore computed in batch-sized slices, with others'
@@ -19,6 +20,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .worker import EmbedJob
+
+
+# Consecutive interactive-only batches after which waiting bulk work shares the next batch.
+_MAX_BULK_SKIPS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,7 @@ class Scheduler:
         self._interactive = _Lane()
         self._bulk = _Lane()
         self._cursor: dict[EmbedJob, int] = {}
+        self._bulk_skipped = 0
         self.pending_inputs = 0
         self.pending_tokens = 0
 
@@ -93,9 +99,15 @@ class Scheduler:
 
     def next_batch(self, max_tokens: int, max_seqs: int) -> list[Item]:
         batch: list[Item] = []
-        budget = max_tokens
-        for lane in (self._interactive, self._bulk):
-            budget = self._fill(lane, batch, budget, max_seqs)
+        budget = self._fill(self._interactive, batch, max_tokens, max_seqs)
+        if batch and self._bulk and self._bulk_skipped < _MAX_BULK_SKIPS:
+            # A batch carrying interactive work is not topped up with bulk inputs: it finishes
+            # in a few milliseconds instead of a full batch time, which is what a waiting
+            # query feels. Bulk still gets a batch at least every few, so it cannot starve.
+            self._bulk_skipped += 1
+            return batch
+        self._bulk_skipped = 0
+        self._fill(self._bulk, batch, budget, max_seqs)
         return batch
 
     def _fill(self, lane: _Lane, batch: list[Item], budget: int, max_seqs: int) -> int:

@@ -1,0 +1,369 @@
+"""`embedd bench`: the daemon against in-process llama-cpp-python, same model, threads and texts.
+
+Speed is never asserted in a test on these shared, noisy machines; it is measured here, with
+the raw baseline run in the same invocation, and reported as ratios. The daemon is measured
+first (the bench process itself stays idle but for its client threads), then the baseline runs
+in this process while the daemon sits idle.
+
+Workloads (the corpus is the bundled sample of real text: Python standard-library docstrings):
+- W1 bulk: every chunk, in requests of 32, one client: chunks/s.
+- W2 queries: every query, one per request, 8 concurrent clients: requests/s, p50, p99.
+- W3 mixed: W1 running while one client sends a query every 10 ms: the queries' p50, p99.
+- idle: one query at a time: p50.
+Plus the daemon's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import embedd_client
+
+CORPUS = Path(__file__).resolve().parent / "bundled" / "bench_corpus.json"
+BULK_BATCH = 32
+CLIENTS = 8
+MIXED_INTERVAL = 0.010
+
+
+class Embedder(Protocol):
+    """What a workload needs from a side: embed a list of texts, from any thread."""
+
+    def embed(self, texts: list[str]) -> None: ...
+
+
+@dataclass
+class Figures:
+    bulk_chunks_per_s: float = 0.0
+    queries_per_s: float = 0.0
+    queries_p50_ms: float = 0.0
+    queries_p99_ms: float = 0.0
+    mixed_p50_ms: float = 0.0
+    mixed_p99_ms: float = 0.0
+    mixed_queries: int = 0
+    idle_p50_ms: float = 0.0
+    rss_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise (pipes, CI, --json)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._label = ""
+        self._total = 1
+        self._done = 0
+
+    def start(self, label: str, total: int) -> None:
+        with self._lock:
+            self._label, self._total, self._done = label, max(total, 1), 0
+        self._draw()
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self._done += n
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * min(self._done, self._total) / self._total)
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r{self._label:<28} [{bar}] {self._done}/{self._total}")
+        if self._done >= self._total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _bulk(side: Embedder, chunks: list[str], progress: _Progress, label: str) -> float:
+    progress.start(label, len(chunks))
+    started = time.perf_counter()
+    for i in range(0, len(chunks), BULK_BATCH):
+        batch = chunks[i : i + BULK_BATCH]
+        side.embed(batch)
+        progress.advance(len(batch))
+    return len(chunks) / (time.perf_counter() - started)
+
+
+def _queries(
+    make_side: Callable[[], Embedder], queries: list[str], progress: _Progress, label: str
+) -> tuple[float, list[float]]:
+    progress.start(label, len(queries))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    next_index = iter(range(len(queries)))
+
+    def client() -> None:
+        side = make_side()
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            side.embed([queries[i]])
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+            progress.advance()
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(queries) / (time.perf_counter() - started), latencies
+
+
+def _mixed(
+    bulk_side: Embedder,
+    query_side: Embedder,
+    chunks: list[str],
+    queries: list[str],
+    progress: _Progress,
+    label: str,
+) -> list[float]:
+    latencies: list[float] = []
+    bulk_done = threading.Event()
+
+    def indexer() -> None:
+        try:
+            _bulk(bulk_side, chunks, progress, label)
+        finally:
+            bulk_done.set()
+
+    t = threading.Thread(target=indexer)
+    t.start()
+    k = 0
+    next_at = time.perf_counter()
+    while not bulk_done.is_set():
+        t0 = time.perf_counter()
+        query_side.embed([queries[k % len(queries)]])
+        latencies.append(time.perf_counter() - t0)
+        k += 1
+        next_at += MIXED_INTERVAL
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+        next_at = max(next_at, time.perf_counter())
+    t.join()
+    return latencies
+
+
+def _idle(side: Embedder, queries: list[str], progress: _Progress, label: str) -> list[float]:
+    progress.start(label, len(queries))
+    latencies = []
+    for q in queries:
+        t0 = time.perf_counter()
+        side.embed([q])
+        latencies.append(time.perf_counter() - t0)
+        progress.advance()
+    return latencies
+
+
+def run_workloads(
+    make_side: Callable[[], Embedder],
+    chunks: list[str],
+    queries: list[str],
+    idle_queries: list[str],
+    progress: _Progress,
+    name: str,
+) -> Figures:
+    f = Figures()
+    side = make_side()
+    side.embed(queries[:8])  # warm up: the model is loaded and its buffers allocated
+    f.bulk_chunks_per_s = _bulk(side, chunks, progress, f"{name} W1 bulk")
+    rate, lat = _queries(make_side, queries, progress, f"{name} W2 queries")
+    f.queries_per_s = rate
+    f.queries_p50_ms = _pct(lat, 50) * 1000
+    f.queries_p99_ms = _pct(lat, 99) * 1000
+    mixed = _mixed(side, make_side(), chunks, queries, progress, f"{name} W3 mixed")
+    f.mixed_p50_ms = _pct(mixed, 50) * 1000
+    f.mixed_p99_ms = _pct(mixed, 99) * 1000
+    f.mixed_queries = len(mixed)
+    idle = _idle(side, idle_queries, progress, f"{name} idle")
+    f.idle_p50_ms = statistics.median(idle) * 1000
+    return f
+
+
+# --- the two sides ---------------------------------------------------------------------------
+
+
+class _DaemonSide:
+    """One connection per side object: each benchmark client is its own client."""
+
+    def __init__(self, path: Path | None, model: str) -> None:
+        self._client = embedd_client.Client(path, timeout=600.0)
+        self._model = model
+
+    def embed(self, texts: list[str]) -> None:
+        # cache=False: every run computes every vector, as the baseline does.
+        self._client.embed(texts, self._model, cache=False)
+
+
+class _BaselineSide:
+    """llama-cpp-python in this process, behind one lock (a Llama context is single-threaded)."""
+
+    def __init__(self, llm: Any, lock: threading.Lock) -> None:
+        self._llm = llm
+        self._lock = lock
+
+    def embed(self, texts: list[str]) -> None:
+        with self._lock:
+            self._llm.embed(texts, normalize=True)
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _load_corpus(quick: bool) -> tuple[list[str], list[str]]:
+    data = json.loads(CORPUS.read_text())
+    chunks: list[str] = data["chunks"]
+    queries: list[str] = data["queries"]
+    if quick:
+        return chunks[:64], queries[:160]
+    return chunks, queries
+
+
+def run(
+    socket: Path | None,
+    model: str = "default",
+    *,
+    quick: bool = False,
+    baseline: bool = True,
+    as_json: bool = False,
+) -> int:
+    chunks, queries = _load_corpus(quick)
+    idle_queries = queries[: 50 if quick else 200]
+    progress = _Progress(enabled=sys.stderr.isatty() and not as_json)
+    with embedd_client.Client(socket, timeout=600.0) as client:
+        hello = client.hello()
+        info = client.load(model)
+    path, threads = info["path"], int(info["threads"])
+    pid = int(hello["pid"])
+
+    daemon = run_workloads(
+        lambda: _DaemonSide(socket, model), chunks, queries, idle_queries, progress, "daemon"
+    )
+    daemon.rss_mb = _rss_mb(pid)
+    daemon.extra = {"server": hello["server"], "pid": pid}
+
+    base: Figures | None = None
+    if baseline:
+        from llama_cpp import Llama  # only the baseline needs llama.cpp in this process
+
+        llm = Llama(
+            model_path=path,
+            embedding=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=512,
+            n_batch=512,
+            n_ubatch=512,
+            flash_attn=True,
+            verbose=False,
+        )
+        lock = threading.Lock()
+        base = run_workloads(
+            lambda: _BaselineSide(llm, lock), chunks, queries, idle_queries, progress, "baseline"
+        )
+        base.rss_mb = _rss_mb(os.getpid())
+        del llm
+
+    report = _report(daemon, base, model=model, path=path, threads=threads, quick=quick)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_table(report))
+    return 0
+
+
+def _report(
+    daemon: Figures, base: Figures | None, *, model: str, path: str, threads: int, quick: bool
+) -> dict[str, Any]:
+    rows = [
+        ("W1 bulk, 32 per request, 1 client", "chunks/s", "bulk_chunks_per_s", True),
+        ("W2 queries, 8 clients", "requests/s", "queries_per_s", True),
+        ("W2 queries, 8 clients", "p50 ms", "queries_p50_ms", False),
+        ("W2 queries, 8 clients", "p99 ms", "queries_p99_ms", False),
+        ("W3 query every 10 ms during W1", "p50 ms", "mixed_p50_ms", False),
+        ("W3 query every 10 ms during W1", "p99 ms", "mixed_p99_ms", False),
+        ("idle, one query at a time", "p50 ms", "idle_p50_ms", False),
+        ("resident memory", "MB", "rss_mb", False),
+    ]
+    out_rows = []
+    for workload, unit, key, higher_is_better in rows:
+        d = getattr(daemon, key)
+        b = getattr(base, key) if base is not None else None
+        ratio = d / b if d is not None and b else None
+        out_rows.append(
+            {
+                "workload": workload,
+                "unit": unit,
+                "key": key,
+                "daemon": d,
+                "baseline": b,
+                "ratio": ratio,
+                "higher_is_better": higher_is_better,
+            }
+        )
+    return {
+        "model": model,
+        "path": path,
+        "threads": threads,
+        "quick": quick,
+        "mixed_queries": daemon.mixed_queries,
+        "baseline": "llama-cpp-python in-process, one Llama behind a lock, flash_attn, "
+        "n_batch=n_ubatch=512",
+        "rows": out_rows,
+        "daemon": daemon.extra,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [
+        f"embedd bench: model {report['model']}, {report['threads']} threads"
+        + (" (quick)" if report["quick"] else ""),
+        f"baseline: {report['baseline']} (memory: the bench process)",
+        "",
+        f"{'workload':<34} {'unit':<11} {'daemon':>9} {'baseline':>9} {'ratio':>7}",
+    ]
+    for r in report["rows"]:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        lines.append(
+            f"{r['workload']:<34} {r['unit']:<11} {_fmt(r['daemon']):>9} "
+            f"{_fmt(r['baseline']):>9} {ratio:>7}"
+        )
+    return "\n".join(lines)
