@@ -247,7 +247,7 @@ def _load_corpus(quick: bool) -> tuple[list[str], list[str]]:
     chunks: list[str] = data["chunks"]
     queries: list[str] = data["queries"]
     if quick:
-        return chunks[:64], queries[:160]
+        return chunks[:32], queries[:64]
     return chunks, queries
 
 
@@ -260,7 +260,7 @@ def run(
     as_json: bool = False,
 ) -> int:
     chunks, queries = _load_corpus(quick)
-    idle_queries = queries[: 50 if quick else 200]
+    idle_queries = queries[: 20 if quick else 200]
     progress = _Progress(enabled=sys.stderr.isatty() and not as_json)
     with embedd_client.Client(socket, timeout=600.0) as client:
         hello = client.hello()

@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         "requests of 32 (chunks/s). W2: all queries, one per request, 8 clients (requests/s,\n"
         "p50, p99). W3: W1 again while one client sends a query every 10 ms (the queries'\n"
         "p50, p99). idle: one query at a time (p50). Plus the daemon's resident memory.\n"
-        "Takes about two minutes on 2 cores; --quick about twenty seconds.",
+        "Takes about two minutes on 2 cores; --quick (a small slice) about fifteen seconds.",
         "  embedd bench\n  embedd bench --json > bench.json\n  embedd bench --quick --no-baseline",
     )
     p.add_argument("--model", default="default", help="model to measure (default: default)")

@@ -1,0 +1,66 @@
+"""`embedd bench` runs its workloads against the real daemon and the in-process baseline and
+reports figures; it asserts nothing about speed (these machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import Daemon
+
+
+def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon: Daemon) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedd",
+            "bench",
+            "--socket",
+            str(daemon.socket),
+            "--quick",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert report["model"] == "default" and report["quick"] is True
+    rows = {r["key"]: r for r in report["rows"]}
+    assert set(rows) == {
+        "bulk_chunks_per_s",
+        "queries_per_s",
+        "queries_p50_ms",
+        "queries_p99_ms",
+        "mixed_p50_ms",
+        "mixed_p99_ms",
+        "idle_p50_ms",
+        "rss_mb",
+    }
+    for key, row in rows.items():
+        assert row["daemon"] > 0, key
+        assert row["baseline"] > 0, key
+        assert row["ratio"] == row["daemon"] / row["baseline"]
+    assert report["mixed_queries"] > 0
+
+
+def test_bench_without_daemon_says_so_and_exits_1(tmp_path: object) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedd",
+            "bench",
+            "--socket",
+            "/nonexistent/e.sock",
+            "--no-baseline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "not running" in out.stderr
