@@ -19,11 +19,12 @@ import itertools
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
@@ -347,6 +348,57 @@ def _resolve(path: PathArg | None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Transport: a Unix socket, or on Windows the named pipe \\.\pipe\embedd-<user>
+
+
+def _pipe_name(path: Path) -> str:
+    """On Windows: `path` if it names a pipe, else the daemon's default pipe for this user."""
+    import getpass
+
+    text = str(path)
+    if text.startswith("\\\\.\\pipe\\"):
+        return text
+    return f"\\\\.\\pipe\\embedd-{getpass.getuser()}"
+
+
+async def _open_stream(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, asyncio.ProactorEventLoop):
+            raise OSError("named pipes need asyncio's ProactorEventLoop (the Windows default)")
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.create_pipe_connection(lambda: protocol, _pipe_name(path))
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    return await asyncio.open_unix_connection(str(path))
+
+
+class _PipeStream:
+    """The blocking client's view of a named pipe: the four socket methods it uses.
+
+    Pipe reads cannot time out here: `settimeout` is accepted and ignored.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._file = open(name, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._file.write(view)
+            view = view[n or 0 :]
+
+    def recv_into(self, buffer: memoryview) -> int:
+        return self._file.readinto(buffer) or 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --------------------------------------------------------------------------------------------
 # Blocking client
 
 
@@ -426,6 +478,15 @@ class Client:
         raise AssertionError("unreachable")
 
     def _connect(self) -> socket.socket:
+        if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
+            try:
+                pipe = _PipeStream(_pipe_name(self.path))
+            except OSError as exc:
+                raise _unavailable(self.path, "cannot connect to", exc) from None
+            # Duck-typed: this client only calls settimeout/sendall/recv_into/close.
+            self._sock = cast(socket.socket, pipe)
+            self._worked = False
+            return self._sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
@@ -705,9 +766,7 @@ class AsyncClient:
             if conn is not None and conn.alive:
                 return conn, False
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(self.path)), self.timeout
-                )
+                reader, writer = await asyncio.wait_for(_open_stream(self.path), self.timeout)
             except TimeoutError:
                 raise _unavailable(self.path, "cannot connect to", "timed out") from None
             except OSError as exc:

@@ -281,7 +281,9 @@ async def serve(config: Config) -> int:
     except (SocketInUseError, ActivationError) as exc:
         _log.error("%s", exc)
         return 1
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Windows has no signal handlers in asyncio: Ctrl-C ends the process there.
+    signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
+    for sig in signals:
         loop.add_signal_handler(sig, daemon.stop_requested.set)
     sweeper = asyncio.create_task(_sweep(daemon))
     _log.info(
@@ -309,7 +311,7 @@ async def serve(config: Config) -> int:
         await server.close()
     finally:
         await supervisor.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
     _log.info("stopped")
     return 0

@@ -176,9 +176,12 @@ class Server:
         self.policy = AccessPolicy.for_daemon(config.allow_uids, config.allow_gid)
         # When a connection last opened or closed: the idle-exit clock (see supervise.py).
         self.last_activity = time.monotonic()
+        self._pipe: Any = None  # winpipe.PipeListener on Windows
 
     @property
     def address(self) -> str:
+        if self._pipe is not None:
+            return str(self._pipe.name)
         return self.inherited.address if self.inherited else str(self.config.socket)
 
     @property
@@ -186,6 +189,12 @@ class Server:
         return sum(len(c.inflight) for c in self.connections)
 
     async def start(self, inherited: Inherited | None = None) -> None:
+        if sys.platform == "win32":  # untested: see winpipe.py
+            from .winpipe import PipeListener, pipe_name
+
+            self._pipe = PipeListener(pipe_name(), self._on_connect)
+            await self._pipe.start()
+            return
         if inherited is not None:
             # The service manager's socket: served as it is, never chmod-ed or unlinked.
             self.inherited = inherited
@@ -264,6 +273,8 @@ class Server:
         return True
 
     async def stop_accepting(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
         if self._server is not None:
             self._server.close()
 

@@ -224,3 +224,20 @@ def test_serve_refuses_to_preload_an_unknown_model(workdir: Path) -> None:
     )
     assert out.returncode == 2
     assert "--preload nope: no model of that name is configured" in out.stderr
+
+
+def test_windows_pipe_code_type_checks_for_win32() -> None:
+    # The named-pipe listener and the client's pipe path cannot run here; mypy --strict checks
+    # them as Windows sees them (on Linux they are unreachable and not checked at all).
+    files = ["embedd/winpipe.py", "client/embedd_client.py"]
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--platform", "win32", *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    from embedd.winpipe import pipe_name
+
+    assert pipe_name("alice") == "\\\\.\\pipe\\embedd-alice"
