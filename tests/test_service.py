@@ -25,12 +25,12 @@ def systemd_analyze() -> Iterator[str]:
     """systemd-analyze, installed from Debian's `systemd` package when missing and possible."""
     found = shutil.which("systemd-analyze")
     if found is None and sys.platform == "linux" and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "systemd"],
-            capture_output=True,
-            timeout=900,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "systemd"]
+        for cmd in (install, ["apt-get", "update"], install):  # update only if install fails
+            done = subprocess.run(cmd, capture_output=True, timeout=900, env=env)
+            if cmd is install and done.returncode == 0:
+                break
         found = shutil.which("systemd-analyze")
     if found is None:
         pytest.skip(
