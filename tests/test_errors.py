@@ -145,7 +145,7 @@ def test_full_queue_answers_busy_with_retry_after_at_once(
     d = start_daemon(workdir, BUSY_CONFIG)
     own_daemon.append(d)
     with d.connect() as conn:
-        conn.send({"id": 1, "op": "embed", "input": reference.chunks[:60]})
+        conn.send({"id": 1, "op": "embed", "input": reference.chunks[:60], "timeout": 600})
         conn.send({"id": 2, "op": "embed", "input": reference.chunks[60:70]})
         sent = time.monotonic()
         second = conn.recv_for(2)
@@ -250,7 +250,7 @@ def test_new_request_while_draining_is_shutting_down(
     d = start_daemon(workdir)
     own_daemon.append(d)
     with d.connect() as conn:
-        conn.send({"id": 1, "op": "embed", "input": reference.chunks[:150]})
+        conn.send({"id": 1, "op": "embed", "input": reference.chunks[:150], "timeout": 600})
         time.sleep(0.3)
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)

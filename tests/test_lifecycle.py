@@ -55,7 +55,7 @@ def test_no_new_connections_are_accepted_while_draining(
     d = start_daemon(workdir)
     own_daemon.append(d)
     with d.connect() as conn:
-        rid = conn.request("embed", input=reference.chunks[:120])
+        rid = conn.request("embed", input=reference.chunks[:120], timeout=600)
         time.sleep(0.3)
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)

@@ -35,7 +35,7 @@ def test_explicit_bulk_priority_yields_to_interactive_work(
     daemon: Daemon, reference: Reference
 ) -> None:
     with daemon.connect() as conn:
-        slow = conn.request("embed", input=reference.chunks[150:230], priority="bulk")
+        slow = conn.request("embed", input=reference.chunks[150:230], priority="bulk", timeout=600)
         time.sleep(0.3)
         quick = conn.request("embed", input=reference.chunks[230:240], priority="interactive")
         first = conn.recv()
