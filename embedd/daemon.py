@@ -22,7 +22,7 @@ from . import __version__
 from .cache import Entry, VectorCache
 from .config import Config
 from .errors import Code, EmbeddError
-from .messages import CancelArgs, EmbedArgs, ModelArgs, Request, TokenizeArgs
+from .messages import EmbedArgs, ModelArgs, Request, TokenizeArgs
 from .models import ModelRegistry
 from .protocol import PROTOCOL_VERSION
 from .worker import EmbedJob, TokenizeJob
@@ -106,8 +106,7 @@ class Daemon:
             _log.info("shutdown requested over the socket")
             self.loop.call_soon(self.stop_requested.set)
             return {}
-        if op == "cancel":  # answered by the connection, which owns its requests
-            assert isinstance(args, CancelArgs)
+        # `cancel` never gets here: the connection that owns the target answers it.
         raise EmbeddError(Code.INTERNAL, f"op {op!r} has no handler")
 
     def _health(self) -> dict[str, Any]:
@@ -185,7 +184,6 @@ class Daemon:
                 truncate=args.truncate,
                 normalize=args.normalize,
                 dimensions=args.dimensions,
-                encoding=args.encoding,
                 bulk=bulk,
                 owner=owner,
                 indices=[todo[t][0] for t in unique],

@@ -22,7 +22,6 @@ import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
-_log = logging.getLogger("embedd.engine")
 _llama_log = logging.getLogger("embedd.llama")
 
 POOLING_BY_NAME = {

@@ -51,7 +51,6 @@ class EmbedJob(Job):
     truncate: bool = False
     normalize: bool = True
     dimensions: int | None = None
-    encoding: str = "f32"
     bulk: bool = False
     # Where each text stands in the client's request (texts may be a deduplicated subset),
     # so that errors name the client's index.
