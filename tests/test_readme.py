@@ -33,3 +33,15 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert "./dev test\n" in ci
     assert "./dev test" in README.read_text()
+
+
+def test_readme_config_sample_is_a_valid_config(tmp_path: Path) -> None:
+    from embedd.config import load_config
+
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
+    sample = tmp_path / "config.toml"
+    sample.write_text(blocks[0])
+    config = load_config(sample, env={})
+    assert set(config.models) == {"default", "e5"}
+    assert config.models["e5"].prompts == {"query": "query: ", "document": "passage: "}
+    assert config.models["default"].max_tokens == 256
