@@ -60,6 +60,10 @@ _HEADER = struct.Struct(">I")
 # Extra seconds we wait beyond a daemon-side `timeout`, so that the daemon's own `timeout`
 # error (which says more) normally arrives before we give up ourselves.
 _TIMEOUT_GRACE = 2.0
+# Seconds to wait for an answer: longer than the daemon's default request_timeout (120 s),
+# so that a large request gets the daemon's own `timeout` error rather than ours; None waits
+# forever.
+DEFAULT_TIMEOUT = 150.0
 
 PathArg = str | os.PathLike[str]
 Vectors = npt.NDArray[np.float32]
@@ -413,7 +417,7 @@ class Client:
     def __init__(
         self,
         path: PathArg | None = None,
-        timeout: float | None = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
     ):
@@ -726,7 +730,7 @@ class AsyncClient:
     def __init__(
         self,
         path: PathArg | None = None,
-        timeout: float | None = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
     ):
