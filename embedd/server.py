@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -97,6 +98,7 @@ class _Connection:
                 )
             if req.op == "cancel":
                 assert isinstance(req.args, CancelArgs)
+                self.server.daemon.count(None)
                 self._reply_soon(rid, {"cancelled": self._cancel(req.args.target)})
                 return
             if len(self.inflight) >= self.server.config.max_inflight:
@@ -114,6 +116,20 @@ class _Connection:
         pending = _Pending()
         self.inflight[req.id] = pending
         pending.task = asyncio.create_task(self._answer(req.id, req, pending))
+        pending.task.add_done_callback(
+            functools.partial(self._cancelled_unstarted, req.id, pending)
+        )
+
+    def _cancelled_unstarted(self, rid: int, pending: _Pending, _task: asyncio.Task[None]) -> None:
+        """A task cancelled before it first ran (its `cancel` arrived in the same read) never
+        executes `_answer`, so its bookkeeping and its `cancelled` answer are done here."""
+        if self.inflight.get(rid) is not pending:
+            return  # `_answer` ran and cleaned up
+        del self.inflight[rid]
+        err = EmbeddError(Code.CANCELLED, f"request {rid} cancelled by the client")
+        self.server.daemon.count(err)
+        if pending.cancelled_by_client and not self.closing:
+            self._reply_soon(rid, err)
 
     def _cancel(self, target: int) -> bool:
         pending = self.inflight.get(target)

@@ -189,6 +189,25 @@ def test_cancel_answers_the_target_with_cancelled(daemon: Daemon, reference: Ref
         assert conn.call("hello")["ok"]
 
 
+def test_cancel_in_the_same_write_as_its_target_still_answers_the_target(
+    daemon: Daemon,
+) -> None:
+    with daemon.connect() as conn:
+        frames = b""
+        for message in (
+            {"id": 1, "op": "embed", "input": "x"},
+            {"id": 2, "op": "cancel", "target": 1},
+        ):
+            body = msgpack.packb(message)
+            frames += struct.pack(">I", len(body)) + body
+        conn.send_raw(frames)
+        assert conn.recv_for(2)["cancelled"] is True
+        assert _error(conn.recv_for(1))["code"] == "cancelled"
+        assert conn.call("hello")["ok"]
+        conn.send({"id": 1, "op": "embed", "input": "the id is free again"})
+        assert conn.recv_for(1)["ok"]
+
+
 # --- frame_too_large, protocol_error: the stream is closed -------------------------------------
 
 
