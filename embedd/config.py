@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .protocol import DEFAULT_MAX_FRAME
+
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-f16.gguf"
 # The bundled model was trained with max_seq_length 256 (sentence-transformers'
 # sentence_bert_config.json); its GGUF header says 512, but longer inputs give vectors the
@@ -62,7 +64,7 @@ class ModelConfig:
 class Config:
     socket: Path
     models: Mapping[str, ModelConfig]
-    max_frame: int = 64 * 1024 * 1024
+    max_frame: int = DEFAULT_MAX_FRAME
     max_connections: int = 64
     max_inflight: int = 256
     max_inputs: int = 100_000

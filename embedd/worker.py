@@ -83,7 +83,6 @@ class WorkerStats:
     tokens: int = 0
     batches: int = 0
     cancelled: int = 0
-    busy_seconds: float = 0.0
     tokens_per_second: float = _INITIAL_TOKENS_PER_SECOND
 
 
@@ -288,7 +287,6 @@ class ModelWorker:
         st.batches += 1
         st.inputs += len(batch)
         st.tokens += n_tokens
-        st.busy_seconds += elapsed
         if elapsed > 0:
             st.tokens_per_second = 0.8 * st.tokens_per_second + 0.2 * (n_tokens / elapsed)
         for item, vec in zip(batch, vectors, strict=True):
