@@ -4,7 +4,8 @@ Apps re-embed the same texts all the time (a document re-indexed after a small e
 query typed twice); a hit skips the model entirely. The key holds everything that changes the
 vector: the model file's content fingerprint (so replacing the file under the same name can
 never serve stale vectors), the exact text sent to the model (the prompt prefix included), and
-the truncate / normalize / dimensions options.
+the truncate / normalize / dimensions options. `vector_key` is the one place that says what a
+key holds: two models on the same file with different pooling or `max_tokens` never share.
 """
 
 from __future__ import annotations
@@ -14,11 +15,43 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-CacheKey = tuple[str, str, bool, bool, int | None]
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """Everything that changes a vector. `text` is what the model sees (prompt included)."""
+
+    fingerprint: str
+    max_tokens: int
+    pooling: str
+    text: str
+    truncate: bool
+    normalize: bool
+    dimensions: int | None
+
+
+def vector_key(
+    model: ModelIdentity, text: str, *, truncate: bool, normalize: bool, dimensions: int | None
+) -> CacheKey:
+    return CacheKey(
+        model.fingerprint, model.max_tokens, model.pooling, text, truncate, normalize, dimensions
+    )
+
+
+class ModelIdentity(Protocol):
+    """What of a loaded model goes into its vectors' keys (engine.ModelInfo has it)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def pooling(self) -> str: ...
+
 
 # Rough per-entry bookkeeping (dict slot, tuple, numpy header), so that many tiny entries are
 # not counted as free.
@@ -63,12 +96,11 @@ class VectorCache:
         self.evictions = 0
         self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     @staticmethod
     def _size(key: CacheKey, entry: Entry) -> int:
-        return entry.vector.nbytes + len(key[1]) + _ENTRY_OVERHEAD
+        # Bytes, not characters: the text is held as a str, which for non-ASCII text costs up to
+        # four bytes a character.
+        return entry.vector.nbytes + len(key.text.encode("utf-8", "replace")) + _ENTRY_OVERHEAD
 
     def get(self, key: CacheKey) -> Entry | None:
         entry = self._entries.get(key)

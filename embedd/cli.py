@@ -81,9 +81,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return 2
-    from embedd import daemon
+    from embedd import app
 
-    return daemon.run(config, verbose=args.verbose)
+    return app.run(config, verbose=args.verbose)
 
 
 def _service_options(config: Config, args: argparse.Namespace) -> Config:
@@ -495,7 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="serve the GGUF file PATH as model NAME (repeatable; overrides the config file)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every request and llama.cpp's own output (debug level)",
+    )
     p.add_argument(
         "--preload",
         metavar="MODEL",

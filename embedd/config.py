@@ -6,6 +6,7 @@ rest of the code never reads the environment or the file system for settings.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -22,7 +23,8 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-
 BUNDLED_MAX_TOKENS = 256
 DEFAULT_MODEL = "default"
 
-POOLING_NAMES = ("none", "mean", "cls", "last", "rank")
+# What the engine can serve: "none" gives per-token vectors and "rank" a reranker's score.
+POOLING_NAMES = ("mean", "cls", "last")
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,19 @@ class Config:
     socket: Path
     models: Mapping[str, ModelConfig]
     max_frame: int = DEFAULT_MAX_FRAME
+    # The largest answer a request may get, known before any work (inputs x dim x 4 bytes for
+    # f32): the same 64 MiB as a frame, so a client sized for max_frame reads every answer.
+    max_response: int = DEFAULT_MAX_FRAME
+    # Unsent answer bytes a connection may have queued before the daemon stops reading its
+    # requests (backpressure for a client that does not read): 4 MiB is ~2,700 vectors of 384.
+    max_unsent: int = 4 * 1024 * 1024
+    # Seconds a connection with nothing in flight may stay silent before it is closed.
+    idle_timeout: float = 300.0
+    # Seconds a started frame may take to arrive whole (a stalled sender pins its buffer).
+    frame_timeout: float = 30.0
+    # Seconds SIGTERM waits for accepted work before answering the rest `shutting_down`;
+    # below systemd's default TimeoutStopSec of 90 s.
+    shutdown_grace: float = 30.0
     max_connections: int = 64
     max_inflight: int = 256
     max_inputs: int = 100_000
@@ -107,6 +122,11 @@ def default_config_path(env: Mapping[str, str] | None = None) -> Path:
 _TOP_KEYS = {
     "socket": str,
     "max_frame": int,
+    "max_response": int,
+    "max_unsent": int,
+    "idle_timeout": (int, float),
+    "frame_timeout": (int, float),
+    "shutdown_grace": (int, float),
     "max_connections": int,
     "max_inflight": int,
     "max_inputs": int,
@@ -153,9 +173,40 @@ def _type_name(expected: Any) -> str:
     return names[expected]
 
 
+# Every numeric key's sane range (inclusive): values outside are typos or would exhaust memory
+# (batch_tokens = 2**31 asked llama.cpp for 8.8 GB on first use; max_frame = 3 fits no request).
+_RANGES: dict[str, tuple[float, float]] = {
+    "max_frame": (1024, 1 << 30),
+    "max_response": (1024, 1 << 32),
+    "max_unsent": (64 * 1024, 1 << 30),
+    "max_connections": (1, 100_000),
+    "max_inflight": (1, 100_000),
+    "max_inputs": (1, 10_000_000),
+    "request_timeout": (0.001, 3600.0),
+    "idle_timeout": (0.1, 7 * 86400.0),
+    "frame_timeout": (0.1, 3600.0),
+    "shutdown_grace": (0.0, 3600.0),
+    "cache_bytes": (0, 1 << 40),
+    "bulk_threshold": (0, 10_000_000),
+    "idle_exit": (0, 7 * 86400.0),
+    "max_tokens": (4, 1 << 20),
+    "threads": (1, 1024),
+    "batch_tokens": (4, 1 << 20),
+    "max_queue_tokens": (1, 1 << 40),
+    "keep_alive": (0, 10 * 365 * 86400.0),
+}
+
+
+def _in_range(value: float, key: str, where: str) -> None:
+    low, high = _RANGES[key]
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(f"{where}: {key} must be between {low:g} and {high:g}, got {value}")
+
+
 def _positive(value: float, key: str, where: str, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{where}: {key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    _in_range(value, key, where)
 
 
 def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: str) -> ModelConfig:
@@ -268,10 +319,24 @@ def load_config(
         models[model.name] = model
 
     kwargs: dict[str, Any] = {}
-    for key in ("max_frame", "max_connections", "max_inflight", "max_inputs"):
+    for key in (
+        "max_frame",
+        "max_response",
+        "max_unsent",
+        "max_connections",
+        "max_inflight",
+        "max_inputs",
+    ):
         if key in data:
             _positive(data[key], key, where)
             kwargs[key] = data[key]
+    for key in ("idle_timeout", "frame_timeout"):
+        if key in data:
+            _positive(data[key], key, where)
+            kwargs[key] = float(data[key])
+    if "shutdown_grace" in data:
+        _positive(data["shutdown_grace"], "shutdown_grace", where, allow_zero=True)
+        kwargs["shutdown_grace"] = float(data["shutdown_grace"])
     for key in ("cache_bytes", "bulk_threshold"):
         if key in data:
             _positive(data[key], key, where, allow_zero=True)

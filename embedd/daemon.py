@@ -1,7 +1,7 @@
-"""What each op does, and the daemon's life from start to a clean exit.
+"""What each op does: typed requests in, result maps (or an `EmbeddError`) out.
 
-`Daemon` answers typed requests and knows nothing about sockets; `server.py` is the transport
-shell around it. `run` wires the two together with signal handling and the idle sweep.
+`Daemon` knows nothing about sockets or about how it is started: the transports (`server.py`)
+call `handle`, and the composition root (`app.py`) builds it and drives its life.
 """
 
 from __future__ import annotations
@@ -9,34 +9,70 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import sys
 import time
-from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, assert_never
 
 import numpy as np
 import numpy.typing as npt
 
 from . import __version__
-from .cache import Entry, VectorCache
+from .cache import Entry, VectorCache, vector_key
 from .config import Config
+from .counters import ConnectionCounts, Tally
 from .errors import Code, EmbeddError
-from .messages import EmbedArgs, ModelArgs, Request, TokenizeArgs
+from .messages import (
+    MAX_TIMEOUT,
+    Cancel,
+    Embed,
+    Health,
+    Hello,
+    Load,
+    Models,
+    Request,
+    Shutdown,
+    Stats,
+    Tokenize,
+    Unload,
+)
 from .models import ModelRegistry
 from .protocol import PROTOCOL_VERSION
 from .worker import EmbedJob, TokenizeJob
 
 _log = logging.getLogger("embedd.daemon")
 
-_SHUTDOWN_GRACE = 0.2
+# Converting vectors to msgpack lists costs ~50 ns a float; beyond this many floats it runs on a
+# worker thread so that the event loop keeps serving others meanwhile.
 _LIST_ON_LOOP_MAX = 50_000
-# Refused while draining; questions about the daemon (hello, health, stats...) still answer.
-_WORK_OPS = frozenset({"embed", "tokenize", "load", "unload", "shutdown"})
+# Bytes a float takes in an answer: f32 is 4; msgpack packs each list element as a float64 (9).
+_BYTES_PER_FLOAT = {"f32": 4, "list": 9}
+# Bytes a token id takes at most in a `tokenize` answer (msgpack uint32).
+_BYTES_PER_TOKEN_ID = 5
+# Answers' fixed part (keys, counts, token lists) for the answer budget, generously.
+_ANSWER_OVERHEAD = 512
+# Dimension assumed for a model not loaded yet: the widest common embedding models (e5-large,
+# bge-large) have 1024; over-estimating only delays a non-reading client's requests.
+_UNKNOWN_DIM = 1024
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What the service manager's STATUS= line says (see supervise.py)."""
+
+    models_ready: tuple[str, ...]
+    models_total: int
+    queued_inputs: int
 
 
 class Daemon:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        tally: Tally | None = None,
+        connections: ConnectionCounts | None = None,
+    ) -> None:
         self.config = config
         self.loop = loop
         self.models = ModelRegistry(config, loop)
@@ -44,70 +80,94 @@ class Daemon:
         self.started = time.monotonic()
         self.draining = False
         self.stop_requested = asyncio.Event()
-        self.requests_total = 0
-        self.requests_ok = 0
-        self.errors: Counter[str] = Counter()
-        self.connections_open = 0
-        self.connections_total = 0
-        self.connections_refused = 0
-
-    def count(self, error: EmbeddError | None) -> None:
-        self.requests_total += 1
-        if error is None:
-            self.requests_ok += 1
-        else:
-            self.errors[str(error.code)] += 1
+        self.tally = tally if tally is not None else Tally()
+        self.connections = connections if connections is not None else ConnectionCounts()
 
     async def handle(self, req: Request, owner: object = None) -> dict[str, Any]:
         """Answer one request; `owner` (the connection) is whose turn it is when batching."""
         args = req.args
-        op = req.op
-        if self.draining and op in _WORK_OPS:
+        if self.draining and args.is_work:
             raise EmbeddError(
                 Code.SHUTTING_DOWN, "the daemon is shutting down and takes no new work"
             )
-        if op == "embed":
-            assert isinstance(args, EmbedArgs)
-            return await self._embed(args, owner)
-        if op == "tokenize":
-            assert isinstance(args, TokenizeArgs)
-            return await self._tokenize(args)
-        if op == "hello":
-            return {
-                "protocol": PROTOCOL_VERSION,
-                "server": f"embedd {__version__}",
-                "pid": os.getpid(),
-                "models": sorted(self.models.slots),
-                "max_frame": self.config.max_frame,
-            }
-        if op == "health":
-            return self._health()
-        if op == "models":
-            return {"models": [s.describe() for s in self.models.slots.values()]}
-        if op == "load":
-            assert isinstance(args, ModelArgs)
-            slot = self.models.get(args.model)
-            await slot.load(self.config.request_timeout)
-            return slot.describe()
-        if op == "unload":
-            assert isinstance(args, ModelArgs)
-            slot = self.models.get(args.model)
-            await slot.unload()
-            return slot.describe()
-        if op == "stats":
-            return self._stats()
-        if op == "shutdown":
-            if not self.config.allow_shutdown:
-                raise EmbeddError(
-                    Code.FORBIDDEN,
-                    "shutdown over the socket is disabled; set allow_shutdown = true in the "
-                    "config, or stop the daemon with SIGTERM / the service manager",
-                )
-            _log.info("shutdown requested over the socket")
-            self.loop.call_soon(self.stop_requested.set)
-            return {}
-        # `cancel` never gets here: the connection that owns the target answers it.
-        raise EmbeddError(Code.INTERNAL, f"op {op!r} has no handler")
+        _log.debug("request %d: %s", req.id, args.op)
+        match args:
+            case Embed():
+                return await self._embed(args, owner)
+            case Tokenize():
+                return await self._tokenize(args)
+            case Hello():
+                return self._hello()
+            case Health():
+                return self._health()
+            case Models():
+                return {"models": [s.describe() for s in self.models.slots.values()]}
+            case Load():
+                slot = self.models.get(args.model)
+                await slot.load(self.config.request_timeout)
+                slot.touch()
+                return slot.describe()
+            case Unload():
+                slot = self.models.get(args.model)
+                await slot.unload()
+                return slot.describe()
+            case Stats():
+                return self.stats()
+            case Shutdown():
+                if not self.config.allow_shutdown:
+                    raise EmbeddError(
+                        Code.FORBIDDEN,
+                        "shutdown over the socket is disabled; set allow_shutdown = true in the "
+                        "config, or stop the daemon with SIGTERM / the service manager",
+                    )
+                _log.info("shutdown requested over the socket")
+                self.loop.call_soon(self.stop_requested.set)
+                return {}
+            case Cancel():
+                # The connection that owns the target answers `cancel` (conversation.py).
+                raise EmbeddError(Code.INTERNAL, "cancel is answered by the connection")
+            case _:
+                assert_never(args)
+
+    def answer_size(self, req: Request) -> int:
+        """The answer's size in bytes, estimated before any work (the server's per-connection
+        answer budget). A model not loaded yet is assumed as wide as `_UNKNOWN_DIM`."""
+        args = req.args
+        if isinstance(args, Embed):
+            slot = self.models.slots.get(args.model)
+            dim = slot.last_info.dim if slot and slot.last_info else _UNKNOWN_DIM
+            if args.dimensions is not None:
+                dim = min(dim, args.dimensions)
+            return _ANSWER_OVERHEAD + len(args.input) * dim * _BYTES_PER_FLOAT[args.encoding]
+        if isinstance(args, Tokenize):
+            # At most one token per byte, plus the special frame.
+            chars = sum(len(t) + 4 for t in args.input)
+            return _ANSWER_OVERHEAD + chars * _BYTES_PER_TOKEN_ID
+        return _ANSWER_OVERHEAD
+
+    def _hello(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "server": f"embedd {__version__}",
+            "pid": os.getpid(),
+            "models": sorted(self.models.slots),
+            # The limits a client must size itself by.
+            "max_frame": cfg.max_frame,
+            "max_inflight": cfg.max_inflight,
+            "max_inputs": cfg.max_inputs,
+            "max_response": cfg.max_response,
+            "max_timeout": MAX_TIMEOUT,
+            "request_timeout": cfg.request_timeout,
+        }
+
+    def snapshot(self) -> StatusSnapshot:
+        slots = self.models.slots
+        return StatusSnapshot(
+            models_ready=tuple(n for n, s in slots.items() if s.state == "ready"),
+            models_total=len(slots),
+            queued_inputs=sum(s.worker.queued_inputs for s in slots.values() if s.worker),
+        )
 
     def _health(self) -> dict[str, Any]:
         return {
@@ -116,7 +176,7 @@ class Daemon:
             "models_ready": sum(1 for s in self.models.slots.values() if s.state == "ready"),
         }
 
-    def _stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
         for name, slot in self.models.slots.items():
             st = slot.stats
@@ -135,32 +195,52 @@ class Daemon:
         return {
             "uptime": round(time.monotonic() - self.started, 3),
             "connections": {
-                "open": self.connections_open,
-                "total": self.connections_total,
-                "refused": self.connections_refused,
+                "open": self.connections.open,
+                "total": self.connections.total,
+                "refused": self.connections.refused,
+                "timed_out": self.connections.timed_out,
             },
             "requests": {
-                "total": self.requests_total,
-                "ok": self.requests_ok,
-                "errors": dict(self.errors),
+                "total": self.tally.total,
+                "ok": self.tally.ok,
+                "errors": dict(self.tally.errors),
             },
             "models": models,
             "cache": self.cache.stats(),
         }
 
-    async def _embed(self, args: EmbedArgs, owner: object) -> dict[str, Any]:
+    async def _embed(self, args: Embed, owner: object) -> dict[str, Any]:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
-        texts = [prefix + t for t in args.inputs] if prefix else list(args.inputs)
+        texts = [prefix + t for t in args.input] if prefix else list(args.input)
         timeout = args.timeout or self.config.request_timeout
         deadline = self.loop.time() + timeout
         info = await slot.load(timeout)
+        # Checked here, before any work exists: the model's metadata is all it needs.
+        dim = info.dim
+        if args.dimensions is not None:
+            if args.dimensions > info.dim:
+                raise EmbeddError(
+                    Code.BAD_REQUEST,
+                    f"dimensions {args.dimensions} exceeds the model's {info.dim} dimensions",
+                    key="dimensions",
+                    limit=info.dim,
+                )
+            dim = args.dimensions
+        self._check_response_size(len(texts) * dim, args.encoding)
 
         # Cache hits skip the model; identical texts within the request are computed once.
         rows: list[Entry | None] = [None] * len(texts)
         todo: dict[str, list[int]] = {}
         keys = [
-            (info.fingerprint, t, args.truncate, args.normalize, args.dimensions) for t in texts
+            vector_key(
+                info,
+                t,
+                truncate=args.truncate,
+                normalize=args.normalize,
+                dimensions=args.dimensions,
+            )
+            for t in texts
         ]
         use_cache = args.cache and self.cache.max_bytes > 0
         for i, key in enumerate(keys):
@@ -209,9 +289,23 @@ class Daemon:
             args, matrix, [r.tokens for r in done], [r.truncated for r in done]
         )
 
+    def _check_response_size(self, floats: int, encoding: str) -> None:
+        """Refuse, before any work, an answer larger than `max_response`: its size is known
+        from the inputs' count and the dimension alone."""
+        size = floats * _BYTES_PER_FLOAT[encoding]
+        limit = self.config.max_response
+        if size > limit:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"the answer would be about {size} bytes, more than max_response = {limit} "
+                "bytes; send fewer inputs per request (or fewer dimensions)",
+                key="input",
+                limit=limit,
+            )
+
     async def _embed_result(
         self,
-        args: EmbedArgs,
+        args: Embed,
         vecs: npt.NDArray[np.float32],
         tokens: list[int],
         truncated: list[bool],
@@ -234,92 +328,23 @@ class Daemon:
             "usage": {"prompt_tokens": sum(tokens)},
         }
 
-    async def _tokenize(self, args: TokenizeArgs) -> dict[str, Any]:
+    async def _tokenize(self, args: Tokenize) -> dict[str, Any]:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
         job = TokenizeJob(
-            texts=[prefix + t for t in args.inputs],
+            texts=[prefix + t for t in args.input],
             future=self.loop.create_future(),
             loop=self.loop,
         )
         result = await slot.run(job, self.config.request_timeout)
+        size = sum(result["counts"]) * _BYTES_PER_TOKEN_ID
+        if size > self.config.max_response:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"the token ids would take about {size} bytes, more than max_response = "
+                f"{self.config.max_response} bytes; send less text per request",
+                key="input",
+                limit=self.config.max_response,
+            )
         info = slot.last_info
         return {"model": args.model, **result, "max_tokens": info.max_tokens if info else None}
-
-
-def setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # llama.cpp's own chatter (model metadata, graph sizes) only with --verbose.
-    logging.getLogger("embedd.llama").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-async def _sweep(daemon: Daemon) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        await daemon.models.sweep_idle()
-
-
-async def serve(config: Config) -> int:
-    from .activation import ActivationError, inherited_socket
-    from .server import Server, SocketInUseError
-    from .supervise import Supervisor
-
-    loop = asyncio.get_running_loop()
-    daemon = Daemon(config, loop)
-    server = Server(config, daemon)
-    try:
-        # A socket passed by systemd or launchd is served instead of binding our own.
-        await server.start(inherited_socket())
-    except (SocketInUseError, ActivationError) as exc:
-        _log.error("%s", exc)
-        return 1
-    # Windows has no signal handlers in asyncio: Ctrl-C ends the process there.
-    signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
-    for sig in signals:
-        loop.add_signal_handler(sig, daemon.stop_requested.set)
-    sweeper = asyncio.create_task(_sweep(daemon))
-    _log.info(
-        "embedd %s serving on %s%s (pid %d; models: %s)",
-        __version__,
-        server.address,
-        f" (passed by {server.inherited.manager})" if server.inherited else "",
-        os.getpid(),
-        ", ".join(sorted(config.models)),
-    )
-    supervisor = Supervisor(daemon, server)
-    supervisor.start()
-    try:
-        await daemon.stop_requested.wait()
-        supervisor.stopping()
-        await server.stop_accepting()
-        # Requests a client sent just before the signal may still sit in the socket buffers:
-        # give the connections a moment to read them, so they are served rather than refused.
-        await asyncio.sleep(_SHUTDOWN_GRACE)
-        daemon.draining = True
-        _log.info("stopping: no new connections; finishing %d requests in flight", server.inflight)
-        await server.drain()
-        sweeper.cancel()
-        await daemon.models.close()
-        await server.close()
-    finally:
-        await supervisor.close()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    _log.info("stopped")
-    return 0
-
-
-def run(config: Config, *, verbose: bool = False) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or an allowed `shutdown`); returns the exit code."""
-    setup_logging(verbose)
-    try:
-        return asyncio.run(serve(config))
-    except OSError as exc:
-        _log.error("cannot serve on %s: %s", config.socket, exc)
-        return 1

@@ -238,6 +238,11 @@ class Engine:
                 return list(buf[:n])
             n_max = -n
 
+    @property
+    def frame_size(self) -> int:
+        """How many special tokens wrap every input ([CLS] and [SEP] for BERT)."""
+        return len(self._head) + len(self._tail)
+
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
         """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""
         bare = self._tokenize_raw(text, add_special=False)

@@ -104,6 +104,10 @@ class ModelSlot:
                 limit=timeout,
             ) from None
 
+    def touch(self) -> None:
+        """Restart the idle clock (`keep_alive`): an explicit `load` counts as a use."""
+        self.last_used = time.monotonic()
+
     async def unload(self) -> None:
         w = self.worker
         if w is None:

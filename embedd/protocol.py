@@ -45,14 +45,36 @@ def encode_frame(message: Message) -> bytes:
     return _PREFIX.pack(len(body)) + body
 
 
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Maps have str keys, each once (PROTOCOL.md): anything else is a broken message, not a
+    request with a surprising key (msgpack would take the last of duplicate keys silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise ValueError(f"map keys must be strings, got a {type(key).__name__} key")
+        if key in out:
+            raise ValueError(f"map key {key[:80]!r} appears twice")
+        out[key] = value
+    return out
+
+
 def decode_body(body: bytes) -> Message:
     """Decode one frame body; raises ValueError naming what is wrong.
 
     `unpackb` limits every container to len(body), so a length-checked body cannot make it
-    allocate more than the frame limit already allows.
+    allocate more than the frame limit already allows. Strings that are not valid UTF-8 decode
+    with `surrogateescape`: the frame itself is whole, so the request they are in is refused by
+    name (`bad_request` for that input) instead of closing the connection.
     """
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, timestamp=0)
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            timestamp=0,
+            unicode_errors="surrogateescape",
+            object_pairs_hook=_strict_map,
+        )
     except msgpack.ExtraData as exc:
         raise ValueError("frame body holds more than one msgpack object") from exc
     except (msgpack.FormatError, msgpack.StackError) as exc:

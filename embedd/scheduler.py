@@ -16,10 +16,21 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from .worker import EmbedJob
+
+class Schedulable(Protocol):
+    """What the scheduler needs of a job (worker.J is one); identity is its hash."""
+
+    bulk: bool
+    # Whose turn it is: the connection (or HTTP request) the job came from.
+    owner: object
+    # Token ids of each input, known once the model thread has tokenized the job.
+    tokens: list[list[int]]
+    cancelled: bool
+
+
+J = TypeVar("J", bound=Schedulable)
 
 
 # Consecutive interactive-only batches after which waiting bulk work shares the next batch.
@@ -27,37 +38,34 @@ _MAX_BULK_SKIPS = 4
 
 
 @dataclass(frozen=True, slots=True)
-class Item:
-    job: EmbedJob
+class Item(Generic[J]):
+    job: J
     index: int
 
 
-class _Lane:
+class _Lane(Generic[J]):
     """Per-owner FIFO queues of jobs, visited in rotation."""
 
     def __init__(self) -> None:
-        self.owners: OrderedDict[object, deque[EmbedJob]] = OrderedDict()
+        self.owners: OrderedDict[object, deque[J]] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self.owners)
 
-    def jobs(self) -> list[EmbedJob]:
-        return [job for queue in self.owners.values() for job in queue]
 
-
-class Scheduler:
+class Scheduler(Generic[J]):
     def __init__(self) -> None:
-        self._interactive = _Lane()
-        self._bulk = _Lane()
-        self._cursor: dict[EmbedJob, int] = {}
+        self._interactive: _Lane[J] = _Lane()
+        self._bulk: _Lane[J] = _Lane()
+        self._cursor: dict[J, int] = {}
         self._bulk_skipped = 0
         self.pending_inputs = 0
         self.pending_tokens = 0
 
-    def _lane(self, job: EmbedJob) -> _Lane:
+    def _lane(self, job: J) -> _Lane[J]:
         return self._bulk if job.bulk else self._interactive
 
-    def add(self, job: EmbedJob) -> None:
+    def add(self, job: J) -> None:
         lane = self._lane(job)
         lane.owners.setdefault(job.owner, deque()).append(job)
         self._cursor[job] = 0
@@ -67,7 +75,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._interactive or self._bulk)
 
-    def _forget(self, job: EmbedJob) -> int:
+    def _forget(self, job: J) -> int:
         """Drop a job's not-yet-scheduled inputs; returns how many there were."""
         start = self._cursor.pop(job)
         rest = job.tokens[start:]
@@ -80,15 +88,15 @@ class Scheduler:
             del lane.owners[job.owner]
         return len(rest)
 
-    def remove(self, job: EmbedJob) -> None:
+    def remove(self, job: J) -> None:
         if job in self._cursor:
             self._forget(job)
 
-    def drop_cancelled(self) -> list[tuple[EmbedJob, int]]:
+    def drop_cancelled(self) -> list[tuple[J, int]]:
         cancelled = [job for job in self._cursor if job.cancelled]
         return [(job, self._forget(job)) for job in cancelled]
 
-    def clear(self) -> list[EmbedJob]:
+    def clear(self) -> list[J]:
         jobs = list(self._cursor)
         self._interactive = _Lane()
         self._bulk = _Lane()
@@ -97,8 +105,8 @@ class Scheduler:
         self.pending_tokens = 0
         return jobs
 
-    def next_batch(self, max_tokens: int, max_seqs: int) -> list[Item]:
-        batch: list[Item] = []
+    def next_batch(self, max_tokens: int, max_seqs: int) -> list[Item[J]]:
+        batch: list[Item[J]] = []
         budget = self._fill(self._interactive, batch, max_tokens, max_seqs)
         if batch and self._bulk and self._bulk_skipped < _MAX_BULK_SKIPS:
             # A batch carrying interactive work is not topped up with bulk inputs: it finishes
@@ -110,7 +118,7 @@ class Scheduler:
         self._fill(self._bulk, batch, budget, max_seqs)
         return batch
 
-    def _fill(self, lane: _Lane, batch: list[Item], budget: int, max_seqs: int) -> int:
+    def _fill(self, lane: _Lane[J], batch: list[Item[J]], budget: int, max_seqs: int) -> int:
         # Each pass offers every owner of the lane one slot, for the next input of its oldest
         # job. An owner whose next input does not fit waits for the next batch (inputs are
         # never split); the others may still fill the gap.

@@ -1,48 +1,135 @@
-"""The asyncio shell: the listening socket, one reader per connection, one task per request.
+"""The asyncio shell around `conversation.Conversation`: sockets, tasks and bytes, no rules.
 
-Framing is `protocol.FrameDecoder`'s job and answering is `daemon.Daemon`'s; this module only
-moves bytes, enforces the per-connection limits and makes sure every accepted request gets
-exactly one answer (or is cancelled when its client goes away).
+Each connection has one `Conversation` (the pure object that decides what every byte means and
+what every request gets); this module reads bytes into it, carries out the actions it returns
+(start a request's task, write these bytes, cancel that task, close) and reports each task's
+end back to it. It also owns what only a transport can know: who the peer is, time (idle and
+stalled connections), and how much it has not read yet (backpressure).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
+import select
 import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .activation import Inherited
 from .config import Config
-from .daemon import Daemon
+from .conversation import (
+    Action,
+    CancelTask,
+    Close,
+    Conversation,
+    ConversationLimits,
+    Dispatch,
+    Send,
+    refusal,
+)
+from .counters import ConnectionCounts, Tally
 from .errors import Code, EmbeddError
-from .messages import CancelArgs, parse_request, request_id
+from .messages import Request
 from .peercred import AccessPolicy, peer_of, user_name
-from .protocol import FrameDecoder, FrameError, Message, encode_frame
 
 _log = logging.getLogger("embedd.server")
 
 _READ_SIZE = 256 * 1024
 # Linux sun_path is 108 bytes including the terminating NUL (macOS: 104).
 _MAX_SOCKET_PATH = 107
+# After the last frame to a connection the daemon closes (a refusal at the door, a framing
+# error), it shuts its write side and reads and discards for this long before closing: closing
+# with unread input makes the kernel reset the connection, and the client would then lose the
+# frame explaining why (seen by a Node.js client: EPIPE instead of `busy`, 16 times in 16).
+CLOSE_GRACE = 1.0
+# A connection refused at the door has this long to read its one frame.
+_REFUSAL_WRITE_TIMEOUT = 1.0
 
 
 class SocketInUseError(Exception):
     """Another daemon answers on the socket path, or the path cannot be ours."""
 
 
-@dataclass(eq=False)
-class _Pending:
-    task: asyncio.Task[None] | None = None
-    cancelled_by_client: bool = False
+class Handler(Protocol):
+    """What a transport needs of the daemon (daemon.Daemon is one)."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def handle(self, req: Request, owner: object = None) -> dict[str, Any]: ...
+
+    def answer_size(self, req: Request) -> int:
+        """About how many bytes the answer will take (known before any work)."""
+        ...
+
+
+# How often a request waiting for its connection's answer budget looks again (only while the
+# client leaves answers unread, so the polling costs nothing in normal operation).
+_BUDGET_POLL = 0.05
+
+
+class AnswerBudget:
+    """Bounds the answer bytes a connection holds: computed but unsent, plus being computed.
+
+    A request reserves its answer's size before its work starts and releases it once the answer
+    is handed to the transport, where it counts as unsent bytes until the client reads it. So
+    a client that does not read stalls its own next requests, not the daemon's memory. A single
+    answer larger than the budget still runs when nothing else is held (max_response bounds it).
+    """
+
+    def __init__(self, limit: int, unsent: Callable[[], int]) -> None:
+        self.limit = limit
+        self._unsent = unsent  # () -> bytes the transport has not sent yet
+        self.reserved = 0
+
+    def _fits(self, n: int) -> bool:
+        held = self.reserved + self._unsent()
+        return held == 0 or held + n <= self.limit
+
+    async def acquire(self, n: int) -> None:
+        while not self._fits(n):
+            await asyncio.sleep(_BUDGET_POLL)
+        self.reserved += n
+
+    def release(self, n: int) -> None:
+        self.reserved -= n
+
+
+def _peer_gone(writer: asyncio.StreamWriter) -> bool:
+    """After EOF: did the peer close the whole connection (POLLHUP), or only its write side?"""
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(select, "poll"):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLHUP)
+        return any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+async def _close_gracefully(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Flush, shut our write side, discard input for `CLOSE_GRACE`, then close."""
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            while await reader.read(_READ_SIZE):
+                pass
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 @dataclass(eq=False)
@@ -50,140 +137,127 @@ class _Connection:
     server: Server
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    inflight: dict[int, _Pending] = field(default_factory=dict)
-    closing: bool = False
+    conv: Conversation
+    tasks: dict[int, asyncio.Task[dict[str, Any]]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    budget: AnswerBudget | None = None
+
+    @property
+    def inflight(self) -> int:
+        return self.conv.inflight
 
     async def run(self) -> None:
-        decoder = FrameDecoder(self.server.config.max_frame)
-        client_gone = True
+        config = self.server.config
+        transport = self.writer.transport
+        transport.set_write_buffer_limits(high=config.max_unsent)
+        self.budget = AnswerBudget(config.max_unsent, transport.get_write_buffer_size)
         try:
-            while not decoder.closed:
-                data = await self.reader.read(_READ_SIZE)
-                if not data:
+            while not self.conv.reading_done:
+                # Backpressure: while the client leaves its answers unread, read no more of
+                # its requests (the unsent bytes stay under max_unsent plus what is in flight).
+                await self.writer.drain()
+                if self.conv.inflight:
+                    wait = None
+                elif self.conv.mid_frame:
+                    wait = config.frame_timeout
+                else:
+                    wait = config.idle_timeout
+                try:
+                    async with asyncio.timeout(wait):
+                        data = await self.reader.read(_READ_SIZE)
+                except TimeoutError:
+                    self._timed_out(wait)
                     break
-                for event in decoder.feed(data):
-                    if isinstance(event, FrameError):
-                        _log.warning("closing a connection: %s", event.message)
-                        err = EmbeddError(event.code, event.message, limit=event.limit)
-                        self.server.daemon.count(err)
-                        await self.send({"id": None, "ok": False, "error": err.to_wire()})
-                        client_gone = False
-                    else:
-                        self._accept(event)
-        except (ConnectionError, OSError):
-            pass
+                if not data:
+                    self.apply(self.conv.peer_closed(gone=_peer_gone(self.writer)))
+                    break
+                self.apply(self.conv.receive(data))
+            await self.done.wait()
+        except OSError:
+            self.apply(self.conv.peer_closed(gone=True))
         finally:
-            tasks = [p.task for p in self.inflight.values() if p.task is not None]
-            if client_gone:
-                # The client went away: its pending work is cancelled.
-                self.closing = True
-                for task in tasks:
-                    task.cancel()
-            elif tasks:
-                # The stream broke but the client is there: answer what was read before it.
-                await asyncio.wait(tasks)
-            self.writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await self.writer.wait_closed()
+            for task in self.tasks.values():
+                task.cancel()
+            if not self.writer.is_closing():
+                self.writer.close()
 
-    def _accept(self, message: Message) -> None:
-        rid = request_id(message)
+    def _timed_out(self, wait: float | None) -> None:
+        self.server.connections.timed_out += 1
+        what = "in the middle of a frame" if self.conv.mid_frame else "with nothing in flight"
+        _log.info("closing a connection silent for %gs %s", wait or 0, what)
+        self.apply(self.conv.peer_closed(gone=True))
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Dispatch(request):
+                    size = self.server.handler.answer_size(request)
+                    task = asyncio.create_task(self._handle(request, size))
+                    self.tasks[request.id] = task
+                    task.add_done_callback(functools.partial(self._finished, request.id, size))
+                case Send(data):
+                    if not self.writer.is_closing():
+                        self.writer.write(data)
+                case CancelTask(rid):
+                    if (running := self.tasks.get(rid)) is not None:
+                        running.cancel()
+                case Close():
+                    self.server.spawn(self._close())
+
+    async def _handle(self, request: Request, size: int) -> dict[str, Any]:
+        assert self.budget is not None
+        await self.budget.acquire(size)
         try:
-            req = parse_request(message, max_inputs=self.server.config.max_inputs)
-            if req.id in self.inflight:
-                raise EmbeddError(
-                    Code.BAD_REQUEST,
-                    f"id {req.id} is already in flight on this connection",
-                    key="id",
-                )
-            if req.op == "cancel":
-                assert isinstance(req.args, CancelArgs)
-                self.server.daemon.count(None)
-                self._reply_soon(rid, {"cancelled": self._cancel(req.args.target)})
-                return
-            if len(self.inflight) >= self.server.config.max_inflight:
-                raise EmbeddError(
-                    Code.BUSY,
-                    f"this connection already has {len(self.inflight)} requests in flight "
-                    f"(limit {self.server.config.max_inflight})",
-                    retry_after=0.1,
-                    limit=self.server.config.max_inflight,
-                )
-        except EmbeddError as exc:
-            self.server.daemon.count(exc)
-            self._reply_soon(rid, exc)
-            return
-        pending = _Pending()
-        self.inflight[req.id] = pending
-        pending.task = asyncio.create_task(self._answer(req.id, req, pending))
-        pending.task.add_done_callback(
-            functools.partial(self._cancelled_unstarted, req.id, pending)
-        )
+            return await self.server.handler.handle(request, owner=self)
+        except BaseException:
+            self.budget.release(size)
+            raise
 
-    def _cancelled_unstarted(self, rid: int, pending: _Pending, _task: asyncio.Task[None]) -> None:
-        """A task cancelled before it first ran (its `cancel` arrived in the same read) never
-        executes `_answer`, so its bookkeeping and its `cancelled` answer are done here."""
-        if self.inflight.get(rid) is not pending:
-            return  # `_answer` ran and cleaned up
-        del self.inflight[rid]
-        err = EmbeddError(Code.CANCELLED, f"request {rid} cancelled by the client")
-        self.server.daemon.count(err)
-        if pending.cancelled_by_client and not self.closing:
-            self._reply_soon(rid, err)
-
-    def _cancel(self, target: int) -> bool:
-        pending = self.inflight.get(target)
-        if pending is None or pending.task is None or pending.cancelled_by_client:
-            return False
-        pending.cancelled_by_client = True
-        pending.task.cancel()
-        return True
-
-    def _reply_soon(self, rid: int | None, result: dict[str, Any] | EmbeddError) -> None:
-        task = asyncio.create_task(self.send(_response(rid, result)))
-        self.server.background.add(task)
-        task.add_done_callback(self.server.background.discard)
-
-    async def _answer(self, rid: int, req: Any, pending: _Pending) -> None:
+    def _finished(self, rid: int, size: int, task: asyncio.Task[dict[str, Any]]) -> None:
+        """Every request's task ends here, whether it ran, failed or was cancelled (even before
+        it first ran, as when its `cancel` arrived in the same read)."""
+        self.tasks.pop(rid, None)
+        if self.budget is not None and not task.cancelled() and task.exception() is None:
+            self.budget.release(size)  # the answer now counts as unsent transport bytes
         result: dict[str, Any] | EmbeddError
-        try:
-            result = await self.server.daemon.handle(req, owner=self)
-        except EmbeddError as exc:
+        if task.cancelled():
+            result = EmbeddError(Code.CANCELLED, f"request {rid} cancelled")
+        elif isinstance(exc := task.exception(), EmbeddError):
             result = exc
-        except asyncio.CancelledError:
-            self.inflight.pop(rid, None)
-            if not pending.cancelled_by_client or self.closing:
-                self.server.daemon.count(EmbeddError(Code.CANCELLED, "client went away"))
-                raise
-            result = EmbeddError(Code.CANCELLED, f"request {rid} cancelled by the client")
-        except Exception as exc:
-            _log.exception("request %s (%s) failed", rid, req.op)
-            result = EmbeddError(Code.INTERNAL, f"{req.op} failed: {exc!r}")
-        self.inflight.pop(rid, None)
-        self.server.daemon.count(result if isinstance(result, EmbeddError) else None)
-        await self.send(_response(rid, result))
+        elif exc is not None:
+            _log.error("request %s failed", rid, exc_info=exc)
+            result = EmbeddError(Code.INTERNAL, f"request failed: {exc!r}")
+        else:
+            result = task.result()
+        self.apply(self.conv.finish(rid, result))
 
-    async def send(self, message: Message) -> None:
-        if self.writer.is_closing():
-            return
-        try:
-            self.writer.write(encode_frame(message))
-            await self.writer.drain()
-        except (ConnectionError, OSError):
-            pass
+    def abandon(self, error: EmbeddError) -> None:
+        """Answer everything still in flight with `error` now (the drain deadline passed)."""
+        for rid in list(self.tasks):
+            self.apply(self.conv.abandon(rid, error))
 
-
-def _response(rid: int | None, result: dict[str, Any] | EmbeddError) -> Message:
-    if isinstance(result, EmbeddError):
-        return {"id": rid, "ok": False, "error": result.to_wire()}
-    return {"id": rid, "ok": True, **result}
+    async def _close(self) -> None:
+        if self.conv.peer_gone:
+            self.writer.close()
+        else:
+            await _close_gracefully(self.reader, self.writer)
+        self.done.set()
 
 
 class Server:
-    def __init__(self, config: Config, daemon: Daemon) -> None:
+    def __init__(
+        self,
+        config: Config,
+        handler: Handler,
+        *,
+        tally: Tally | None = None,
+        connections: ConnectionCounts | None = None,
+    ) -> None:
         self.config = config
-        self.daemon = daemon
-        self.connections: set[_Connection] = set()
+        self.handler = handler
+        self.tally = tally if tally is not None else Tally()
+        self.connections = connections if connections is not None else ConnectionCounts()
+        self.open: set[_Connection] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
@@ -193,6 +267,11 @@ class Server:
         # When a connection last opened or closed: the idle-exit clock (see supervise.py).
         self.last_activity = time.monotonic()
         self._pipe: Any = None  # winpipe.PipeListener on Windows
+        self._limits = ConversationLimits(
+            max_frame=config.max_frame,
+            max_inflight=config.max_inflight,
+            max_inputs=config.max_inputs,
+        )
 
     @property
     def address(self) -> str:
@@ -202,7 +281,12 @@ class Server:
 
     @property
     def inflight(self) -> int:
-        return sum(len(c.inflight) for c in self.connections)
+        return sum(c.inflight for c in self.open)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def start(self, inherited: Inherited | None = None) -> None:
         if sys.platform == "win32":  # untested: see winpipe.py
@@ -225,68 +309,58 @@ class Server:
         self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        daemon = self.daemon
-        if await self._refused_peer(writer):
+        refused = self._refused_peer(writer)
+        if refused is None and self.handler.draining:
+            refused = EmbeddError(Code.SHUTTING_DOWN, "the daemon is shutting down")
+        if refused is None and len(self.open) >= self.config.max_connections:
+            refused = EmbeddError(
+                Code.BUSY,
+                f"too many connections (limit max_connections = {self.config.max_connections})",
+                retry_after=1.0,
+                limit=self.config.max_connections,
+            )
+        if refused is not None:
+            self.connections.refused += 1
+            writer.write(refusal(refused))
+            await _close_gracefully(reader, writer)
             return
-        if daemon.draining or len(self.connections) >= self.config.max_connections:
-            daemon.connections_refused += 1
-            if daemon.draining:
-                err = EmbeddError(Code.SHUTTING_DOWN, "the daemon is shutting down")
-            else:
-                err = EmbeddError(
-                    Code.BUSY,
-                    f"too many connections (limit {self.config.max_connections})",
-                    retry_after=1.0,
-                    limit=self.config.max_connections,
-                )
-            with contextlib.suppress(ConnectionError, OSError):
-                writer.write(encode_frame(_response(None, err)))
-                await writer.drain()
-            writer.close()
-            return
-        conn = _Connection(self, reader, writer)
-        self.connections.add(conn)
-        daemon.connections_open += 1
+        conn = _Connection(self, reader, writer, Conversation(self._limits, self.tally))
+        self.open.add(conn)
+        self.connections.open += 1
+        self.connections.total += 1
         self.last_activity = time.monotonic()
-        daemon.connections_total += 1
         try:
             await conn.run()
         finally:
-            self.connections.discard(conn)
-            daemon.connections_open -= 1
+            self.open.discard(conn)
+            self.connections.open -= 1
             self.last_activity = time.monotonic()
 
-    async def _refused_peer(self, writer: asyncio.StreamWriter) -> bool:
-        """Answer `forbidden` and close if the peer's uid is not allowed; returns whether so."""
+    def _refused_peer(self, writer: asyncio.StreamWriter) -> EmbeddError | None:
+        """`forbidden` if the peer's uid is not allowed (None: it may connect)."""
         sock = writer.get_extra_info("socket")
         if sock is None or sock.family != socket.AF_UNIX:
-            return False
+            return None
         try:
             peer = peer_of(sock.fileno())
         except OSError as exc:
             _log.warning("refused a connection: cannot read its credentials: %s", exc)
-            why = "the daemon could not read your credentials"
-        else:
-            if peer is None or self.policy.allows(peer):
-                return False
-            _log.warning(
-                "refused a connection from uid %d (%s), gid %s, pid %s: not allowed "
-                "(allow_uids / allow_gid in the config)",
-                peer.uid,
-                user_name(peer.uid),
-                peer.gid,
-                peer.pid,
-            )
-            why = (
-                f"uid {peer.uid} may not use this daemon; its owner can allow it with "
-                "allow_uids or allow_gid in the config"
-            )
-        self.daemon.connections_refused += 1
-        with contextlib.suppress(ConnectionError, OSError):
-            writer.write(encode_frame(_response(None, EmbeddError(Code.FORBIDDEN, why))))
-            await writer.drain()
-        writer.close()
-        return True
+            return EmbeddError(Code.FORBIDDEN, "the daemon could not read your credentials")
+        if peer is None or self.policy.allows(peer):
+            return None
+        _log.warning(
+            "refused a connection from uid %d (%s), gid %s, pid %s: not allowed "
+            "(allow_uids / allow_gid in the config)",
+            peer.uid,
+            user_name(peer.uid),
+            peer.gid,
+            peer.pid,
+        )
+        return EmbeddError(
+            Code.FORBIDDEN,
+            f"uid {peer.uid} may not use this daemon; its owner can allow it with "
+            "allow_uids or allow_gid in the config",
+        )
 
     async def stop_accepting(self) -> None:
         if self._pipe is not None:
@@ -294,20 +368,39 @@ class Server:
         if self._server is not None:
             self._server.close()
 
-    async def drain(self) -> None:
-        """Wait until every request accepted so far has been answered."""
-        while True:
-            tasks = [
-                p.task for c in self.connections for p in c.inflight.values() if p.task is not None
-            ]
-            tasks += list(self.background)
-            if not tasks:
-                return
-            await asyncio.wait(tasks)
+    async def drain(self, grace: float) -> int:
+        """Wait up to `grace` seconds until every request accepted so far is answered; then
+        answer what is left `shutting_down`. Returns how many were cut short."""
+        deadline = asyncio.get_running_loop().time() + grace
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                while tasks := [t for c in self.open for t in c.tasks.values()]:
+                    await asyncio.wait(tasks)
+        left = self.inflight
+        if left:
+            _log.warning(
+                "shutdown_grace of %gs passed: answering %d requests shutting_down", grace, left
+            )
+            err = EmbeddError(
+                Code.SHUTTING_DOWN,
+                f"the daemon stopped before this request finished (shutdown_grace {grace:g}s)",
+                limit=grace,
+            )
+            for conn in list(self.open):
+                conn.abandon(err)
+        return left
 
     async def close(self) -> None:
-        for conn in list(self.connections):
-            conn.writer.close()
+        """Close every connection (flushing what each can still take, briefly) and the socket."""
+        for conn in list(self.open):
+            conn.apply(conn.conv.peer_closed(gone=False))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE * 2):
+                while self.background:
+                    await asyncio.wait(list(self.background))
+        for conn in list(self.open):
+            conn.writer.transport.abort()
+            conn.done.set()
         self._remove_socket()
         if self._server is not None:
             with contextlib.suppress(Exception):
@@ -377,7 +470,7 @@ def _bind(path: Path) -> socket.socket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        if exc.errno in (98, 48):  # EADDRINUSE on Linux / macOS: another daemon won the race
+        if exc.errno == errno.EADDRINUSE:  # another daemon won the race
             raise SocketInUseError(f"another embedd is already serving on {path}") from exc
         raise
     finally:

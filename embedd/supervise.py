@@ -16,14 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 
+from .daemon import Daemon
 from .errors import EmbeddError
 from .notify import Notifier
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
-    from .server import Server
+from .server import Server
 
 _log = logging.getLogger("embedd.supervise")
 
@@ -39,7 +36,6 @@ class Supervisor:
         self.server = server
         self.notifier = notifier if notifier is not None else Notifier()
         self.ready = asyncio.Event()
-        self.exited_idle = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -60,13 +56,11 @@ class Supervisor:
         self.notifier.close()
 
     def status_text(self) -> str:
-        models = self.daemon._stats()["models"]
-        ready = [name for name, m in models.items() if m.get("state") == "ready"]
-        queued = sum(int(m.get("queue_inputs") or 0) for m in models.values())
+        snap = self.daemon.snapshot()
         return (
-            f"serving on {self.server.address}; models ready: {', '.join(ready) or 'none'} "
-            f"(of {len(models)}); queued inputs: {queued}; "
-            f"connections: {len(self.server.connections)}"
+            f"serving on {self.server.address}; models ready: "
+            f"{', '.join(snap.models_ready) or 'none'} (of {snap.models_total}); "
+            f"queued inputs: {snap.queued_inputs}; connections: {len(self.server.open)}"
         )
 
     async def _preload_then_ready(self) -> None:
@@ -113,19 +107,18 @@ class Supervisor:
         server.last_activity = max(server.last_activity, time.monotonic())
         while True:
             await asyncio.sleep(min(idle / 4, 1.0))
-            if server.connections or time.monotonic() - server.last_activity < idle:
+            if server.open or time.monotonic() - server.last_activity < idle:
                 continue
             # Clients connecting from now on queue in the manager's socket until it starts
             # the next daemon; the few accepted just before are served to their end first.
             await server.stop_accepting()
             await asyncio.sleep(_SETTLE)
-            while server.connections:
+            while server.open:
                 await asyncio.sleep(_SETTLE)
             _log.info(
                 "no connection for %gs: exiting (%s starts embedd again on the next connection)",
                 idle,
                 server.inherited.manager,
             )
-            self.exited_idle = True
             self.daemon.stop_requested.set()
             return

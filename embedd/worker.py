@@ -103,7 +103,7 @@ class ModelWorker:
         self._cond = threading.Condition()
         self._incoming: deque[Job] = deque()
         self._stopping = False
-        self._scheduler = Scheduler()
+        self._scheduler: Scheduler[EmbedJob] = Scheduler()
         self._thread = threading.Thread(
             target=self._run, name=f"embedd-model-{config.name}", daemon=True
         )
@@ -246,17 +246,20 @@ class ModelWorker:
 
     def _tokenize_embed_job(self, engine: Engine, job: EmbedJob) -> None:
         limit = engine.info.max_tokens
-        if job.dimensions is not None and job.dimensions > engine.info.dim:
-            raise EmbeddError(
-                Code.BAD_REQUEST,
-                f"dimensions {job.dimensions} exceeds the model's {engine.info.dim} dimensions",
-                key="dimensions",
-                limit=engine.info.dim,
-            )
         for i, text in enumerate(job.texts):
             toks, cut = engine.tokenize(text, truncate_to=limit if job.truncate else None)
+            index = job.indices[i] if job.indices else i
+            if len(toks) <= engine.frame_size:
+                # Only the special frame (the text was NULs, control or unknown characters):
+                # its vector would be the same for every such text, so it is refused like "".
+                raise EmbeddError(
+                    Code.BAD_REQUEST,
+                    f"input[{index}] has no tokens the model knows (only control, unknown or "
+                    "private-use characters)",
+                    key="input",
+                    index=index,
+                )
             if len(toks) > limit:
-                index = job.indices[i] if job.indices else i
                 raise EmbeddError(
                     Code.INPUT_TOO_LONG,
                     f"input[{index}] has {len(toks)} tokens, more than the model's limit of "
@@ -270,7 +273,7 @@ class ModelWorker:
         job.vectors = np.empty((len(job.texts), engine.info.dim), dtype=np.float32)
         job.remaining = len(job.texts)
 
-    def _compute(self, engine: Engine, batch: list[Item]) -> None:
+    def _compute(self, engine: Engine, batch: list[Item[EmbedJob]]) -> None:
         seqs = [item.job.tokens[item.index] for item in batch]
         n_tokens = sum(len(s) for s in seqs)
         started = time.perf_counter()

@@ -17,6 +17,15 @@ path = "{bundled}"
 max_tokens = 256
 [models.default.prompts]
 query = "query: "
+
+# The same file under other names: a longer limit, and another pooling.
+[models.twin]
+path = "{bundled}"
+max_tokens = 512
+[models.cls]
+path = "{bundled}"
+max_tokens = 256
+pooling = "cls"
 """
 
 
@@ -103,3 +112,24 @@ def test_cache_false_neither_reads_nor_fills_the_cache(cached: Daemon) -> None:
     hits, misses, inputs = _counts(cached)
     assert cached.call("embed", input=text, cache=False)["ok"]
     assert _counts(cached) == (hits, misses, inputs + 1)
+
+
+def test_a_model_with_a_longer_limit_on_the_same_file_does_not_fill_the_others_cache(
+    cached: Daemon,
+) -> None:
+    text = "a sentence that grows long " * 60  # ~300 tokens: over 256, under 512
+    assert cached.call("embed", input=text)["error"]["code"] == "input_too_long"
+    assert cached.call("embed", model="twin", input=text)["truncated"] == [False]
+    again = cached.call("embed", input=text)
+    assert again["ok"] is False and again["error"]["code"] == "input_too_long"
+
+
+def test_a_model_with_other_pooling_on_the_same_file_gets_its_own_vectors(
+    cached: Daemon,
+) -> None:
+    text = "pooling changes what a vector means"
+    mean = vectors(cached.call("embed", input=text))[0]
+    cls = vectors(cached.call("embed", model="cls", input=text))[0]
+    fresh_cls = vectors(cached.call("embed", model="cls", input=text, cache=False))[0]
+    assert np.allclose(cls, fresh_cls, atol=1e-5)
+    assert float(np.dot(mean, cls)) < 0.99

@@ -183,13 +183,15 @@ def test_logs_are_one_line_per_event_with_level_and_llama_log_only_when_verbose(
     own_daemon.append(quiet)
     quiet.call("load")
     quiet.stop()
-    assert " INFO embedd.daemon: " in quiet.log()
+    assert " INFO embedd.app: " in quiet.log()
     assert "embedd.llama" not in quiet.log()
+    assert "request " not in quiet.log()
     loud = start_daemon(workdir, extra_args=("--verbose",))
     own_daemon.append(loud)
     loud.call("load")
     loud.stop()
     assert " DEBUG embedd.llama: " in loud.log()
+    assert " DEBUG embedd.daemon: request " in loud.log()  # --verbose logs every request
 
 
 def test_python_dash_m_embedd_help_works() -> None:

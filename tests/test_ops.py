@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from tests.conftest import Daemon, Reference, cosines, vectors
@@ -15,6 +17,20 @@ def test_hello_reports_protocol_server_pid_and_models(daemon: Daemon) -> None:
     assert r["pid"] == daemon.proc.pid
     assert set(r["models"]) == {"default", "prompted", "missing", "notgguf"}
     assert r["max_frame"] == 64 * 1024 * 1024
+
+
+def test_hello_reports_the_limits_a_client_sizes_itself_by(daemon: Daemon) -> None:
+    r = daemon.call("hello")
+    assert (r["max_inflight"], r["max_inputs"], r["max_response"]) == (256, 100_000, 1 << 26)
+    assert r["max_timeout"] == 3600.0 and r["request_timeout"] == 120.0
+
+
+def test_the_protocol_worked_example_shows_the_bundled_models_real_vector(daemon: Daemon) -> None:
+    r = daemon.call("embed", input="hi", encoding="list")
+    assert r["tokens"] == [3]
+    assert [round(x, 4) for x in r["embeddings"][0][:3]] == [-0.0905, 0.0404, 0.0239]
+    text = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
+    assert '"embeddings": [[-0.0905, 0.0404, 0.0239, ...]]' in text
 
 
 def test_health_is_ok_with_uptime(daemon: Daemon) -> None:

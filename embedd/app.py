@@ -1,0 +1,108 @@
+"""The composition root: builds the daemon's parts, wires them, and runs them to a clean exit.
+
+Nothing else constructs a `Daemon`, a `Server` or a `Supervisor`; each depends only on what it
+is handed here (the server on a small handler protocol, the supervisor on a status snapshot),
+so the modules below import each other in one direction only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from . import __version__
+from .activation import ActivationError, inherited_socket
+from .config import Config
+from .counters import ConnectionCounts, Tally
+from .daemon import Daemon
+from .server import Server, SocketInUseError
+from .supervise import Supervisor
+
+_log = logging.getLogger("embedd.app")
+
+# After SIGTERM, connections keep reading this long before work is refused: requests a client
+# sent just before the signal may still sit in socket buffers, and are served, not refused.
+_SIGNAL_SETTLE = 0.2
+# How often idle models are looked at for `keep_alive`.
+_SWEEP_EVERY = 1.0
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # llama.cpp's own chatter (model metadata, graph sizes) only with --verbose.
+    logging.getLogger("embedd.llama").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+async def _sweep(daemon: Daemon) -> None:
+    while True:
+        await asyncio.sleep(_SWEEP_EVERY)
+        await daemon.models.sweep_idle()
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    tally = Tally()
+    connections = ConnectionCounts()
+    daemon = Daemon(config, loop, tally=tally, connections=connections)
+    server = Server(config, daemon, tally=tally, connections=connections)
+    try:
+        # A socket passed by systemd or launchd is served instead of binding our own.
+        await server.start(inherited_socket())
+    except (SocketInUseError, ActivationError) as exc:
+        _log.error("%s", exc)
+        return 1
+    # Windows has no signal handlers in asyncio: Ctrl-C ends the process there.
+    signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, daemon.stop_requested.set)
+    sweeper = asyncio.create_task(_sweep(daemon))
+    _log.info(
+        "embedd %s serving on %s%s (pid %d; models: %s)",
+        __version__,
+        server.address,
+        f" (passed by {server.inherited.manager})" if server.inherited else "",
+        os.getpid(),
+        ", ".join(sorted(config.models)),
+    )
+    supervisor = Supervisor(daemon, server)
+    supervisor.start()
+    try:
+        await daemon.stop_requested.wait()
+        supervisor.stopping()
+        await server.stop_accepting()
+        await asyncio.sleep(_SIGNAL_SETTLE)
+        daemon.draining = True
+        _log.info(
+            "stopping: no new connections or work; finishing %d requests in flight (at most %gs)",
+            server.inflight,
+            config.shutdown_grace,
+        )
+        await server.drain(config.shutdown_grace)
+        sweeper.cancel()
+        await daemon.models.close()
+        await server.close()
+    finally:
+        await supervisor.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    _log.info("stopped")
+    return 0
+
+
+def run(config: Config, *, verbose: bool = False) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or an allowed `shutdown`); returns the exit code."""
+    setup_logging(verbose)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        _log.error("cannot serve on %s: %s", config.socket, exc)
+        return 1
