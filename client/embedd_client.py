@@ -4,10 +4,15 @@ This file is meant to be copied into other projects as is: it depends only on th
 library, msgpack and numpy, and repeats the few rules of the daemon it needs (such as the
 default socket path) instead of importing them.
 
-`Client` is blocking and sends one request at a time; `AsyncClient` pipelines many requests
-from many tasks over one connection. Both raise `EmbeddError` subclasses, one per error code
-of the protocol, so callers can catch exactly the failures they can handle (`BusyError` has a
-`retry_after`, `InputTooLongError` an `index` and a `limit`, and so on).
+Every protocol rule lives once, in `_Session`: a sans-I/O object (bytes in, responses out) that
+owns request ids, the requests in flight, incremental frame decoding bounded by `max_frame`,
+what an error frame without an id means, which requests to cancel when nobody waits for them
+any more, and whether a request may be sent again on a new connection. Each operation is
+defined once as a `_Call` (its arguments and how its result is read). `Client` (blocking, one
+request at a time) and `AsyncClient` (many requests pipelined on one connection) are thin
+shells that move bytes between a socket and the session. Both raise `EmbeddError` subclasses,
+one per error code of the protocol (`BusyError` has `retry_after`, `InputTooLongError` an
+`index` and a `limit`, and so on).
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import math
 import os
 import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack
 
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
@@ -36,6 +43,7 @@ __all__ = [
     "BusyError",
     "Client",
     "DaemonUnavailableError",
+    "EmbedOptions",
     "EmbeddError",
     "ForbiddenError",
     "FrameTooLargeError",
@@ -48,25 +56,33 @@ __all__ = [
     "ShuttingDownError",
     "UnknownModelError",
     "UnknownOpError",
+    "UntrustedDaemonError",
     "default_socket_path",
 ]
 
-# Larger than the daemon's default max_frame (64 MiB) so that a daemon configured for big
-# batches still works, yet bounded so that a corrupt length prefix cannot make us allocate
+# Larger than the daemon's default max_response (64 MiB) so that a daemon configured for big
+# answers still works, yet bounded so that a corrupt length prefix cannot make us allocate
 # gigabytes.
 DEFAULT_MAX_FRAME = 1 << 30
-
-_HEADER = struct.Struct(">I")
+# Seconds to wait for an answer: longer than the daemon's default request_timeout (120 s),
+# so that a large request gets the daemon's own `timeout` error rather than ours.
+DEFAULT_TIMEOUT = 150.0
+# The daemon refuses a `timeout` above this (its MAX_TIMEOUT, reported by `hello` as
+# `max_timeout`); refusing it here too keeps every wait finite (1e10 s overflowed the clock).
+MAX_TIMEOUT = 3600.0
 # Extra seconds we wait beyond a daemon-side `timeout`, so that the daemon's own `timeout`
 # error (which says more) normally arrives before we give up ourselves.
 _TIMEOUT_GRACE = 2.0
-# Seconds to wait for an answer: longer than the daemon's default request_timeout (120 s),
-# so that a large request gets the daemon's own `timeout` error rather than ours; None waits
-# forever.
-DEFAULT_TIMEOUT = 150.0
+# Texts per request in `embed_documents`: small enough that a huge iterable is never held in
+# memory, large enough to fill the daemon's batches (bulk batches hold ~256 tokens x 64 inputs).
+DOCUMENT_BATCH = 64
+# Frames after a send that failed: the daemon's reason (`frame_too_large`) may still be waiting.
+_AFTER_BROKEN_SEND = 0.5
 
+_HEADER = struct.Struct(">I")
 PathArg = str | os.PathLike[str]
 Vectors = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 
 def default_socket_path() -> Path:
@@ -89,9 +105,8 @@ def default_socket_path() -> Path:
 class EmbeddError(Exception):
     """An error answered by the daemon, or met while talking to it.
 
-    The optional details are attributes (None when the daemon did not send them) so that
-    callers need not dig in `details`, which still holds the whole error map for anything a
-    newer daemon may add.
+    The optional details are attributes (None when the daemon did not send them); `details`
+    still holds the whole error map for anything a newer daemon may add.
     """
 
     def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None):
@@ -168,6 +183,13 @@ class DaemonUnavailableError(EmbeddError):
         super().__init__("unavailable", message, details)
 
 
+class UntrustedDaemonError(EmbeddError):
+    """Whoever answers on the socket is not a daemon this user trusts: nothing was sent."""
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None):
+        super().__init__("untrusted", message, details)
+
+
 _ERROR_CLASSES: dict[str, type[EmbeddError]] = {
     "bad_request": BadRequestError,
     "unknown_op": UnknownOpError,
@@ -190,9 +212,7 @@ def _opt_int(value: Any) -> int | None:
 
 
 def _opt_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return value
+    return None if isinstance(value, bool) or not isinstance(value, int | float) else value
 
 
 def _opt_float(value: Any) -> float | None:
@@ -231,11 +251,162 @@ def _client_timeout(limit: float | None) -> RequestTimeoutError:
 
 
 # --------------------------------------------------------------------------------------------
-# Framing, shared by both clients
+# Who may answer: the client checks the daemon as the daemon checks its clients
+
+
+def _trusted_uids(extra: Iterable[int | str]) -> set[int]:
+    """This user, root, and whoever the caller (or $EMBEDD_TRUST_UIDS) names."""
+    if sys.platform == "win32":  # the pipe's DACL admits only this user (see the README)
+        return set()
+    import pwd
+
+    names = list(extra) + [n for n in os.environ.get("EMBEDD_TRUST_UIDS", "").split(",") if n]
+    uids = {os.getuid(), 0}
+    for entry in names:
+        if isinstance(entry, int) or str(entry).isdigit():
+            uids.add(int(entry))
+        else:
+            try:
+                uids.add(pwd.getpwnam(str(entry).strip()).pw_uid)
+            except KeyError:
+                raise UntrustedDaemonError(f"no user named {entry!r} to trust") from None
+    return uids
+
+
+def _check_path(path: Path, trusted: set[int]) -> None:
+    """Before connecting: the socket's directory and file must belong to a trusted user, so
+    that a socket planted in a directory another user created first gets no text."""
+    if sys.platform == "win32":
+        return
+    for what, target in (("directory", path.parent), ("socket", path)):
+        try:
+            owner = os.lstat(target).st_uid
+        except FileNotFoundError:
+            return  # nothing there: connecting fails as "unavailable"
+        if owner not in trusted:
+            raise UntrustedDaemonError(
+                f"the socket {what} {target} belongs to uid {owner}, not to you (uid "
+                f"{os.getuid()}) or root; refusing to send anything there. If that user runs "
+                "a daemon you trust, pass trust_uids=[...] or set EMBEDD_TRUST_UIDS.",
+                {"path": str(path), "uid": owner},
+            )
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end (Linux SO_PEERCRED; macOS getpeereid, untested
+    here); None where the platform offers neither."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    if sys.platform == "darwin":  # NOT TESTED ON MACOS
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+        if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) == 0:
+            return int(uid.value)
+    return None
+
+
+def _check_peer(sock: socket.socket, path: Path, trusted: set[int]) -> None:
+    if sys.platform == "win32":
+        return
+    uid = _peer_uid(sock)
+    if uid is not None and uid not in trusted:
+        raise UntrustedDaemonError(
+            f"the process answering on {path} runs as uid {uid}, not as you (uid "
+            f"{os.getuid()}) or root; refusing to send anything to it. If that user runs a "
+            "daemon you trust, pass trust_uids=[...] or set EMBEDD_TRUST_UIDS.",
+            {"path": str(path), "uid": uid},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The session: every protocol rule, no I/O
 
 
 class _ConnectionLost(Exception):
-    """The stream ended or broke; the caller decides whether a resend is allowed."""
+    """The stream ended or broke; the shell decides (with the session) whether to resend."""
+
+
+@dataclass
+class _Session:
+    """One connection's protocol state. The shells feed it bytes and take frames from it."""
+
+    max_frame: int
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # Ids sent and not answered yet.
+    pending: set[int] = field(default_factory=set)
+    # Whether this connection has delivered an answer: only then does a broken connection mean
+    # "the daemon went away since", which makes one resend on a new connection safe to try.
+    worked: bool = False
+    # Set when the daemon refused the stream itself (an error frame without an id): the reason
+    # every request still in flight failed. The connection cannot be used again.
+    failed: EmbeddError | None = None
+    _buf: bytearray = field(default_factory=bytearray)
+
+    def request(self, op: str, args: Mapping[str, Any]) -> tuple[int, bytes]:
+        if "id" in args:
+            raise TypeError("'id' is chosen by the client and cannot be passed as an argument")
+        rid = next(self.ids)
+        self.pending.add(rid)
+        return rid, _encode({**args, "id": rid, "op": op})
+
+    def abandon(self, rid: int) -> bytes | None:
+        """Nobody waits for `rid` any more: the frame that asks the daemon to drop its work
+        (None if it is already answered). The answer to that cancel is ignored."""
+        if rid not in self.pending or self.failed is not None:
+            return None
+        self.pending.discard(rid)
+        return _encode({"id": next(self.ids), "op": "cancel", "target": rid})
+
+    def receive(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
+        """Bytes from the daemon -> (id, response) for each complete answer we wait for.
+
+        Raises the daemon's error when it refuses the stream (an error frame with `id: nil`
+        closes the connection, PROTOCOL.md), or ProtocolError/FrameTooLargeError on a stream
+        that cannot be read: either way the connection is done for."""
+        if self.failed is not None:
+            raise self.failed
+        self._buf += data
+        out: list[tuple[int, dict[str, Any]]] = []
+        while len(self._buf) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buf)
+            if length == 0:
+                raise self._fail(ProtocolError("protocol_error", "the daemon sent an empty frame"))
+            if length > self.max_frame:
+                raise self._fail(
+                    FrameTooLargeError(
+                        "frame_too_large",
+                        f"the daemon sent a frame of {length} bytes, over the client's limit "
+                        f"of {self.max_frame} (raise max_frame)",
+                        {"limit": self.max_frame},
+                    )
+                )
+            end = _HEADER.size + length
+            if len(self._buf) < end:
+                break
+            message = _decode(bytes(self._buf[_HEADER.size : end]))
+            del self._buf[:end]
+            rid = message.get("id")
+            if rid is None and message.get("ok") is False:
+                raise self._fail(_error_from_map(message.get("error")))
+            if isinstance(rid, int) and rid in self.pending:
+                self.pending.discard(rid)
+                self.worked = True
+                out.append((rid, message))
+            # Otherwise: a late answer to an abandoned request, or to a cancel: skipped.
+        return out
+
+    def _fail(self, error: EmbeddError) -> EmbeddError:
+        self.failed = error
+        return error
+
+    def may_resend(self, *, allowed: bool, fresh: bool) -> bool:
+        """After the connection broke while sending: a request that never reached the daemon
+        is sent again once, on a new connection, if the old one had worked (so the daemon
+        restarted in between) and the op is safe to repeat."""
+        return allowed and not fresh and self.worked
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:
@@ -243,19 +414,7 @@ def _encode(message: Mapping[str, Any]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _check_length(length: int, max_frame: int) -> None:
-    if length == 0:
-        raise ProtocolError("protocol_error", "the daemon sent an empty frame")
-    if length > max_frame:
-        raise FrameTooLargeError(
-            "frame_too_large",
-            f"the daemon sent a frame of {length} bytes, over the client's limit of "
-            f"{max_frame} (raise max_frame)",
-            {"limit": max_frame},
-        )
-
-
-def _decode(body: bytes | bytearray) -> dict[str, Any]:
+def _decode(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -267,92 +426,117 @@ def _decode(body: bytes | bytearray) -> dict[str, Any]:
     return message
 
 
-def _result(response: dict[str, Any]) -> dict[str, Any]:
+def _result(response: Mapping[str, Any]) -> dict[str, Any]:
     if response.get("ok") is not True:
         raise _error_from_map(response.get("error"))
     return {k: v for k, v in response.items() if k not in ("id", "ok")}
 
 
-def _request_map(request_id: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-    if "id" in args:
-        raise TypeError("'id' is chosen by the client and cannot be passed as an argument")
-    return {**args, "id": request_id, "op": op}
+# --------------------------------------------------------------------------------------------
+# The operations, each defined once for both clients
 
 
-def _wait_limit(default: float | None, args: Mapping[str, Any]) -> float | None:
-    """How long to wait for a response: a daemon-side timeout may be longer than ours."""
-    daemon_timeout = args.get("timeout")
-    if isinstance(daemon_timeout, int | float) and not isinstance(daemon_timeout, bool):
-        return float(daemon_timeout) + _TIMEOUT_GRACE
-    return default
+class EmbedOptions(TypedDict, total=False):
+    """`embed`'s options (PROTOCOL.md); a misspelt one fails the type check."""
+
+    normalize: bool
+    truncate: bool
+    dimensions: int
+    prompt: str
+    timeout: float
+    priority: Literal["interactive", "bulk"]
+    cache: bool
 
 
-def _embed_args(
-    texts: str | Sequence[str],
-    model: str,
-    normalize: bool,
-    truncate: bool,
-    dimensions: int | None,
-    prompt: str | None,
-    timeout: float | None,
-    priority: str | None = None,
-    cache: bool = True,
-) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "input": texts if isinstance(texts, str) else list(texts),
-        "model": model,
-        "normalize": normalize,
-        "truncate": truncate,
-        "encoding": "f32",
-    }
-    if dimensions is not None:
-        args["dimensions"] = dimensions
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    op: str
+    args: dict[str, Any]
+    parse: Callable[[dict[str, Any]], T]
+    # Safe to send again after the connection broke mid-send (not `shutdown`: a second one
+    # could stop a daemon that was restarted meanwhile).
+    resend: bool = True
+
+    def wait(self, default: float | None) -> float | None:
+        """How long to wait for the answer: a daemon-side timeout may be longer than ours."""
+        timeout = self.args.get("timeout")
+        return default if timeout is None else float(timeout) + _TIMEOUT_GRACE
+
+
+def _texts(texts: str | Sequence[str]) -> str | list[str]:
+    return texts if isinstance(texts, str) else list(texts)
+
+
+def _check_timeout(timeout: float) -> None:
+    if not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
+        raise BadRequestError(
+            "bad_request",
+            f"timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout}",
+            {"key": "timeout", "limit": MAX_TIMEOUT},
+        )
+
+
+def _same(result: dict[str, Any]) -> dict[str, Any]:
+    return result
+
+
+def _plain(op: str, **args: Any) -> _Call[dict[str, Any]]:
+    return _Call(op, args, _same)
+
+
+def _models() -> _Call[list[dict[str, Any]]]:
+    return _Call("models", {}, lambda r: list(r["models"]))
+
+
+def _shutdown() -> _Call[None]:
+    return _Call("shutdown", {}, lambda r: None, resend=False)
+
+
+def _tokenize(texts: str | Sequence[str], model: str, prompt: str | None) -> _Call[list[list[int]]]:
+    args: dict[str, Any] = {"input": _texts(texts), "model": model}
     if prompt is not None:
         args["prompt"] = prompt
-    if timeout is not None:
-        args["timeout"] = timeout
-    if priority is not None:
-        args["priority"] = priority
-    if not cache:
-        args["cache"] = False
-    return args
+    return _Call("tokenize", args, lambda r: list(r["ids"]))
 
 
-def _decode_vectors(result: Mapping[str, Any], single: bool) -> Vectors:
+def _chunk(
+    text: str, model: str, max_tokens: int | None, overlap: int
+) -> _Call[list[dict[str, Any]]]:
+    args: dict[str, Any] = {"input": text, "model": model, "overlap": overlap}
+    if max_tokens is not None:
+        args["max_tokens"] = max_tokens
+    return _Call("chunk", args, lambda r: list(r["chunks"]))
+
+
+def _embed(texts: str | Sequence[str], model: str, options: EmbedOptions) -> _Call[Vectors]:
+    if "timeout" in options:
+        _check_timeout(options["timeout"])
+    args: dict[str, Any] = {"input": _texts(texts), "model": model, "encoding": "f32", **options}
+    single = isinstance(texts, str)
+    return _Call("embed", args, lambda r: _vectors(r, single))
+
+
+def _vectors(result: Mapping[str, Any], single: bool) -> Vectors:
     count, dim, data = result.get("count"), result.get("dim"), result.get("embeddings")
     if not isinstance(count, int) or not isinstance(dim, int) or not isinstance(data, bytes):
         raise ProtocolError("protocol_error", "embed result lacks count, dim or f32 embeddings")
     if len(data) != count * dim * 4:
         raise ProtocolError(
-            "protocol_error",
-            f"embed result has {len(data)} bytes, expected {count} x {dim} x 4",
+            "protocol_error", f"embed result has {len(data)} bytes, expected {count} x {dim} x 4"
         )
     # astype copies: the array is writable, native-endian and does not pin the frame's bytes.
     vectors = np.frombuffer(data, "<f4").reshape(count, dim).astype(np.float32)
     return vectors[0] if single else vectors
 
 
-def _tokenize_args(texts: str | Sequence[str], model: str, prompt: str | None) -> dict[str, Any]:
-    args: dict[str, Any] = {"input": texts if isinstance(texts, str) else list(texts)}
-    args["model"] = model
-    if prompt is not None:
-        args["prompt"] = prompt
-    return args
-
-
-def _token_ids(result: Mapping[str, Any]) -> list[list[int]]:
-    ids = result.get("ids")
-    if not isinstance(ids, list):
-        raise ProtocolError("protocol_error", "tokenize result lacks ids")
-    return ids
-
-
-def _resolve(path: PathArg | None) -> Path:
-    return Path(path) if path is not None else default_socket_path()
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(texts)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
 
 # --------------------------------------------------------------------------------------------
-# Transport: a Unix socket, or on Windows the named pipe \\.\pipe\embedd-<user>
+# Transports: a Unix socket, or on Windows the named pipe \\.\pipe\embedd-<user>
 
 
 def _pipe_name(path: Path) -> str:
@@ -360,28 +544,12 @@ def _pipe_name(path: Path) -> str:
     import getpass
 
     text = str(path)
-    if text.startswith("\\\\.\\pipe\\"):
-        return text
-    return f"\\\\.\\pipe\\embedd-{getpass.getuser()}"
-
-
-async def _open_stream(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
-        loop = asyncio.get_running_loop()
-        if not isinstance(loop, asyncio.ProactorEventLoop):
-            raise OSError("named pipes need asyncio's ProactorEventLoop (the Windows default)")
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await loop.create_pipe_connection(lambda: protocol, _pipe_name(path))
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-    return await asyncio.open_unix_connection(str(path))
+    return text if text.startswith("\\\\.\\pipe\\") else f"\\\\.\\pipe\\embedd-{getpass.getuser()}"
 
 
 class _PipeStream:
-    """The blocking client's view of a named pipe: the four socket methods it uses.
-
-    Pipe reads cannot time out here: `settimeout` is accepted and ignored.
-    """
+    """The blocking client's view of a named pipe (NOT TESTED ON WINDOWS: see the README).
+    Pipe reads cannot time out here: `settimeout` is accepted and ignored."""
 
     def __init__(self, name: str) -> None:
         self._file = open(name, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
@@ -392,27 +560,22 @@ class _PipeStream:
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = self._file.write(view)
-            view = view[n or 0 :]
+            view = view[self._file.write(view) or 0 :]
 
-    def recv_into(self, buffer: memoryview) -> int:
-        return self._file.readinto(buffer) or 0
+    def recv(self, n: int) -> bytes:
+        return self._file.read(n) or b""
 
     def close(self) -> None:
         self._file.close()
 
 
-# --------------------------------------------------------------------------------------------
-# Blocking client
+_Stream = socket.socket | _PipeStream
+_READ_SIZE = 256 * 1024
 
 
-class Client:
-    """A blocking client holding one connection, opened on first use.
-
-    If the daemon restarts between two calls, the next call notices the dead connection,
-    reconnects and resends once, so long-lived clients survive `systemctl restart`.
-    Not thread-safe: give each thread its own client (connections are cheap).
-    """
+class _Base:
+    """What both clients are told: where, how long to wait, the largest frame to accept, and
+    which other users' daemons to trust besides one's own and root's."""
 
     def __init__(
         self,
@@ -420,15 +583,35 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
-    ):
-        self.path = _resolve(path)
+        trust_uids: Iterable[int | str] = (),
+    ) -> None:
+        self.path = Path(path) if path is not None else default_socket_path()
         self.timeout = timeout
         self.max_frame = max_frame
-        self._sock: socket.socket | None = None
-        # Whether the current connection has delivered a response: only then does a broken
-        # connection mean "the daemon went away since", which is worth one resend.
-        self._worked = False
+        self._trust = list(trust_uids)
         self._ids: Iterator[int] = itertools.count(1)
+        self._setup()
+
+    def _setup(self) -> None:
+        """Each shell's own connection state."""
+
+    def _checked_path(self) -> set[int]:
+        trusted = _trusted_uids(self._trust)
+        _check_path(self.path, trusted)
+        return trusted
+
+
+class Client(_Base):
+    """A blocking client holding one connection, opened on first use.
+
+    If the daemon restarts between two calls, the next call notices the dead connection,
+    reconnects and resends once, so long-lived clients survive `systemctl restart`.
+    Not thread-safe: give each thread its own client (connections are cheap).
+    """
+
+    def _setup(self) -> None:
+        self._stream: _Stream | None = None
+        self._session = _Session(self.max_frame, self._ids)
 
     def __enter__(self) -> Self:
         return self
@@ -443,251 +626,227 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; a later call opens a new one."""
-        sock, self._sock = self._sock, None
-        self._worked = False
-        if sock is not None:
-            sock.close()
+        stream, self._stream = self._stream, None
+        self._session = _Session(self.max_frame, self._ids)
+        if stream is not None:
+            stream.close()
 
-    # -- low level --------------------------------------------------------------------------
-
-    def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return its result (the response without `id` and `ok`)."""
-        return _result(self._call(op, args, retry=True))
-
-    def _call(self, op: str, args: Mapping[str, Any], *, retry: bool) -> dict[str, Any]:
-        wait = _wait_limit(self.timeout, args)
-        for attempt in (1, 2):
-            fresh = self._sock is None
-            sock = self._connect() if self._sock is None else self._sock
-            may_resend = retry and attempt == 1 and not fresh and self._worked
-            request_id = next(self._ids)
-            try:
-                frame = _encode(_request_map(request_id, op, args))
-                response = self._exchange(sock, frame, request_id, wait)
-            except _ConnectionLost as exc:
-                self.close()
-                if may_resend:
-                    continue
-                raise _unavailable(self.path, "lost the connection to", str(exc)) from None
-            except BaseException:
-                # Whatever happened (our timeout, a bad frame, KeyboardInterrupt), the stream
-                # may stop mid-frame: it cannot be reused.
-                self.close()
-                raise
-            self._worked = True
-            if response.get("id") is None:
-                # frame_too_large / protocol_error / forbidden: the daemon closes the stream.
-                self.close()
-            return response
-        raise AssertionError("unreachable")
-
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _Stream:
         if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
             try:
-                pipe = _PipeStream(_pipe_name(self.path))
+                return _PipeStream(_pipe_name(self.path))
             except OSError as exc:
                 raise _unavailable(self.path, "cannot connect to", exc) from None
-            # Duck-typed: this client only calls settimeout/sendall/recv_into/close.
-            self._sock = cast(socket.socket, pipe)
-            self._worked = False
-            return self._sock
+        trusted = self._checked_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
             sock.connect(str(self.path))
+            _check_peer(sock, self.path, trusted)
         except OSError as exc:
             sock.close()
             raise _unavailable(self.path, "cannot connect to", exc) from None
-        self._sock = sock
-        self._worked = False
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
-    def _exchange(
-        self, sock: socket.socket, frame: bytes, request_id: int, wait: float | None
-    ) -> dict[str, Any]:
-        deadline = None if wait is None else time.monotonic() + wait
-        try:
-            self._settimeout(sock, deadline, wait)
-            sock.sendall(frame)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            # The daemon may have refused the frame (too large) and closed: its error frame
-            # can still be waiting in our receive buffer, and says more than EPIPE.
-            try:
-                return self._read_response(sock, request_id, time.monotonic() + 0.5, 0.5)
-            except (_ConnectionLost, RequestTimeoutError):
-                raise _ConnectionLost(str(exc) or type(exc).__name__) from None
-        except TimeoutError:
-            raise _client_timeout(wait) from None
-        return self._read_response(sock, request_id, deadline, wait)
+    def _run(self, call: _Call[T]) -> T:
+        return call.parse(_result(self._exchange(call)))
 
-    def _read_response(
-        self, sock: socket.socket, request_id: int, deadline: float | None, wait: float | None
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request and return its result (the response without `id` and `ok`)."""
+        return self._run(_plain(op, **args))
+
+    def _exchange(self, call: _Call[Any]) -> dict[str, Any]:
+        wait = call.wait(self.timeout)
+        for attempt in (1, 2):
+            fresh = self._stream is None
+            stream = self._stream = self._stream or self._connect()
+            session = self._session
+            rid, frame = session.request(call.op, call.args)
+            deadline = None if wait is None else time.monotonic() + wait
+            try:
+                try:
+                    self._settimeout(stream, deadline, wait)
+                    stream.sendall(frame)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # The daemon may have refused the frame (too large) and closed: its error
+                    # frame can still be waiting for us, and says more than EPIPE.
+                    late = time.monotonic() + _AFTER_BROKEN_SEND
+                    try:
+                        return self._read(stream, rid, late, _AFTER_BROKEN_SEND)
+                    except (_ConnectionLost, RequestTimeoutError):
+                        raise _ConnectionLost(str(exc) or type(exc).__name__) from None
+                except TimeoutError:
+                    raise _client_timeout(wait) from None
+                return self._read(stream, rid, deadline, wait)
+            except _ConnectionLost as exc:
+                self.close()
+                if session.may_resend(allowed=call.resend and attempt == 1, fresh=fresh):
+                    continue
+                raise _unavailable(self.path, "lost the connection to", str(exc)) from None
+            except BaseException:
+                # Whatever happened (our timeout, a refused stream, KeyboardInterrupt), the
+                # stream may stop mid-frame: it cannot be reused.
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _read(
+        self, stream: _Stream, rid: int, deadline: float | None, wait: float | None
     ) -> dict[str, Any]:
         while True:
-            header = self._recv(sock, _HEADER.size, deadline, wait)
-            (length,) = _HEADER.unpack(header)
-            _check_length(length, self.max_frame)
-            message = _decode(self._recv(sock, length, deadline, wait))
-            got = message.get("id")
-            if got == request_id or (got is None and message.get("ok") is False):
-                return message
-            # A late answer to a request we no longer wait for: skip it.
-
-    def _recv(
-        self, sock: socket.socket, n: int, deadline: float | None, wait: float | None
-    ) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < n:
-                self._settimeout(sock, deadline, wait)
-                k = sock.recv_into(view[got:])
-                if k == 0:
-                    raise _ConnectionLost("the daemon closed the connection")
-                got += k
-        except TimeoutError:
-            raise _client_timeout(wait) from None
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise _ConnectionLost(str(exc) or type(exc).__name__) from None
-        finally:
-            view.release()
-        return buf
+            try:
+                self._settimeout(stream, deadline, wait)
+                data = stream.recv(_READ_SIZE)
+            except TimeoutError:
+                raise _client_timeout(wait) from None
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise _ConnectionLost(str(exc) or type(exc).__name__) from None
+            if not data:
+                raise _ConnectionLost("the daemon closed the connection")
+            for got, message in self._session.receive(data):
+                if got == rid:
+                    return message
 
     @staticmethod
-    def _settimeout(sock: socket.socket, deadline: float | None, wait: float | None) -> None:
+    def _settimeout(stream: _Stream, deadline: float | None, wait: float | None) -> None:
         if deadline is None:
-            sock.settimeout(None)
+            stream.settimeout(None)
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _client_timeout(wait)
-        sock.settimeout(remaining)
+        stream.settimeout(remaining)
 
-    # -- operations -------------------------------------------------------------------------
+    # -- operations: one line each, defined in the `_Call` builders above ---------------------
 
     def hello(self) -> dict[str, Any]:
-        return self.request("hello")
+        return self._run(_plain("hello"))
 
     def health(self) -> dict[str, Any]:
-        return self.request("health")
+        return self._run(_plain("health"))
 
     def models(self) -> list[dict[str, Any]]:
-        models: list[dict[str, Any]] = self.request("models")["models"]
-        return models
+        return self._run(_models())
 
     def stats(self) -> dict[str, Any]:
-        return self.request("stats")
+        return self._run(_plain("stats"))
 
     def load(self, model: str = "default") -> dict[str, Any]:
-        return self.request("load", model=model)
+        return self._run(_plain("load", model=model))
 
     def unload(self, model: str = "default") -> dict[str, Any]:
-        return self.request("unload", model=model)
+        return self._run(_plain("unload", model=model))
 
     def shutdown(self) -> None:
         """Ask the daemon to drain and exit (refused with ForbiddenError unless allowed)."""
-        # Never resent: a second shutdown could stop a daemon that was restarted meanwhile.
-        _result(self._call("shutdown", {}, retry=False))
+        self._run(_shutdown())
 
     def tokenize(
         self, texts: str | Sequence[str], model: str = "default", prompt: str | None = None
     ) -> list[list[int]]:
-        """Token ids per input, special tokens included (one list per input, even for a str).
+        """Token ids per input, special tokens included (one list per input, even for a str)."""
+        return self._run(_tokenize(texts, model, prompt))
 
-        Useful to check inputs against `max_tokens` before embedding them.
-        """
-        result = self.request("tokenize", **_tokenize_args(texts, model, prompt))
-        return _token_ids(result)
+    def chunk(
+        self, text: str, model: str = "default", max_tokens: int | None = None, overlap: int = 0
+    ) -> list[dict[str, Any]]:
+        """`text` cut into chunks of at most `max_tokens` tokens (default: the model's limit)
+        at paragraph, sentence or word boundaries: each with `text`, `span`, `tokens`."""
+        return self._run(_chunk(text, model, max_tokens, overlap))
 
     def embed(
+        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
+    ) -> Vectors:
+        """Vectors of shape (n, dim), or (dim,) for a single str. `timeout` is the daemon-side
+        limit (default: its `request_timeout`); we wait a little longer ourselves."""
+        return self._run(_embed(texts, model, options))
+
+    def embed_query(self, text: str, model: str = "default", prompt: str | None = None) -> Vectors:
+        """One query's vector, at interactive priority (`prompt`: e.g. "query", if the model
+        has one configured)."""
+        options: EmbedOptions = {"priority": "interactive"}
+        if prompt is not None:
+            options["prompt"] = prompt
+        return self.embed(text, model, **options)
+
+    def embed_documents(
         self,
-        texts: str | Sequence[str],
+        texts: Iterable[str],
         model: str = "default",
         *,
-        normalize: bool = True,
-        truncate: bool = False,
-        dimensions: int | None = None,
-        prompt: str | None = None,
-        timeout: float | None = None,
-        priority: str | None = None,
-        cache: bool = True,
-    ) -> Vectors:
-        """Vectors of shape (n, dim), or (dim,) for a single str.
-
-        `timeout` is the daemon-side limit (default: the daemon's `request_timeout`); we wait
-        a little longer than that ourselves.
-        """
-        args = _embed_args(
-            texts, model, normalize, truncate, dimensions, prompt, timeout, priority, cache
-        )
-        return _decode_vectors(self.request("embed", **args), isinstance(texts, str))
+        batch_size: int = DOCUMENT_BATCH,
+        **options: Unpack[EmbedOptions],
+    ) -> Iterator[Vectors]:
+        """Vectors of any number of texts, at bulk priority, yielded `batch_size` at a time
+        (shape (k, dim)), so a large folder is never held in memory at once."""
+        options.setdefault("priority", "bulk")
+        for batch in _batches(texts, batch_size):
+            yield self.embed(batch, model, **options)
 
 
 # --------------------------------------------------------------------------------------------
 # asyncio client
 
 
+async def _open_stream(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, asyncio.ProactorEventLoop):
+            raise OSError("named pipes need asyncio's ProactorEventLoop (the Windows default)")
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.create_pipe_connection(lambda: protocol, _pipe_name(path))
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    return await asyncio.open_unix_connection(str(path))
+
+
 class _AsyncConnection:
-    """One stream plus the task that routes its responses to the waiting futures."""
+    """One stream, its session, and the task that routes answers to the waiting futures."""
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         path: Path,
-        max_frame: int,
-    ):
-        self.reader = reader
+        session: _Session,
+    ) -> None:
         self.writer = writer
-        self.path = path
-        self.max_frame = max_frame
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.worked = False
+        self.session = session
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.closed = False
-        self.task = asyncio.get_running_loop().create_task(self._read_loop())
+        self.task = asyncio.get_running_loop().create_task(self._read_loop(reader, path))
 
-    async def _read_loop(self) -> None:
-        # Builds the exception for each request in flight once the stream ends: one instance
-        # per waiter, so that their tracebacks do not pile up on a shared object.
+    async def _read_loop(self, reader: asyncio.StreamReader, path: Path) -> None:
+        # Builds the error for each request in flight once the stream ends: a fresh instance
+        # each, so that their tracebacks do not pile up on one shared object.
         fail: Callable[[], EmbeddError] = functools.partial(
-            _unavailable, self.path, "lost the connection to", "the daemon closed the connection"
+            _unavailable, path, "lost the connection to", "the daemon closed the connection"
         )
         try:
-            while True:
-                header = await self.reader.readexactly(_HEADER.size)
-                (length,) = _HEADER.unpack(header)
-                _check_length(length, self.max_frame)
-                message = _decode(await self.reader.readexactly(length))
-                request_id = message.get("id")
-                if not isinstance(request_id, int):
-                    # The daemon refused the stream itself and closes it: every request in
-                    # flight is lost, for the reason it gives.
-                    fail = functools.partial(_error_from_map, message.get("error"))
-                    return
-                self.worked = True
-                future = self.pending.pop(request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(message)
+            while data := await reader.read(_READ_SIZE):
+                for rid, message in self.session.receive(data):
+                    future = self.waiting.pop(rid, None)
+                    if future is not None and not future.done():
+                        future.set_result(message)
         except asyncio.CancelledError:
             fail = functools.partial(
-                _unavailable, self.path, "closed the connection to", "the client was closed"
+                _unavailable, path, "closed the connection to", "the client was closed"
             )
             raise
         except EmbeddError as exc:
-            # A bad frame from the daemon: the stream is out of step and must be dropped.
+            # The daemon refused the stream, or sent one we cannot read.
             fail = functools.partial(_error_from_map, exc.details)
-        except asyncio.IncompleteReadError:
-            pass
         except OSError as exc:
             fail = functools.partial(
-                _unavailable, self.path, "lost the connection to", str(exc) or type(exc).__name__
+                _unavailable, path, "lost the connection to", str(exc) or type(exc).__name__
             )
         finally:
-            self.closed = True
-            self.writer.close()
-            pending, self.pending = self.pending, {}
-            for future in pending.values():
+            self.abort()
+            waiting, self.waiting = self.waiting, {}
+            for future in waiting.values():
                 if not future.done():
                     future.set_exception(fail())
 
@@ -696,19 +855,16 @@ class _AsyncConnection:
         return not self.closed and not self.writer.is_closing()
 
     def abort(self) -> None:
-        """Stop using the stream now, before the reader task has noticed it is dead."""
         self.closed = True
         self.writer.close()
 
-    def send(self, frame: bytes) -> None:
+    async def send(self, frame: bytes) -> None:
         if not self.alive:
             raise _ConnectionLost("the connection is closed")
-        self.writer.write(frame)
-
-    async def drain(self) -> None:
         try:
+            self.writer.write(frame)
             await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
+        except OSError as exc:
             raise _ConnectionLost(str(exc) or type(exc).__name__) from None
 
     async def close(self) -> None:
@@ -719,27 +875,18 @@ class _AsyncConnection:
             await self.writer.wait_closed()
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """An asyncio client: many tasks may share it, their requests pipelined on one connection.
 
     Responses come back in any order and are routed by id, so a slow batch never holds up a
-    quick `health`. If the connection drops, the requests in flight fail with
-    DaemonUnavailableError and the next call reconnects.
+    quick `health`. A task cancelled while waiting cancels its request on the daemon. If the
+    connection drops, the requests in flight fail with DaemonUnavailableError and the next
+    call reconnects.
     """
 
-    def __init__(
-        self,
-        path: PathArg | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        *,
-        max_frame: int = DEFAULT_MAX_FRAME,
-    ):
-        self.path = _resolve(path)
-        self.timeout = timeout
-        self.max_frame = max_frame
+    def _setup(self) -> None:
         self._conn: _AsyncConnection | None = None
         self._connecting: asyncio.Lock | None = None
-        self._ids: Iterator[int] = itertools.count(1)
 
     async def __aenter__(self) -> Self:
         return self
@@ -760,135 +907,138 @@ class AsyncClient:
 
     async def _connection(self) -> tuple[_AsyncConnection, bool]:
         """The live connection, opened if needed; the flag says whether it was just opened."""
-        conn = self._conn
-        if conn is not None and conn.alive:
-            return conn, False
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
+        if self._conn is not None and self._conn.alive:
+            return self._conn, False
+        self._connecting = self._connecting or asyncio.Lock()
         async with self._connecting:
-            conn = self._conn
-            if conn is not None and conn.alive:
-                return conn, False
+            if self._conn is not None and self._conn.alive:
+                return self._conn, False
+            trusted = self._checked_path()
             try:
                 reader, writer = await asyncio.wait_for(_open_stream(self.path), self.timeout)
             except TimeoutError:
                 raise _unavailable(self.path, "cannot connect to", "timed out") from None
             except OSError as exc:
                 raise _unavailable(self.path, "cannot connect to", exc) from None
-            conn = _AsyncConnection(reader, writer, self.path, self.max_frame)
-            self._conn = conn
-            return conn, True
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    _check_peer(sock, self.path, trusted)
+                except BaseException:
+                    writer.close()
+                    raise
+            self._conn = _AsyncConnection(
+                reader, writer, self.path, _Session(self.max_frame, self._ids)
+            )
+            return self._conn, True
+
+    async def _run(self, call: _Call[T]) -> T:
+        return call.parse(_result(await self._exchange(call)))
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its result (the response without `id` and `ok`)."""
-        return _result(await self._call(op, args, retry=True))
+        return await self._run(_plain(op, **args))
 
-    async def _call(self, op: str, args: Mapping[str, Any], *, retry: bool) -> dict[str, Any]:
-        wait = _wait_limit(self.timeout, args)
+    async def _exchange(self, call: _Call[Any]) -> dict[str, Any]:
+        wait = call.wait(self.timeout)
         for attempt in (1, 2):
             conn, fresh = await self._connection()
-            may_resend = retry and attempt == 1 and not fresh and conn.worked
-            request_id = next(self._ids)
-            frame = _encode(_request_map(request_id, op, args))
+            rid, frame = conn.session.request(call.op, call.args)
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            conn.pending[request_id] = future
+            conn.waiting[rid] = future
             try:
-                conn.send(frame)
-                await conn.drain()
+                await conn.send(frame)
             except _ConnectionLost as exc:
                 # Failed while sending: the request never reached the daemon, so resending
                 # cannot run it twice.
-                conn.pending.pop(request_id, None)
+                conn.waiting.pop(rid, None)
                 conn.abort()
                 if future.done() and not future.cancelled():
                     future.exception()  # already failed by the reader: mark it retrieved
-                if may_resend:
+                if conn.session.may_resend(allowed=call.resend and attempt == 1, fresh=fresh):
                     continue
                 raise _unavailable(self.path, "lost the connection to", str(exc)) from None
             except BaseException:
-                conn.pending.pop(request_id, None)
+                conn.waiting.pop(rid, None)
                 future.cancel()
                 raise
-            return await self._await(conn, request_id, future, wait)
+            try:
+                return await asyncio.wait_for(future, wait)
+            except TimeoutError:
+                self._abandon(conn, rid)
+                raise _client_timeout(wait) from None
+            except asyncio.CancelledError:
+                self._abandon(conn, rid)
+                raise
         raise AssertionError("unreachable")
 
-    async def _await(
-        self,
-        conn: _AsyncConnection,
-        request_id: int,
-        future: asyncio.Future[dict[str, Any]],
-        wait: float | None,
-    ) -> dict[str, Any]:
-        try:
-            return await asyncio.wait_for(future, wait)
-        except TimeoutError:
-            self._abandon(conn, request_id)
-            raise _client_timeout(wait) from None
-        except asyncio.CancelledError:
-            self._abandon(conn, request_id)
-            raise
+    @staticmethod
+    def _abandon(conn: _AsyncConnection, rid: int) -> None:
+        conn.waiting.pop(rid, None)
+        frame = conn.session.abandon(rid)
+        if frame is not None and conn.alive:
+            conn.writer.write(frame)
 
-    def _abandon(self, conn: _AsyncConnection, request_id: int) -> None:
-        """Tell the daemon to drop work nobody waits for any more; its answer is ignored."""
-        if conn.pending.pop(request_id, None) is None or conn.closed:
-            return
-        with contextlib.suppress(_ConnectionLost, OSError):
-            conn.send(_encode({"id": next(self._ids), "op": "cancel", "target": request_id}))
-
-    # -- operations -------------------------------------------------------------------------
+    # -- operations: one line each, defined in the `_Call` builders above ---------------------
 
     async def hello(self) -> dict[str, Any]:
-        return await self.request("hello")
+        return await self._run(_plain("hello"))
 
     async def health(self) -> dict[str, Any]:
-        return await self.request("health")
+        return await self._run(_plain("health"))
 
     async def models(self) -> list[dict[str, Any]]:
-        models: list[dict[str, Any]] = (await self.request("models"))["models"]
-        return models
+        return await self._run(_models())
 
     async def stats(self) -> dict[str, Any]:
-        return await self.request("stats")
+        return await self._run(_plain("stats"))
 
     async def load(self, model: str = "default") -> dict[str, Any]:
-        return await self.request("load", model=model)
+        return await self._run(_plain("load", model=model))
 
     async def unload(self, model: str = "default") -> dict[str, Any]:
-        return await self.request("unload", model=model)
+        return await self._run(_plain("unload", model=model))
 
     async def shutdown(self) -> None:
         """Ask the daemon to drain and exit (refused with ForbiddenError unless allowed)."""
-        _result(await self._call("shutdown", {}, retry=False))
+        await self._run(_shutdown())
 
     async def tokenize(
         self, texts: str | Sequence[str], model: str = "default", prompt: str | None = None
     ) -> list[list[int]]:
-        """Token ids per input, special tokens included (one list per input, even for a str).
+        """Token ids per input, special tokens included (one list per input, even for a str)."""
+        return await self._run(_tokenize(texts, model, prompt))
 
-        Useful to check inputs against `max_tokens` before embedding them.
-        """
-        result = await self.request("tokenize", **_tokenize_args(texts, model, prompt))
-        return _token_ids(result)
+    async def chunk(
+        self, text: str, model: str = "default", max_tokens: int | None = None, overlap: int = 0
+    ) -> list[dict[str, Any]]:
+        """As `Client.chunk`."""
+        return await self._run(_chunk(text, model, max_tokens, overlap))
 
     async def embed(
+        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
+    ) -> Vectors:
+        """As `Client.embed`."""
+        return await self._run(_embed(texts, model, options))
+
+    async def embed_query(
+        self, text: str, model: str = "default", prompt: str | None = None
+    ) -> Vectors:
+        """As `Client.embed_query`."""
+        options: EmbedOptions = {"priority": "interactive"}
+        if prompt is not None:
+            options["prompt"] = prompt
+        return await self.embed(text, model, **options)
+
+    async def embed_documents(
         self,
-        texts: str | Sequence[str],
+        texts: Iterable[str],
         model: str = "default",
         *,
-        normalize: bool = True,
-        truncate: bool = False,
-        dimensions: int | None = None,
-        prompt: str | None = None,
-        timeout: float | None = None,
-        priority: str | None = None,
-        cache: bool = True,
-    ) -> Vectors:
-        """Vectors of shape (n, dim), or (dim,) for a single str.
-
-        `timeout` is the daemon-side limit (default: the daemon's `request_timeout`); we wait
-        a little longer than that ourselves.
-        """
-        args = _embed_args(
-            texts, model, normalize, truncate, dimensions, prompt, timeout, priority, cache
-        )
-        return _decode_vectors(await self.request("embed", **args), isinstance(texts, str))
+        batch_size: int = DOCUMENT_BATCH,
+        **options: Unpack[EmbedOptions],
+    ) -> AsyncIterator[Vectors]:
+        """As `Client.embed_documents`, an async iterator."""
+        options.setdefault("priority", "bulk")
+        for batch in _batches(texts, batch_size):
+            yield await self.embed(batch, model, **options)

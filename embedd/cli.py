@@ -151,15 +151,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise _UsageError("nothing to embed: give TEXT arguments or lines on stdin")
     # No client-side limit: a big batch may take a while, and the daemon enforces its own
     # request_timeout.
+    options: embedd_client.EmbedOptions = {
+        "normalize": not args.no_normalize,
+        "truncate": args.truncate,
+    }
+    if args.dimensions is not None:
+        options["dimensions"] = args.dimensions
+    if args.prompt is not None:
+        options["prompt"] = args.prompt
     with _client(args, timeout=None) as client:
-        vectors = client.embed(
-            texts,
-            args.model,
-            normalize=not args.no_normalize,
-            truncate=args.truncate,
-            dimensions=args.dimensions,
-            prompt=args.prompt,
-        )
+        vectors = client.embed(texts, args.model, **options)
     count, dim = vectors.shape
     if args.npy:
         # Through a file object: np.save(name) would append ".npy" to a name without it.

@@ -34,6 +34,11 @@ POOLING_BY_NAME = {
 POOLING_NAME = {v: k for k, v in POOLING_BY_NAME.items()}
 
 
+# Whole tokens of margin between the last token that could be kept and where a long text is
+# cut before tokenizing: word-level pre-tokenizers see the words near the cut differently.
+_PREFIX_MARGIN_TOKENS = 16
+
+
 class ModelLoadError(Exception):
     """The file cannot be served as an embedding model; the message says why."""
 
@@ -131,6 +136,10 @@ class Engine:
         _check_file(path)
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        # Read the weights into memory rather than mapping the file: a mapped file that is
+        # overwritten in place (`cp new.gguf model.gguf`) kills the process with SIGBUS on the
+        # next page it touches. The cost is the page cache's sharing, nothing else.
+        mparams.use_mmap = False
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (unsupported or corrupt GGUF)")
@@ -210,6 +219,9 @@ class Engine:
             max_seqs=max_seqs,
         )
         self._head, self._tail = self._special_frame()
+        # No token spans more bytes than this: a text longer than max_tokens times it cannot
+        # fit, so only that much of it is ever tokenized (a 50 MB text took 4 s whole).
+        self._longest_piece = self._longest_token_bytes()
         if len(self._head) + len(self._tail) >= max_tokens:
             raise ModelLoadError(f"max_tokens {max_tokens} leaves no room for text")
 
@@ -225,6 +237,14 @@ class Engine:
             if full[i : i + len(bare)] == bare:
                 return full[:i], full[i + len(bare) :]
         raise ModelLoadError("cannot find how the tokenizer adds special tokens")
+
+    def _longest_token_bytes(self) -> int:
+        buf = ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(int(lc.llama_vocab_n_tokens(self._vocab))):
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            longest = max(longest, abs(int(n)))
+        return longest
 
     # --- tokenizing -------------------------------------------------------------------------
 
@@ -242,6 +262,16 @@ class Engine:
     def frame_size(self) -> int:
         """How many special tokens wrap every input ([CLS] and [SEP] for BERT)."""
         return len(self._head) + len(self._tail)
+
+    def usable_prefix(self, text: str) -> tuple[str, bool]:
+        """The part of `text` that can matter for an input of at most `max_tokens` tokens, and
+        whether that is less than all of it. The cut lies a margin of whole tokens beyond the
+        last token that could be kept, so the kept tokens are the same as the whole text's."""
+        budget = (self.info.max_tokens + _PREFIX_MARGIN_TOKENS) * self._longest_piece
+        if len(text) <= budget // 4 or len(text.encode("utf-8", "surrogatepass")) <= budget:
+            return text, False
+        data = text.encode("utf-8", "surrogatepass")[:budget]
+        return data.decode("utf-8", "ignore"), True
 
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
         """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""

@@ -14,20 +14,17 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from .admission import Admission, estimate_tokens
 from .config import Config, ModelConfig
 from .engine import ModelInfo
 from .errors import Code, EmbeddError
-from .worker import EmbedJob, Job, ModelWorker, WorkerStats
+from .worker import EmbedJob, Job, ModelWorker, WorkerStats, file_id
 
 _log = logging.getLogger("embedd.models")
 
-
-def estimate_tokens(text: str, cap: int | None) -> int:
-    """Queue accounting before tokenizing (which happens on the model thread): WordPiece and
-    BPE vocabularies average well over 3 bytes per token on prose, so bytes/3 + 2 special
-    tokens errs on the side of counting more."""
-    n = len(text.encode("utf-8")) // 3 + 2
-    return min(n, cap) if cap is not None else n
+# Before a model without a configured `max_tokens` has loaded, its texts are counted up to
+# this many tokens each (the context length most embedding models have).
+_UNKNOWN_MAX_TOKENS = 512
 
 
 class ModelSlot:
@@ -40,7 +37,7 @@ class ModelSlot:
         self.stats = WorkerStats()
         self.last_used = time.monotonic()
         self.active_jobs = 0
-        self.queued_estimate = 0
+        self.admission = Admission(config.max_queue_tokens)
 
     @property
     def state(self) -> str:
@@ -74,7 +71,17 @@ class ModelSlot:
     def _ensure_worker(self) -> ModelWorker:
         w = self.worker
         if w is not None and (not w.loaded.done() or w.loaded.exception() is None):
-            return w
+            if not w.loaded.done() or file_id(self.config.path) == w.file_id:
+                return w
+            # The file was replaced on disk: the old copy (in memory, never mapped) finishes
+            # what it was given while the new file loads for what comes next.
+            _log.warning(
+                "model %s: %s changed on disk; loading the new file",
+                self.config.name,
+                self.config.path,
+            )
+            self.worker = None
+            w.stop()
         _log.info("loading model %s from %s", self.config.name, self.config.path)
         w = ModelWorker(self.config, self._loop, self.stats)
         w.loaded.add_done_callback(functools.partial(self._on_loaded, w))
@@ -117,33 +124,23 @@ class ModelSlot:
         await asyncio.shield(w.finished)
         _log.info("model %s unloaded", self.config.name)
 
-    def busy_error(self, extra: int, max_queue: int) -> EmbeddError | None:
-        if self.queued_estimate + extra <= max_queue or self.queued_estimate == 0:
-            return None
-        rate = max(self.stats.tokens_per_second, 1.0)
-        retry = round(max(0.05, (self.queued_estimate + extra - max_queue) / rate), 3)
-        return EmbeddError(
-            Code.BUSY,
-            f"model {self.config.name!r} has {self.queued_estimate} tokens queued; this "
-            f"request's {extra} would exceed the limit of {max_queue}",
-            retry_after=retry,
-            limit=max_queue,
-        )
-
     async def run(
         self, job: Job, timeout: float, *, timeout_reported: float | None = None
     ) -> dict[str, Any]:
         """Queue a job and wait for its answer; cancels the job's remaining work if the caller
         gives up (timeout, `cancel`, or the client going away)."""
-        cap = self.config.max_tokens if isinstance(job, EmbedJob) and job.truncate else None
+        info = self.last_info
+        cap = info.max_tokens if info else (self.config.max_tokens or _UNKNOWN_MAX_TOKENS)
         estimate = sum(estimate_tokens(t, cap) for t in job.texts)
-        if isinstance(job, EmbedJob):
-            err = self.busy_error(estimate, self.config.max_queue_tokens)
-            if err is not None:
-                raise err
+        bulk = isinstance(job, EmbedJob) and job.bulk
+        err = self.admission.check(
+            estimate, bulk=bulk, owner=job.owner, tokens_per_second=self.stats.tokens_per_second
+        )
+        if err is not None:
+            raise err
         deadline = self._loop.time() + timeout
         self.active_jobs += 1
-        self.queued_estimate += estimate
+        self.admission.add(estimate, bulk=bulk, owner=job.owner)
         try:
             worker = self._ensure_worker()
             worker.submit(job)
@@ -165,7 +162,7 @@ class ModelSlot:
                 raise
         finally:
             self.active_jobs -= 1
-            self.queued_estimate -= estimate
+            self.admission.remove(estimate, bulk=bulk, owner=job.owner)
             self.last_used = time.monotonic()
 
 

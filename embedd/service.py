@@ -275,6 +275,7 @@ def plan_install(
             f"systemctl enable --now {UNIT}.socket",
             f"usermod -aG {SYSTEM_GROUP} USER   # for each user who may use it",
             f"export EMBEDD_SOCKET={SYSTEM_SOCKET}   # for those users (shell profile)",
+            f"export EMBEDD_TRUST_UIDS={SYSTEM_USER}   # clients trust a daemon of this user",
         ]
         if os.path.realpath(python).startswith(("/root/", "/home/")):
             plan.notes.append(

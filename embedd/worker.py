@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,6 +106,9 @@ class ModelWorker:
         self._incoming: deque[Job] = deque()
         self._stopping = False
         self._scheduler: Scheduler[EmbedJob] = Scheduler()
+        # Which file was loaded (inode, size, mtime): a different one on disk means the model
+        # was replaced, and the slot loads the new one for the next request.
+        self.file_id = file_id(config.path)
         self._thread = threading.Thread(
             target=self._run, name=f"embedd-model-{config.name}", daemon=True
         )
@@ -247,7 +252,11 @@ class ModelWorker:
     def _tokenize_embed_job(self, engine: Engine, job: EmbedJob) -> None:
         limit = engine.info.max_tokens
         for i, text in enumerate(job.texts):
-            toks, cut = engine.tokenize(text, truncate_to=limit if job.truncate else None)
+            # Only the part of a very long text that can matter is tokenized; its count is
+            # then a lower bound, still over the limit.
+            usable, partial = engine.usable_prefix(text)
+            toks, cut = engine.tokenize(usable, truncate_to=limit if job.truncate else None)
+            cut = cut or partial
             index = job.indices[i] if job.indices else i
             if len(toks) <= engine.frame_size:
                 # Only the special frame (the text was NULs, control or unknown characters):
@@ -262,8 +271,8 @@ class ModelWorker:
             if len(toks) > limit:
                 raise EmbeddError(
                     Code.INPUT_TOO_LONG,
-                    f"input[{index}] has {len(toks)} tokens, more than the model's limit of "
-                    f"{limit}; shorten it or send truncate=true",
+                    f"input[{index}] has {'at least ' if partial else ''}{len(toks)} tokens, "
+                    f"more than the model's limit of {limit}; shorten it or send truncate=true",
                     index=index,
                     tokens=len(toks),
                     limit=limit,
@@ -290,7 +299,9 @@ class ModelWorker:
         st.batches += 1
         st.inputs += len(batch)
         st.tokens += n_tokens
-        if elapsed > 0:
+        # Only well-filled batches measure throughput: small ones look slow per token, and
+        # retry_after estimates built on them were hours long.
+        if elapsed > 0 and n_tokens * 2 >= engine.info.batch_tokens:
             st.tokens_per_second = 0.8 * st.tokens_per_second + 0.2 * (n_tokens / elapsed)
         for item, vec in zip(batch, vectors, strict=True):
             job = item.job
@@ -315,6 +326,14 @@ def _finish(job: EmbedJob) -> dict[str, Any]:
         "tokens": [len(t) for t in job.tokens],
         "truncated": job.truncated,
     }
+
+
+def file_id(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _set_result(future: asyncio.Future[ModelInfo], info: ModelInfo) -> None:

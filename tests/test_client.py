@@ -306,6 +306,49 @@ def test_client_reconnects_once_after_daemon_restart(
         assert client.hello()["pid"] == second.proc.pid
 
 
+def test_the_same_client_works_after_the_daemon_is_killed_and_restarted(
+    workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    first = start_daemon(workdir)
+    own_daemon.append(first)
+    with ec.Client(first.socket) as client:
+        assert client.hello()["pid"] == first.proc.pid
+        first.stop(signal.SIGKILL)
+        second = start_daemon(workdir)  # replaces the stale socket file SIGKILL left behind
+        own_daemon.append(second)
+        assert client.embed("after a crash").shape == (384,)
+        assert client.hello()["pid"] == second.proc.pid
+
+
+def test_embed_documents_yields_bounded_batches_in_order(
+    daemon: Daemon, reference: Reference
+) -> None:
+    texts = iter(reference.queries[:10])  # any iterable, consumed lazily
+    with ec.Client(daemon.socket) as client:
+        batches = list(client.embed_documents(texts, batch_size=4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert cosines(np.concatenate(batches), reference.q_vecs[:10]).min() >= 0.9999
+
+
+def test_embed_query_returns_one_vector(daemon: Daemon, reference: Reference) -> None:
+    with ec.Client(daemon.socket) as client:
+        vec = client.embed_query(reference.queries[0])
+    assert vec.shape == (384,)
+    assert cosines(vec[None, :], reference.q_vecs[:1])[0] >= 0.9999
+
+
+def test_async_embed_documents_and_query(daemon: Daemon, reference: Reference) -> None:
+    async def main() -> list[ec.Vectors]:
+        async with ec.AsyncClient(daemon.socket) as client:
+            out = [b async for b in client.embed_documents(reference.queries[:5], batch_size=3)]
+            out.append((await client.embed_query(reference.queries[5]))[None, :])
+            return out
+
+    got = asyncio.run(main())
+    assert [len(b) for b in got] == [3, 2, 1]
+    assert cosines(np.concatenate(got), reference.q_vecs[:6]).min() >= 0.9999
+
+
 def test_client_raises_unavailable_when_the_daemon_is_gone(
     workdir: Path, own_daemon: list[Daemon]
 ) -> None:

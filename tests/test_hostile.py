@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
+import numpy as np
 import pytest
 
-from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
+from tests.conftest import BUNDLED, Daemon, Reference, cosines, start_daemon, vectors
 from tests.wire import RawConnection
 
 
@@ -248,3 +249,47 @@ def test_an_explicit_load_restarts_the_idle_clock(workdir: Path, own_daemon: lis
     time.sleep(1.2)  # within keep_alive of the load
     states = {m["name"]: m["state"] for m in d.call("models")["models"]}
     assert states["default"] == "ready"
+
+
+def test_a_model_file_overwritten_in_place_never_crashes_the_daemon(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference
+) -> None:
+    model = workdir / "model.gguf"
+    original = Path(BUNDLED).read_bytes()
+    model.write_bytes(original)
+    d = start_daemon(workdir, f'[models.default]\npath = "{model}"\nmax_tokens = 256\n')
+    own_daemon.append(d)
+    still_serves_correctly(d, reference)
+    with model.open("r+b") as f:  # as `cp other model.gguf` does: truncate, then write
+        f.truncate(0)
+        f.write(b"not a model any more\n")
+    err = d.call("embed", input="after the file changed")["error"]
+    assert err["code"] == "model_load_failed" and "GGUF" in err["message"]
+    model.write_bytes(original)
+    still_serves_correctly(d, reference)
+    assert d.proc.poll() is None
+    assert "changed on disk" in d.log()
+
+
+def test_one_huge_bulk_request_does_not_make_searches_busy(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference
+) -> None:
+    d = start_daemon(workdir, "[models.default]\npath = '{bundled}'\nmax_queue_tokens = 20000\n")
+    own_daemon.append(d)
+    with d.connect() as indexer:
+        big = indexer.request("embed", input=reference.chunks[:100], priority="bulk")
+        assert indexer.recv_for(big)["error"]["code"] == "busy"  # over one connection's share
+        ok = indexer.request("embed", input=reference.chunks[:30], priority="bulk", timeout=600)
+        for query in reference.queries[:10]:
+            assert d.call("embed", input=query)["ok"]
+        assert indexer.recv_for(ok)["ok"]
+
+
+def test_a_very_long_text_is_cut_or_refused_without_tokenizing_it_whole(daemon: Daemon) -> None:
+    text = "lorem ipsum dolor sit amet " * 800_000  # 21.6 MB
+    cut = daemon.call("embed", input=text, truncate=True)
+    assert cut["ok"] and cut["truncated"] == [True] and cut["tokens"] == [256]
+    short = daemon.call("embed", input="lorem ipsum dolor sit amet " * 60, truncate=True)
+    assert np.array_equal(vectors(cut), vectors(short))  # the same first 256 tokens
+    err = daemon.call("embed", input=text)["error"]
+    assert err["code"] == "input_too_long" and "at least" in err["message"]

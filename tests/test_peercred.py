@@ -203,3 +203,76 @@ def test_policy_rules() -> None:
     assert policy.allows(Peer(uid=1002, gid=7, groups=(3, 50)))
     assert not policy.allows(Peer(uid=1002, gid=7, groups=(3,)))
     assert not AccessPolicy(own_uid=1000).allows(Peer(uid=1001, gid=1000, groups=(1000,)))
+
+
+# --- the client's side: it checks whoever answers as the daemon checks its clients -----------
+
+# Runs as the other user: listens on an already bound socket (its fd is argv[1]) and records
+# what arrives.
+_SQUATTER = r"""
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+s.listen(4)
+print("listening", flush=True)
+conn, _ = s.accept()
+conn.settimeout(3)
+try:
+    data = conn.recv(65536)
+except TimeoutError:
+    data = b""
+print("received", len(data), flush=True)
+"""
+
+
+def test_the_client_refuses_a_socket_directory_another_user_created_first(
+    other_user: OtherUser, workdir: Path
+) -> None:
+    import embedd_client as ec
+
+    squatted = workdir / "embedd-squatted"
+    squatted.mkdir()
+    os.chown(squatted, other_user.uid, other_user.gid)
+    with (
+        ec.Client(squatted / "embedd.sock") as client,
+        pytest.raises(ec.UntrustedDaemonError) as info,
+    ):
+        client.embed("my private text")
+    assert f"uid {other_user.uid}" in info.value.message
+
+
+def test_the_client_refuses_a_daemon_running_as_another_user_and_sends_nothing(
+    other_user: OtherUser, workdir: Path
+) -> None:
+    import socket as socketlib
+
+    import embedd_client as ec
+
+    path = workdir / "embedd.sock"
+    bound = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    bound.bind(str(path))  # owned by us, so only the peer check can catch the impostor
+    os.chmod(path, 0o666)
+    os.chmod(workdir, 0o755)
+    squatter = subprocess.Popen(
+        [other_user.python, "-c", _SQUATTER, str(bound.fileno())],
+        user=other_user.uid,
+        group=other_user.gid,
+        pass_fds=(bound.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+        preexec_fn=lambda: os.dup2(bound.fileno(), 3),
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline().strip() == "listening"
+        with ec.Client(path) as client, pytest.raises(ec.UntrustedDaemonError) as info:
+            client.embed("my private text")
+        assert f"runs as uid {other_user.uid}" in info.value.message
+        out, _ = squatter.communicate(timeout=30)
+        assert "received 0" in out
+        # Trusting that user explicitly is the way to use such a daemon.
+        assert other_user.uid in ec._trusted_uids([USER])
+    finally:
+        squatter.kill()
+        bound.close()
