@@ -140,6 +140,8 @@ class _Connection:
     conv: Conversation
     tasks: dict[int, asyncio.Task[dict[str, Any]]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # The peer's EOF was read (or the stream broke).
+    eof: asyncio.Event = field(default_factory=asyncio.Event)
     budget: AnswerBudget | None = None
 
     @property
@@ -152,30 +154,36 @@ class _Connection:
         transport.set_write_buffer_limits(high=config.max_unsent)
         self.budget = AnswerBudget(config.max_unsent, transport.get_write_buffer_size)
         try:
-            while not self.conv.reading_done:
-                # Backpressure: while the client leaves its answers unread, read no more of
-                # its requests (the unsent bytes stay under max_unsent plus what is in flight).
-                await self.writer.drain()
-                if self.conv.inflight:
-                    wait = None
-                elif self.conv.mid_frame:
-                    wait = config.frame_timeout
-                else:
-                    wait = config.idle_timeout
+            while True:
+                wait: float | None = None
+                if not self.conv.reading_done:
+                    # Backpressure: while the client leaves its answers unread, read no more
+                    # of its requests (unsent bytes stay under max_unsent plus what is in
+                    # flight, which the answer budget bounds).
+                    await self.writer.drain()
+                    if not self.conv.inflight:
+                        wait = config.frame_timeout if self.conv.mid_frame else config.idle_timeout
+                # Once reading is done, this loop only discards input until the peer's EOF or
+                # until `_close` closes the transport: a close with unread input would reset
+                # the connection and lose the last frames written.
                 try:
                     async with asyncio.timeout(wait):
                         data = await self.reader.read(_READ_SIZE)
                 except TimeoutError:
                     self._timed_out(wait)
-                    break
+                    continue
                 if not data:
-                    self.apply(self.conv.peer_closed(gone=_peer_gone(self.writer)))
+                    if not self.conv.reading_done:
+                        self.apply(self.conv.peer_closed(gone=_peer_gone(self.writer)))
+                    self.eof.set()
                     break
-                self.apply(self.conv.receive(data))
+                if not self.conv.reading_done:
+                    self.apply(self.conv.receive(data))
             await self.done.wait()
         except OSError:
             self.apply(self.conv.peer_closed(gone=True))
         finally:
+            self.eof.set()
             for task in self.tasks.values():
                 task.cancel()
             if not self.writer.is_closing():
@@ -237,10 +245,16 @@ class _Connection:
             self.apply(self.conv.abandon(rid, error))
 
     async def _close(self) -> None:
-        if self.conv.peer_gone:
-            self.writer.close()
-        else:
-            await _close_gracefully(self.reader, self.writer)
+        """Flush, shut our write side, let the read loop discard input until the peer's EOF
+        (at most CLOSE_GRACE), then close."""
+        if not self.conv.peer_gone:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await self.writer.drain()
+                    if self.writer.can_write_eof():
+                        self.writer.write_eof()
+                    await self.eof.wait()
+        self.writer.close()
         self.done.set()
 
 

@@ -29,6 +29,12 @@ from .scheduler import Item, Scheduler
 
 _log = logging.getLogger("embedd.worker")
 
+# Test-only fault injection, off unless the variable is set: the batch numbers (1-based, comma
+# separated) that raise in the model thread, to show that only their requests fail.
+_FAULT_BATCHES = frozenset(
+    int(n) for n in os.environ.get("EMBEDD_TEST_FAULT_BATCHES", "").split(",") if n.strip()
+)
+
 # Before the first batch has been timed, assume the throughput measured on a 2-core machine.
 _INITIAL_TOKENS_PER_SECOND = 5000.0
 
@@ -287,8 +293,13 @@ class ModelWorker:
         n_tokens = sum(len(s) for s in seqs)
         started = time.perf_counter()
         try:
+            if self.stats.batches + 1 in _FAULT_BATCHES:
+                raise RuntimeError(f"fault injected in batch {self.stats.batches + 1}")
             vectors = engine.embed(seqs)
-        except DecodeError as exc:
+        except Exception as exc:  # one batch fails, the thread keeps serving
+            if not isinstance(exc, DecodeError):
+                _log.exception("batch of %d inputs failed", len(batch))
+            self.stats.batches += 1
             err = EmbeddError(Code.INTERNAL, f"inference failed: {exc}")
             for job in {item.job for item in batch}:
                 self._scheduler.remove(job)

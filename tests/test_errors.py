@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
+from embedd.admission import estimate_tokens
 from tests.conftest import Daemon, Reference, start_daemon
 
 
@@ -144,18 +145,26 @@ def test_full_queue_answers_busy_with_retry_after_at_once(
 ) -> None:
     d = start_daemon(workdir, BUSY_CONFIG)
     own_daemon.append(d)
+    share = 1000  # one connection's half of max_queue_tokens = 2000
+    # A first bulk request just under the connection's share, then one that would exceed it.
+    first: list[str] = []
+    for chunk in reference.chunks:
+        if sum(estimate_tokens(t, 256) for t in [*first, chunk]) > share:
+            break
+        first.append(chunk)
+    rest = reference.chunks[len(first) : len(first) + 2]
     with d.connect() as conn:
-        conn.send({"id": 1, "op": "embed", "input": reference.chunks[:60], "timeout": 600})
-        conn.send({"id": 2, "op": "embed", "input": reference.chunks[60:70]})
+        conn.send({"id": 1, "op": "embed", "input": first, "priority": "bulk", "timeout": 600})
+        conn.send({"id": 2, "op": "embed", "input": rest, "priority": "bulk"})
         sent = time.monotonic()
         second = conn.recv_for(2)
         assert time.monotonic() - sent < 1.0  # refused at once, not after the first is done
         err = _error(second)
         assert err["code"] == "busy"
         assert isinstance(err["retry_after"], float) and err["retry_after"] > 0
-        assert err["limit"] == 2000
+        assert err["limit"] == share
         assert conn.recv_for(1)["ok"]
-        assert conn.call("embed", input=reference.chunks[60:70])["ok"]  # drained: accepted again
+        assert conn.call("embed", input=rest, priority="bulk")["ok"]  # drained: accepted again
 
 
 def test_too_many_requests_in_flight_on_one_connection_is_busy(
