@@ -131,20 +131,55 @@ def _listening_stream_socket(fd: int) -> socket.socket | None:
     return sock
 
 
-def inherited_socket(env: MutableMapping[str, str] | None = None) -> Inherited | None:
-    """The listening Unix stream socket the service manager passed us, or None.
+# The name that marks a passed socket as the HTTP front's: `FileDescriptorName=http` in a
+# systemd .socket unit, or the `HTTP` key under the LaunchAgent's `Sockets`.
+HTTP_SOCKET_NAME = "http"
+LAUNCHD_HTTP_SOCKET_NAME = "HTTP"
 
-    Several passed fds are allowed (the first listening Unix stream socket is served and the
-    rest are left alone); passed fds none of which is such a socket are an error, since the
-    unit was meant to hand us one.
-    """
-    found: list[Inherited] = []
+
+@dataclass
+class Passed:
+    """The sockets the service manager passed: the msgpack one, and the HTTP one if any."""
+
+    msgpack: Inherited | None = None
+    http: socket.socket | None = None
+
+
+def _http_socket(fd: int) -> socket.socket | None:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        return None
+    return sock
+
+
+def inherited_sockets(env: MutableMapping[str, str] | None = None) -> Passed:
+    """Every socket the service manager passed: those named `http` serve the HTTP front, the
+    first other listening Unix stream socket the msgpack protocol."""
     systemd = systemd_fds(env)
+    http = None
+    rest: list[tuple[int, str]] = []
+    for fd, label in systemd:
+        if label == HTTP_SOCKET_NAME and http is None:
+            http = _http_socket(fd)
+        else:
+            rest.append((fd, label))
+    for fd in launchd_fds(LAUNCHD_HTTP_SOCKET_NAME):
+        http = http or _http_socket(fd)
+    return Passed(_choose(rest, launchd_fds()), http)
+
+
+def _choose(systemd: list[tuple[int, str]], launchd: list[int]) -> Inherited | None:
+    found: list[Inherited] = []
     for fd, label in systemd:
         sock = _listening_stream_socket(fd)
         if sock is not None:
             found.append(Inherited(sock, "systemd", label))
-    launchd = launchd_fds()
     for fd in launchd:
         sock = _listening_stream_socket(fd)
         if sock is not None:

@@ -8,16 +8,19 @@ so the modules below import each other in one direction only.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
-from . import __version__
-from .activation import ActivationError, inherited_socket
+from . import __version__, metrics
+from .activation import ActivationError, inherited_sockets
 from .config import Config
 from .counters import ConnectionCounts, Tally
 from .daemon import Daemon
+from .http_server import HttpServer, HttpSetupError
 from .server import Server, SocketInUseError
 from .supervise import Supervisor
 
@@ -30,11 +33,31 @@ _SIGNAL_SETTLE = 0.2
 _SWEEP_EVERY = 1.0
 
 
-def setup_logging(verbose: bool) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (`--log-format json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(verbose: bool, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+            )
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -48,23 +71,42 @@ async def _sweep(daemon: Daemon) -> None:
         await daemon.models.sweep_idle()
 
 
+async def _write_metrics(daemon: Daemon, path: Path, every: float) -> None:
+    while True:
+        try:
+            metrics.write_atomically(path, metrics.render(daemon.stats()))
+        except OSError as exc:
+            _log.warning("cannot write the metrics file %s: %s", path, exc)
+        await asyncio.sleep(every)
+
+
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     tally = Tally()
     connections = ConnectionCounts()
     daemon = Daemon(config, loop, tally=tally, connections=connections)
     server = Server(config, daemon, tally=tally, connections=connections)
+    http: HttpServer | None = None
     try:
-        # A socket passed by systemd or launchd is served instead of binding our own.
-        await server.start(inherited_socket())
-    except (SocketInUseError, ActivationError) as exc:
+        # Sockets passed by systemd or launchd are served instead of binding our own.
+        passed = inherited_sockets()
+        await server.start(passed.msgpack)
+        if config.http or config.http_socket or passed.http:
+            http = HttpServer(config, daemon, daemon.stats, connections)
+            await http.start(passed.http)
+    except (SocketInUseError, ActivationError, HttpSetupError, OSError) as exc:
         _log.error("%s", exc)
+        await server.close()
         return 1
     # Windows has no signal handlers in asyncio: Ctrl-C ends the process there.
     signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
     for sig in signals:
         loop.add_signal_handler(sig, daemon.stop_requested.set)
     sweeper = asyncio.create_task(_sweep(daemon))
+    background = [sweeper]
+    if config.metrics_file is not None:
+        every = config.metrics_every
+        background.append(asyncio.create_task(_write_metrics(daemon, config.metrics_file, every)))
     _log.info(
         "embedd %s serving on %s%s (pid %d; models: %s)",
         __version__,
@@ -86,8 +128,11 @@ async def serve(config: Config) -> int:
             server.inflight,
             config.shutdown_grace,
         )
+        if http is not None:
+            await http.close()
         await server.drain(config.shutdown_grace)
-        sweeper.cancel()
+        for task in background:
+            task.cancel()
         await daemon.models.close()
         await server.close()
     finally:
@@ -100,7 +145,7 @@ async def serve(config: Config) -> int:
 
 def run(config: Config, *, verbose: bool = False) -> int:
     """Run the daemon until SIGTERM/SIGINT (or an allowed `shutdown`); returns the exit code."""
-    setup_logging(verbose)
+    setup_logging(verbose, config.log_format)
     try:
         return asyncio.run(serve(config))
     except OSError as exc:

@@ -87,12 +87,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _service_options(config: Config, args: argparse.Namespace) -> Config:
-    """`serve --idle-exit` and `--preload` override the config file."""
+    """`serve`'s options override the config file."""
     changes: dict[str, Any] = {}
     if args.idle_exit is not None:
         if args.idle_exit < 0:
             raise ConfigError(f"--idle-exit must be >= 0, got {args.idle_exit:g}")
         changes["idle_exit"] = args.idle_exit
+    for key in ("http_socket", "api_key_file", "metrics_file"):
+        if getattr(args, key, None):
+            changes[key] = Path(getattr(args, key)).expanduser().resolve()
+    for key in ("http", "log_format"):
+        if getattr(args, key, None):
+            changes[key] = getattr(args, key)
+    for key in ("no_api_key", "http_allow_remote"):
+        if getattr(args, key, False):
+            changes[key] = True
     if args.preload:
         for name in args.preload:
             if name not in config.models:
@@ -244,7 +253,8 @@ def _status_text(
         f"socket:      {path}",
         f"status:      {health.get('status')}, up {_duration(health.get('uptime'))}",
         f"connections: {conns.get('open', 0)} open, {conns.get('total', 0)} total, "
-        f"{conns.get('refused', 0)} refused",
+        f"{conns.get('refused', 0)} refused, {conns.get('timed_out', 0)} timed out",
+        f"memory:      {_mb(stats.get('rss_bytes'))} MB resident",
         f"requests:    {reqs.get('total', 0)} total, {reqs.get('ok', 0)} ok, {n_errors} errors"
         + (f" ({detail})" if detail else ""),
         f"models:      {health.get('models_ready', 0)} of {len(hello.get('models', []))} ready",
@@ -253,21 +263,41 @@ def _status_text(
     rows = []
     for name, m in model_stats.items():
         tps = m.get("tokens_per_second")
+        latency = m.get("latency_ms") or {}
+        busy = m.get("busy_fraction")
         rows.append(
             (
                 name,
                 _cell(m.get("state")),
                 _cell(m.get("requests")),
                 _cell(m.get("inputs")),
-                _cell(m.get("tokens")),
                 _cell(m.get("queue_inputs")),
                 f"{tps:.0f}" if isinstance(tps, int | float) else "-",
+                f"{100 * busy:.0f}%" if isinstance(busy, int | float) else "-",
+                _quantiles(latency.get("queue_wait")),
+                _quantiles(latency.get("compute")),
             )
         )
     if rows:
-        header = ("  MODEL", "STATE", "REQUESTS", "INPUTS", "TOKENS", "QUEUED", "TOKENS/S")
+        header = (
+            "  MODEL",
+            "STATE",
+            "REQUESTS",
+            "INPUTS",
+            "QUEUED",
+            "TOKENS/S",
+            "BUSY",
+            "WAIT ms p50/p95/p99",
+            "COMPUTE ms p50/p95/p99",
+        )
         lines.append(_table(header, [("  " + r[0], *r[1:]) for r in rows]))
     return "\n".join(lines)
+
+
+def _quantiles(q: Mapping[str, float] | None) -> str:
+    if not q:
+        return "-"
+    return "/".join(f"{q.get(k, 0):.1f}" for k in ("p50", "p95", "p99"))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -516,6 +546,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="under socket activation, exit after SECONDS without a connection; the service "
         "manager starts the daemon again on the next one (overrides the config's idle_exit)",
+    )
+    p.add_argument(
+        "--http-socket",
+        metavar="PATH",
+        help="also serve the OpenAI- and Ollama-compatible HTTP API on this Unix socket",
+    )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the HTTP API on TCP (loopback only; needs --api-key-file or --no-api-key)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="bearer key for --http (created with a random key, mode 0600, if missing)",
+    )
+    p.add_argument(
+        "--no-api-key", action="store_true", help="serve --http without an API key (any local user)"
+    )
+    p.add_argument(
+        "--http-allow-remote",
+        action="store_true",
+        help="let --http bind a non-loopback address (other machines can then connect)",
+    )
+    p.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write stats in the Prometheus text format to PATH every 15 s (atomically)",
+    )
+    p.add_argument(
+        "--log-format", choices=("text", "json"), help="one text line or one JSON object per event"
     )
 
     p = _subcommand(

@@ -98,6 +98,19 @@ class Config:
     idle_exit: float = 0.0
     # Models loaded at start-up, before the daemon tells the service manager it is ready.
     preload: tuple[str, ...] = ()
+    # The HTTP front (off unless one of the two is set): a Unix socket, and/or HOST:PORT.
+    http_socket: Path | None = None
+    http: str | None = None
+    # TCP needs a bearer key from this file (created with a random key if missing), unless
+    # `no_api_key` says to serve without one; non-loopback hosts need `http_allow_remote`.
+    api_key_file: Path | None = None
+    no_api_key: bool = False
+    http_allow_remote: bool = False
+    # Where to write `stats` in the Prometheus text format, every `metrics_every` seconds.
+    metrics_file: Path | None = None
+    metrics_every: float = 15.0
+    # "text" (one line per event) or "json" (one JSON object per line).
+    log_format: str = "text"
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
@@ -139,6 +152,14 @@ _TOP_KEYS = {
     "allow_gid": (int, str),
     "idle_exit": (int, float),
     "preload": list,
+    "http_socket": str,
+    "http": str,
+    "api_key_file": str,
+    "no_api_key": bool,
+    "http_allow_remote": bool,
+    "metrics_file": str,
+    "metrics_every": (int, float),
+    "log_format": str,
 }
 _MODEL_KEYS = {
     "path": str,
@@ -194,7 +215,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "batch_tokens": (4, 1 << 20),
     "max_queue_tokens": (1, 1 << 40),
     "keep_alive": (0, 10 * 365 * 86400.0),
+    "metrics_every": (1.0, 86400.0),
 }
+LOG_FORMATS = ("text", "json")
 
 
 def _in_range(value: float, key: str, where: str) -> None:
@@ -344,8 +367,22 @@ def load_config(
     if "request_timeout" in data:
         _positive(data["request_timeout"], "request_timeout", where)
         kwargs["request_timeout"] = float(data["request_timeout"])
-    if "allow_shutdown" in data:
-        kwargs["allow_shutdown"] = data["allow_shutdown"]
+    for key in ("allow_shutdown", "no_api_key", "http_allow_remote"):
+        if key in data:
+            kwargs[key] = data[key]
+    for key in ("http_socket", "api_key_file", "metrics_file"):
+        if key in data:
+            value = Path(os.path.expanduser(data[key]))
+            kwargs[key] = value if value.is_absolute() else path.parent / value
+    if "http" in data:
+        kwargs["http"] = data["http"]
+    if "metrics_every" in data:
+        _positive(data["metrics_every"], "metrics_every", where)
+        kwargs["metrics_every"] = float(data["metrics_every"])
+    if "log_format" in data:
+        if data["log_format"] not in LOG_FORMATS:
+            raise ConfigError(f"{where}: log_format must be one of {', '.join(LOG_FORMATS)}")
+        kwargs["log_format"] = data["log_format"]
     kwargs.update(_service_keys(data, models, where))
 
     # --socket, then $EMBEDD_SOCKET, then the file's `socket`, then the runtime-dir default.

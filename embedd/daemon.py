@@ -64,6 +64,15 @@ class StatusSnapshot:
     queued_inputs: int
 
 
+def _rss_bytes() -> int | None:
+    """Resident memory from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Daemon:
     def __init__(
         self,
@@ -191,9 +200,14 @@ class Daemon:
                 "queue_inputs": w.queued_inputs if w else 0,
                 "queue_tokens": w.queued_tokens if w else 0,
                 "tokens_per_second": round(st.tokens_per_second, 1),
+                "busy_fraction": st.busy_fraction(time.monotonic()),
+                "latency_ms": st.latency_ms(),
+                "loads": slot.loads,
+                "unloads": slot.unloads,
             }
         return {
             "uptime": round(time.monotonic() - self.started, 3),
+            "rss_bytes": _rss_bytes(),
             "connections": {
                 "open": self.connections.open,
                 "total": self.connections.total,

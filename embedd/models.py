@@ -37,6 +37,8 @@ class ModelSlot:
         self.stats = WorkerStats()
         self.last_used = time.monotonic()
         self.active_jobs = 0
+        self.loads = 0
+        self.unloads = 0
         self.admission = Admission(config.max_queue_tokens)
 
     @property
@@ -94,6 +96,7 @@ class ModelSlot:
             return
         exc = fut.exception()
         if exc is None:
+            self.loads += 1
             self.last_info = fut.result()
             self.last_error = None
         else:
@@ -122,6 +125,7 @@ class ModelSlot:
         self.worker = None
         w.stop()
         await asyncio.shield(w.finished)
+        self.unloads += 1
         _log.info("model %s unloaded", self.config.name)
 
     async def run(

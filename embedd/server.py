@@ -317,7 +317,7 @@ class Server:
                 kwargs["cleanup_socket"] = False  # else asyncio unlinks the path on close
             self._server = await asyncio.start_unix_server(self._on_connect, **kwargs)
             return
-        sock = _bind(self.config.socket)
+        sock = bind_unix_socket(self.config.socket)
         st = os.stat(self.config.socket)
         self._inode = (st.st_dev, st.st_ino)
         self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
@@ -461,7 +461,7 @@ def _prepare_directory(directory: Path) -> None:
         _log.warning("socket directory %s is writable by others", directory)
 
 
-def _bind(path: Path) -> socket.socket:
+def bind_unix_socket(path: Path) -> socket.socket:
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         raise SocketInUseError(
             f"socket path is {len(os.fsencode(path))} bytes, longer than the {_MAX_SOCKET_PATH} "

@@ -35,6 +35,12 @@ _FAULT_BATCHES = frozenset(
     int(n) for n in os.environ.get("EMBEDD_TEST_FAULT_BATCHES", "").split(",") if n.strip()
 )
 
+# Recent requests whose latency percentiles `stats` reports (a bounded reservoir: the newest).
+_LATENCY_SAMPLES = 2048
+# Batches remembered, and the window (seconds) of the model thread's busy fraction.
+_BUSY_SAMPLES = 20_000
+_BUSY_WINDOW = 60.0
+
 # Before the first batch has been timed, assume the throughput measured on a 2-core machine.
 _INITIAL_TOKENS_PER_SECOND = 5000.0
 
@@ -49,6 +55,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     owner: object = None
     cancelled: bool = False
+    # perf_counter() when submitted, and when its first batch started (latency figures).
+    submitted: float = 0.0
+    started: float | None = None
 
     def resolve(self, result: dict[str, Any] | EmbeddError) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, result)
@@ -86,12 +95,38 @@ def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any] | Emb
 
 @dataclass
 class WorkerStats:
+    """Counts and recent timings of one model. Written by its thread, read by the loop (deque
+    appends and copies are atomic under the GIL, so a reader sees a consistent list)."""
+
     requests: int = 0
     inputs: int = 0
     tokens: int = 0
     batches: int = 0
     cancelled: int = 0
     tokens_per_second: float = _INITIAL_TOKENS_PER_SECOND
+    # (queue wait, compute, total) seconds of recent embed requests.
+    latencies: deque[tuple[float, float, float]] = field(
+        default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
+    )
+    # (end, duration) of recent batches, for the model thread's busy fraction.
+    busy: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_SAMPLES))
+
+    def latency_ms(self) -> dict[str, dict[str, float]]:
+        rows = list(self.latencies)
+        out: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(("queue_wait", "compute", "total")):
+            values = sorted(r[i] for r in rows)
+            if values:
+                out[name] = {
+                    f"p{q}": round(1000 * values[min(len(values) - 1, len(values) * q // 100)], 3)
+                    for q in (50, 95, 99)
+                }
+        return out
+
+    def busy_fraction(self, now: float) -> float:
+        since = now - _BUSY_WINDOW
+        busy = sum(min(d, end - since) for end, d in list(self.busy) if end > since)
+        return round(min(1.0, busy / _BUSY_WINDOW), 4)
 
 
 class ModelWorker:
@@ -139,6 +174,7 @@ class ModelWorker:
                         f"model {self.config.name!r} failed to load: {self.error}",
                     )
                 raise EmbeddError(Code.SHUTTING_DOWN, f"model {self.config.name!r} is unloading")
+            job.submitted = time.perf_counter()
             self._incoming.append(job)
             self._cond.notify()
 
@@ -305,8 +341,10 @@ class ModelWorker:
                 self._scheduler.remove(job)
                 job.resolve(err)
             return
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
+        elapsed = finished - started
         st = self.stats
+        st.busy.append((time.monotonic(), elapsed))
         st.batches += 1
         st.inputs += len(batch)
         st.tokens += n_tokens
@@ -317,9 +355,14 @@ class ModelWorker:
         for item, vec in zip(batch, vectors, strict=True):
             job = item.job
             assert job.vectors is not None
+            if job.started is None:
+                job.started = started
             job.vectors[item.index] = vec
             job.remaining -= 1
             if job.remaining == 0:
+                st.latencies.append(
+                    (job.started - job.submitted, finished - job.started, finished - job.submitted)
+                )
                 job.resolve(_finish(job))
 
 

@@ -1,0 +1,273 @@
+"""The OpenAI- and Ollama-compatible HTTP APIs as pure translations onto embedd's own requests.
+
+Each endpoint turns a JSON body into the same typed request the msgpack socket produces
+(`messages.Embed`, checked by the same rules, so both doors refuse the same things) and turns
+the daemon's result or `EmbeddError` into the JSON shape and status that API's clients expect.
+No I/O here: `http_server.py` moves the bytes and calls the daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import __version__
+from .errors import Code, EmbeddError
+from .messages import Embed, Limits
+
+# What embedd says it is to apps that probe Ollama (`GET /api/version`): the Ollama API
+# version whose /api/embed fields this front implements.
+OLLAMA_API_VERSION = "0.12.0"
+
+_STATUS = {
+    Code.BAD_REQUEST: HTTPStatus.BAD_REQUEST,
+    Code.INPUT_TOO_LONG: HTTPStatus.BAD_REQUEST,
+    Code.UNKNOWN_OP: HTTPStatus.BAD_REQUEST,
+    Code.UNKNOWN_MODEL: HTTPStatus.NOT_FOUND,
+    Code.MODEL_LOAD_FAILED: HTTPStatus.INTERNAL_SERVER_ERROR,
+    Code.BUSY: HTTPStatus.TOO_MANY_REQUESTS,
+    Code.TIMEOUT: HTTPStatus.GATEWAY_TIMEOUT,
+    Code.CANCELLED: HTTPStatus.BAD_REQUEST,
+    Code.SHUTTING_DOWN: HTTPStatus.SERVICE_UNAVAILABLE,
+    Code.FRAME_TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    Code.PROTOCOL_ERROR: HTTPStatus.BAD_REQUEST,
+    Code.FORBIDDEN: HTTPStatus.FORBIDDEN,
+    Code.INTERNAL: HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+_OPENAI_TYPE = {
+    HTTPStatus.BAD_REQUEST: "invalid_request_error",
+    HTTPStatus.NOT_FOUND: "invalid_request_error",
+    HTTPStatus.TOO_MANY_REQUESTS: "rate_limit_error",
+    HTTPStatus.UNAUTHORIZED: "authentication_error",
+}
+
+
+@dataclass(frozen=True)
+class Response:
+    status: HTTPStatus
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """A request refused before it reaches the daemon, already in its API's error shape."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(str(response.body))
+        self.response = response
+
+
+def status_of(error: EmbeddError) -> HTTPStatus:
+    return _STATUS.get(error.code, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def _retry_headers(error: EmbeddError) -> dict[str, str]:
+    retry = error.details.get("retry_after")
+    return {"Retry-After": str(max(1, round(retry)))} if retry is not None else {}
+
+
+def openai_error(error: EmbeddError) -> Response:
+    status = status_of(error)
+    param = error.details.get("key")
+    if error.code == Code.UNKNOWN_MODEL:
+        param = "model"
+    body = {
+        "error": {
+            "message": error.message,
+            "type": _OPENAI_TYPE.get(status, "server_error"),
+            "param": param,
+            "code": "model_not_found" if error.code == Code.UNKNOWN_MODEL else str(error.code),
+            **{k: v for k, v in error.details.items() if k in ("index", "limit", "tokens")},
+        }
+    }
+    return Response(status, body, _retry_headers(error))
+
+
+def ollama_error(error: EmbeddError) -> Response:
+    return Response(status_of(error), {"error": error.message}, _retry_headers(error))
+
+
+def http_error(status: HTTPStatus, message: str) -> Response:
+    """An error of the HTTP layer itself (bad JSON, unknown path, missing key)."""
+    return Response(
+        status,
+        {"error": {"message": message, "type": _OPENAI_TYPE.get(status, "server_error")}},
+    )
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        error = http_error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}")
+        raise ApiError(error) from exc
+    if not isinstance(value, dict):
+        raise ApiError(http_error(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
+    return value
+
+
+def _bad(message: str, key: str) -> EmbeddError:
+    return EmbeddError(Code.BAD_REQUEST, message, key=key)
+
+
+def _is_token_ids(value: Any) -> bool:
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return True
+    return isinstance(value, list) and any(isinstance(v, list) for v in value)
+
+
+# --- OpenAI -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenAIEmbed:
+    request: Embed
+    encoding_format: str
+
+
+def openai_embed(body: Mapping[str, Any], limits: Limits) -> OpenAIEmbed:
+    """`POST /v1/embeddings` -> the typed request. Raises EmbeddError (-> openai_error)."""
+    if "input" in body and _is_token_ids(body["input"]):
+        raise _bad(
+            "input holds token ids; embedd takes text, tokenized by the model's own tokenizer "
+            "(LangChain's OpenAIEmbeddings sends tiktoken ids unless you pass "
+            "check_embedding_ctx_length=False)",
+            "input",
+        )
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise _bad(f"encoding_format must be float or base64, got {fmt!r:.40}", "encoding_format")
+    if "model" not in body:
+        raise _bad("model is required", "model")
+    args: dict[str, Any] = {"input": body.get("input"), "model": body["model"], "encoding": "f32"}
+    for key in ("dimensions", "truncate", "priority", "prompt"):
+        if key in body and body[key] is not None:
+            args[key] = body[key]
+    if "input" not in body:
+        del args["input"]
+    return OpenAIEmbed(Embed.parse(args, limits), fmt)
+
+
+def _rows(result: Mapping[str, Any]) -> npt.NDArray[np.float32]:
+    data = np.frombuffer(result["embeddings"], "<f4")
+    return data.reshape(result["count"], result["dim"])
+
+
+def openai_embed_result(call: OpenAIEmbed, result: Mapping[str, Any]) -> dict[str, Any]:
+    rows = _rows(result)
+    data: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        embedding: Any
+        if call.encoding_format == "base64":
+            # What the OpenAI SDKs decode: the little-endian float32 bytes, base64.
+            embedding = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+        else:
+            embedding = row.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    tokens = int(result["usage"]["prompt_tokens"])
+    return {
+        "object": "list",
+        "data": data,
+        "model": result["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def openai_models(models: Sequence[Mapping[str, Any]], started: float) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": m["name"], "object": "model", "created": int(started), "owned_by": "embedd"}
+            for m in models
+        ],
+    }
+
+
+# --- Ollama -----------------------------------------------------------------------------------
+
+
+def _ollama_model(body: Mapping[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise _bad("model is required", "model")
+    # Ollama names carry a tag; embedd's models have none, so ":latest" means the name.
+    return name.removesuffix(":latest")
+
+
+def ollama_embed(body: Mapping[str, Any], limits: Limits) -> Embed:
+    """`POST /api/embed`. Ollama truncates by default; embedd does what the caller sends and,
+    when it sends nothing, what Ollama clients expect: `truncate: true`."""
+    args: dict[str, Any] = {
+        "input": body.get("input"),
+        "model": _ollama_model(body),
+        "truncate": body.get("truncate", True),
+        "encoding": "f32",
+    }
+    if body.get("dimensions") is not None:
+        args["dimensions"] = body["dimensions"]
+    if "input" not in body:
+        del args["input"]
+    return Embed.parse(args, limits)
+
+
+def ollama_embed_result(
+    result: Mapping[str, Any], model: str, started_ns: int, load_ns: int
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "embeddings": _rows(result).tolist(),
+        "total_duration": time.monotonic_ns() - started_ns,
+        "load_duration": load_ns,
+        "prompt_eval_count": int(result["usage"]["prompt_tokens"]),
+    }
+
+
+def ollama_legacy(body: Mapping[str, Any], limits: Limits) -> Embed:
+    """`POST /api/embeddings` (`prompt` -> `embedding`): Ollama's older endpoint."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise _bad("prompt must be a string", "prompt")
+    args = {"input": prompt, "model": _ollama_model(body), "truncate": True, "encoding": "f32"}
+    return Embed.parse(args, limits)
+
+
+def ollama_legacy_result(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {"embedding": _rows(result)[0].tolist()}
+
+
+def _ollama_entry(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": m["name"],
+        "model": m["name"],
+        "size": m.get("size") or 0,
+        "digest": m.get("sha256") or "",
+        "details": {
+            "format": "gguf",
+            "family": m.get("architecture") or "",
+            "quantization_level": m.get("quantization") or "",
+        },
+    }
+
+
+def ollama_tags(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"models": [_ollama_entry(m) for m in models]}
+
+
+def ollama_ps(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "models": [
+            {**_ollama_entry(m), "size_vram": 0} for m in models if m.get("state") == "ready"
+        ]
+    }
+
+
+def ollama_version() -> dict[str, Any]:
+    return {"version": OLLAMA_API_VERSION, "server": f"embedd {__version__}"}
