@@ -31,14 +31,6 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file, key and reason."""
 
 
-def _default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """One servable model."""
@@ -49,7 +41,8 @@ class ModelConfig:
     max_tokens: int | None = None
     # None: use the pooling type the GGUF declares.
     pooling: str | None = None
-    threads: int = field(default_factory=_default_threads)
+    # Compute threads; None: chosen per batch from the free cores (see threads.py).
+    threads: int | None = None
     # Tokens per llama batch. Every input must fit in one (non-causal models attend over the
     # whole sequence at once), so the effective value is at least max_tokens. Measured here
     # (MiniLM f16, flash attention, 2 threads): 256 gives the same bulk throughput as 512 and

@@ -181,6 +181,7 @@ class Engine:
         cparams.n_seq_max = max_seqs
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
+        self._threads = threads
         cparams.embeddings = True
         cparams.kv_unified = True
         # Measured here: with flash attention, packing several sequences in one ubatch helps;
@@ -257,6 +258,12 @@ class Engine:
             if n >= 0:
                 return list(buf[:n])
             n_max = -n
+
+    def set_threads(self, n: int) -> None:
+        """Compute threads for the next decodes (llama.cpp reads them per graph compute)."""
+        if n != self._threads:
+            lc.llama_set_n_threads(self._ctx, n, n)
+            self._threads = n
 
     @property
     def frame_size(self) -> int:

@@ -18,6 +18,7 @@ from .admission import Admission, estimate_tokens
 from .config import Config, ModelConfig
 from .engine import ModelInfo
 from .errors import Code, EmbeddError
+from .threads import read_affinity, read_quota, usable_cpus
 from .worker import EmbedJob, Job, ModelWorker, WorkerStats, file_id
 
 _log = logging.getLogger("embedd.models")
@@ -62,7 +63,9 @@ class ModelSlot:
             "dim": info.dim if info else None,
             "max_tokens": info.max_tokens if info else self.config.max_tokens,
             "pooling": info.pooling if info else self.config.pooling,
-            "threads": self.config.threads,
+            # The configured count, or the most the automatic policy may use.
+            "threads": self.config.threads or usable_cpus(read_affinity(), read_quota()),
+            "threads_auto": self.config.threads is None,
             "memory": info.memory if info and state == "ready" else 0,
             "prompts": sorted(self.config.prompts),
         }

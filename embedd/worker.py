@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .engine import DecodeError, Engine, ModelInfo, ModelLoadError
 from .errors import Code, EmbeddError
 from .scheduler import Item, Scheduler
+from .threads import Sampler, threads_for_batch, usable_cpus
 
 _log = logging.getLogger("embedd.worker")
 
@@ -34,6 +35,9 @@ _log = logging.getLogger("embedd.worker")
 _FAULT_BATCHES = frozenset(
     int(n) for n in os.environ.get("EMBEDD_TEST_FAULT_BATCHES", "").split(",") if n.strip()
 )
+
+# Held around every llama decode of every model in the process (see _compute).
+COMPUTE_LEASE = threading.Lock()
 
 # Recent requests whose latency percentiles `stats` reports (a bounded reservoir: the newest).
 _LATENCY_SAMPLES = 2048
@@ -104,6 +108,8 @@ class WorkerStats:
     batches: int = 0
     cancelled: int = 0
     tokens_per_second: float = _INITIAL_TOKENS_PER_SECOND
+    # Compute threads the last batch ran with.
+    last_threads: int = 0
     # (queue wait, compute, total) seconds of recent embed requests.
     latencies: deque[tuple[float, float, float]] = field(
         default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
@@ -147,6 +153,7 @@ class ModelWorker:
         self._incoming: deque[Job] = deque()
         self._stopping = False
         self._scheduler: Scheduler[EmbedJob] = Scheduler()
+        self._sampler = Sampler()
         # Which file was loaded (inode, size, mtime): a different one on disk means the model
         # was replaced, and the slot loads the new one for the next request.
         self.file_id = file_id(config.path)
@@ -211,7 +218,7 @@ class ModelWorker:
         try:
             engine = Engine(
                 cfg.path,
-                threads=cfg.threads,
+                threads=cfg.threads or usable_cpus(self._sampler.affinity, self._sampler.quota),
                 batch_tokens=cfg.batch_tokens,
                 max_tokens=cfg.max_tokens,
                 pooling=cfg.pooling,
@@ -235,14 +242,14 @@ class ModelWorker:
         self.info = replace(engine.info, fingerprint=model_fingerprint(cfg.path))
         _log.info(
             "model %s loaded in %.2fs: dim %d, pooling %s, max_tokens %d, batch %d tokens, "
-            "%d threads",
+            "threads %s",
             cfg.name,
             time.monotonic() - started,
             engine.info.dim,
             engine.info.pooling,
             engine.info.max_tokens,
             engine.info.batch_tokens,
-            cfg.threads,
+            cfg.threads or "auto (per batch, from the free cores)",
         )
         self._loop.call_soon_threadsafe(_set_result, self.loaded, self.info)
         return engine
@@ -331,7 +338,13 @@ class ModelWorker:
         try:
             if self.stats.batches + 1 in _FAULT_BATCHES:
                 raise RuntimeError(f"fault injected in batch {self.stats.batches + 1}")
-            vectors = engine.embed(seqs)
+            threads = threads_for_batch(self._sampler.sample(), configured=self.config.threads)
+            # One decode at a time across all models: two full-width thread pools at once would
+            # oversubscribe the cores, which is the cliff the thread policy avoids.
+            with COMPUTE_LEASE:
+                engine.set_threads(threads)
+                vectors = engine.embed(seqs)
+            self.stats.last_threads = threads
         except Exception as exc:  # one batch fails, the thread keeps serving
             if not isinstance(exc, DecodeError):
                 _log.exception("batch of %d inputs failed", len(batch))
