@@ -9,8 +9,13 @@ Workloads (the corpus is the bundled sample of real text: Python standard-librar
 - W1 bulk: every chunk, in requests of 32, one client: chunks/s.
 - W2 queries: every query, one per request, 8 concurrent clients: requests/s, p50, p99.
 - W3 mixed: W1 running while one client sends a query every 10 ms: the queries' p50, p99.
+- W4 cache-hit flood: a bulk client re-sending chunks it already sent (the daemon answers them
+  from its cache; its event loop is the busy part), while one client sends a query every
+  10 ms: the queries' p50, p99. The baseline has no cache and computes them again.
+- W5 busy core: a separate process keeps one core busy (an app working beside the daemon):
+  one query at a time (p50, p99), then W1's throughput under that load.
 - idle: one query at a time: p50.
-Plus the daemon's resident memory.
+Plus the daemon's resident memory, and (daemon only) two models driven together against one.
 """
 
 from __future__ import annotations
@@ -34,10 +39,16 @@ CLIENTS = 8
 MIXED_INTERVAL = 0.010
 
 
+# W4's bulk client re-sends this many chunks for this long (seconds; quick runs are shorter).
+FLOOD_CHUNKS = 64
+FLOOD_SECONDS = 10.0
+QUICK_FLOOD_SECONDS = 2.0
+
+
 class Embedder(Protocol):
     """What a workload needs from a side: embed a list of texts, from any thread."""
 
-    def embed(self, texts: list[str]) -> None: ...
+    def embed(self, texts: list[str], *, cached: bool = False) -> None: ...
 
 
 @dataclass
@@ -50,6 +61,11 @@ class Figures:
     mixed_p99_ms: float = 0.0
     mixed_queries: int = 0
     idle_p50_ms: float = 0.0
+    flood_p50_ms: float = 0.0
+    flood_p99_ms: float = 0.0
+    busy_core_p50_ms: float = 0.0
+    busy_core_p99_ms: float = 0.0
+    busy_core_bulk_chunks_per_s: float = 0.0
     rss_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -168,6 +184,55 @@ def _mixed(
     return latencies
 
 
+def _flood(
+    flood_side: Embedder,
+    query_side: Embedder,
+    chunks: list[str],
+    queries: list[str],
+    seconds: float,
+) -> list[float]:
+    """W4: queries every 10 ms while another client re-sends texts it already sent."""
+    texts = chunks[:FLOOD_CHUNKS]
+    for i in range(0, len(texts), BULK_BATCH):  # sent once before: from now on cache hits
+        flood_side.embed(texts[i : i + BULK_BATCH], cached=True)
+    stop = threading.Event()
+
+    def flooder() -> None:
+        while not stop.is_set():
+            for i in range(0, len(texts), BULK_BATCH):
+                flood_side.embed(texts[i : i + BULK_BATCH], cached=True)
+
+    t = threading.Thread(target=flooder)
+    t.start()
+    latencies = []
+    end = time.perf_counter() + seconds
+    k = 0
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        query_side.embed([queries[k % len(queries)]])
+        latencies.append(time.perf_counter() - t0)
+        k += 1
+        time.sleep(max(0.0, MIXED_INTERVAL - (time.perf_counter() - t0)))
+    stop.set()
+    t.join()
+    return latencies
+
+
+class _BusyCore:
+    """A separate process spinning on one core for as long as the context lasts."""
+
+    def __enter__(self) -> _BusyCore:
+        import subprocess
+
+        self._proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.3)  # let it reach the run queue
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.kill()
+        self._proc.wait()
+
+
 def _idle(side: Embedder, queries: list[str], progress: _Progress, label: str) -> list[float]:
     progress.start(label, len(queries))
     latencies = []
@@ -199,6 +264,15 @@ def run_workloads(
     f.mixed_p50_ms = _pct(mixed, 50) * 1000
     f.mixed_p99_ms = _pct(mixed, 99) * 1000
     f.mixed_queries = len(mixed)
+    seconds = QUICK_FLOOD_SECONDS if len(chunks) < FLOOD_CHUNKS * 2 else FLOOD_SECONDS
+    flood = _flood(make_side(), make_side(), chunks, queries, seconds)
+    f.flood_p50_ms = _pct(flood, 50) * 1000
+    f.flood_p99_ms = _pct(flood, 99) * 1000
+    with _BusyCore():
+        busy = _idle(side, idle_queries, progress, f"{name} W5 busy core")
+        f.busy_core_p50_ms = _pct(busy, 50) * 1000
+        f.busy_core_p99_ms = _pct(busy, 99) * 1000
+        f.busy_core_bulk_chunks_per_s = _bulk(side, chunks, progress, f"{name} W5 W1 busy core")
     idle = _idle(side, idle_queries, progress, f"{name} idle")
     f.idle_p50_ms = statistics.median(idle) * 1000
     return f
@@ -214,9 +288,9 @@ class _DaemonSide:
         self._client = embedd_client.Client(path, timeout=600.0)
         self._model = model
 
-    def embed(self, texts: list[str]) -> None:
-        # cache=False: every run computes every vector, as the baseline does.
-        self._client.embed(texts, self._model, cache=False)
+    def embed(self, texts: list[str], *, cached: bool = False) -> None:
+        # cache=False unless asked: every run computes every vector, as the baseline does.
+        self._client.embed(texts, self._model, cache=cached)
 
 
 class _BaselineSide:
@@ -226,9 +300,29 @@ class _BaselineSide:
         self._llm = llm
         self._lock = lock
 
-    def embed(self, texts: list[str]) -> None:
-        with self._lock:
+    def embed(self, texts: list[str], *, cached: bool = False) -> None:
+        with self._lock:  # no cache in-process: `cached` texts are computed again
             self._llm.embed(texts, normalize=True)
+
+
+def _two_models(
+    socket: Path | None, first: str, second: str, chunks: list[str], progress: _Progress
+) -> dict[str, float]:
+    """W1 on one model alone, then on two models at once (each its own client): chunks/s."""
+    with embedd_client.Client(socket, timeout=600.0) as client:
+        client.load(second)
+    alone = _bulk(_DaemonSide(socket, first), chunks, progress, "one model W1")
+    rates: dict[str, float] = {}
+
+    def run_one(name: str) -> None:
+        rates[name] = _bulk(_DaemonSide(socket, name), chunks, progress, f"{name} W1 (two)")
+
+    threads = [threading.Thread(target=run_one, args=(m,)) for m in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"one_model_chunks_per_s": alone, "two_models_chunks_per_s": sum(rates.values())}
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -258,6 +352,7 @@ def run(
     quick: bool = False,
     baseline: bool = True,
     as_json: bool = False,
+    second: str | None = None,
 ) -> int:
     chunks, queries = _load_corpus(quick)
     idle_queries = queries[: 20 if quick else 200]
@@ -273,6 +368,8 @@ def run(
     )
     daemon.rss_mb = _rss_mb(pid)
     daemon.extra = {"server": hello["server"], "pid": pid}
+    if second is not None:
+        daemon.extra["two_models"] = _two_models(socket, model, second, chunks, progress)
 
     base: Figures | None = None
     if baseline:
@@ -314,6 +411,11 @@ def _report(
         ("W2 queries, 8 clients", "p99 ms", "queries_p99_ms", False),
         ("W3 query every 10 ms during W1", "p50 ms", "mixed_p50_ms", False),
         ("W3 query every 10 ms during W1", "p99 ms", "mixed_p99_ms", False),
+        ("W4 queries during a cache-hit flood", "p50 ms", "flood_p50_ms", False),
+        ("W4 queries during a cache-hit flood", "p99 ms", "flood_p99_ms", False),
+        ("W5 one query at a time, busy core", "p50 ms", "busy_core_p50_ms", False),
+        ("W5 one query at a time, busy core", "p99 ms", "busy_core_p99_ms", False),
+        ("W5 W1 bulk with a busy core", "chunks/s", "busy_core_bulk_chunks_per_s", True),
         ("idle, one query at a time", "p50 ms", "idle_p50_ms", False),
         ("resident memory", "MB", "rss_mb", False),
     ]
@@ -365,5 +467,11 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['workload']:<34} {r['unit']:<11} {_fmt(r['daemon']):>9} "
             f"{_fmt(r['baseline']):>9} {ratio:>7}"
+        )
+    two = report["daemon"].get("two_models")
+    if two:
+        lines.append(
+            f"two models driven together: {two['two_models_chunks_per_s']:.1f} chunks/s in all, "
+            f"one alone: {two['one_model_chunks_per_s']:.1f} chunks/s"
         )
     return "\n".join(lines)

@@ -414,6 +414,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             quick=args.quick,
             baseline=not args.no_baseline,
             as_json=args.json,
+            second=args.second_model,
         )
     except embedd_client.DaemonUnavailableError:
         _err(_not_running(path))
@@ -737,6 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-baseline", action="store_true", help="measure only the daemon (no llama.cpp here)"
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument(
+        "--second-model",
+        metavar="MODEL",
+        help="also drive MODEL together with --model: throughput of two models against one",
+    )
     return parser
 
 

@@ -21,6 +21,8 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
             str(daemon.socket),
             "--quick",
             "--json",
+            "--second-model",
+            "prompted",
         ],
         capture_output=True,
         text=True,
@@ -38,6 +40,11 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
         "mixed_p50_ms",
         "mixed_p99_ms",
         "idle_p50_ms",
+        "flood_p50_ms",
+        "flood_p99_ms",
+        "busy_core_p50_ms",
+        "busy_core_p99_ms",
+        "busy_core_bulk_chunks_per_s",
         "rss_mb",
     }
     for key, row in rows.items():
@@ -45,6 +52,8 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
         assert row["baseline"] > 0, key
         assert row["ratio"] == row["daemon"] / row["baseline"]
     assert report["mixed_queries"] > 0
+    two = report["daemon"]["two_models"]
+    assert two["one_model_chunks_per_s"] > 0 and two["two_models_chunks_per_s"] > 0
 
 
 def test_bench_without_daemon_says_so_and_exits_1(tmp_path: object) -> None:
