@@ -32,13 +32,28 @@ class CacheKey:
     truncate: bool
     normalize: bool
     dimensions: int | None
+    # How over-long inputs are handled beyond truncate: "" or "split:OVERLAP" (mean-pooled).
+    long: str = ""
 
 
 def vector_key(
-    model: ModelIdentity, text: str, *, truncate: bool, normalize: bool, dimensions: int | None
+    model: ModelIdentity,
+    text: str,
+    *,
+    truncate: bool,
+    normalize: bool,
+    dimensions: int | None,
+    long: str = "",
 ) -> CacheKey:
     return CacheKey(
-        model.fingerprint, model.max_tokens, model.pooling, text, truncate, normalize, dimensions
+        model.fingerprint,
+        model.max_tokens,
+        model.pooling,
+        text,
+        truncate,
+        normalize,
+        dimensions,
+        long,
     )
 
 
@@ -68,6 +83,7 @@ class Entry:
     vector: npt.NDArray[np.float32]
     tokens: int
     truncated: bool
+    windows: int = 1
 
 
 def model_fingerprint(path: Path) -> str:
@@ -85,6 +101,23 @@ def model_fingerprint(path: Path) -> str:
                 f.seek(i * step)
                 h.update(f.read(_SAMPLE_SIZE))
     return h.hexdigest()
+
+
+_CARDS: dict[tuple[str, int, int], dict[str, object]] = {}
+
+
+def file_card(path: Path) -> dict[str, object]:
+    """The file's size and full sha256 (what model hubs publish), computed once per file
+    version (path, size, mtime): a 4 GB file takes ~10 s to hash, once."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CARDS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _CARDS[key] = {"size": st.st_size, "sha256": h.hexdigest()}
+    return _CARDS[key]
 
 
 class VectorCache:

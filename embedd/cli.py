@@ -403,6 +403,80 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from embedd import pull
+    from embedd.config import default_config_path
+
+    config = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    try:
+        path = pull.pull(
+            args.source,
+            name=args.name,
+            sha256=args.sha256,
+            config=config,
+            tty=sys.stderr.isatty(),
+        )
+    except pull.PullError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted: run the same command again to resume the download")
+        return 130
+    _err(f"pulled {path}; added to {config} (embedd serve picks it up when it starts)")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from embedd import index
+
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise _UsageError(f"no such file or folder: {', '.join(missing)}")
+    path = _socket_path(args)
+    try:
+        with _client(args, timeout=None) as client:
+            counts = index.build(
+                client,
+                [Path(p) for p in args.paths],
+                Path(args.out),
+                model=args.model,
+                excludes=args.exclude,
+                tty=sys.stderr.isatty(),
+            )
+    except embedd_client.DaemonUnavailableError:
+        _err(_not_running(path))
+        return 1
+    except index.IndexUsageError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted: finished files are saved; run the same command to go on")
+        return 130
+    _err(
+        f"indexed {counts.files_indexed} files ({counts.chunks} chunks), "
+        f"{counts.files_unchanged} unchanged, {counts.files_removed} removed, "
+        f"{counts.files_skipped} skipped -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from embedd import index
+
+    path = _socket_path(args)
+    try:
+        with _client(args) as client:
+            hits = index.search(client, Path(args.index), args.query, k=args.k)
+    except embedd_client.DaemonUnavailableError:
+        _err(_not_running(path))
+        return 1
+    except index.IndexUsageError as exc:
+        _err(str(exc))
+        return 1
+    print(index.hits_json(hits) if args.json else index.hits_text(hits))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from embedd import bench  # imports llama.cpp for the baseline only when run
 
@@ -630,6 +704,66 @@ def build_parser() -> argparse.ArgumentParser:
         "  embedd status >/dev/null 2>&1 || embedd serve &",
     )
     p.add_argument("--json", action="store_true", help="print hello, health and stats as JSON")
+
+    p = _subcommand(
+        sub,
+        common,
+        "pull",
+        _cmd_pull,
+        "download a GGUF embedding model and add it to the config",
+        "Download URL (or hf:OWNER/REPO/FILE.gguf from Hugging Face) into\n"
+        "$XDG_DATA_HOME/embedd/models, resuming an interrupted download, check its sha256\n"
+        "(--sha256, or what the server publishes), refuse a file that is not a GGUF embedding\n"
+        "model, and add [models.NAME] to the user's config file.",
+        "  embedd pull hf:nomic-ai/nomic-embed-text-v1.5-GGUF/nomic-embed-text-v1.5.Q8_0.gguf \\\n"
+        "      --name nomic",
+    )
+    p.add_argument("source", metavar="URL", help="an http(s) URL or hf:OWNER/REPO/FILE.gguf")
+    p.add_argument("--name", help="the model's name in the config (default: from the file)")
+    p.add_argument("--sha256", metavar="HEX", help="the file's expected sha256")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the config file to add the model to (default: $XDG_CONFIG_HOME/embedd/config.toml)",
+    )
+
+    p = _subcommand(
+        sub,
+        common,
+        "index",
+        _cmd_index,
+        "index text, Markdown and PDF files into a SQLite file for search",
+        "Cut every file into chunks with the model's own tokenizer, embed them at bulk priority\n"
+        "and store one row per chunk (file, span, text, tokens, model, vector) in INDEX.\n"
+        "Re-running updates only changed files and drops deleted ones; an interrupted run\n"
+        "resumes where it stopped. PDFs need the optional pdf extra (pypdf).",
+        "  embedd index ~/notes --out notes.db --exclude '*.tmp' --exclude drafts",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursively)")
+    p.add_argument("--out", required=True, metavar="INDEX", help="the SQLite file to write")
+    p.add_argument("--model", default="default", help="model name (default: %(default)s)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip paths matching GLOB (gitignore-style; repeatable)",
+    )
+
+    p = _subcommand(
+        sub,
+        common,
+        "search",
+        _cmd_search,
+        "search an index built by `embedd index`",
+        "Embed QUERY (interactive priority, the model's `query` prompt if it has one) and\n"
+        "print the K chunks closest to it by cosine: score, file, span and a snippet.",
+        "  embedd search notes.db 'how do I renew the certificate' -k 5",
+    )
+    p.add_argument("index", metavar="INDEX", help="the SQLite file `embedd index` wrote")
+    p.add_argument("query", metavar="QUERY", help="what to look for")
+    p.add_argument("-k", type=int, default=10, help="how many chunks (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {file, span, score, text}")
 
     p = _subcommand(
         sub,

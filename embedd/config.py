@@ -50,6 +50,10 @@ class ModelConfig:
     batch_tokens: int = 256
     # Bound of the model's queue, in tokens of accepted but not yet computed inputs.
     max_queue_tokens: int = 1_000_000
+    # Layers offloaded to a GPU; None: all of them if llama.cpp was built with GPU offload.
+    gpu_layers: int | None = None
+    # The dimension a vector store expects: a model file of another one refuses to load.
+    dim: int | None = None
     # Seconds idle before the model unloads itself; 0 keeps it loaded forever.
     keep_alive: float = 300.0
     prompts: Mapping[str, str] = field(default_factory=dict)
@@ -163,6 +167,8 @@ _MODEL_KEYS = {
     "max_queue_tokens": int,
     "keep_alive": (int, float),
     "prompts": dict,
+    "gpu_layers": int,
+    "dim": int,
 }
 
 
@@ -209,6 +215,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_queue_tokens": (1, 1 << 40),
     "keep_alive": (0, 10 * 365 * 86400.0),
     "metrics_every": (1.0, 86400.0),
+    "gpu_layers": (0, 10_000),
+    "dim": (1, 1 << 16),
 }
 LOG_FORMATS = ("text", "json")
 
@@ -242,7 +250,10 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
         if not isinstance(prefix, str):
             raise ConfigError(f"{where}.prompts: {pname} must be a string")
     kwargs: dict[str, Any] = {}
-    for key in ("max_tokens", "threads", "batch_tokens", "max_queue_tokens"):
+    if "gpu_layers" in table:
+        _positive(table["gpu_layers"], "gpu_layers", where, allow_zero=True)
+        kwargs["gpu_layers"] = table["gpu_layers"]
+    for key in ("max_tokens", "threads", "batch_tokens", "max_queue_tokens", "dim"):
         if key in table:
             _positive(table[key], key, where)
             kwargs[key] = table[key]

@@ -24,6 +24,7 @@ from .errors import Code, EmbeddError
 from .messages import (
     MAX_TIMEOUT,
     Cancel,
+    Chunk,
     Embed,
     Health,
     Hello,
@@ -35,9 +36,9 @@ from .messages import (
     Tokenize,
     Unload,
 )
-from .models import ModelRegistry
+from .models import ModelRegistry, ModelSlot
 from .protocol import PROTOCOL_VERSION
-from .worker import EmbedJob, TokenizeJob
+from .worker import ChunkJob, EmbedJob, TokenizeJob
 
 _log = logging.getLogger("embedd.daemon")
 
@@ -132,6 +133,8 @@ class Daemon:
                 _log.info("shutdown requested over the socket")
                 self.loop.call_soon(self.stop_requested.set)
                 return {}
+            case Chunk():
+                return await self._chunk(args)
             case Cancel():
                 # The connection that owns the target answers `cancel` (conversation.py).
                 raise EmbeddError(Code.INTERNAL, "cancel is answered by the connection")
@@ -148,6 +151,9 @@ class Daemon:
             if args.dimensions is not None:
                 dim = min(dim, args.dimensions)
             return _ANSWER_OVERHEAD + len(args.input) * dim * _BYTES_PER_FLOAT[args.encoding]
+        if isinstance(args, Chunk):
+            # Each chunk repeats its text, plus its span and count.
+            return _ANSWER_OVERHEAD + 2 * len(args.input.encode("utf-8", "surrogatepass"))
         if isinstance(args, Tokenize):
             # At most one token per byte, plus the special frame.
             chars = sum(len(t) + 4 for t in args.input)
@@ -243,6 +249,16 @@ class Daemon:
                 )
             dim = args.dimensions
         self._check_response_size(len(texts) * dim, args.encoding)
+        split = args.long == "split"
+        if split and args.overlap >= info.max_tokens // 2:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"overlap must be less than half of the model's limit ({info.max_tokens // 2})",
+                key="overlap",
+                limit=info.max_tokens // 2,
+            )
+        if split and args.pool == "none":
+            return await self._embed_windows(args, owner, slot, prefix, deadline, timeout, dim)
 
         # Cache hits skip the model; identical texts within the request are computed once.
         rows: list[Entry | None] = [None] * len(texts)
@@ -251,9 +267,10 @@ class Daemon:
             vector_key(
                 info,
                 t,
-                truncate=args.truncate,
+                truncate=args.cuts,
                 normalize=args.normalize,
                 dimensions=args.dimensions,
+                long=f"split:{args.overlap}" if split else "",
             )
             for t in texts
         ]
@@ -273,36 +290,81 @@ class Daemon:
                 else len(unique) > self.config.bulk_threshold
             )
             job = EmbedJob(
-                texts=unique,
+                # Split windows each get the prompt: the job takes the texts without it.
+                texts=[t[len(prefix) :] for t in unique] if split else unique,
                 future=self.loop.create_future(),
                 loop=self.loop,
-                truncate=args.truncate,
+                truncate=args.cuts,
                 normalize=args.normalize,
                 dimensions=args.dimensions,
                 bulk=bulk,
                 owner=owner,
                 indices=[todo[t][0] for t in unique],
+                split=split,
+                overlap=args.overlap,
+                prefix=prefix if split else "",
             )
             remaining = max(deadline - self.loop.time(), 0.001)
             computed = await slot.run(job, remaining, timeout_reported=timeout)
             vecs = computed["vectors"]
             for j, text in enumerate(unique):
-                entry = Entry(vecs[j], computed["tokens"][j], computed["truncated"][j])
+                entry = Entry(
+                    vecs[j], computed["tokens"][j], computed["truncated"][j], computed["windows"][j]
+                )
                 if use_cache:
                     self.cache.put(keys[todo[text][0]], entry)
                 for i in todo[text]:
                     rows[i] = entry
             if len(unique) == len(texts):  # nothing cached, nothing repeated: no reassembly
                 return await self._embed_result(
-                    args, vecs, computed["tokens"], computed["truncated"]
+                    args, vecs, computed["tokens"], computed["truncated"], computed["windows"]
                 )
 
         done = [r for r in rows if r is not None]
         assert len(done) == len(rows)
         matrix = np.stack([r.vector for r in done]) if done else np.empty((0, 0), np.float32)
         return await self._embed_result(
-            args, matrix, [r.tokens for r in done], [r.truncated for r in done]
+            args,
+            matrix,
+            [r.tokens for r in done],
+            [r.truncated for r in done],
+            [r.windows for r in done],
         )
+
+    async def _embed_windows(
+        self,
+        args: Embed,
+        owner: object,
+        slot: ModelSlot,
+        prefix: str,
+        deadline: float,
+        timeout: float,
+        dim: int,
+    ) -> dict[str, Any]:
+        """long="split", pool="none": every window's vector and span (never cached: an
+        input's answer is a variable number of vectors)."""
+        job = EmbedJob(
+            texts=list(args.input),
+            future=self.loop.create_future(),
+            loop=self.loop,
+            normalize=args.normalize,
+            dimensions=args.dimensions,
+            bulk=args.priority == "bulk" or len(args.input) > self.config.bulk_threshold,
+            owner=owner,
+            split=True,
+            overlap=args.overlap,
+            pool="none",
+            prefix=prefix,
+        )
+        remaining = max(deadline - self.loop.time(), 0.001)
+        computed = await slot.run(job, remaining, timeout_reported=timeout)
+        vecs = computed["vectors"]
+        self._check_response_size(len(vecs) * dim, args.encoding)
+        result = await self._embed_result(
+            args, vecs, computed["tokens"], computed["truncated"], computed["windows"]
+        )
+        result["spans"] = computed["spans"]
+        return result
 
     def _check_response_size(self, floats: int, encoding: str) -> None:
         """Refuse, before any work, an answer larger than `max_response`: its size is known
@@ -324,6 +386,7 @@ class Daemon:
         vecs: npt.NDArray[np.float32],
         tokens: list[int],
         truncated: list[bool],
+        windows: list[int],
     ) -> dict[str, Any]:
         embeddings: Any
         if args.encoding == "f32":
@@ -340,8 +403,37 @@ class Daemon:
             "embeddings": embeddings,
             "tokens": tokens,
             "truncated": truncated,
+            "windows": windows,
             "usage": {"prompt_tokens": sum(tokens)},
         }
+
+    async def _chunk(self, args: Chunk) -> dict[str, Any]:
+        slot = self.models.get(args.model)
+        info = await slot.load(self.config.request_timeout)
+        limit = args.max_tokens or info.max_tokens
+        if limit > info.max_tokens:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"max_tokens {limit} exceeds the model's limit of {info.max_tokens}",
+                key="max_tokens",
+                limit=info.max_tokens,
+            )
+        if args.overlap >= limit // 2:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"overlap must be less than half of max_tokens ({limit // 2})",
+                key="overlap",
+                limit=limit // 2,
+            )
+        job = ChunkJob(
+            texts=[args.input],
+            future=self.loop.create_future(),
+            loop=self.loop,
+            max_tokens=limit,
+            overlap=args.overlap,
+        )
+        result = await slot.run(job, self.config.request_timeout)
+        return {"model": args.model, **result}
 
     async def _tokenize(self, args: Tokenize) -> dict[str, Any]:
         slot = self.models.get(args.model)

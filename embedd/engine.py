@@ -13,14 +13,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
+
+from .chunking import Chunk, iter_chunks
 
 _llama_log = logging.getLogger("embedd.llama")
 
@@ -32,6 +34,40 @@ POOLING_BY_NAME = {
     "rank": lc.LLAMA_POOLING_TYPE_RANK,
 }
 POOLING_NAME = {v: k for k, v in POOLING_BY_NAME.items()}
+# llama_ftype values by name ("MOSTLY_Q8_0" -> "Q8_0"), for the model card's quantization.
+QUANTIZATION_NAME = {
+    getattr(lc, name): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_")
+    for name in dir(lc)
+    if name.startswith("LLAMA_FTYPE_") and isinstance(getattr(lc, name), int)
+}
+# Architectures whose attention is bidirectional unless the GGUF says otherwise (llama.cpp sets
+# `causal_attn = false` for these); any other architecture is causal unless `ARCH.attention.
+# causal` is false in the file.
+NON_CAUSAL_ARCHITECTURES = frozenset(
+    {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "t5encoder",
+     "gemma-embedding", "modern-bert", "neo-bert", "eurobert"}
+)  # fmt: skip
+# n_gpu_layers meaning "every layer" (llama.cpp clamps it to the model's layer count).
+ALL_LAYERS = 999
+
+
+def gpu_layers_for(configured: int | None, *, supports_gpu: bool) -> int:
+    """Layers to offload: the user's number, else all of them when llama.cpp was built with GPU
+    offload (CUDA, Metal, Vulkan...), else none."""
+    if configured is not None:
+        return configured
+    return ALL_LAYERS if supports_gpu else 0
+
+
+def model_params(gpu_layers: int) -> Any:
+    """llama.cpp's model parameters as embedd sets them (separate so a test can read them)."""
+    mparams = lc.llama_model_default_params()
+    mparams.n_gpu_layers = gpu_layers
+    # Read the weights into memory rather than mapping the file: a mapped file that is
+    # overwritten in place (`cp new.gguf model.gguf`) kills the process with SIGBUS on the
+    # next page it touches. The cost is the page cache's sharing, nothing else.
+    mparams.use_mmap = False
+    return mparams
 
 
 # Whole tokens of margin between the last token that could be kept and where a long text is
@@ -104,6 +140,8 @@ class ModelInfo:
     max_seqs: int
     # Content fingerprint of the model file (cache keys); filled in by the worker.
     fingerprint: str = ""
+    # What the file says about itself, its size and sha256 (`models`); filled in by the worker.
+    card: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _check_file(path: Path) -> None:
@@ -131,22 +169,28 @@ class Engine:
         batch_tokens: int,
         max_tokens: int | None,
         pooling: str | None,
+        gpu_layers: int | None = None,
+        dim: int | None = None,
     ) -> None:
         install_llama_log()
         _check_file(path)
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        # Read the weights into memory rather than mapping the file: a mapped file that is
-        # overwritten in place (`cp new.gguf model.gguf`) kills the process with SIGBUS on the
-        # next page it touches. The cost is the page cache's sharing, nothing else.
-        mparams.use_mmap = False
-        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        self.gpu_layers = gpu_layers_for(
+            gpu_layers, supports_gpu=bool(lc.llama_supports_gpu_offload())
+        )
+        model = lc.llama_model_load_from_file(str(path).encode(), model_params(self.gpu_layers))
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (unsupported or corrupt GGUF)")
         self._model = model
         self._ctx: Any = None
         self._batch: Any = None
         try:
+            self.card = self._card()
+            actual = int(lc.llama_model_n_embd(model))
+            if dim is not None and dim != actual:
+                raise ModelLoadError(
+                    f"{path} makes {actual}-dimensional vectors, but the config expects dim = "
+                    f"{dim} (a vector store sized for {dim} would be corrupted)"
+                )
             self._init_context(path, threads, batch_tokens, max_tokens, pooling)
         except BaseException:
             self.close()
@@ -226,6 +270,40 @@ class Engine:
         if len(self._head) + len(self._tail) >= max_tokens:
             raise ModelLoadError(f"max_tokens {max_tokens} leaves no room for text")
 
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1024)
+        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _card(self) -> dict[str, Any]:
+        """What the GGUF says about itself (`models` shows it)."""
+        arch = self._meta("general.architecture") or "unknown"
+        causal_key = self._meta(f"{arch}.attention.causal")
+        causal = (
+            causal_key.lower() == "true"
+            if causal_key is not None
+            else arch not in NON_CAUSAL_ARCHITECTURES
+        )
+        file_type = self._meta("general.file_type")
+        quant = (
+            QUANTIZATION_NAME.get(int(file_type), file_type)
+            if file_type and file_type.isdigit()
+            else None
+        )
+        supports_gpu = bool(lc.llama_supports_gpu_offload())
+        return {
+            "architecture": arch,
+            # `name` in `models` is the configured name; the file's own is `model_name`.
+            "model_name": self._meta("general.name"),
+            "license": self._meta("general.license"),
+            "source": self._meta("general.source.url") or self._meta("general.url"),
+            "quantization": quant,
+            "causal": causal,
+            "layers": int(lc.llama_model_n_layer(self._model)),
+            "gpu_layers": self.gpu_layers if supports_gpu else 0,
+            "runs_on": "gpu" if supports_gpu and self.gpu_layers > 0 else "cpu",
+        }
+
     def _special_frame(self) -> tuple[list[int], list[int]]:
         """The special tokens the model wraps every input in (BERT: [CLS] ... [SEP]).
 
@@ -279,6 +357,20 @@ class Engine:
             return text, False
         data = text.encode("utf-8", "surrogatepass")[:budget]
         return data.decode("utf-8", "ignore"), True
+
+    def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
+        """`text` in chunks of at most `max_tokens` tokens, special frame included (a
+        generator: the model thread consumes it a slice at a time)."""
+        budget = max_tokens - self.frame_size
+        if budget < 1:
+            raise ValueError(f"max_tokens {max_tokens} leaves no room for text")
+
+        def count(piece: str) -> int:
+            return len(self._tokenize_raw(piece, add_special=False))
+
+        return iter_chunks(
+            text, count, budget, overlap=overlap, chars_per_token=self._longest_piece
+        )
 
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
         """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""

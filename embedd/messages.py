@@ -20,6 +20,9 @@ from .errors import Code, EmbeddError
 MAX_ID = 2**64 - 1
 ENCODINGS = ("f32", "list")
 PRIORITIES = ("interactive", "bulk")
+# What happens to an input longer than the model's limit: refused, cut, or split in windows.
+LONG_MODES = ("error", "truncate", "split")
+POOLS = ("mean", "none")
 # The longest `timeout` a request may ask for. An hour is far beyond any embedding request
 # (100,000 long chunks take ~1 hour at the 2-core throughput in NOTES.md), and a finite cap
 # keeps every wait in the daemon and the client bounded (1e10 overflowed the client's clock).
@@ -248,8 +251,16 @@ class Embed(Op):
     timeout: float | None = None
     priority: str | None = None
     cache: bool = True
+    long: str = "error"
+    overlap: int = 0
+    pool: str = "mean"
     # Whether `input` was one string (the answer then describes one vector).
     single: bool = _derived(False)
+
+    @property
+    def cuts(self) -> bool:
+        """Over-long inputs are cut (`truncate: true` is `long: "truncate"`)."""
+        return self.truncate or self.long == "truncate"
 
     @classmethod
     def parse(cls, args: Mapping[str, Any], limits: Limits) -> Embed:
@@ -271,13 +282,57 @@ class Embed(Op):
             kw["timeout"] = _timeout(args)
         if "priority" in args:
             kw["priority"] = _choice(args, "priority", PRIORITIES)
+        if "long" in args:
+            kw["long"] = _choice(args, "long", LONG_MODES)
+            if kw.get("truncate") and kw["long"] != "truncate":
+                raise _bad(f"truncate=true contradicts long={kw['long']!r}", key="long")
+        if "pool" in args:
+            kw["pool"] = _choice(args, "pool", POOLS)
+        if "overlap" in args:
+            kw["overlap"] = _count(args, "overlap")
+        if ("pool" in kw or "overlap" in kw) and kw.get("long") != "split":
+            raise _bad('pool and overlap apply to long="split" only', key="long")
         return cls(input=inputs, model=_model(args), single=single, **kw)
 
 
-Args = Hello | Health | Models | Stats | Shutdown | Load | Unload | Cancel | Tokenize | Embed
+def _count(args: Mapping[str, Any], key: str) -> int:
+    value: int = _typed(args, key, int, "a number of tokens (integer >= 0)")
+    if value < 0:
+        raise _bad(f"{key} must be >= 0, got {value}", key=key)
+    return value
+
+
+@dataclass(frozen=True)
+class Chunk(Op):
+    op = "chunk"
+    is_work = True
+    input: str = ""
+    model: str = DEFAULT_MODEL
+    # Tokens per chunk, special frame included; None: the model's limit.
+    max_tokens: int | None = None
+    overlap: int = 0
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], limits: Limits) -> Chunk:
+        inputs, single = _inputs(args, limits)
+        if not single:
+            raise _bad("input must be one string (the text to chunk)", key="input")
+        max_tokens = None
+        if "max_tokens" in args:
+            max_tokens = _count(args, "max_tokens")
+            if max_tokens < 4:
+                raise _bad(f"max_tokens must be >= 4, got {max_tokens}", key="max_tokens")
+        overlap = _count(args, "overlap") if "overlap" in args else 0
+        return cls(inputs[0], _model(args), max_tokens, overlap)
+
+
+Args = (
+    Hello | Health | Models | Stats | Shutdown | Load | Unload | Cancel | Tokenize | Embed | Chunk
+)
 # The ops, by wire name: the one list of what the daemon understands.
 OP_TYPES: dict[str, type[Op]] = {
-    t.op: t for t in (Hello, Health, Models, Stats, Shutdown, Load, Unload, Cancel, Tokenize, Embed)
+    t.op: t
+    for t in (Hello, Health, Models, Stats, Shutdown, Load, Unload, Cancel, Tokenize, Embed, Chunk)
 }
 OPS = tuple(OP_TYPES)
 

@@ -57,6 +57,7 @@ class ModelSlot:
         info = self.last_info
         state = self.state
         out: dict[str, Any] = {
+            **(dict(info.card) if info else {}),
             "name": self.config.name,
             "path": str(self.config.path),
             "state": state,
@@ -68,6 +69,10 @@ class ModelSlot:
             "threads_auto": self.config.threads is None,
             "memory": info.memory if info and state == "ready" else 0,
             "prompts": sorted(self.config.prompts),
+            # The model file's content fingerprint (what the vector cache and indexes key on).
+            "fingerprint": info.fingerprint if info else None,
+            "n_ctx_train": info.n_ctx_train if info else None,
+            "dim_expected": self.config.dim,
         }
         if state == "failed":
             out["error"] = self.last_error

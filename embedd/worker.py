@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .cache import model_fingerprint
+from .cache import file_card, model_fingerprint
+from .chunking import Chunk
 from .config import ModelConfig
 from .engine import DecodeError, Engine, ModelInfo, ModelLoadError
 from .errors import Code, EmbeddError
@@ -38,6 +40,10 @@ _FAULT_BATCHES = frozenset(
 
 # Held around every llama decode of every model in the process (see _compute).
 COMPUTE_LEASE = threading.Lock()
+
+# How long the model thread chunks a text before looking at its queue again: a query waits
+# at most this (plus a batch) behind a 10 MB `chunk` request.
+CHUNK_SLICE = 0.005
 
 # Recent requests whose latency percentiles `stats` reports (a bounded reservoir: the newest).
 _LATENCY_SAMPLES = 2048
@@ -76,9 +82,19 @@ class EmbedJob(Job):
     # Where each text stands in the client's request (texts may be a deduplicated subset),
     # so that errors name the client's index.
     indices: list[int] = field(default_factory=list)
-    # Filled in by the model thread.
+    # long="split": over-long inputs become windows (each its own sequence) of at most the
+    # limit, overlapping by `overlap` tokens, pooled by `pool` ("mean" or "none"). `prefix` (a
+    # prompt) is then given to every window, so `texts` come without it.
+    split: bool = False
+    overlap: int = 0
+    pool: str = "mean"
+    prefix: str = ""
+    # Filled in by the model thread: token ids per sequence (one per input, or per window).
     tokens: list[list[int]] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
+    # Per input: its sequences' indices in `tokens`, and their character spans in the input.
+    groups: list[list[int]] = field(default_factory=list)
+    spans: list[list[tuple[int, int]]] = field(default_factory=list)
     vectors: npt.NDArray[np.float32] | None = None
     remaining: int = 0
 
@@ -86,6 +102,17 @@ class EmbedJob(Job):
 @dataclass(eq=False)
 class TokenizeJob(Job):
     pass
+
+
+@dataclass(eq=False)
+class ChunkJob(Job):
+    """Cutting one text into chunks, done a slice at a time between batches (see _serve), so
+    a 10 MB text never holds up the queries waiting for this model."""
+
+    max_tokens: int | None = None
+    overlap: int = 0
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    _pieces: Iterator[Chunk] | None = None
 
 
 def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any] | EmbeddError) -> None:
@@ -154,6 +181,7 @@ class ModelWorker:
         self._stopping = False
         self._scheduler: Scheduler[EmbedJob] = Scheduler()
         self._sampler = Sampler()
+        self._chunking: deque[ChunkJob] = deque()
         # Which file was loaded (inode, size, mtime): a different one on disk means the model
         # was replaced, and the slot loads the new one for the next request.
         self.file_id = file_id(config.path)
@@ -222,6 +250,8 @@ class ModelWorker:
                 batch_tokens=cfg.batch_tokens,
                 max_tokens=cfg.max_tokens,
                 pooling=cfg.pooling,
+                gpu_layers=cfg.gpu_layers,
+                dim=cfg.dim,
             )
         except ModelLoadError as exc:
             self.error = str(exc)
@@ -239,7 +269,11 @@ class ModelWorker:
             self._loop.call_soon_threadsafe(_set_exc, self.loaded, err)
             self._fail_everything(err)
             return None
-        self.info = replace(engine.info, fingerprint=model_fingerprint(cfg.path))
+        self.info = replace(
+            engine.info,
+            fingerprint=model_fingerprint(cfg.path),
+            card={**engine.card, **file_card(cfg.path)},
+        )
         _log.info(
             "model %s loaded in %.2fs: dim %d, pooling %s, max_tokens %d, batch %d tokens, "
             "threads %s",
@@ -259,13 +293,15 @@ class ModelWorker:
             jobs = list(self._incoming)
             self._incoming.clear()
         jobs.extend(self._scheduler.clear())
+        jobs.extend(self._chunking)
+        self._chunking.clear()
         for job in jobs:
             job.resolve(err)
 
     def _serve(self, engine: Engine) -> None:
         while True:
             with self._cond:
-                while not self._incoming and not self._scheduler.has_work():
+                while not self._incoming and not self._scheduler.has_work() and not self._chunking:
                     if self._stopping:
                         return
                     self._cond.wait()
@@ -279,6 +315,38 @@ class ModelWorker:
             batch = self._scheduler.next_batch(engine.info.batch_tokens, engine.info.max_seqs)
             if batch:
                 self._compute(engine, batch)
+            if self._chunking:
+                self._chunk_slice(engine)
+
+    def _chunk_slice(self, engine: Engine) -> None:
+        """Advance the oldest chunk job for at most CHUNK_SLICE seconds."""
+        job = self._chunking[0]
+        if job.cancelled:
+            self._chunking.popleft()
+            job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
+            return
+        try:
+            if job._pieces is None:
+                limit = job.max_tokens or engine.info.max_tokens
+                job._pieces = engine.chunk(job.texts[0], max_tokens=limit, overlap=job.overlap)
+            until = time.perf_counter() + CHUNK_SLICE
+            for piece in job._pieces:
+                text = job.texts[0][piece.start : piece.end]
+                job.chunks.append(
+                    {
+                        "text": text,
+                        "span": [piece.start, piece.end],
+                        "tokens": piece.tokens + engine.frame_size,
+                    }
+                )
+                if time.perf_counter() > until:
+                    return
+        except ValueError as exc:
+            self._chunking.popleft()
+            job.resolve(EmbeddError(Code.BAD_REQUEST, str(exc), key="max_tokens"))
+            return
+        self._chunking.popleft()
+        job.resolve({"chunks": job.chunks, "max_tokens": job.max_tokens or engine.info.max_tokens})
 
     def _admit(self, engine: Engine, job: Job) -> None:
         if job.cancelled:
@@ -289,6 +357,9 @@ class ModelWorker:
             if isinstance(job, TokenizeJob):
                 ids = [engine.tokenize(t)[0] for t in job.texts]
                 job.resolve({"ids": ids, "counts": [len(i) for i in ids]})
+                return
+            if isinstance(job, ChunkJob):
+                self._chunking.append(job)
                 return
             assert isinstance(job, EmbedJob)
             self._tokenize_embed_job(engine, job)
@@ -301,6 +372,9 @@ class ModelWorker:
     def _tokenize_embed_job(self, engine: Engine, job: EmbedJob) -> None:
         limit = engine.info.max_tokens
         for i, text in enumerate(job.texts):
+            if job.split:
+                self._split_input(engine, job, i, text)
+                continue
             # Only the part of a very long text that can matter is tokenized; its count is
             # then a lower bound, still over the limit.
             usable, partial = engine.usable_prefix(text)
@@ -326,10 +400,38 @@ class ModelWorker:
                     tokens=len(toks),
                     limit=limit,
                 )
+            job.groups.append([len(job.tokens)])
+            job.spans.append([(0, len(text))])
             job.tokens.append(toks)
             job.truncated.append(cut)
-        job.vectors = np.empty((len(job.texts), engine.info.dim), dtype=np.float32)
-        job.remaining = len(job.texts)
+        job.vectors = np.empty((len(job.tokens), engine.info.dim), dtype=np.float32)
+        job.remaining = len(job.tokens)
+
+    def _split_input(self, engine: Engine, job: EmbedJob, i: int, text: str) -> None:
+        """One input as windows within the limit, each with the prompt and the special frame;
+        an input that fits is one window: exactly the sequence it would be without split."""
+        limit = engine.info.max_tokens
+        prefix_tokens = len(engine.tokenize(job.prefix)[0]) - engine.frame_size if job.prefix else 0
+        whole, _ = engine.tokenize(job.prefix + text)
+        if len(whole) <= limit:
+            windows = [(0, len(text), whole)]
+        else:
+            windows = [
+                (c.start, c.end, engine.tokenize(job.prefix + text[c.start : c.end])[0])
+                for c in engine.chunk(text, max_tokens=limit - prefix_tokens, overlap=job.overlap)
+            ]
+        if not windows or len(windows[0][2]) <= engine.frame_size + prefix_tokens:
+            index = job.indices[i] if job.indices else i
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"input[{index}] has no tokens the model knows",
+                key="input",
+                index=index,
+            )
+        job.groups.append(list(range(len(job.tokens), len(job.tokens) + len(windows))))
+        job.spans.append([(start, end) for start, end, _ in windows])
+        job.tokens.extend(toks[:limit] for _, _, toks in windows)
+        job.truncated.append(False)
 
     def _compute(self, engine: Engine, batch: list[Item[EmbedJob]]) -> None:
         seqs = [item.job.tokens[item.index] for item in batch]
@@ -338,7 +440,11 @@ class ModelWorker:
         try:
             if self.stats.batches + 1 in _FAULT_BATCHES:
                 raise RuntimeError(f"fault injected in batch {self.stats.batches + 1}")
-            threads = threads_for_batch(self._sampler.sample(), configured=self.config.threads)
+            threads = threads_for_batch(
+                self._sampler.sample(),
+                configured=self.config.threads,
+                gpu_offloaded=engine.card["runs_on"] == "gpu",
+            )
             # One decode at a time across all models: two full-width thread pools at once would
             # oversubscribe the cores, which is the cliff the thread policy avoids.
             with COMPUTE_LEASE:
@@ -380,9 +486,19 @@ class ModelWorker:
 
 
 def _finish(job: EmbedJob) -> dict[str, Any]:
-    """Post-process on this thread, so the event loop only assembles and sends."""
+    """Post-process on this thread, so the event loop only assembles and sends: windows pooled
+    (token-weighted mean) or kept, then dimensions cut, then normalized."""
     assert job.vectors is not None
-    vecs = job.vectors
+    counts = [len(t) for t in job.tokens]
+    if job.split and job.pool == "mean":
+        rows = []
+        for group in job.groups:
+            weights = np.asarray([counts[k] for k in group], dtype=np.float64)
+            mean = (job.vectors[group] * weights[:, None]).sum(axis=0) / weights.sum()
+            rows.append(mean.astype(np.float32))
+        vecs = np.stack(rows)
+    else:
+        vecs = job.vectors
     if job.dimensions is not None:
         vecs = vecs[:, : job.dimensions]
     if job.normalize:
@@ -390,8 +506,10 @@ def _finish(job: EmbedJob) -> dict[str, Any]:
         vecs = (vecs / np.where(norms > 0, norms, 1.0)).astype(np.float32)
     return {
         "vectors": np.ascontiguousarray(vecs, dtype="<f4"),
-        "tokens": [len(t) for t in job.tokens],
+        "tokens": [sum(counts[k] for k in group) for group in job.groups],
         "truncated": job.truncated,
+        "windows": [len(group) for group in job.groups],
+        "spans": [list(span) for spans in job.spans for span in spans],
     }
 
 

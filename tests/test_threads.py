@@ -10,6 +10,7 @@ import pytest
 from embedd.threads import (
     MAX_AUTO_THREADS,
     Machine,
+    read_own_running,
     read_quota,
     read_running,
     threads_for_batch,
@@ -19,24 +20,24 @@ from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
 
 
 def test_an_idle_machine_gets_every_usable_core() -> None:
-    assert threads_for_batch(Machine(affinity=2, quota=None, running=1)) == 2
+    assert threads_for_batch(Machine(affinity=2, quota=None, others=0)) == 2
 
 
 def test_one_busy_core_leaves_one_thread() -> None:
-    assert threads_for_batch(Machine(affinity=2, quota=None, running=2)) == 1
+    assert threads_for_batch(Machine(affinity=2, quota=None, others=1)) == 1
 
 
 def test_a_saturated_machine_still_gets_one_thread() -> None:
-    assert threads_for_batch(Machine(affinity=4, quota=None, running=40)) == 1
+    assert threads_for_batch(Machine(affinity=4, quota=None, others=39)) == 1
 
 
 def test_the_affinity_mask_bounds_the_count_not_the_machines_cores() -> None:
-    assert threads_for_batch(Machine(affinity=3, quota=None, running=1)) == 3
+    assert threads_for_batch(Machine(affinity=3, quota=None, others=0)) == 3
 
 
 def test_a_cgroup_quota_is_floored_to_whole_cpus() -> None:
     assert usable_cpus(affinity=8, quota=1.5) == 1
-    assert threads_for_batch(Machine(affinity=8, quota=2.0, running=1)) == 2
+    assert threads_for_batch(Machine(affinity=8, quota=2.0, others=0)) == 2
 
 
 def test_the_automatic_count_is_capped() -> None:
@@ -44,13 +45,13 @@ def test_the_automatic_count_is_capped() -> None:
 
 
 def test_the_users_threads_setting_wins() -> None:
-    busy = Machine(affinity=2, quota=None, running=9)
+    busy = Machine(affinity=2, quota=None, others=8)
     assert threads_for_batch(busy, configured=2) == 2
-    assert threads_for_batch(Machine(2, None, 1), configured=1) == 1
+    assert threads_for_batch(Machine(2, None, 0), configured=1) == 1
 
 
 def test_a_gpu_offloaded_model_needs_one_thread() -> None:
-    assert threads_for_batch(Machine(8, None, 1), gpu_offloaded=True) == 1
+    assert threads_for_batch(Machine(8, None, 0), gpu_offloaded=True) == 1
 
 
 @pytest.mark.parametrize(
@@ -76,6 +77,13 @@ def test_the_run_queue_is_read_from_proc_stat(tmp_path: Path) -> None:
     (tmp_path / "stat").write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
     assert read_running(tmp_path / "stat") == 3
     assert read_running(tmp_path / "missing") is None
+
+
+def test_our_own_running_threads_are_read_from_proc_self_task(tmp_path: Path) -> None:
+    for tid, state in ((1, "R"), (2, "S"), (3, "R")):
+        (tmp_path / str(tid)).mkdir()
+        (tmp_path / str(tid) / "stat").write_text(f"{tid} (embedd model) {state} 1 2 3\n")
+    assert read_own_running(tmp_path) == 2
 
 
 def test_models_reports_automatic_threads_and_a_configured_count(daemon: Daemon) -> None:

@@ -1,0 +1,123 @@
+"""Long inputs split into windows, and the `chunk` op, against the real daemon and model."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from tests.conftest import Daemon, Reference, cosines, vectors
+
+
+def _long_text(reference: Reference) -> str:
+    return "\n\n".join(reference.chunks[:6])  # ~1,000 tokens: four windows of 256
+
+
+def test_split_of_a_text_under_the_limit_is_exactly_the_plain_vector(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = reference.chunks[0]
+    plain = daemon.call("embed", input=text)
+    split = daemon.call("embed", input=text, long="split")
+    assert split["windows"] == [1] and split["tokens"] == plain["tokens"]
+    assert np.array_equal(vectors(split), vectors(plain))
+
+
+def test_split_windows_are_within_the_limit_and_cover_the_text_with_the_overlap(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = _long_text(reference)
+    r = daemon.call("embed", input=text, long="split", pool="none", overlap=32)
+    spans = r["spans"]
+    assert r["windows"] == [len(spans)] and len(spans) >= 4
+    assert r["count"] == len(spans)
+    for start, end in spans:
+        piece = text[start:end]
+        count = daemon.call("tokenize", input=piece)["counts"][0]
+        assert count <= 256
+    # Consecutive windows overlap, and together they cover every word of the text.
+    for (_s1, e1), (s2, _e2) in itertools.pairwise(spans):
+        assert s2 < e1
+        assert daemon.call("tokenize", input=text[s2:e1])["counts"][0] - 2 <= 32
+    covered = np.zeros(len(text), dtype=bool)
+    for start, end in spans:
+        covered[start:end] = True
+    assert all(covered[i] or text[i].isspace() for i in range(len(text)))
+
+
+def test_split_mean_is_the_token_weighted_mean_of_the_windows(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = _long_text(reference)
+    raw = daemon.call("embed", input=text, long="split", pool="none", normalize=False)
+    windows = vectors(raw)
+    weights = np.asarray(
+        [daemon.call("tokenize", input=text[s:e])["counts"][0] for s, e in raw["spans"]],
+        dtype=np.float64,
+    )
+    expected = (windows * weights[:, None]).sum(axis=0) / weights.sum()
+    expected /= np.linalg.norm(expected)
+    pooled = daemon.call("embed", input=[text, "short"], long="split")
+    assert pooled["windows"] == [len(raw["spans"]), 1]
+    assert pooled["usage"]["prompt_tokens"] == int(weights.sum()) + pooled["tokens"][1]
+    assert cosines(vectors(pooled)[:1], expected[None, :].astype(np.float32))[0] > 0.99999
+
+
+def test_split_refuses_pool_or_overlap_without_split_and_a_too_large_overlap(
+    daemon: Daemon,
+) -> None:
+    assert daemon.call("embed", input="x", pool="none")["error"]["key"] == "long"
+    assert daemon.call("embed", input="x", long="split", overlap=200)["error"]["key"] == "overlap"
+    assert daemon.call("embed", input="x", long="split", truncate=True)["error"]["key"] == "long"
+
+
+def test_chunk_returns_spans_that_map_back_within_the_limit(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = _long_text(reference)
+    r = daemon.call("chunk", input=text, max_tokens=100, overlap=10)
+    assert r["max_tokens"] == 100 and len(r["chunks"]) >= 8
+    for c in r["chunks"]:
+        start, end = c["span"]
+        assert text[start:end] == c["text"]
+        assert c["tokens"] == daemon.call("tokenize", input=c["text"])["counts"][0] <= 100
+        after = text[end : end + 1]
+        assert after == "" or after.isspace() or not text[end - 1].isalnum()
+    assert daemon.call("chunk", input=text, max_tokens=100, overlap=10) == r  # deterministic
+
+
+def test_chunk_defaults_to_the_models_limit_and_refuses_more(daemon: Daemon) -> None:
+    assert daemon.call("chunk", input="a short text")["max_tokens"] == 256
+    assert daemon.call("chunk", input="x", max_tokens=1000)["error"]["limit"] == 256
+
+
+def test_a_ten_megabyte_chunk_request_does_not_stall_other_clients(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = ("\n\n".join(reference.chunks) + "\n\n") * 25  # ~10 MB
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def searcher() -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert daemon.call("embed", input=reference.queries[0])["ok"]
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+
+    r: dict[str, Any] | None = None
+    t = threading.Thread(target=searcher)
+    t.start()
+    try:
+        r = daemon.call("chunk", input=text, timeout=600) if False else None
+        with daemon.connect() as conn:
+            r = conn.call("chunk", input=text)
+    finally:
+        done.set()
+        t.join()
+    assert r is not None and r["ok"] and len(r["chunks"]) > 1000
+    # Not a speed assertion: the searcher was answered all along, not after the chunking.
+    assert len(latencies) > 10
