@@ -66,7 +66,7 @@ def model_params(gpu_layers: int) -> Any:
     # Read the weights into memory rather than mapping the file: a mapped file that is
     # overwritten in place (`cp new.gguf model.gguf`) kills the process with SIGBUS on the
     # next page it touches. The cost is the page cache's sharing, nothing else.
-    mparams.use_mmap = False
+    mparams.load_mode = lc.LLAMA_LOAD_MODE_NONE
     return mparams
 
 

@@ -260,9 +260,15 @@ def test_a_model_file_overwritten_in_place_never_crashes_the_daemon(
     d = start_daemon(workdir, f'[models.default]\npath = "{model}"\nmax_tokens = 256\n')
     own_daemon.append(d)
     still_serves_correctly(d, reference)
-    with model.open("r+b") as f:  # as `cp other model.gguf` does: truncate, then write
-        f.truncate(0)
-        f.write(b"not a model any more\n")
+    with d.connect() as busy:
+        # Work in flight on the loaded copy while the file is replaced underneath it: a mapped
+        # file would fault (SIGBUS) on the next weight page the batch touches.
+        rid = busy.request("embed", input=reference.chunks[:60], cache=False)
+        time.sleep(0.3)
+        with model.open("r+b") as f:  # as `cp other model.gguf` does: truncate, then write
+            f.truncate(0)
+            f.write(b"not a model any more\n")
+        assert busy.recv_for(rid)["ok"]
     err = d.call("embed", input="after the file changed")["error"]
     assert err["code"] == "model_load_failed" and "GGUF" in err["message"]
     model.write_bytes(original)

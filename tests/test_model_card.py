@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import llama_cpp
+
 from embedd.engine import ALL_LAYERS, gpu_layers_for, model_params
 from tests.conftest import BUNDLED, Daemon, start_daemon
 
@@ -44,4 +46,5 @@ def test_gpu_layers_default_to_all_with_gpu_offload_and_none_without() -> None:
 def test_the_gpu_setting_reaches_llama_cpps_model_parameters() -> None:
     # A fake only in that no GPU exists here: these are the real llama.cpp parameters.
     params = model_params(gpu_layers_for(12, supports_gpu=True))
-    assert params.n_gpu_layers == 12 and params.use_mmap is False
+    assert params.n_gpu_layers == 12
+    assert params.load_mode == llama_cpp.LLAMA_LOAD_MODE_NONE  # read, not mapped (SIGBUS)

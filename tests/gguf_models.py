@@ -1,0 +1,89 @@
+"""Small GGUF models written at test time with the `gguf` package: random weights, the real
+tokenizer metadata of the bundled model (no model hub is reachable here). A few hundred KB of
+weights each, made in well under a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from tests.conftest import BUNDLED
+
+
+def _tokenizer(reader: gguf.GGUFReader) -> dict[str, Any]:
+    def value(key: str) -> Any:
+        field = reader.fields[key]
+        return field.parts[field.data[0]][0]
+
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    return {
+        "tokens": [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data],
+        "types": [int(types.parts[i][0]) for i in types.data],
+        "cls": int(value("tokenizer.ggml.bos_token_id")),
+        "sep": int(value("tokenizer.ggml.seperator_token_id")),
+        "unk": int(value("tokenizer.ggml.unknown_token_id")),
+        "pad": int(value("tokenizer.ggml.padding_token_id")),
+    }
+
+
+def write_bert(
+    path: Path, *, pooling: int, n_embd: int = 32, n_layer: int = 2, n_head: int = 2
+) -> Path:
+    """A BERT (WordPiece vocabulary) with the given llama.cpp pooling type (1 mean, 2 cls)."""
+    tok = _tokenizer(gguf.GGUFReader(BUNDLED))
+    n_vocab, n_ff, n_ctx = len(tok["tokens"]), 2 * n_embd, 512
+    rng = np.random.default_rng(1234)
+
+    def w(*shape: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_name(f"tiny bert pooling {pooling}")
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_block_count(n_layer)
+    writer.add_head_count(n_head)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType(pooling))
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_type_count(2)
+    writer.add_bos_token_id(tok["cls"])
+    writer.add_sep_token_id(tok["sep"])
+    writer.add_eos_token_id(tok["sep"])
+    writer.add_unk_token_id(tok["unk"])
+    writer.add_pad_token_id(tok["pad"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+    ones = np.ones(n_embd, np.float32)
+    zeros = np.zeros(n_embd, np.float32)
+    writer.add_tensor("token_embd.weight", w(n_vocab, n_embd))
+    writer.add_tensor("token_types.weight", w(2, n_embd))
+    writer.add_tensor("position_embd.weight", w(n_ctx, n_embd))
+    writer.add_tensor("token_embd_norm.weight", ones)
+    writer.add_tensor("token_embd_norm.bias", zeros)
+    for i in range(n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"blk.{i}.{name}.weight", w(n_embd, n_embd))
+            writer.add_tensor(f"blk.{i}.{name}.bias", w(n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.attn_output_norm.bias", zeros)
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.bias", w(n_ff))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
+        writer.add_tensor(f"blk.{i}.ffn_down.bias", w(n_embd))
+        writer.add_tensor(f"blk.{i}.layer_output_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.layer_output_norm.bias", zeros)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
