@@ -87,3 +87,84 @@ def write_bert(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _byte_level_vocab() -> tuple[list[str], list[str]]:
+    """A small byte-level BPE vocabulary (GPT-2's byte-to-unicode alphabet plus a few merges)
+    and its merges: what a Qwen-family tokenizer looks like, in miniature."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1))
+    printable += list(range(0xAE, 0xFF + 1))
+    mapping: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    tokens = [mapping[b] for b in range(256)]
+    space = mapping[ord(" ")]
+    merges = []
+    for word in ("he", "ll", "hell", "hello", "wo", "or", "ld", "world", "em", "be", "ed"):
+        left, right = word[: len(word) // 2], word[len(word) // 2 :]
+        if left in tokens and right in tokens and word not in tokens:
+            merges.append(f"{left} {right}")
+            tokens.append(word)
+    merges.append(f"{space} w")
+    tokens.append(space + "w")
+    return tokens, merges
+
+
+def write_qwen3(path: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: int = 2) -> Path:
+    """A causal Qwen3 with last-token pooling and EOS appended, as Qwen3-Embedding is."""
+    tokens, merges = _byte_level_vocab()
+    eos = len(tokens)
+    tokens.append("<|endoftext|>")
+    n_vocab, n_ff, head = len(tokens), 2 * n_embd, n_embd // n_head
+    rng = np.random.default_rng(4321)
+
+    def w(*shape: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    writer.add_name("tiny qwen3 last-token")
+    writer.add_context_length(512)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_block_count(n_layer)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_key_length(head)
+    writer.add_value_length(head)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_pooling_type(gguf.PoolingType.LAST)
+    writer.add_file_type(0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (n_vocab - 1) + [3])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(eos)
+    writer.add_pad_token_id(eos)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(True)
+    writer.add_tensor("token_embd.weight", w(n_vocab, n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_head * head, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", w(n_head * head, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_head * head, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_head * head))
+        writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,5 +1,6 @@
-"""Models other than the bundled one, generated at test time (tests/gguf_models.py): a BERT with
-CLS pooling. Each loads through the daemon, reports its card, gives llama-cpp-python's own
+"""Models other than the bundled one, generated at test time (tests/gguf_models.py): a BERT
+with CLS pooling, and a causal Qwen3 with last-token pooling and EOS appended (as
+Qwen3-Embedding). Each loads through the daemon, reports its card, gives llama-cpp-python's own
 in-process vectors, the same vector alone and packed with others, and keeps its special frame
 when truncated."""
 
@@ -13,7 +14,7 @@ import pytest
 
 from embedd.engine import Engine
 from tests.conftest import Daemon, cosines, short_tmpdir, start_daemon, vectors
-from tests.gguf_models import write_bert
+from tests.gguf_models import write_bert, write_qwen3
 
 TEXTS = ["hello world", "a second, longer sentence about embeddings", "short", "x y z " * 20]
 
@@ -25,36 +26,60 @@ def cls_model() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def served(cls_model: Path) -> Iterator[Daemon]:
-    d = start_daemon(short_tmpdir(), f'[models.cls]\npath = "{cls_model}"\nmax_tokens = 64\n')
+def qwen3_model() -> Iterator[Path]:
+    yield write_qwen3(short_tmpdir() / "tiny-qwen3.gguf")
+
+
+@pytest.fixture(scope="module")
+def served(cls_model: Path, qwen3_model: Path) -> Iterator[Daemon]:
+    config = (
+        f'[models.cls]\npath = "{cls_model}"\nmax_tokens = 64\n'
+        f'[models.qwen3]\npath = "{qwen3_model}"\nmax_tokens = 256\n'
+    )
+    d = start_daemon(short_tmpdir(), config)
     yield d
     d.stop()
 
 
-def test_a_cls_pooled_bert_loads_and_reports_its_card(served: Daemon) -> None:
-    served.call("load", model="cls")
-    card = {m["name"]: m for m in served.call("models")["models"]}["cls"]
-    assert (card["architecture"], card["pooling"], card["causal"]) == ("bert", "cls", False)
-    assert card["dim"] == 32 and card["model_name"] == "tiny bert pooling 2"
+MODELS = {"cls": ("bert", "cls", False), "qwen3": ("qwen3", "last", True)}
 
 
-def test_its_vectors_equal_llama_cpp_pythons_in_process(served: Daemon, cls_model: Path) -> None:
+def _path(name: str, cls_model: Path, qwen3_model: Path) -> Path:
+    return cls_model if name == "cls" else qwen3_model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_it_loads_and_reports_its_card(served: Daemon, name: str) -> None:
+    served.call("load", model=name)
+    card = {m["name"]: m for m in served.call("models")["models"]}[name]
+    assert (card["architecture"], card["pooling"], card["causal"]) == MODELS[name]
+    assert card["dim"] == 32 and card["model_name"].startswith("tiny ")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_its_vectors_equal_llama_cpp_pythons_in_process(
+    served: Daemon, cls_model: Path, qwen3_model: Path, name: str
+) -> None:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(cls_model), embedding=True, n_ctx=512, n_batch=512,
-                n_ubatch=512, verbose=False)  # fmt: skip
+    llm = Llama(model_path=str(_path(name, cls_model, qwen3_model)), embedding=True, n_ctx=512,
+                n_batch=512, n_ubatch=512, verbose=False)  # fmt: skip
     try:
         expected = np.asarray([llm.embed(t, normalize=True) for t in TEXTS], dtype=np.float32)
     finally:
         llm.close()
-    got = vectors(served.call("embed", model="cls", input=TEXTS))
+    got = vectors(served.call("embed", model=name, input=TEXTS))
     assert cosines(got, expected).min() >= 0.9999
 
 
-def test_each_input_gives_the_same_vector_alone_and_packed_with_others(served: Daemon) -> None:
-    packed = vectors(served.call("embed", model="cls", input=TEXTS))
+@pytest.mark.parametrize("name", MODELS)
+def test_each_input_gives_the_same_vector_alone_and_packed_with_others(
+    served: Daemon, name: str
+) -> None:
+    """For the causal model too: packed sequences never see each other's tokens."""
+    packed = vectors(served.call("embed", model=name, input=TEXTS))
     for i, text in enumerate(TEXTS):
-        alone = vectors(served.call("embed", model="cls", input=[text]))
+        alone = vectors(served.call("embed", model=name, input=[text]))
         assert cosines(alone, packed[i : i + 1])[0] >= 0.99999
 
 
@@ -69,7 +94,19 @@ def test_truncation_keeps_the_models_special_frame(cls_model: Path) -> None:
     assert (ids[0], ids[-1]) == (full[0], full[-1]) == (101, 102)  # [CLS] ... [SEP]
 
 
-def test_tokenize_counts_what_the_model_sees(served: Daemon) -> None:
-    counts = served.call("tokenize", model="cls", input=TEXTS)["counts"]
-    tokens = served.call("embed", model="cls", input=TEXTS)["tokens"]
+def test_truncation_keeps_the_eos_a_last_token_model_pools_on(qwen3_model: Path) -> None:
+    engine = Engine(qwen3_model, threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    try:
+        ids, cut = engine.tokenize("hello world " * 50, truncate_to=16)
+        full, _ = engine.tokenize("hello")
+    finally:
+        engine.close()
+    assert cut and len(ids) == 16
+    assert ids[-1] == full[-1] == 266  # <|endoftext|>, appended as Qwen3-Embedding expects
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tokenize_counts_what_the_model_sees(served: Daemon, name: str) -> None:
+    counts = served.call("tokenize", model=name, input=TEXTS)["counts"]
+    tokens = served.call("embed", model=name, input=TEXTS)["tokens"]
     assert counts == tokens

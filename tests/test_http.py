@@ -8,7 +8,9 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -349,3 +351,55 @@ def test_a_client_that_disconnects_has_its_work_cancelled(
         asyncio.run(asyncio.sleep(0.1))
         deadline -= 0.1
     assert front.daemon.call("stats")["models"]["default"]["cancelled"] > before
+
+
+# Runs between fork and the daemon, as systemd would: the msgpack socket as fd 3 and the HTTP
+# one (a second .socket unit with FileDescriptorName=http) as fd 4.
+_TWO_SOCKETS = """
+import os, sys
+a, b = int(sys.argv[1]), int(sys.argv[2])
+os.dup2(a, 3)
+os.dup2(b, 4)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = "2"
+os.environ["LISTEN_FDNAMES"] = "embedd.socket:http"
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def test_socket_activation_passes_the_http_socket_too(tmp_path: Path) -> None:
+    workdir = short_tmpdir()
+    listeners = []
+    for name in ("embedd.sock", "http.sock"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(workdir / name))
+        s.listen(16)
+        listeners.append(s)
+    log = (workdir / "log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TWO_SOCKETS, str(listeners[0].fileno()),
+         str(listeners[1].fileno()), sys.executable, "-m", "embedd", "serve",
+         "--config", "/dev/null"],
+        pass_fds=[s.fileno() for s in listeners], stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        reply = b""
+        while time.monotonic() < deadline and not reply.startswith(b"HTTP/1.1 200"):
+            try:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.settimeout(10)
+                c.connect(str(workdir / "http.sock"))
+                c.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+                reply = c.recv(4096)
+                c.close()
+            except OSError:
+                time.sleep(0.1)
+        assert reply.startswith(b"HTTP/1.1 200"), (workdir / "log").read_text()
+        assert b'"status":"ok"' in reply
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+        for s in listeners:
+            s.close()
+        shutil.rmtree(workdir, ignore_errors=True)
