@@ -118,6 +118,11 @@ def launchd_fds(name: str = LAUNCHD_SOCKET_NAME) -> list[int]:
 
 
 def _listening_stream_socket(fd: int) -> socket.socket | None:
+    return _stream_socket(fd, unix_only=True)
+
+
+def _stream_socket(fd: int, *, unix_only: bool) -> socket.socket | None:
+    """The passed fd as a listening stream socket (Unix only, unless told), else None."""
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             return None
@@ -125,7 +130,8 @@ def _listening_stream_socket(fd: int) -> socket.socket | None:
     except OSError:
         return None
     listening = sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_ACCEPTCONN", 30))
-    if sock.type != socket.SOCK_STREAM or sock.family != socket.AF_UNIX or not listening:
+    wrong_family = unix_only and sock.family != socket.AF_UNIX
+    if sock.type != socket.SOCK_STREAM or wrong_family or not listening:
         sock.detach()  # not ours to close
         return None
     return sock
@@ -146,16 +152,8 @@ class Passed:
 
 
 def _http_socket(fd: int) -> socket.socket | None:
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return None
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return None
-    if sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        return None
-    return sock
+    """A passed stream socket for HTTP: Unix or TCP."""
+    return _stream_socket(fd, unix_only=False)
 
 
 def inherited_sockets(env: MutableMapping[str, str] | None = None) -> Passed:

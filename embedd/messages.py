@@ -188,25 +188,25 @@ class Shutdown(Op):
 
 
 @dataclass(frozen=True)
-class Load(Op):
-    op = "load"
+class _ModelOp(Op):
+    """An op whose one argument is a model name."""
+
     is_work = True
     model: str = DEFAULT_MODEL
 
     @classmethod
-    def parse(cls, args: Mapping[str, Any], limits: Limits) -> Load:
+    def parse(cls, args: Mapping[str, Any], limits: Limits) -> Op:
         return cls(_model(args))
 
 
 @dataclass(frozen=True)
-class Unload(Op):
-    op = "unload"
-    is_work = True
-    model: str = DEFAULT_MODEL
+class Load(_ModelOp):
+    op = "load"
 
-    @classmethod
-    def parse(cls, args: Mapping[str, Any], limits: Limits) -> Unload:
-        return cls(_model(args))
+
+@dataclass(frozen=True)
+class Unload(_ModelOp):
+    op = "unload"
 
 
 @dataclass(frozen=True)
