@@ -31,9 +31,17 @@ def _tokenizer(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 
 def write_bert(
-    path: Path, *, pooling: int, n_embd: int = 32, n_layer: int = 2, n_head: int = 2
+    path: Path,
+    *,
+    pooling: int,
+    arch: str = "bert",
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 2,
 ) -> Path:
-    """A BERT (WordPiece vocabulary) with the given llama.cpp pooling type (1 mean, 2 cls)."""
+    """A BERT-family encoder (WordPiece vocabulary) with the given llama.cpp pooling type (1
+    mean, 2 cls): `bert` (learned positions), `nomic-bert` (rotary positions, fused QKV,
+    SwiGLU) or `jina-bert-v2` (ALiBi, gated FFN)."""
     tok = _tokenizer(gguf.GGUFReader(BUNDLED))
     n_vocab, n_ff, n_ctx = len(tok["tokens"]), 2 * n_embd, 512
     rng = np.random.default_rng(1234)
@@ -41,8 +49,10 @@ def write_bert(
     def w(*shape: int) -> np.ndarray[Any, np.dtype[np.float32]]:
         return (rng.standard_normal(shape) * 0.2).astype(np.float32)
 
-    writer = gguf.GGUFWriter(str(path), "bert")
-    writer.add_name(f"tiny bert pooling {pooling}")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny {arch} pooling {pooling}")
+    if arch == "nomic-bert":
+        writer.add_rope_freq_base(1000.0)
     writer.add_context_length(n_ctx)
     writer.add_embedding_length(n_embd)
     writer.add_feed_forward_length(n_ff)
@@ -67,19 +77,28 @@ def write_bert(
     zeros = np.zeros(n_embd, np.float32)
     writer.add_tensor("token_embd.weight", w(n_vocab, n_embd))
     writer.add_tensor("token_types.weight", w(2, n_embd))
-    writer.add_tensor("position_embd.weight", w(n_ctx, n_embd))
+    if arch == "bert":
+        writer.add_tensor("position_embd.weight", w(n_ctx, n_embd))
     writer.add_tensor("token_embd_norm.weight", ones)
     writer.add_tensor("token_embd_norm.bias", zeros)
     for i in range(n_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"blk.{i}.{name}.weight", w(n_embd, n_embd))
-            writer.add_tensor(f"blk.{i}.{name}.bias", w(n_embd))
+        if arch == "nomic-bert":
+            writer.add_tensor(f"blk.{i}.attn_qkv.weight", w(3 * n_embd, n_embd))
+            writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_embd))
+        else:
+            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                writer.add_tensor(f"blk.{i}.{name}.weight", w(n_embd, n_embd))
+                writer.add_tensor(f"blk.{i}.{name}.bias", w(n_embd))
         writer.add_tensor(f"blk.{i}.attn_output_norm.weight", ones)
         writer.add_tensor(f"blk.{i}.attn_output_norm.bias", zeros)
         writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.bias", w(n_ff))
+        if arch == "bert":
+            writer.add_tensor(f"blk.{i}.ffn_up.bias", w(n_ff))
+        else:
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
-        writer.add_tensor(f"blk.{i}.ffn_down.bias", w(n_embd))
+        if arch != "nomic-bert":
+            writer.add_tensor(f"blk.{i}.ffn_down.bias", w(n_embd))
         writer.add_tensor(f"blk.{i}.layer_output_norm.weight", ones)
         writer.add_tensor(f"blk.{i}.layer_output_norm.bias", zeros)
     writer.write_header_to_file()

@@ -1,8 +1,10 @@
 """Models other than the bundled one, generated at test time (tests/gguf_models.py): a BERT
-with CLS pooling, and a causal Qwen3 with last-token pooling and EOS appended (as
-Qwen3-Embedding). Each loads through the daemon, reports its card, gives llama-cpp-python's own
-in-process vectors, the same vector alone and packed with others, and keeps its special frame
-when truncated."""
+with CLS pooling, nomic-bert (rotary), jina-bert-v2 (ALiBi), and a causal Qwen3 with last-token
+pooling and EOS appended (as Qwen3-Embedding). Each loads through the daemon, reports its
+card, gives llama-cpp-python's own in-process vectors, the same vector alone and packed with
+others, and keeps its special frame when truncated. Not covered: gemma-embedding (a hand-made
+tensor set loaded but crashed llama.cpp's decode) and a SentencePiece vocabulary on a model
+that decodes."""
 
 from __future__ import annotations
 
@@ -31,21 +33,33 @@ def qwen3_model() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def served(cls_model: Path, qwen3_model: Path) -> Iterator[Daemon]:
-    config = (
-        f'[models.cls]\npath = "{cls_model}"\nmax_tokens = 64\n'
-        f'[models.qwen3]\npath = "{qwen3_model}"\nmax_tokens = 256\n'
+def files(cls_model: Path, qwen3_model: Path) -> dict[str, Path]:
+    directory = cls_model.parent
+    return {
+        "cls": cls_model,
+        "qwen3": qwen3_model,
+        "nomic": write_bert(directory / "tiny-nomic.gguf", pooling=1, arch="nomic-bert"),
+        "jina": write_bert(directory / "tiny-jina.gguf", pooling=1, arch="jina-bert-v2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(files: dict[str, Path]) -> Iterator[Daemon]:
+    config = "".join(
+        f'[models.{name}]\npath = "{path}"\nmax_tokens = {256 if name == "qwen3" else 64}\n'
+        for name, path in files.items()
     )
     d = start_daemon(short_tmpdir(), config)
     yield d
     d.stop()
 
 
-MODELS = {"cls": ("bert", "cls", False), "qwen3": ("qwen3", "last", True)}
-
-
-def _path(name: str, cls_model: Path, qwen3_model: Path) -> Path:
-    return cls_model if name == "cls" else qwen3_model
+MODELS = {
+    "cls": ("bert", "cls", False),
+    "qwen3": ("qwen3", "last", True),
+    "nomic": ("nomic-bert", "mean", False),
+    "jina": ("jina-bert-v2", "mean", False),
+}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -58,11 +72,11 @@ def test_it_loads_and_reports_its_card(served: Daemon, name: str) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_its_vectors_equal_llama_cpp_pythons_in_process(
-    served: Daemon, cls_model: Path, qwen3_model: Path, name: str
+    served: Daemon, files: dict[str, Path], name: str
 ) -> None:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(_path(name, cls_model, qwen3_model)), embedding=True, n_ctx=512,
+    llm = Llama(model_path=str(files[name]), embedding=True, n_ctx=512,
                 n_batch=512, n_ubatch=512, verbose=False)  # fmt: skip
     try:
         expected = np.asarray([llm.embed(t, normalize=True) for t in TEXTS], dtype=np.float32)
