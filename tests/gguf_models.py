@@ -187,3 +187,89 @@ def write_qwen3(path: Path, *, n_embd: int = 32, n_layer: int = 2, n_head: int =
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _sentencepiece_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A small SentencePiece vocabulary (Gemma's layout: pad, eos, bos, unk, byte fallback,
+    then pieces with scores), the kind Gemma and T5-family models carry."""
+    tokens, types, scores = ["<pad>", "<eos>", "<bos>", "<unk>"], [3, 3, 3, 2], [0.0] * 4
+    for b in range(256):
+        tokens.append(f"<0x{b:02X}>")
+        types.append(6)
+        scores.append(0.0)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = ["\u2581", "\u2581hello", "\u2581world", "\u2581the", *letters]
+    pieces += ["\u2581" + c for c in letters]
+    for i, piece in enumerate(dict.fromkeys(pieces)):
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-float(i))
+    return tokens, types, scores
+
+
+def write_gemma_embedding(path: Path, *, n_embd: int = 32, n_layer: int = 6) -> Path:
+    """An EmbeddingGemma-like model: bidirectional, sliding-window attention in five of every six
+    layers (with fewer than six layers none is global, and llama.cpp 0.3.36 then aborts in
+    decode), dense projections after pooling, a SentencePiece vocabulary."""
+    tokens, types, scores = _sentencepiece_vocab()
+    n_head, head, n_ff = 2, 16, 2 * n_embd
+    rng = np.random.default_rng(5)
+
+    def w(*shape: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    arch = "gemma-embedding"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny gemma-embedding")
+    writer.add_context_length(512)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_block_count(n_layer)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(1)
+    writer.add_key_length(head)
+    writer.add_value_length(head)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_sliding_window(64)
+    writer.add_pooling_type(gguf.PoolingType.MEAN)
+    writer.add_file_type(0)
+    for key in ("dense_2_feat_in", "dense_3_feat_out"):
+        writer.add_uint32(f"{arch}.{key}", n_embd)
+    for key in ("dense_2_feat_out", "dense_3_feat_in"):
+        writer.add_uint32(f"{arch}.{key}", 4 * n_embd)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+    ones = np.ones(n_embd, np.float32)
+    writer.add_tensor("token_embd.weight", w(len(tokens), n_embd))
+    writer.add_tensor("output_norm.weight", ones)
+    writer.add_tensor("dense_2.weight", w(4 * n_embd, n_embd))
+    writer.add_tensor("dense_3.weight", w(n_embd, 4 * n_embd))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_head * head, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", w(head, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", w(head, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_head * head))
+        writer.add_tensor(f"blk.{i}.post_attention_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
+        writer.add_tensor(f"blk.{i}.post_ffw_norm.weight", ones)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,10 +1,9 @@
-"""Models other than the bundled one, generated at test time (tests/gguf_models.py): a BERT
-with CLS pooling, nomic-bert (rotary), jina-bert-v2 (ALiBi), and a causal Qwen3 with last-token
-pooling and EOS appended (as Qwen3-Embedding). Each loads through the daemon, reports its
-card, gives llama-cpp-python's own in-process vectors, the same vector alone and packed with
-others, and keeps its special frame when truncated. Not covered: gemma-embedding (a hand-made
-tensor set loaded but crashed llama.cpp's decode) and a SentencePiece vocabulary on a model
-that decodes."""
+"""Models other than the bundled one, generated at test time (tests/gguf_models.py): BERT
+with CLS pooling, nomic-bert (rotary), jina-bert-v2 (ALiBi), gemma-embedding (sliding window,
+dense projections, a SentencePiece vocabulary) and a causal Qwen3 with last-token pooling and
+EOS appended (as Qwen3-Embedding). Each loads through the daemon, reports its card, gives
+llama-cpp-python's own in-process vectors, the same vector alone and packed with others, and
+keeps its special frame when truncated."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import pytest
 
 from embedd.engine import Engine
 from tests.conftest import Daemon, cosines, short_tmpdir, start_daemon, vectors
-from tests.gguf_models import write_bert, write_qwen3
+from tests.gguf_models import write_bert, write_gemma_embedding, write_qwen3
 
 TEXTS = ["hello world", "a second, longer sentence about embeddings", "short", "x y z " * 20]
 
@@ -40,6 +39,7 @@ def files(cls_model: Path, qwen3_model: Path) -> dict[str, Path]:
         "qwen3": qwen3_model,
         "nomic": write_bert(directory / "tiny-nomic.gguf", pooling=1, arch="nomic-bert"),
         "jina": write_bert(directory / "tiny-jina.gguf", pooling=1, arch="jina-bert-v2"),
+        "gemma": write_gemma_embedding(directory / "tiny-gemma.gguf"),
     }
 
 
@@ -59,6 +59,7 @@ MODELS = {
     "qwen3": ("qwen3", "last", True),
     "nomic": ("nomic-bert", "mean", False),
     "jina": ("jina-bert-v2", "mean", False),
+    "gemma": ("gemma-embedding", "mean", False),
 }
 
 
@@ -124,3 +125,12 @@ def test_tokenize_counts_what_the_model_sees(served: Daemon, name: str) -> None:
     counts = served.call("tokenize", model=name, input=TEXTS)["counts"]
     tokens = served.call("embed", model=name, input=TEXTS)["tokens"]
     assert counts == tokens
+
+
+def test_a_sentencepiece_model_keeps_its_bos_and_eos_when_truncated(files: dict[str, Path]) -> None:
+    engine = Engine(files["gemma"], threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    try:
+        ids, cut = engine.tokenize("hello world " * 50, truncate_to=16)
+    finally:
+        engine.close()
+    assert cut and len(ids) == 16 and (ids[0], ids[-1]) == (2, 1)  # <bos> ... <eos>
