@@ -47,9 +47,8 @@ CHUNK_SLICE = 0.005
 
 # Recent requests whose latency percentiles `stats` reports (a bounded reservoir: the newest).
 _LATENCY_SAMPLES = 2048
-# Batches remembered, and the window (seconds) of the model thread's busy fraction.
-_BUSY_SAMPLES = 20_000
-_BUSY_WINDOW = 60.0
+# The window (seconds) of the model thread's busy fraction.
+_BUSY_WINDOW = 60
 
 # Before the first batch has been timed, assume the throughput measured on a 2-core machine.
 _INITIAL_TOKENS_PER_SECOND = 5000.0
@@ -141,8 +140,16 @@ class WorkerStats:
     latencies: deque[tuple[float, float, float]] = field(
         default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
     )
-    # (end, duration) of recent batches, for the model thread's busy fraction.
-    busy: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_SAMPLES))
+    # Seconds spent computing, per whole second of the clock, for the last minute: the model
+    # thread's busy fraction in constant memory however many batches run.
+    busy: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_WINDOW))
+
+    def record_busy(self, now: float, seconds: float) -> None:
+        second = int(now)
+        if self.busy and self.busy[-1][0] == second:
+            self.busy[-1] = (second, self.busy[-1][1] + seconds)
+        else:
+            self.busy.append((second, seconds))
 
     def latency_ms(self) -> dict[str, dict[str, float]]:
         rows = list(self.latencies)
@@ -157,8 +164,8 @@ class WorkerStats:
         return out
 
     def busy_fraction(self, now: float) -> float:
-        since = now - _BUSY_WINDOW
-        busy = sum(min(d, end - since) for end, d in list(self.busy) if end > since)
+        since = int(now) - _BUSY_WINDOW
+        busy = sum(seconds for second, seconds in list(self.busy) if second > since)
         return round(min(1.0, busy / _BUSY_WINDOW), 4)
 
 
@@ -463,7 +470,7 @@ class ModelWorker:
         finished = time.perf_counter()
         elapsed = finished - started
         st = self.stats
-        st.busy.append((time.monotonic(), elapsed))
+        st.record_busy(time.monotonic(), elapsed)
         st.batches += 1
         st.inputs += len(batch)
         st.tokens += n_tokens
