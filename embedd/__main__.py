@@ -1,5 +1,5 @@
 """`python -m embedd`: the same as the `embedd` command."""
 
-from embedd.cli import main
+from embedd.cli.main import main
 
 raise SystemExit(main())

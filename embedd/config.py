@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import DEFAULT_MAX_FRAME
+from .wire.framing import DEFAULT_MAX_FRAME
+from .wire.messages import DEFAULT_MODEL
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-f16.gguf"
 # The bundled model was trained with max_seq_length 256 (sentence-transformers'
 # sentence_bert_config.json); its GGUF header says 512, but longer inputs give vectors the
 # reference implementation never produces.
 BUNDLED_MAX_TOKENS = 256
-DEFAULT_MODEL = "default"
 
 # What the engine can serve: "none" gives per-token vectors and "rank" a reranker's score.
 POOLING_NAMES = ("mean", "cls", "last")
@@ -263,12 +263,24 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
     return ModelConfig(name=name, path=path, pooling=pooling, prompts=dict(prompts), **kwargs)
 
 
+def resolve_uid(value: int | str) -> int:
+    """A uid from a number or a user name (KeyError if there is no such user)."""
+    import pwd  # not on Windows
+
+    return value if isinstance(value, int) else pwd.getpwnam(value).pw_uid
+
+
+def resolve_gid(value: int | str) -> int:
+    """A gid from a number or a group name (KeyError if there is no such group)."""
+    import grp  # not on Windows
+
+    return value if isinstance(value, int) else grp.getgrnam(value).gr_gid
+
+
 def _service_keys(
     data: Mapping[str, Any], models: Mapping[str, ModelConfig], where: str
 ) -> dict[str, Any]:
     """`allow_uids`, `allow_gid`, `idle_exit` and `preload`: users and groups resolved to ids."""
-    from .peercred import resolve_gid, resolve_uid
-
     out: dict[str, Any] = {}
     uids = []
     for entry in data.get("allow_uids", []):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from embedd import activation
-from embedd.notify import Notifier
+from embedd.daemon.notify import Notifier
+from embedd.transport import activation
 from tests.service_harness import Manager
 from tests.wire import RawConnection
 

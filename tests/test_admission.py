@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from embedd.admission import MAX_RETRY_AFTER, Admission, estimate_tokens
+from embedd.inference.admission import MAX_RETRY_AFTER, Admission, estimate_tokens
 
 
 def test_a_text_counts_at_most_the_models_limit_however_long() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedd.engine import Engine
+from embedd.inference.engine import Engine
 from tests.conftest import Daemon, cosines, short_tmpdir, start_daemon, vectors
 from tests.gguf_models import write_bert, write_gemma_embedding, write_qwen3
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.chunking import chunk_text, spans_cover
+from embedd.inference.chunking import chunk_text, spans_cover
 
 
 def count(text: str) -> int:
@@ -89,7 +89,7 @@ def test_any_text_is_covered_by_chunks_within_the_budget(
 def test_the_bundled_docs_chunk_within_the_models_limit_with_the_real_tokenizer() -> None:
     pytest.importorskip("llama_cpp")
     from embedd.config import BUNDLED_MODEL
-    from embedd.engine import Engine
+    from embedd.inference.engine import Engine
 
     engine = Engine(BUNDLED_MODEL, threads=1, batch_tokens=256, max_tokens=256, pooling=None)
     try:

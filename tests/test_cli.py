@@ -289,6 +289,6 @@ def test_cli_without_a_command_prints_usage_and_exits_2(cli: Run) -> None:
 
 
 def test_cli_does_not_import_llama_cpp_for_client_commands(tmp_path: Path) -> None:
-    code = "import sys, embedd.cli; sys.exit('llama_cpp' in sys.modules)"
+    code = "import sys, embedd.cli.main; sys.exit('llama_cpp' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path))
     assert run.returncode == 0

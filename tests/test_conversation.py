@@ -7,7 +7,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from embedd.conversation import (
+from embedd.wire.conversation import (
     Action,
     CancelTask,
     Close,
@@ -16,10 +16,10 @@ from embedd.conversation import (
     Dispatch,
     Send,
 )
-from embedd.counters import Tally
-from embedd.errors import Code, EmbeddError
-from embedd.messages import MAX_ECHO, Embed
-from embedd.protocol import FrameDecoder, encode_frame
+from embedd.wire.counters import Tally
+from embedd.wire.errors import Code, EmbeddError
+from embedd.wire.framing import FrameDecoder, encode_frame
+from embedd.wire.messages import MAX_ECHO, Embed
 
 LIMITS = ConversationLimits(max_frame=1 << 20, max_inflight=4, max_inputs=100)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from embedd.admission import estimate_tokens
+from embedd.inference.admission import estimate_tokens
 from tests.conftest import Daemon, Reference, start_daemon
 
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.http_protocol import MAX_HEAD, MAX_HEADERS, HttpError, HttpParser, HttpRequest
+from embedd.http.parser import MAX_HEAD, MAX_HEADERS, HttpError, HttpParser, HttpRequest
 from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
 
 # --- the parser alone ---------------------------------------------------------------------

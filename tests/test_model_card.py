@@ -9,7 +9,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from embedd.engine import ALL_LAYERS, gpu_layers_for, model_params
+from embedd.inference.engine import ALL_LAYERS, gpu_layers_for, model_params
 from tests.conftest import BUNDLED, Daemon, start_daemon
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from embedd.cache import CacheKey, Entry, VectorCache
+from embedd.inference.cache import CacheKey, Entry, VectorCache
 from tests.conftest import Daemon, start_daemon
 
 

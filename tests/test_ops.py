@@ -28,7 +28,12 @@ def test_hello_reports_the_limits_a_client_sizes_itself_by(daemon: Daemon) -> No
 def test_the_protocol_worked_example_shows_the_bundled_models_real_vector(daemon: Daemon) -> None:
     r = daemon.call("embed", input="hi", encoding="list")
     assert r["tokens"] == [3]
-    assert [round(x, 4) for x in r["embeddings"][0][:3]] == [-0.0905, 0.0404, 0.0239]
+    # PROTOCOL.md shows 4 decimals. Results differ between CPUs (AVX2, AVX-512) and thread
+    # counts (seen: 0.02385 and 0.02378 for the shown 0.0239), so each shown figure must be
+    # close to the vector's, not equal to it at a fixed decimal.
+    shown = [-0.0905, 0.0404, 0.0239]
+    got = r["embeddings"][0][:3]
+    assert all(abs(x - s) <= 1e-3 for x, s in zip(got, shown, strict=True)), got
     text = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
     assert '"embeddings": [[-0.0905, 0.0404, 0.0239, ...]]' in text
 

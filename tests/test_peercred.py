@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from embedd.peercred import AccessPolicy, Peer
+from embedd.transport.peercred import AccessPolicy, Peer
 from tests.service_harness import Manager
 from tests.wire import RawConnection
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 
-from embedd.errors import Code
-from embedd.protocol import FrameDecoder, FrameError, encode_frame
+from embedd.wire.errors import Code
+from embedd.wire.framing import FrameDecoder, FrameError, encode_frame
 
 MESSAGES = [
     {"id": 1, "op": "hello"},

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from embedd import pull
+from embedd.cli import pull
 from tests.conftest import BUNDLED
 
 

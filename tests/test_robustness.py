@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedd.conversation import Conversation, ConversationLimits, Dispatch, Send
-from embedd.protocol import FrameDecoder, FrameError, encode_frame
+from embedd.wire.conversation import Conversation, ConversationLimits, Dispatch, Send
+from embedd.wire.framing import FrameDecoder, FrameError, encode_frame
 from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
 
 LIMITS = ConversationLimits(max_frame=4096, max_inflight=8, max_inputs=16)

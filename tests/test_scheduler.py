@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embedd.scheduler import Item, Scheduler
+from embedd.inference.scheduler import Item, Scheduler
 
 
 @dataclass(eq=False)

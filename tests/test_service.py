@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from embedd import service
+from embedd.cli import service
 from embedd.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,7 +229,7 @@ def test_serve_refuses_to_preload_an_unknown_model(workdir: Path) -> None:
 def test_windows_pipe_code_type_checks_for_win32() -> None:
     # The named-pipe listener and the client's pipe path cannot run here; mypy --strict checks
     # them as Windows sees them (on Linux they are unreachable and not checked at all).
-    files = ["embedd/winpipe.py", "client/embedd_client.py"]
+    files = ["embedd/transport/winpipe.py", "client/embedd_client.py"]
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--platform", "win32", *files],
         capture_output=True,
@@ -238,6 +238,6 @@ def test_windows_pipe_code_type_checks_for_win32() -> None:
         cwd=REPO,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    from embedd.winpipe import pipe_name
+    from embedd.transport.winpipe import pipe_name
 
     assert pipe_name("alice") == "\\\\.\\pipe\\embedd-alice"

@@ -1,4 +1,16 @@
-"""The package's layering, checked from the source: modules import each other one way only."""
+"""The package's layering, checked from the source: layers import downward only, and no module
+imports itself in a circle.
+
+The layers, lowest first (README, Layout):
+- `wire`: the msgpack protocol as pure objects;
+- `config`: settings from defaults, the TOML file and the command line;
+- `inference`: everything that touches a model;
+- `transport`: sockets and the asyncio shell around msgpack conversations;
+- `http`: the HTTP front;
+- `daemon`: what each op does, the composition root, the service manager's contract;
+- `cli`: the command and the tools that are clients of the daemon.
+A module may import its own layer and any layer below it, never one above.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +18,97 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "embedd"
+# The package root's own modules: `__init__` (the version) sits below everything, `__main__`
+# (the `python -m embedd` entry point) above everything.
+LAYERS = ("__init__", "wire", "config", "inference", "transport", "http", "daemon", "cli")
+TOP = "__main__"
+# Modules whose rules must run without sockets, asyncio, threads or llama.cpp.
+PURE = (
+    "wire.framing",
+    "wire.messages",
+    "wire.conversation",
+    "wire.counters",
+    "wire.errors",
+    "inference.scheduler",
+    "inference.cache",
+    "inference.admission",
+    "inference.chunking",
+    "inference.threads",
+    "http.parser",
+    "http.api",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+    """The embedd modules an import statement names (`from ..wire import errors` names
+    `wire.errors`)."""
+    if node.level:
+        base = module.split(".")
+        # A package's own __init__ counts as inside the package.
+        package = base[:-1] if not (PACKAGE / Path(*base)).is_dir() else base
+        anchor = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+        stem = [*anchor, *(node.module.split(".") if node.module else [])]
+    elif node.module and (node.module == "embedd" or node.module.startswith("embedd.")):
+        stem = node.module.split(".")[1:]
+    else:
+        return []
+    out = []
+    for alias in node.names:
+        candidate = [*stem, alias.name]
+        if _exists(candidate):
+            out.append(".".join(candidate))
+        elif stem and _exists(stem):
+            out.append(".".join(stem))
+        elif not stem:
+            out.append("__init__")
+    return out
+
+
+def _exists(parts: list[str]) -> bool:
+    return bool(parts) and (
+        (PACKAGE / Path(*parts)).with_suffix(".py").exists()
+        or (PACKAGE / Path(*parts) / "__init__.py").exists()
+    )
 
 
 def _imports() -> dict[str, set[str]]:
-    """Module name -> the embedd modules it imports (at any level, TYPE_CHECKING included:
-    a cycle hidden behind it is still a cycle in the design)."""
+    """Module name -> the embedd modules it imports (at any level, TYPE_CHECKING included: a
+    cycle or an upward arrow hidden behind it is still one in the design)."""
     graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
-        name = path.stem
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1 and node.module:
-                    deps.add(node.module.split(".")[0])
-                elif node.level == 1:
-                    deps.update(alias.name for alias in node.names)
-                elif node.module and node.module.startswith("embedd."):
-                    deps.add(node.module.split(".")[1])
-                elif node.module == "embedd":
-                    deps.update(alias.name for alias in node.names)
+                deps.update(_resolve(name, node))
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.startswith("embedd."):
-                        deps.add(alias.name.split(".")[1])
-        graph[name] = {d for d in deps if (PACKAGE / f"{d}.py").exists() and d != name}
+                        deps.add(alias.name.removeprefix("embedd."))
+        graph[name] = {d for d in deps if d != name}
     return graph
+
+
+def _layer(module: str) -> int:
+    if module == TOP:
+        return len(LAYERS)
+    return LAYERS.index(module.split(".")[0])
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        for dep in deps
+        if _layer(dep) > _layer(module)
+    )
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -55,30 +133,71 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_every_module_belongs_to_a_layer() -> None:
+    for module in _imports():
+        assert module == TOP or module.split(".")[0] in LAYERS, module
+
+
 def test_the_package_has_no_import_cycles() -> None:
     cycle = _cycle(_imports())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_imports_go_only_downward_between_layers() -> None:
+    assert _upward(_imports()) == []
 
 
 def test_the_cycle_check_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_pure_layers_import_no_io_or_llama() -> None:
-    """The protocol rules run without sockets, asyncio or llama.cpp (bytes in, actions out)."""
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"wire.messages": {"config"}, "daemon.ops": {"inference.worker"}}
+    assert _upward(graph) == ["wire.messages -> config"]
+
+
+def test_relative_imports_resolve_to_modules() -> None:
     graph = _imports()
-    for module in ("protocol", "messages", "conversation", "scheduler", "cache", "counters"):
-        source = (PACKAGE / f"{module}.py").read_text()
-        tree = ast.parse(source)
+    assert "wire.errors" in graph["transport.server"]
+    assert "config" in graph["inference.models"]
+    assert "__init__" in graph["daemon.ops"]  # `from .. import __version__`
+
+
+def test_pure_modules_import_no_io_threads_or_llama() -> None:
+    """The protocol rules and policies run without sockets, asyncio, threads or llama.cpp
+    (bytes in, actions out), so they are tested without any of them."""
+    for module in PURE:
+        path = (PACKAGE / Path(*module.split("."))).with_suffix(".py")
+        tree = ast.parse(path.read_text())
         names = {
             alias.name.split(".")[0]
             for node in ast.walk(tree)
-            if isinstance(node, ast.Import | ast.ImportFrom)
-            for alias in (node.names if isinstance(node, ast.Import) else [])
+            if isinstance(node, ast.Import)
+            for alias in node.names
         } | {
             (node.module or "").split(".")[0]
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) and node.level == 0
         }
         assert not names & {"asyncio", "socket", "llama_cpp", "threading"}, module
-        assert not graph[module] & {"server", "daemon", "worker", "engine", "app"}, module
+
+
+def test_the_readme_layout_table_is_the_tree() -> None:
+    """Every module has a row in the README's Layout table, and every row is a module."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        cell.strip("`*")
+        for line in section.splitlines()
+        if (cell := line.split("|")[1].strip() if line.startswith("|") else "")
+        and cell.strip("`*").startswith("embedd/")
+    }
+    listed = {row for row in rows if row.endswith(".py")}
+    tree = {
+        path.relative_to(PACKAGE.parent).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    assert listed == tree
+    folders = {row.rstrip("/") for row in rows if row.endswith("/")}
+    assert folders == {f"embedd/{layer}" for layer in LAYERS if layer not in ("__init__", "config")}

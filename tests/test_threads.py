@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embedd.threads import (
+from embedd.inference.threads import (
     MAX_AUTO_THREADS,
     Machine,
     read_own_running,

@@ -82,20 +82,6 @@ def _darwin_peer(sock: socket.socket) -> Peer:
     return Peer(uid=uid.value, gid=gid.value, pid=pid)
 
 
-def resolve_uid(value: int | str) -> int:
-    """A uid from a number or a user name (KeyError if there is no such user)."""
-    import pwd  # not on Windows
-
-    return value if isinstance(value, int) else pwd.getpwnam(value).pw_uid
-
-
-def resolve_gid(value: int | str) -> int:
-    """A gid from a number or a group name (KeyError if there is no such group)."""
-    import grp  # not on Windows
-
-    return value if isinstance(value, int) else grp.getgrnam(value).gr_gid
-
-
 def _in_group_database(uid: int, gid: int) -> bool:
     """Whether the user database puts `uid` in group `gid` (primary or supplementary)."""
     import grp

@@ -16,8 +16,8 @@ from typing import Any
 
 from .counters import Tally
 from .errors import Code, EmbeddError
+from .framing import FrameDecoder, FrameError, Message, encode_frame
 from .messages import Cancel, Limits, Request, parse_request, request_id
-from .protocol import FrameDecoder, FrameError, Message, encode_frame
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .config import DEFAULT_MODEL
 from .errors import Code, EmbeddError
 
+# The model a request names when it names none (the bundled one unless the config replaces it).
+DEFAULT_MODEL = "default"
 MAX_ID = 2**64 - 1
 ENCODINGS = ("f32", "list")
 PRIORITIES = ("interactive", "bulk")

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import os
 import select
 import socket
-import stat
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
-from .activation import Inherited
-from .config import Config
-from .conversation import (
+from ..config import Config
+from ..wire.conversation import (
     Action,
     CancelTask,
     Close,
@@ -37,16 +33,16 @@ from .conversation import (
     Send,
     refusal,
 )
-from .counters import ConnectionCounts, Tally
-from .errors import Code, EmbeddError
-from .messages import Request
+from ..wire.counters import ConnectionCounts, Tally
+from ..wire.errors import Code, EmbeddError
+from ..wire.messages import Request
+from .activation import Inherited
 from .peercred import AccessPolicy, peer_of, user_name
+from .sockets import bind_unix_socket, remove_if_ours
 
 _log = logging.getLogger("embedd.server")
 
 _READ_SIZE = 256 * 1024
-# Linux sun_path is 108 bytes including the terminating NUL (macOS: 104).
-_MAX_SOCKET_PATH = 107
 # After the last frame to a connection the daemon closes (a refusal at the door, a framing
 # error), it shuts its write side and reads and discards for this long before closing: closing
 # with unread input makes the kernel reset the connection, and the client would then lose the
@@ -54,10 +50,6 @@ _MAX_SOCKET_PATH = 107
 CLOSE_GRACE = 1.0
 # A connection refused at the door has this long to read its one frame.
 _REFUSAL_WRITE_TIMEOUT = 1.0
-
-
-class SocketInUseError(Exception):
-    """Another daemon answers on the socket path, or the path cannot be ours."""
 
 
 class Handler(Protocol):
@@ -424,87 +416,5 @@ class Server:
         """Remove the socket file, unless it is no longer ours (a newer daemon bound there)."""
         if self.inherited is not None:
             return  # the service manager's: it stays for the next start
-        path = self.config.socket
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return
-        if self._inode == (st.st_dev, st.st_ino):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-def _prepare_directory(directory: Path) -> None:
-    """Make the socket's directory private (0700) if it is a directory of its own.
-
-    A dedicated directory (ours, or created here) is forced to 0700 whatever the umask; an
-    existing shared one (say /tmp, named with --socket) is left alone, with a warning.
-    """
-    uid = os.getuid()
-    if not directory.exists():
-        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
-        return
-    st = directory.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise SocketInUseError(f"{directory} is not a directory")
-    dedicated = directory.name == "embedd" or directory.name.startswith("embedd-")
-    if dedicated and st.st_uid != uid:
-        raise SocketInUseError(
-            f"socket directory {directory} belongs to uid {st.st_uid}, not to us (uid {uid}); "
-            "refusing to serve from a directory someone else controls"
-        )
-    if dedicated:
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(directory, 0o700)
-    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        _log.warning("socket directory %s is writable by others", directory)
-
-
-def bind_unix_socket(path: Path) -> socket.socket:
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        raise SocketInUseError(
-            f"socket path is {len(os.fsencode(path))} bytes, longer than the {_MAX_SOCKET_PATH} "
-            f"a Unix socket allows: {path}"
-        )
-    _prepare_directory(path.parent)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SocketInUseError(f"{path} exists and is not a socket; refusing to replace it")
-        if _answers(path):
-            raise SocketInUseError(
-                f"another embedd is already serving on {path}; stop it first (embedd stop) "
-                "or choose another --socket"
-            )
-        _log.info("removing stale socket %s (nobody answers on it)", path)
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:  # another daemon won the race
-            raise SocketInUseError(f"another embedd is already serving on {path}") from exc
-        raise
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return False
-    else:
-        return True
-    finally:
-        probe.close()
+        if self._inode is not None:
+            remove_if_ours(self.config.socket, self._inode)

@@ -14,20 +14,29 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from .cache import file_card, model_fingerprint
-from .chunking import Chunk
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..wire.errors import Code, EmbeddError
 from .engine import DecodeError, Engine, ModelInfo, ModelLoadError
-from .errors import Code, EmbeddError
+from .jobs import (
+    ChunkJob,
+    ChunkPiece,
+    ChunkResult,
+    EmbedJob,
+    EmbedResult,
+    Job,
+    TokenizeJob,
+    TokenizeResult,
+    settle,
+    settle_failed,
+)
+from .modelfile import identify, version_of
 from .scheduler import Item, Scheduler
+from .stats import WorkerStats
 from .threads import Sampler, threads_for_batch, usable_cpus
 
 _log = logging.getLogger("embedd.worker")
@@ -45,129 +54,6 @@ COMPUTE_LEASE = threading.Lock()
 # at most this (plus a batch) behind a 10 MB `chunk` request.
 CHUNK_SLICE = 0.005
 
-# Recent requests whose latency percentiles `stats` reports (a bounded reservoir: the newest).
-_LATENCY_SAMPLES = 2048
-# The window (seconds) of the model thread's busy fraction.
-_BUSY_WINDOW = 60
-
-# Before the first batch has been timed, assume the throughput measured on a 2-core machine.
-_INITIAL_TOKENS_PER_SECOND = 5000.0
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's work for the model thread. `cancelled` is set by the loop and read by the
-    thread: a stale read only means one more batch computes inputs nobody will read."""
-
-    texts: list[str]
-    future: asyncio.Future[dict[str, Any]]
-    loop: asyncio.AbstractEventLoop
-    owner: object = None
-    cancelled: bool = False
-    # perf_counter() when submitted, and when its first batch started (latency figures).
-    submitted: float = 0.0
-    started: float | None = None
-
-    def resolve(self, result: dict[str, Any] | EmbeddError) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, result)
-
-
-@dataclass(eq=False)
-class EmbedJob(Job):
-    truncate: bool = False
-    normalize: bool = True
-    dimensions: int | None = None
-    bulk: bool = False
-    # Where each text stands in the client's request (texts may be a deduplicated subset),
-    # so that errors name the client's index.
-    indices: list[int] = field(default_factory=list)
-    # long="split": over-long inputs become windows (each its own sequence) of at most the
-    # limit, overlapping by `overlap` tokens, pooled by `pool` ("mean" or "none"). `prefix` (a
-    # prompt) is then given to every window, so `texts` come without it.
-    split: bool = False
-    overlap: int = 0
-    pool: str = "mean"
-    prefix: str = ""
-    # Filled in by the model thread: token ids per sequence (one per input, or per window).
-    tokens: list[list[int]] = field(default_factory=list)
-    truncated: list[bool] = field(default_factory=list)
-    # Per input: its sequences' indices in `tokens`, and their character spans in the input.
-    groups: list[list[int]] = field(default_factory=list)
-    spans: list[list[tuple[int, int]]] = field(default_factory=list)
-    vectors: npt.NDArray[np.float32] | None = None
-    remaining: int = 0
-
-
-@dataclass(eq=False)
-class TokenizeJob(Job):
-    pass
-
-
-@dataclass(eq=False)
-class ChunkJob(Job):
-    """Cutting one text into chunks, done a slice at a time between batches (see _serve), so
-    a 10 MB text never holds up the queries waiting for this model."""
-
-    max_tokens: int | None = None
-    overlap: int = 0
-    chunks: list[dict[str, Any]] = field(default_factory=list)
-    _pieces: Iterator[Chunk] | None = None
-
-
-def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any] | EmbeddError) -> None:
-    if future.done():  # timed out or cancelled meanwhile
-        return
-    if isinstance(result, EmbeddError):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
-
-
-@dataclass
-class WorkerStats:
-    """Counts and recent timings of one model. Written by its thread, read by the loop (deque
-    appends and copies are atomic under the GIL, so a reader sees a consistent list)."""
-
-    requests: int = 0
-    inputs: int = 0
-    tokens: int = 0
-    batches: int = 0
-    cancelled: int = 0
-    tokens_per_second: float = _INITIAL_TOKENS_PER_SECOND
-    # Compute threads the last batch ran with.
-    last_threads: int = 0
-    # (queue wait, compute, total) seconds of recent embed requests.
-    latencies: deque[tuple[float, float, float]] = field(
-        default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
-    )
-    # Seconds spent computing, per whole second of the clock, for the last minute: the model
-    # thread's busy fraction in constant memory however many batches run.
-    busy: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_WINDOW))
-
-    def record_busy(self, now: float, seconds: float) -> None:
-        second = int(now)
-        if self.busy and self.busy[-1][0] == second:
-            self.busy[-1] = (second, self.busy[-1][1] + seconds)
-        else:
-            self.busy.append((second, seconds))
-
-    def latency_ms(self) -> dict[str, dict[str, float]]:
-        rows = list(self.latencies)
-        out: dict[str, dict[str, float]] = {}
-        for i, name in enumerate(("queue_wait", "compute", "total")):
-            values = sorted(r[i] for r in rows)
-            if values:
-                out[name] = {
-                    f"p{q}": round(1000 * values[min(len(values) - 1, len(values) * q // 100)], 3)
-                    for q in (50, 95, 99)
-                }
-        return out
-
-    def busy_fraction(self, now: float) -> float:
-        since = int(now) - _BUSY_WINDOW
-        busy = sum(seconds for second, seconds in list(self.busy) if second > since)
-        return round(min(1.0, busy / _BUSY_WINDOW), 4)
-
 
 class ModelWorker:
     """Loads one model on its own thread and serves jobs until stopped."""
@@ -184,14 +70,14 @@ class ModelWorker:
         self.loaded: asyncio.Future[ModelInfo] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
         self._cond = threading.Condition()
-        self._incoming: deque[Job] = deque()
+        self._incoming: deque[Job[Any]] = deque()
         self._stopping = False
         self._scheduler: Scheduler[EmbedJob] = Scheduler()
         self._sampler = Sampler()
         self._chunking: deque[ChunkJob] = deque()
         # Which file was loaded (inode, size, mtime): a different one on disk means the model
         # was replaced, and the slot loads the new one for the next request.
-        self.file_id = file_id(config.path)
+        self.file_version = version_of(config.path)
         self._thread = threading.Thread(
             target=self._run, name=f"embedd-model-{config.name}", daemon=True
         )
@@ -207,7 +93,7 @@ class ModelWorker:
     def queued_tokens(self) -> int:
         return self._scheduler.pending_tokens
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job[Any]) -> None:
         with self._cond:
             if self._stopping:
                 if self.error is not None:
@@ -265,21 +151,16 @@ class ModelWorker:
         except Exception as exc:
             self.error = f"unexpected failure loading {cfg.path}: {exc!r}"
         if self.error is not None:
-            _log.error("model %s failed to load: %s", cfg.name, self.error)
-            err = EmbeddError(
-                Code.MODEL_LOAD_FAILED, f"model {cfg.name!r} failed to load: {self.error}"
-            )
-            with self._cond:
-                self._stopping = True
-            # The state turns `failed` before any job hears of it, so a client that reacts to
-            # the error by asking `models` sees the same.
-            self._loop.call_soon_threadsafe(_set_exc, self.loaded, err)
-            self._fail_everything(err)
+            self._fail_load(self.error)
+            return None
+        try:
+            identity = identify(cfg.path)
+        except OSError as exc:
+            engine.close()
+            self._fail_load(f"cannot read {cfg.path}: {exc}")
             return None
         self.info = replace(
-            engine.info,
-            fingerprint=model_fingerprint(cfg.path),
-            card={**engine.card, **file_card(cfg.path)},
+            engine.info, fingerprint=identity.fingerprint, card={**engine.card, **identity.card()}
         )
         _log.info(
             "model %s loaded in %.2fs: dim %d, pooling %s, max_tokens %d, batch %d tokens, "
@@ -292,8 +173,21 @@ class ModelWorker:
             engine.info.batch_tokens,
             cfg.threads or "auto (per batch, from the free cores)",
         )
-        self._loop.call_soon_threadsafe(_set_result, self.loaded, self.info)
+        self._loop.call_soon_threadsafe(settle, self.loaded, self.info)
         return engine
+
+    def _fail_load(self, reason: str) -> None:
+        self.error = reason
+        _log.error("model %s failed to load: %s", self.config.name, reason)
+        err = EmbeddError(
+            Code.MODEL_LOAD_FAILED, f"model {self.config.name!r} failed to load: {reason}"
+        )
+        with self._cond:
+            self._stopping = True
+        # The state turns `failed` before any job hears of it, so a client that reacts to the
+        # error by asking `models` sees the same.
+        self._loop.call_soon_threadsafe(settle_failed, self.loaded, err)
+        self._fail_everything(err)
 
     def _fail_everything(self, err: EmbeddError) -> None:
         with self._cond:
@@ -332,19 +226,20 @@ class ModelWorker:
             self._chunking.popleft()
             job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
             return
+        text = job.texts[0]
+        limit = job.max_tokens or engine.info.max_tokens
         try:
-            if job._pieces is None:
-                limit = job.max_tokens or engine.info.max_tokens
-                job._pieces = engine.chunk(job.texts[0], max_tokens=limit, overlap=job.overlap)
+            if job.cursor is None:
+                job.cursor = engine.chunk(text, max_tokens=limit, overlap=job.overlap)
             until = time.perf_counter() + CHUNK_SLICE
-            for piece in job._pieces:
-                text = job.texts[0][piece.start : piece.end]
-                job.chunks.append(
-                    {
-                        "text": text,
-                        "span": [piece.start, piece.end],
-                        "tokens": piece.tokens + engine.frame_size,
-                    }
+            for piece in job.cursor:
+                job.pieces.append(
+                    ChunkPiece(
+                        text[piece.start : piece.end],
+                        piece.start,
+                        piece.end,
+                        piece.tokens + engine.frame_size,
+                    )
                 )
                 if time.perf_counter() > until:
                     return
@@ -353,17 +248,16 @@ class ModelWorker:
             job.resolve(EmbeddError(Code.BAD_REQUEST, str(exc), key="max_tokens"))
             return
         self._chunking.popleft()
-        job.resolve({"chunks": job.chunks, "max_tokens": job.max_tokens or engine.info.max_tokens})
+        job.resolve(ChunkResult(job.pieces, limit))
 
-    def _admit(self, engine: Engine, job: Job) -> None:
+    def _admit(self, engine: Engine, job: Job[Any]) -> None:
         if job.cancelled:
             self.stats.cancelled += len(job.texts)
             job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
             return
         try:
             if isinstance(job, TokenizeJob):
-                ids = [engine.tokenize(t)[0] for t in job.texts]
-                job.resolve({"ids": ids, "counts": [len(i) for i in ids]})
+                job.resolve(TokenizeResult([engine.tokenize(t)[0] for t in job.texts]))
                 return
             if isinstance(job, ChunkJob):
                 self._chunking.append(job)
@@ -378,16 +272,18 @@ class ModelWorker:
 
     def _tokenize_embed_job(self, engine: Engine, job: EmbedJob) -> None:
         limit = engine.info.max_tokens
-        for i, text in enumerate(job.texts):
-            if job.split:
-                self._split_input(engine, job, i, text)
+        request = job.request
+        for i, raw in enumerate(job.texts):
+            if request.long == "split":
+                self._split_input(engine, job, i, raw)
                 continue
+            text = job.prefix + raw
             # Only the part of a very long text that can matter is tokenized; its count is
             # then a lower bound, still over the limit.
             usable, partial = engine.usable_prefix(text)
-            toks, cut = engine.tokenize(usable, truncate_to=limit if job.truncate else None)
+            toks, cut = engine.tokenize(usable, truncate_to=limit if request.cuts else None)
             cut = cut or partial
-            index = job.indices[i] if job.indices else i
+            index = job.index(i)
             if len(toks) <= engine.frame_size:
                 # Only the special frame (the text was NULs, control or unknown characters):
                 # its vector would be the same for every such text, so it is refused like "".
@@ -418,6 +314,7 @@ class ModelWorker:
         """One input as windows within the limit, each with the prompt and the special frame;
         an input that fits is one window: exactly the sequence it would be without split."""
         limit = engine.info.max_tokens
+        overlap = job.request.overlap
         prefix_tokens = len(engine.tokenize(job.prefix)[0]) - engine.frame_size if job.prefix else 0
         whole, _ = engine.tokenize(job.prefix + text)
         if len(whole) <= limit:
@@ -425,10 +322,10 @@ class ModelWorker:
         else:
             windows = [
                 (c.start, c.end, engine.tokenize(job.prefix + text[c.start : c.end])[0])
-                for c in engine.chunk(text, max_tokens=limit - prefix_tokens, overlap=job.overlap)
+                for c in engine.chunk(text, max_tokens=limit - prefix_tokens, overlap=overlap)
             ]
         if not windows or len(windows[0][2]) <= engine.frame_size + prefix_tokens:
-            index = job.indices[i] if job.indices else i
+            index = job.index(i)
             raise EmbeddError(
                 Code.BAD_REQUEST,
                 f"input[{index}] has no tokens the model knows",
@@ -492,12 +389,13 @@ class ModelWorker:
                 job.resolve(_finish(job))
 
 
-def _finish(job: EmbedJob) -> dict[str, Any]:
+def _finish(job: EmbedJob) -> EmbedResult:
     """Post-process on this thread, so the event loop only assembles and sends: windows pooled
     (token-weighted mean) or kept, then dimensions cut, then normalized."""
     assert job.vectors is not None
+    request = job.request
     counts = [len(t) for t in job.tokens]
-    if job.split and job.pool == "mean":
+    if request.long == "split" and request.pool == "mean":
         rows = []
         for group in job.groups:
             weights = np.asarray([counts[k] for k in group], dtype=np.float64)
@@ -506,38 +404,18 @@ def _finish(job: EmbedJob) -> dict[str, Any]:
         vecs = np.stack(rows)
     else:
         vecs = job.vectors
-    if job.dimensions is not None:
-        vecs = vecs[:, : job.dimensions]
-    if job.normalize:
+    if request.dimensions is not None:
+        vecs = vecs[:, : request.dimensions]
+    if request.normalize:
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         vecs = (vecs / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    return {
-        "vectors": np.ascontiguousarray(vecs, dtype="<f4"),
-        "tokens": [sum(counts[k] for k in group) for group in job.groups],
-        "truncated": job.truncated,
-        "windows": [len(group) for group in job.groups],
-        "spans": [list(span) for spans in job.spans for span in spans],
-    }
-
-
-def file_id(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _set_result(future: asyncio.Future[ModelInfo], info: ModelInfo) -> None:
-    if not future.done():
-        future.set_result(info)
-
-
-def _set_exc(future: asyncio.Future[ModelInfo], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-        # Nobody may be awaiting a failed load; the error is reported through the jobs.
-        future.exception()
+    return EmbedResult(
+        vectors=np.ascontiguousarray(vecs, dtype="<f4"),
+        tokens=[sum(counts[k] for k in group) for group in job.groups],
+        truncated=job.truncated,
+        windows=[len(group) for group in job.groups],
+        spans=[span for spans in job.spans for span in spans],
+    )
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

@@ -15,13 +15,15 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, metrics
-from .activation import ActivationError, inherited_sockets
-from .config import Config
-from .counters import ConnectionCounts, Tally
-from .daemon import Daemon
-from .http_server import HttpServer, HttpSetupError
-from .server import Server, SocketInUseError
+from .. import __version__
+from ..config import Config
+from ..http import metrics
+from ..http.server import HttpServer, HttpSetupError
+from ..transport.activation import ActivationError, inherited_sockets
+from ..transport.server import Server
+from ..transport.sockets import SocketInUseError
+from ..wire.counters import ConnectionCounts, Tally
+from .ops import Daemon
 from .supervise import Supervisor
 
 _log = logging.getLogger("embedd.app")

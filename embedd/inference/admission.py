@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import Code, EmbeddError
+from ..wire.errors import Code, EmbeddError
 
 # The part of the bulk budget one connection may hold: two indexers can always both progress.
 BULK_SHARE = 0.5

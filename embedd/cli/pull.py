@@ -160,7 +160,7 @@ def check_model(path: Path) -> str:
 
     import llama_cpp as lc
 
-    from .engine import install_llama_log
+    from ..inference.engine import install_llama_log
 
     install_llama_log()
     params = lc.llama_model_default_params()

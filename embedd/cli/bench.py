@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import embedd_client
 
-CORPUS = Path(__file__).resolve().parent / "bundled" / "bench_corpus.json"
+CORPUS = Path(__file__).resolve().parent.parent / "bundled" / "bench_corpus.json"
 BULK_BATCH = 32
 CLIENTS = 8
 MIXED_INTERVAL = 0.010

@@ -16,11 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Protocol
 
-from .daemon import Daemon
-from .errors import EmbeddError
+from ..config import Config
+from ..transport.activation import Inherited
+from ..wire.errors import EmbeddError
 from .notify import Notifier
-from .server import Server
 
 _log = logging.getLogger("embedd.supervise")
 
@@ -30,8 +33,50 @@ _STATUS_EVERY = 2.0
 _SETTLE = 0.1
 
 
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What the service manager's STATUS= line says."""
+
+    models_ready: tuple[str, ...]
+    models_total: int
+    queued_inputs: int
+
+
+class Supervised(Protocol):
+    """The daemon as the supervisor sees it: its settings, a status, models to preload, and
+    the event that stops it."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def stop_requested(self) -> asyncio.Event: ...
+    def snapshot(self) -> StatusSnapshot: ...
+    async def preload(self, name: str) -> None: ...
+
+
+class Listener(Protocol):
+    """The msgpack listener as the supervisor sees it: where it listens, what it serves, and
+    how to stop taking connections before an idle exit."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def open(self) -> Sized: ...
+    @property
+    def inherited(self) -> Inherited | None: ...
+    @property
+    def last_activity(self) -> float: ...
+    @last_activity.setter
+    def last_activity(self, value: float) -> None: ...
+    async def stop_accepting(self) -> None: ...
+
+
 class Supervisor:
-    def __init__(self, daemon: Daemon, server: Server, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, daemon: Supervised, server: Listener, notifier: Notifier | None = None
+    ) -> None:
         self.daemon = daemon
         self.server = server
         self.notifier = notifier if notifier is not None else Notifier()
@@ -69,7 +114,7 @@ class Supervisor:
             self.notifier.status(f"loading model {name}")
             started = time.monotonic()
             try:
-                await self.daemon.models.get(name).load(config.request_timeout)
+                await self.daemon.preload(name)
             except EmbeddError as exc:
                 # Still ready: other models may serve, and `models` reports the failure.
                 _log.error("preloading model %s failed: %s", name, exc.message)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import __version__
-from .errors import Code, EmbeddError
-from .messages import Embed, Limits
+from .. import __version__
+from ..wire.errors import Code, EmbeddError
+from ..wire.messages import Embed, Limits
 
 # What embedd says it is to apps that probe Ollama (`GET /api/version`): the Ollama API
 # version whose /api/embed fields this front implements.

@@ -25,15 +25,17 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from . import http_api, metrics
-from .config import Config
-from .counters import ConnectionCounts
-from .errors import EmbeddError
-from .http_api import ApiError, Response
-from .http_protocol import HttpError, HttpParser, HttpRequest, encode_response, json_body
-from .messages import Embed, Limits, Load, Models, Request, Stats
-from .peercred import AccessPolicy, peer_of
-from .server import Handler, bind_unix_socket
+from ..config import Config
+from ..transport.peercred import AccessPolicy, peer_of
+from ..transport.server import Handler
+from ..transport.sockets import bind_unix_socket
+from ..wire.counters import ConnectionCounts
+from ..wire.errors import EmbeddError
+from ..wire.messages import Embed, Limits, Load, Models, Request, Stats
+from . import api as http_api
+from . import metrics
+from .api import ApiError, Response
+from .parser import HttpError, HttpParser, HttpRequest, encode_response, json_body
 
 _log = logging.getLogger("embedd.http")
 

@@ -10,18 +10,20 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, assert_never
 
 import numpy as np
 import numpy.typing as npt
 
-from . import __version__
-from .cache import Entry, VectorCache, vector_key
-from .config import Config
-from .counters import ConnectionCounts, Tally
-from .errors import Code, EmbeddError
-from .messages import (
+from .. import __version__
+from ..config import Config
+from ..inference.cache import Entry, VectorCache, vector_key
+from ..inference.jobs import EmbedResult
+from ..inference.models import ModelRegistry
+from ..wire.counters import ConnectionCounts, Tally
+from ..wire.errors import Code, EmbeddError
+from ..wire.framing import PROTOCOL_VERSION
+from ..wire.messages import (
     MAX_TIMEOUT,
     Cancel,
     Chunk,
@@ -36,9 +38,7 @@ from .messages import (
     Tokenize,
     Unload,
 )
-from .models import ModelRegistry, ModelSlot
-from .protocol import PROTOCOL_VERSION
-from .worker import ChunkJob, EmbedJob, TokenizeJob
+from .supervise import StatusSnapshot
 
 _log = logging.getLogger("embedd.daemon")
 
@@ -54,15 +54,6 @@ _ANSWER_OVERHEAD = 512
 # Dimension assumed for a model not loaded yet: the widest common embedding models (e5-large,
 # bge-large) have 1024; over-estimating only delays a non-reading client's requests.
 _UNKNOWN_DIM = 1024
-
-
-@dataclass(frozen=True)
-class StatusSnapshot:
-    """What the service manager's STATUS= line says (see supervise.py)."""
-
-    models_ready: tuple[str, ...]
-    models_total: int
-    queued_inputs: int
 
 
 def _rss_bytes() -> int | None:
@@ -160,6 +151,10 @@ class Daemon:
             return _ANSWER_OVERHEAD + chars * _BYTES_PER_TOKEN_ID
         return _ANSWER_OVERHEAD
 
+    async def preload(self, name: str) -> None:
+        """Load a model before the daemon reports ready (the service manager's preload)."""
+        await self.models.get(name).load(self.config.request_timeout)
+
     def _hello(self) -> dict[str, Any]:
         cfg = self.config
         return {
@@ -230,10 +225,16 @@ class Daemon:
             "cache": self.cache.stats(),
         }
 
+    def _is_bulk(self, args: Embed, distinct: int) -> bool:
+        """The lane a request's work takes: the client's `priority` when it names one, else
+        bulk for requests of more than `bulk_threshold` distinct texts."""
+        if args.priority is not None:
+            return args.priority == "bulk"
+        return distinct > self.config.bulk_threshold
+
     async def _embed(self, args: Embed, owner: object) -> dict[str, Any]:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
-        texts = [prefix + t for t in args.input] if prefix else list(args.input)
         timeout = args.timeout or self.config.request_timeout
         deadline = self.loop.time() + timeout
         info = await slot.load(timeout)
@@ -248,7 +249,7 @@ class Daemon:
                     limit=info.dim,
                 )
             dim = args.dimensions
-        self._check_response_size(len(texts) * dim, args.encoding)
+        self._check_response_size(len(args.input) * dim, args.encoding)
         split = args.long == "split"
         if split and args.overlap >= info.max_tokens // 2:
             raise EmbeddError(
@@ -257,22 +258,41 @@ class Daemon:
                 key="overlap",
                 limit=info.max_tokens // 2,
             )
+
+        async def compute(texts: list[str], indices: list[int]) -> EmbedResult:
+            return await slot.embed(
+                args,
+                texts,
+                prefix=prefix,
+                indices=indices,
+                bulk=self._is_bulk(args, len(texts)),
+                owner=owner,
+                timeout=max(deadline - self.loop.time(), 0.001),
+                timeout_reported=timeout,
+            )
+
         if split and args.pool == "none":
-            return await self._embed_windows(args, owner, slot, prefix, deadline, timeout, dim)
+            # Every window's vector and span: a variable number of vectors per input, so
+            # never cached.
+            result = await compute(list(args.input), [])
+            self._check_response_size(len(result.vectors) * dim, args.encoding)
+            answer = await self._embed_result(args, result.vectors, result)
+            answer["spans"] = [list(span) for span in result.spans]
+            return answer
 
         # Cache hits skip the model; identical texts within the request are computed once.
-        rows: list[Entry | None] = [None] * len(texts)
+        rows: list[Entry | None] = [None] * len(args.input)
         todo: dict[str, list[int]] = {}
         keys = [
             vector_key(
                 info,
-                t,
+                prefix + text,
                 truncate=args.cuts,
                 normalize=args.normalize,
                 dimensions=args.dimensions,
                 long=f"split:{args.overlap}" if split else "",
             )
-            for t in texts
+            for text in args.input
         ]
         use_cache = args.cache and self.cache.max_bytes > 0
         for i, key in enumerate(keys):
@@ -280,91 +300,34 @@ class Daemon:
             if entry is not None:
                 rows[i] = entry
             else:
-                todo.setdefault(texts[i], []).append(i)
+                todo.setdefault(args.input[i], []).append(i)
 
         if todo:
             unique = list(todo)
-            bulk = (
-                args.priority == "bulk"
-                if args.priority is not None
-                else len(unique) > self.config.bulk_threshold
-            )
-            job = EmbedJob(
-                # Split windows each get the prompt: the job takes the texts without it.
-                texts=[t[len(prefix) :] for t in unique] if split else unique,
-                future=self.loop.create_future(),
-                loop=self.loop,
-                truncate=args.cuts,
-                normalize=args.normalize,
-                dimensions=args.dimensions,
-                bulk=bulk,
-                owner=owner,
-                indices=[todo[t][0] for t in unique],
-                split=split,
-                overlap=args.overlap,
-                prefix=prefix if split else "",
-            )
-            remaining = max(deadline - self.loop.time(), 0.001)
-            computed = await slot.run(job, remaining, timeout_reported=timeout)
-            vecs = computed["vectors"]
+            computed = await compute(unique, [todo[t][0] for t in unique])
+            if len(unique) == len(args.input):  # nothing cached, nothing repeated
+                if use_cache:
+                    for j, key in enumerate(keys):
+                        self.cache.put(key, _entry(computed, j))
+                return await self._embed_result(args, computed.vectors, computed)
             for j, text in enumerate(unique):
-                entry = Entry(
-                    vecs[j], computed["tokens"][j], computed["truncated"][j], computed["windows"][j]
-                )
+                entry = _entry(computed, j)
                 if use_cache:
                     self.cache.put(keys[todo[text][0]], entry)
                 for i in todo[text]:
                     rows[i] = entry
-            if len(unique) == len(texts):  # nothing cached, nothing repeated: no reassembly
-                return await self._embed_result(
-                    args, vecs, computed["tokens"], computed["truncated"], computed["windows"]
-                )
 
         done = [r for r in rows if r is not None]
         assert len(done) == len(rows)
         matrix = np.stack([r.vector for r in done]) if done else np.empty((0, 0), np.float32)
-        return await self._embed_result(
-            args,
+        counts = EmbedResult(
             matrix,
-            [r.tokens for r in done],
-            [r.truncated for r in done],
-            [r.windows for r in done],
+            tokens=[r.tokens for r in done],
+            truncated=[r.truncated for r in done],
+            windows=[r.windows for r in done],
+            spans=[],
         )
-
-    async def _embed_windows(
-        self,
-        args: Embed,
-        owner: object,
-        slot: ModelSlot,
-        prefix: str,
-        deadline: float,
-        timeout: float,
-        dim: int,
-    ) -> dict[str, Any]:
-        """long="split", pool="none": every window's vector and span (never cached: an
-        input's answer is a variable number of vectors)."""
-        job = EmbedJob(
-            texts=list(args.input),
-            future=self.loop.create_future(),
-            loop=self.loop,
-            normalize=args.normalize,
-            dimensions=args.dimensions,
-            bulk=args.priority == "bulk" or len(args.input) > self.config.bulk_threshold,
-            owner=owner,
-            split=True,
-            overlap=args.overlap,
-            pool="none",
-            prefix=prefix,
-        )
-        remaining = max(deadline - self.loop.time(), 0.001)
-        computed = await slot.run(job, remaining, timeout_reported=timeout)
-        vecs = computed["vectors"]
-        self._check_response_size(len(vecs) * dim, args.encoding)
-        result = await self._embed_result(
-            args, vecs, computed["tokens"], computed["truncated"], computed["windows"]
-        )
-        result["spans"] = computed["spans"]
-        return result
+        return await self._embed_result(args, matrix, counts)
 
     def _check_response_size(self, floats: int, encoding: str) -> None:
         """Refuse, before any work, an answer larger than `max_response`: its size is known
@@ -381,12 +344,7 @@ class Daemon:
             )
 
     async def _embed_result(
-        self,
-        args: Embed,
-        vecs: npt.NDArray[np.float32],
-        tokens: list[int],
-        truncated: list[bool],
-        windows: list[int],
+        self, args: Embed, vecs: npt.NDArray[np.float32], result: EmbedResult
     ) -> dict[str, Any]:
         embeddings: Any
         if args.encoding == "f32":
@@ -401,10 +359,10 @@ class Daemon:
             "count": int(vecs.shape[0]),
             "encoding": args.encoding,
             "embeddings": embeddings,
-            "tokens": tokens,
-            "truncated": truncated,
-            "windows": windows,
-            "usage": {"prompt_tokens": sum(tokens)},
+            "tokens": result.tokens,
+            "truncated": result.truncated,
+            "windows": result.windows,
+            "usage": {"prompt_tokens": sum(result.tokens)},
         }
 
     async def _chunk(self, args: Chunk) -> dict[str, Any]:
@@ -425,26 +383,24 @@ class Daemon:
                 key="overlap",
                 limit=limit // 2,
             )
-        job = ChunkJob(
-            texts=[args.input],
-            future=self.loop.create_future(),
-            loop=self.loop,
-            max_tokens=limit,
-            overlap=args.overlap,
+        result = await slot.chunk(
+            args.input, max_tokens=limit, overlap=args.overlap, timeout=self.config.request_timeout
         )
-        result = await slot.run(job, self.config.request_timeout)
-        return {"model": args.model, **result}
+        return {
+            "model": args.model,
+            "chunks": [
+                {"text": c.text, "span": [c.start, c.end], "tokens": c.tokens}
+                for c in result.chunks
+            ],
+            "max_tokens": result.max_tokens,
+        }
 
     async def _tokenize(self, args: Tokenize) -> dict[str, Any]:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
-        job = TokenizeJob(
-            texts=[prefix + t for t in args.input],
-            future=self.loop.create_future(),
-            loop=self.loop,
-        )
-        result = await slot.run(job, self.config.request_timeout)
-        size = sum(result["counts"]) * _BYTES_PER_TOKEN_ID
+        texts = [prefix + t for t in args.input]
+        result = await slot.tokenize(texts, self.config.request_timeout)
+        size = sum(result.counts) * _BYTES_PER_TOKEN_ID
         if size > self.config.max_response:
             raise EmbeddError(
                 Code.BAD_REQUEST,
@@ -454,4 +410,14 @@ class Daemon:
                 limit=self.config.max_response,
             )
         info = slot.last_info
-        return {"model": args.model, **result, "max_tokens": info.max_tokens if info else None}
+        return {
+            "model": args.model,
+            "ids": result.ids,
+            "counts": result.counts,
+            "max_tokens": info.max_tokens if info else None,
+        }
+
+
+def _entry(result: EmbedResult, j: int) -> Entry:
+    """The cache's entry for the j-th input of a result (one vector per input)."""
+    return Entry(result.vectors[j], result.tokens[j], result.truncated[j], result.windows[j])

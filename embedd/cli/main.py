@@ -81,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return 2
-    from embedd import app
+    from embedd.daemon import app
 
     return app.run(config, verbose=args.verbose)
 
@@ -111,7 +111,7 @@ def _service_options(config: Config, args: argparse.Namespace) -> Config:
 
 
 def _cmd_service(args: argparse.Namespace) -> int:
-    from embedd import service
+    from embedd.cli import service
 
     manager = args.manager or service.default_manager()
     root = Path(args.root) if args.root else None
@@ -404,7 +404,7 @@ def _alive(pid: int) -> bool:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from embedd import pull
+    from embedd.cli import pull
     from embedd.config import default_config_path
 
     config = Path(args.config) if getattr(args, "config", None) else default_config_path()
@@ -427,7 +427,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from embedd import index
+    from embedd.cli import index
 
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
@@ -461,7 +461,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from embedd import index
+    from embedd.cli import index
 
     path = _socket_path(args)
     try:
@@ -478,7 +478,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from embedd import bench  # imports llama.cpp for the baseline only when run
+    from embedd.cli import bench  # imports llama.cpp for the baseline only when run
 
     path = _socket_path(args)
     try:

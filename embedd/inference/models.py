@@ -12,16 +12,30 @@ import functools
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
+from ..config import Config, ModelConfig
+from ..wire.errors import Code, EmbeddError
+from ..wire.messages import Embed
 from .admission import Admission, estimate_tokens
-from .config import Config, ModelConfig
 from .engine import ModelInfo
-from .errors import Code, EmbeddError
+from .jobs import (
+    ChunkJob,
+    ChunkResult,
+    EmbedJob,
+    EmbedResult,
+    Job,
+    TokenizeJob,
+    TokenizeResult,
+)
+from .modelfile import version_of
+from .stats import WorkerStats
 from .threads import read_affinity, read_quota, usable_cpus
-from .worker import EmbedJob, Job, ModelWorker, WorkerStats, file_id
+from .worker import ModelWorker
 
 _log = logging.getLogger("embedd.models")
+
+R = TypeVar("R")
 
 # Before a model without a configured `max_tokens` has loaded, its texts are counted up to
 # this many tokens each (the context length most embedding models have).
@@ -81,7 +95,7 @@ class ModelSlot:
     def _ensure_worker(self) -> ModelWorker:
         w = self.worker
         if w is not None and (not w.loaded.done() or w.loaded.exception() is None):
-            if not w.loaded.done() or file_id(self.config.path) == w.file_id:
+            if not w.loaded.done() or version_of(self.config.path) == w.file_version:
                 return w
             # The file was replaced on disk: the old copy (in memory, never mapped) finishes
             # what it was given while the new file loads for what comes next.
@@ -136,15 +150,53 @@ class ModelSlot:
         self.unloads += 1
         _log.info("model %s unloaded", self.config.name)
 
-    async def run(
-        self, job: Job, timeout: float, *, timeout_reported: float | None = None
-    ) -> dict[str, Any]:
+    async def embed(
+        self,
+        request: Embed,
+        texts: list[str],
+        *,
+        prefix: str,
+        indices: list[int],
+        bulk: bool,
+        owner: object,
+        timeout: float,
+        timeout_reported: float,
+    ) -> EmbedResult:
+        """Vectors of `texts` (distinct inputs of `request`, without the prompt `prefix`)."""
+        job = EmbedJob(
+            texts,
+            self._loop.create_future(),
+            self._loop,
+            owner=owner,
+            bulk=bulk,
+            request=request,
+            prefix=prefix,
+            indices=indices,
+        )
+        return await self._run(job, timeout, timeout_reported=timeout_reported)
+
+    async def tokenize(self, texts: list[str], timeout: float) -> TokenizeResult:
+        job = TokenizeJob(texts, self._loop.create_future(), self._loop)
+        return await self._run(job, timeout)
+
+    async def chunk(
+        self, text: str, *, max_tokens: int, overlap: int, timeout: float
+    ) -> ChunkResult:
+        job = ChunkJob(
+            [text], self._loop.create_future(), self._loop, max_tokens=max_tokens, overlap=overlap
+        )
+        return await self._run(job, timeout)
+
+    async def _run(
+        self, job: Job[R], timeout: float, *, timeout_reported: float | None = None
+    ) -> R:
         """Queue a job and wait for its answer; cancels the job's remaining work if the caller
         gives up (timeout, `cancel`, or the client going away)."""
         info = self.last_info
         cap = info.max_tokens if info else (self.config.max_tokens or _UNKNOWN_MAX_TOKENS)
-        estimate = sum(estimate_tokens(t, cap) for t in job.texts)
-        bulk = isinstance(job, EmbedJob) and job.bulk
+        prefix = job.prefix if isinstance(job, EmbedJob) else ""
+        estimate = sum(estimate_tokens(prefix + t, cap) for t in job.texts)
+        bulk = job.bulk
         err = self.admission.check(
             estimate, bulk=bulk, owner=job.owner, tokens_per_second=self.stats.tokens_per_second
         )

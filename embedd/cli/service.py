@@ -371,12 +371,12 @@ def reference_files(python: str = "/usr/bin/python3", home: str = "/Users/you") 
     return files
 
 
-def main(argv: Sequence[str]) -> int:  # pragma: no cover - `python -m embedd.service`
-    """Regenerate the repository's reference files: python -m embedd.service write-reference."""
+def main(argv: Sequence[str]) -> int:  # pragma: no cover - `python -m embedd.cli.service`
+    """Regenerate the repository's reference files: python -m embedd.cli.service write-reference."""
     if list(argv) != ["write-reference"]:
-        print("usage: python -m embedd.service write-reference", file=sys.stderr)
+        print("usage: python -m embedd.cli.service write-reference", file=sys.stderr)
         return 2
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for rel, text in reference_files().items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text(text)

@@ -10,11 +10,8 @@ key holds: two models on the same file with different pooling or `max_tokens` ne
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -71,11 +68,6 @@ class ModelIdentity(Protocol):
 # Rough per-entry bookkeeping (dict slot, tuple, numpy header), so that many tiny entries are
 # not counted as free.
 _ENTRY_OVERHEAD = 200
-# Files up to this size are hashed whole; larger ones are sampled (a 4 GB model would otherwise
-# take seconds to hash on every load).
-_HASH_WHOLE_BELOW = 256 * 1024 * 1024
-_SAMPLES = 64
-_SAMPLE_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,40 +76,6 @@ class Entry:
     tokens: int
     truncated: bool
     windows: int = 1
-
-
-def model_fingerprint(path: Path) -> str:
-    """sha256 of the file, or of its size and 64 evenly spaced 64 KiB samples if it is large."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with path.open("rb") as f:
-        if size <= _HASH_WHOLE_BELOW:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(size.to_bytes(8, "little"))
-            step = (size - _SAMPLE_SIZE) // (_SAMPLES - 1)
-            for i in range(_SAMPLES):
-                f.seek(i * step)
-                h.update(f.read(_SAMPLE_SIZE))
-    return h.hexdigest()
-
-
-_CARDS: dict[tuple[str, int, int], dict[str, object]] = {}
-
-
-def file_card(path: Path) -> dict[str, object]:
-    """The file's size and full sha256 (what model hubs publish), computed once per file
-    version (path, size, mtime): a 4 GB file takes ~10 s to hash, once."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _CARDS:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _CARDS[key] = {"size": st.st_size, "sha256": h.hexdigest()}
-    return _CARDS[key]
 
 
 class VectorCache:
