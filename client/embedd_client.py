@@ -1,18 +1,25 @@
 """Client for the embedd daemon (wire protocol version 1, see PROTOCOL.md).
 
-This file is meant to be copied into other projects as is: it depends only on the standard
-library, msgpack and numpy, and repeats the few rules of the daemon it needs (such as the
-default socket path) instead of importing them.
+Copy this one file into your project: it needs only the standard library, msgpack and numpy,
+and repeats the one rule of the daemon it needs (the default socket path) instead of importing
+it. Top to bottom:
 
-Every protocol rule lives once, in `_Session`: a sans-I/O object (bytes in, responses out) that
-owns request ids, the requests in flight, incremental frame decoding bounded by `max_frame`,
-what an error frame without an id means, which requests to cancel when nobody waits for them
-any more, and whether a request may be sent again on a new connection. Each operation is
-defined once as a `_Call` (its arguments and how its result is read). `Client` (blocking, one
-request at a time) and `AsyncClient` (many requests pipelined on one connection) are thin
-shells that move bytes between a socket and the session. Both raise `EmbeddError` subclasses,
-one per error code of the protocol (`BusyError` has `retry_after`, `InputTooLongError` an
-`index` and a `limit`, and so on).
+- Errors: one `EmbeddError` carrying the protocol's `code` and details, and a subclass only
+  where a caller does something different: `DaemonUnavailableError` (nothing answers: start the
+  daemon), `UntrustedDaemonError` (another user's socket: nothing was sent), `BusyError` (retry
+  after `retry_after`), `InputTooLongError` (resend with `truncate=True` or `long="split"`).
+- Trust: the socket's owner and the peer's uid are checked before any text leaves.
+- `_Session`: every protocol rule, with no I/O (ids, requests in flight, frames bounded by
+  `max_frame`, what an error without an id means, cancelling what nobody waits for, whether a
+  request may be resent after the daemon restarted).
+- The operations, each defined once as a `_Call`: its arguments and how its answer is read.
+- `Client` (blocking) and `AsyncClient` (asyncio, requests pipelined on one connection): shells
+  that move bytes between a socket and a session; each operation is one line in each.
+
+Platforms: Linux, where all of it is tested. On other Unix systems (macOS) Python cannot read a
+Unix socket peer's uid, so only the owners of the socket and its directory are checked. Windows
+is not supported by this module (Python has no Unix sockets there, and the daemon's untested
+named pipe has no client): connecting raises `DaemonUnavailableError` saying so.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ import functools
 import itertools
 import math
 import os
+import reprlib
 import socket
 import struct
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,24 +46,15 @@ import numpy.typing as npt
 
 __all__ = [
     "AsyncClient",
-    "BadRequestError",
     "BusyError",
     "Client",
     "DaemonUnavailableError",
     "EmbedOptions",
     "EmbeddError",
-    "ForbiddenError",
-    "FrameTooLargeError",
     "InputTooLongError",
-    "InternalError",
-    "ModelLoadFailedError",
-    "ProtocolError",
-    "RequestCancelledError",
-    "RequestTimeoutError",
-    "ShuttingDownError",
-    "UnknownModelError",
-    "UnknownOpError",
     "UntrustedDaemonError",
+    "Window",
+    "WindowOptions",
     "default_socket_path",
 ]
 
@@ -76,20 +74,28 @@ _TIMEOUT_GRACE = 2.0
 # Texts per request in `embed_documents`: small enough that a huge iterable is never held in
 # memory, large enough to fill the daemon's batches (bulk batches hold ~256 tokens x 64 inputs).
 DOCUMENT_BATCH = 64
-# Frames after a send that failed: the daemon's reason (`frame_too_large`) may still be waiting.
+# Seconds to keep reading after a send failed: the daemon's reason (`frame_too_large`) may
+# still be waiting in the socket, and says more than EPIPE.
 _AFTER_BROKEN_SEND = 0.5
+_READ_SIZE = 256 * 1024
 
 _HEADER = struct.Struct(">I")
+# What the HTTP front answers a msgpack frame with. No frame can start so: "HTTP" as a length
+# prefix is 1,213,486,160 bytes, and "/" (0x2f) does not begin a msgpack map.
+_HTTP_REPLY = b"HTTP/"
+_HTTP_MISTAKE = (
+    "this is embedd's HTTP socket, not its msgpack socket: give the client the daemon's "
+    "`socket` path (its `--socket`, or the default), or speak HTTP to this one"
+)
+_UCRED = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
+
 PathArg = str | os.PathLike[str]
 Vectors = npt.NDArray[np.float32]
 T = TypeVar("T")
 
 
 def default_socket_path() -> Path:
-    """The socket the daemon listens on when neither side names one.
-
-    Duplicated from the daemon on purpose, so that this module stands alone.
-    """
+    """The socket the daemon listens on when neither side names one (PROTOCOL.md, Transport)."""
     if os.environ.get("EMBEDD_SOCKET"):
         return Path(os.environ["EMBEDD_SOCKET"])
     if os.environ.get("XDG_RUNTIME_DIR"):
@@ -103,131 +109,67 @@ def default_socket_path() -> Path:
 
 
 class EmbeddError(Exception):
-    """An error answered by the daemon, or met while talking to it.
+    """An error the daemon answered (`code` as in PROTOCOL.md's *Errors*), or one met on the way:
+    `unavailable`, `untrusted`, and `timeout`, `frame_too_large`, `protocol_error` or
+    `bad_request` found by the client itself.
 
-    The optional details are attributes (None when the daemon did not send them); `details`
-    still holds the whole error map for anything a newer daemon may add.
+    Callers branch on `code`. The details the protocol defines are attributes, None where the
+    error has none; `details` keeps the whole error map for anything a newer daemon adds.
     """
 
     def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-        self.details: dict[str, Any] = dict(details) if details is not None else {}
-        self.details.setdefault("code", code)
-        self.details.setdefault("message", message)
-        self.retry_after: float | None = _opt_float(self.details.get("retry_after"))
-        self.index: int | None = _opt_int(self.details.get("index"))
-        self.limit: float | None = _opt_number(self.details.get("limit"))
-        self.tokens: int | None = _opt_int(self.details.get("tokens"))
-        key = self.details.get("key")
-        self.key: str | None = key if isinstance(key, str) else None
-
-
-class BadRequestError(EmbeddError):
-    """A missing, mistyped or unknown argument, an empty input, or a reused id."""
-
-
-class UnknownOpError(EmbeddError):
-    """The daemon does not know the operation (it may be older than this client)."""
-
-
-class UnknownModelError(EmbeddError):
-    """The model name is not in the daemon's configuration."""
-
-
-class ModelLoadFailedError(EmbeddError):
-    """The model file is missing, not GGUF, or not an embedding model."""
-
-
-class InputTooLongError(EmbeddError):
-    """An input exceeds the model's `max_tokens`; pass `truncate=True` to cut it instead."""
-
-
-class BusyError(EmbeddError):
-    """The daemon's queue is full; retrying after `retry_after` seconds makes sense."""
-
-
-class RequestTimeoutError(EmbeddError):
-    """The request did not finish in time, on the daemon's side or on ours."""
-
-
-class RequestCancelledError(EmbeddError):
-    """The request was cancelled, or its model was unloaded before it ran."""
-
-
-class ShuttingDownError(EmbeddError):
-    """The daemon is draining and accepts no new work."""
-
-
-class FrameTooLargeError(EmbeddError):
-    """A frame exceeded the receiver's limit; the connection was closed."""
-
-
-class ProtocolError(EmbeddError):
-    """The byte stream could not be understood; the connection was closed."""
-
-
-class ForbiddenError(EmbeddError):
-    """The daemon refused: shutdown is not allowed, or this user may not connect."""
-
-
-class InternalError(EmbeddError):
-    """A bug in the daemon."""
+        self.details: dict[str, Any] = {**(details or {}), "code": code, "message": message}
+        retry_after = _detail(self.details, "retry_after", int | float)
+        self.retry_after: float | None = None if retry_after is None else float(retry_after)
+        self.index: int | None = _detail(self.details, "index", int)
+        self.limit: float | None = _detail(self.details, "limit", int | float)
+        self.tokens: int | None = _detail(self.details, "tokens", int)
+        self.key: str | None = _detail(self.details, "key", str)
 
 
 class DaemonUnavailableError(EmbeddError):
-    """The daemon could not be reached, or the connection to it was lost."""
+    """Nothing answers on the socket, or the connection was lost: the daemon is not running,
+    or it stopped. Code `unavailable`."""
 
     def __init__(self, message: str, details: Mapping[str, Any] | None = None):
         super().__init__("unavailable", message, details)
 
 
 class UntrustedDaemonError(EmbeddError):
-    """Whoever answers on the socket is not a daemon this user trusts: nothing was sent."""
+    """The socket, or the process answering on it, belongs to a user this one does not trust:
+    nothing was sent. Code `untrusted`."""
 
     def __init__(self, message: str, details: Mapping[str, Any] | None = None):
         super().__init__("untrusted", message, details)
 
 
-_ERROR_CLASSES: dict[str, type[EmbeddError]] = {
-    "bad_request": BadRequestError,
-    "unknown_op": UnknownOpError,
-    "unknown_model": UnknownModelError,
-    "model_load_failed": ModelLoadFailedError,
-    "input_too_long": InputTooLongError,
-    "busy": BusyError,
-    "timeout": RequestTimeoutError,
-    "cancelled": RequestCancelledError,
-    "shutting_down": ShuttingDownError,
-    "frame_too_large": FrameTooLargeError,
-    "protocol_error": ProtocolError,
-    "forbidden": ForbiddenError,
-    "internal": InternalError,
-}
+class BusyError(EmbeddError):
+    """The daemon's queue or this connection's requests in flight are at their limit: the same
+    request makes sense again after `retry_after` seconds. Code `busy`."""
 
 
-def _opt_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+class InputTooLongError(EmbeddError):
+    """Input `index` has `tokens` tokens, over the model's `limit`: resend it with
+    `truncate=True` or `long="split"`. Code `input_too_long`."""
 
 
-def _opt_number(value: Any) -> float | None:
-    return None if isinstance(value, bool) or not isinstance(value, int | float) else value
+_ACTED_ON: dict[str, type[EmbeddError]] = {"busy": BusyError, "input_too_long": InputTooLongError}
 
 
-def _opt_float(value: Any) -> float | None:
-    number = _opt_number(value)
-    return None if number is None else float(number)
+def _detail(details: Mapping[str, Any], key: str, kind: Any) -> Any:
+    value = details.get(key)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def _error_from_map(error: Any) -> EmbeddError:
     if not isinstance(error, Mapping):
-        return ProtocolError("protocol_error", f"error response without an error map: {error!r}")
-    code = error.get("code")
-    code = code if isinstance(code, str) else "internal"
-    message = error.get("message")
-    message = message if isinstance(message, str) else "(no message)"
-    return _ERROR_CLASSES.get(code, EmbeddError)(code, message, error)
+        return EmbeddError("protocol_error", f"error response without an error map: {error!r}")
+    code = _detail(error, "code", str) or "internal"
+    message = _detail(error, "message", str) or "(no message)"
+    return _ACTED_ON.get(code, EmbeddError)(code, message, error)
 
 
 def _unavailable(path: Path, what: str, cause: BaseException | str) -> DaemonUnavailableError:
@@ -244,10 +186,8 @@ def _unavailable(path: Path, what: str, cause: BaseException | str) -> DaemonUna
     )
 
 
-def _client_timeout(limit: float | None) -> RequestTimeoutError:
-    return RequestTimeoutError(
-        "timeout", f"no response from the daemon within {limit} s", {"limit": limit}
-    )
+def _client_timeout(limit: float | None) -> EmbeddError:
+    return EmbeddError("timeout", f"no response from the daemon within {limit} s", {"limit": limit})
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,9 +196,7 @@ def _client_timeout(limit: float | None) -> RequestTimeoutError:
 
 def _trusted_uids(extra: Iterable[int | str]) -> set[int]:
     """This user, root, and whoever the caller (or $EMBEDD_TRUST_UIDS) names."""
-    if sys.platform == "win32":  # the pipe's DACL admits only this user (see the README)
-        return set()
-    import pwd
+    import pwd  # here, not at the top: the module stays importable where pwd does not exist
 
     names = list(extra) + [n for n in os.environ.get("EMBEDD_TRUST_UIDS", "").split(",") if n]
     uids = {os.getuid(), 0}
@@ -273,52 +211,36 @@ def _trusted_uids(extra: Iterable[int | str]) -> set[int]:
     return uids
 
 
+def _untrusted(path: Path, whose: str, uid: int) -> UntrustedDaemonError:
+    return UntrustedDaemonError(
+        f"{whose} uid {uid}, not you (uid {os.getuid()}) or root; refusing to send anything "
+        "there. If that user runs a daemon you trust, pass trust_uids=[...] or set "
+        "EMBEDD_TRUST_UIDS.",
+        {"path": str(path), "uid": uid},
+    )
+
+
 def _check_path(path: Path, trusted: set[int]) -> None:
     """Before connecting: the socket's directory and file must belong to a trusted user, so
     that a socket planted in a directory another user created first gets no text."""
-    if sys.platform == "win32":
-        return
     for what, target in (("directory", path.parent), ("socket", path)):
         try:
             owner = os.lstat(target).st_uid
         except FileNotFoundError:
             return  # nothing there: connecting fails as "unavailable"
         if owner not in trusted:
-            raise UntrustedDaemonError(
-                f"the socket {what} {target} belongs to uid {owner}, not to you (uid "
-                f"{os.getuid()}) or root; refusing to send anything there. If that user runs "
-                "a daemon you trust, pass trust_uids=[...] or set EMBEDD_TRUST_UIDS.",
-                {"path": str(path), "uid": owner},
-            )
-
-
-def _peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end (Linux SO_PEERCRED; macOS getpeereid, untested
-    here); None where the platform offers neither."""
-    if hasattr(socket, "SO_PEERCRED"):
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return int(struct.unpack("3i", creds)[1])
-    if sys.platform == "darwin":  # NOT TESTED ON MACOS
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
-        if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) == 0:
-            return int(uid.value)
-    return None
+            raise _untrusted(path, f"the socket {what} {target} belongs to", owner)
 
 
 def _check_peer(sock: socket.socket, path: Path, trusted: set[int]) -> None:
-    if sys.platform == "win32":
+    """After connecting: the process that answers must run as a trusted user (Linux only: see
+    the module docstring)."""
+    if not hasattr(socket, "SO_PEERCRED"):
         return
-    uid = _peer_uid(sock)
-    if uid is not None and uid not in trusted:
-        raise UntrustedDaemonError(
-            f"the process answering on {path} runs as uid {uid}, not as you (uid "
-            f"{os.getuid()}) or root; refusing to send anything to it. If that user runs a "
-            "daemon you trust, pass trust_uids=[...] or set EMBEDD_TRUST_UIDS.",
-            {"path": str(path), "uid": uid},
-        )
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    uid = _UCRED.unpack(creds)[1]
+    if uid not in trusted:
+        raise _untrusted(path, f"the process answering on {path} runs as", uid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,8 +271,9 @@ class _Session:
         if "id" in args:
             raise TypeError("'id' is chosen by the client and cannot be passed as an argument")
         rid = next(self.ids)
+        frame = _encode({**args, "id": rid, "op": op})
         self.pending.add(rid)
-        return rid, _encode({**args, "id": rid, "op": op})
+        return rid, frame
 
     def abandon(self, rid: int) -> bytes | None:
         """Nobody waits for `rid` any more: the frame that asks the daemon to drop its work
@@ -364,24 +287,26 @@ class _Session:
         """Bytes from the daemon -> (id, response) for each complete answer we wait for.
 
         Raises the daemon's error when it refuses the stream (an error frame with `id: nil`
-        closes the connection, PROTOCOL.md), or ProtocolError/FrameTooLargeError on a stream
-        that cannot be read: either way the connection is done for."""
+        closes the connection, PROTOCOL.md), or a `protocol_error` / `frame_too_large` on a
+        stream that cannot be read: either way the connection is done for."""
         if self.failed is not None:
             raise self.failed
         self._buf += data
         out: list[tuple[int, dict[str, Any]]] = []
         while len(self._buf) >= _HEADER.size:
+            if self._buf.startswith(_HTTP_REPLY[: len(self._buf)]):
+                if len(self._buf) < len(_HTTP_REPLY):
+                    break  # "HTTP" could still be a length prefix: the next byte decides
+                raise self._fail("protocol_error", _HTTP_MISTAKE, {})
             (length,) = _HEADER.unpack_from(self._buf)
             if length == 0:
-                raise self._fail(ProtocolError("protocol_error", "the daemon sent an empty frame"))
+                raise self._fail("protocol_error", "the daemon sent an empty frame", {})
             if length > self.max_frame:
                 raise self._fail(
-                    FrameTooLargeError(
-                        "frame_too_large",
-                        f"the daemon sent a frame of {length} bytes, over the client's limit "
-                        f"of {self.max_frame} (raise max_frame)",
-                        {"limit": self.max_frame},
-                    )
+                    "frame_too_large",
+                    f"the daemon sent a frame of {length} bytes, over the client's limit "
+                    f"of {self.max_frame} (raise max_frame)",
+                    {"limit": self.max_frame},
                 )
             end = _HEADER.size + length
             if len(self._buf) < end:
@@ -390,7 +315,8 @@ class _Session:
             del self._buf[:end]
             rid = message.get("id")
             if rid is None and message.get("ok") is False:
-                raise self._fail(_error_from_map(message.get("error")))
+                self.failed = _error_from_map(message.get("error"))
+                raise self.failed
             if isinstance(rid, int) and rid in self.pending:
                 self.pending.discard(rid)
                 self.worked = True
@@ -398,9 +324,9 @@ class _Session:
             # Otherwise: a late answer to an abandoned request, or to a cancel: skipped.
         return out
 
-    def _fail(self, error: EmbeddError) -> EmbeddError:
-        self.failed = error
-        return error
+    def _fail(self, code: str, message: str, details: Mapping[str, Any]) -> EmbeddError:
+        self.failed = EmbeddError(code, message, details)
+        return self.failed
 
     def may_resend(self, *, allowed: bool, fresh: bool) -> bool:
         """After the connection broke while sending: a request that never reached the daemon
@@ -410,17 +336,34 @@ class _Session:
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    try:
+        body: bytes = msgpack.packb(message, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        # msgpack names neither the argument nor the limit (an int must fit in 64 bits, a str
+        # must encode as UTF-8): find the argument, so the caller can tell which one to fix.
+        key = next((k for k, v in message.items() if not _packs(v)), "input")
+        value = reprlib.repr(message.get(key))
+        raise EmbeddError(
+            "bad_request", f"{key} = {value} cannot be sent in msgpack: {exc}", {"key": key}
+        ) from None
     return _HEADER.pack(len(body)) + body
+
+
+def _packs(value: Any) -> bool:
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _decode(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError("protocol_error", f"the daemon sent invalid msgpack: {exc}") from exc
+        raise EmbeddError("protocol_error", f"the daemon sent invalid msgpack: {exc}") from exc
     if not isinstance(message, dict):
-        raise ProtocolError(
+        raise EmbeddError(
             "protocol_error", f"the daemon sent a {type(message).__name__}, not a map"
         )
     return message
@@ -436,16 +379,35 @@ def _result(response: Mapping[str, Any]) -> dict[str, Any]:
 # The operations, each defined once for both clients
 
 
-class EmbedOptions(TypedDict, total=False):
-    """`embed`'s options (PROTOCOL.md); a misspelt one fails the type check."""
+class WindowOptions(TypedDict, total=False):
+    """`embed_windows`' options (PROTOCOL.md, `embed`); a misspelt one fails the type check."""
 
     normalize: bool
-    truncate: bool
     dimensions: int
     prompt: str
     timeout: float
     priority: Literal["interactive", "bulk"]
     cache: bool
+    overlap: int
+
+
+class EmbedOptions(WindowOptions, total=False):
+    """`embed`'s options: those of `embed_windows`, and what an over-long input gets."""
+
+    truncate: bool
+    long: Literal["error", "truncate", "split"]
+    pool: Literal["mean", "none"]
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """One window of an input (the whole input when it fits the model): a chunk for a vector
+    store, with where it came from."""
+
+    input: int  # which of the texts it is from
+    span: tuple[int, int]  # its [start, end) characters in that text
+    text: str  # texts[input][start:end]
+    vector: Vectors
 
 
 @dataclass(frozen=True)
@@ -463,25 +425,8 @@ class _Call(Generic[T]):
         return default if timeout is None else float(timeout) + _TIMEOUT_GRACE
 
 
-def _texts(texts: str | Sequence[str]) -> str | list[str]:
-    return texts if isinstance(texts, str) else list(texts)
-
-
-def _check_timeout(timeout: float) -> None:
-    if not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
-        raise BadRequestError(
-            "bad_request",
-            f"timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout}",
-            {"key": "timeout", "limit": MAX_TIMEOUT},
-        )
-
-
-def _same(result: dict[str, Any]) -> dict[str, Any]:
-    return result
-
-
 def _plain(op: str, **args: Any) -> _Call[dict[str, Any]]:
-    return _Call(op, args, _same)
+    return _Call(op, args, lambda result: result)
 
 
 def _models() -> _Call[list[dict[str, Any]]]:
@@ -493,40 +438,81 @@ def _shutdown() -> _Call[None]:
 
 
 def _tokenize(texts: str | Sequence[str], model: str, prompt: str | None) -> _Call[list[list[int]]]:
-    args: dict[str, Any] = {"input": _texts(texts), "model": model}
-    if prompt is not None:
-        args["prompt"] = prompt
+    args = _given(input=_texts(texts), model=model, prompt=prompt)
     return _Call("tokenize", args, lambda r: list(r["ids"]))
 
 
 def _chunk(
     text: str, model: str, max_tokens: int | None, overlap: int
 ) -> _Call[list[dict[str, Any]]]:
-    args: dict[str, Any] = {"input": text, "model": model, "overlap": overlap}
-    if max_tokens is not None:
-        args["max_tokens"] = max_tokens
+    args = _given(input=text, model=model, overlap=overlap, max_tokens=max_tokens)
     return _Call("chunk", args, lambda r: list(r["chunks"]))
 
 
 def _embed(texts: str | Sequence[str], model: str, options: EmbedOptions) -> _Call[Vectors]:
-    if "timeout" in options:
-        _check_timeout(options["timeout"])
-    args: dict[str, Any] = {"input": _texts(texts), "model": model, "encoding": "f32", **options}
-    single = isinstance(texts, str)
+    # pool="none" answers a row per window, so even one str gets a 2-D array.
+    single = isinstance(texts, str) and options.get("pool") != "none"
+    args = _embed_args(_texts(texts), model, options)
     return _Call("embed", args, lambda r: _vectors(r, single))
+
+
+def _embed_windows(
+    texts: str | Sequence[str], model: str, options: WindowOptions
+) -> _Call[list[Window]]:
+    inputs = [texts] if isinstance(texts, str) else list(texts)
+    args = _embed_args(inputs, model, {**options, "long": "split", "pool": "none"})
+    return _Call("embed", args, lambda r: _windows(r, inputs))
+
+
+def _embed_args(inputs: str | list[str], model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    timeout = options.get("timeout")
+    if timeout is not None and not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
+        raise EmbeddError(
+            "bad_request",
+            f"timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout}",
+            {"key": "timeout", "limit": MAX_TIMEOUT},
+        )
+    return {"input": inputs, "model": model, "encoding": "f32", **options}
+
+
+def _given(**args: Any) -> dict[str, Any]:
+    """The arguments the caller gave: None means "the daemon's default", so it is not sent."""
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def _texts(texts: str | Sequence[str]) -> str | list[str]:
+    return texts if isinstance(texts, str) else list(texts)
 
 
 def _vectors(result: Mapping[str, Any], single: bool) -> Vectors:
     count, dim, data = result.get("count"), result.get("dim"), result.get("embeddings")
     if not isinstance(count, int) or not isinstance(dim, int) or not isinstance(data, bytes):
-        raise ProtocolError("protocol_error", "embed result lacks count, dim or f32 embeddings")
+        raise EmbeddError("protocol_error", "embed result lacks count, dim or f32 embeddings")
     if len(data) != count * dim * 4:
-        raise ProtocolError(
+        raise EmbeddError(
             "protocol_error", f"embed result has {len(data)} bytes, expected {count} x {dim} x 4"
         )
     # astype copies: the array is writable, native-endian and does not pin the frame's bytes.
     vectors = np.frombuffer(data, "<f4").reshape(count, dim).astype(np.float32)
     return vectors[0] if single else vectors
+
+
+def _windows(result: Mapping[str, Any], inputs: list[str]) -> list[Window]:
+    vectors = _vectors(result, single=False)
+    counts, spans = result.get("windows"), result.get("spans")
+    if not (
+        isinstance(counts, list)
+        and isinstance(spans, list)
+        and len(counts) == len(inputs)
+        and all(isinstance(n, int) for n in counts)
+        and sum(counts) == len(spans) == len(vectors)
+    ):
+        raise EmbeddError("protocol_error", "embed result's windows and spans do not fit it")
+    owners = (i for i, n in enumerate(counts) for _ in range(n))
+    return [
+        Window(i, (start, end), inputs[i][start:end], vector)
+        for i, (start, end), vector in zip(owners, spans, vectors, strict=True)
+    ]
 
 
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -535,42 +521,15 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _query_options(prompt: str | None) -> EmbedOptions:
+    options: EmbedOptions = {"priority": "interactive"}
+    if prompt is not None:
+        options["prompt"] = prompt
+    return options
+
+
 # --------------------------------------------------------------------------------------------
-# Transports: a Unix socket, or on Windows the named pipe \\.\pipe\embedd-<user>
-
-
-def _pipe_name(path: Path) -> str:
-    """On Windows: `path` if it names a pipe, else the daemon's default pipe for this user."""
-    import getpass
-
-    text = str(path)
-    return text if text.startswith("\\\\.\\pipe\\") else f"\\\\.\\pipe\\embedd-{getpass.getuser()}"
-
-
-class _PipeStream:
-    """The blocking client's view of a named pipe (NOT TESTED ON WINDOWS: see the README).
-    Pipe reads cannot time out here: `settimeout` is accepted and ignored."""
-
-    def __init__(self, name: str) -> None:
-        self._file = open(name, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
-
-    def settimeout(self, timeout: float | None) -> None:
-        pass
-
-    def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[self._file.write(view) or 0 :]
-
-    def recv(self, n: int) -> bytes:
-        return self._file.read(n) or b""
-
-    def close(self) -> None:
-        self._file.close()
-
-
-_Stream = socket.socket | _PipeStream
-_READ_SIZE = 256 * 1024
+# The shells
 
 
 class _Base:
@@ -596,6 +555,12 @@ class _Base:
         """Each shell's own connection state."""
 
     def _checked_path(self) -> set[int]:
+        if not hasattr(socket, "AF_UNIX"):
+            raise DaemonUnavailableError(
+                "embedd_client talks to the daemon over a Unix socket, which Python does not "
+                "offer on this platform (Windows is not supported by this module)",
+                {"path": str(self.path)},
+            )
         trusted = _trusted_uids(self._trust)
         _check_path(self.path, trusted)
         return trusted
@@ -610,7 +575,7 @@ class Client(_Base):
     """
 
     def _setup(self) -> None:
-        self._stream: _Stream | None = None
+        self._sock: socket.socket | None = None
         self._session = _Session(self.max_frame, self._ids)
 
     def __enter__(self) -> Self:
@@ -626,17 +591,12 @@ class Client(_Base):
 
     def close(self) -> None:
         """Close the connection; a later call opens a new one."""
-        stream, self._stream = self._stream, None
+        sock, self._sock = self._sock, None
         self._session = _Session(self.max_frame, self._ids)
-        if stream is not None:
-            stream.close()
+        if sock is not None:
+            sock.close()
 
-    def _connect(self) -> _Stream:
-        if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
-            try:
-                return _PipeStream(_pipe_name(self.path))
-            except OSError as exc:
-                raise _unavailable(self.path, "cannot connect to", exc) from None
+    def _connect(self) -> socket.socket:
         trusted = self._checked_path()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -654,33 +614,23 @@ class Client(_Base):
     def _run(self, call: _Call[T]) -> T:
         return call.parse(_result(self._exchange(call)))
 
-    def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return its result (the response without `id` and `ok`)."""
-        return self._run(_plain(op, **args))
-
     def _exchange(self, call: _Call[Any]) -> dict[str, Any]:
         wait = call.wait(self.timeout)
         for attempt in (1, 2):
-            fresh = self._stream is None
-            stream = self._stream = self._stream or self._connect()
+            fresh = self._sock is None
+            sock = self._sock = self._sock or self._connect()
             session = self._session
             rid, frame = session.request(call.op, call.args)
             deadline = None if wait is None else time.monotonic() + wait
             try:
                 try:
-                    self._settimeout(stream, deadline, wait)
-                    stream.sendall(frame)
+                    self._settimeout(sock, deadline, wait)
+                    sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError) as exc:
-                    # The daemon may have refused the frame (too large) and closed: its error
-                    # frame can still be waiting for us, and says more than EPIPE.
-                    late = time.monotonic() + _AFTER_BROKEN_SEND
-                    try:
-                        return self._read(stream, rid, late, _AFTER_BROKEN_SEND)
-                    except (_ConnectionLost, RequestTimeoutError):
-                        raise _ConnectionLost(str(exc) or type(exc).__name__) from None
+                    return self._read_after_broken_send(sock, rid, exc)
                 except TimeoutError:
                     raise _client_timeout(wait) from None
-                return self._read(stream, rid, deadline, wait)
+                return self._read(sock, rid, deadline, wait)
             except _ConnectionLost as exc:
                 self.close()
                 if session.may_resend(allowed=call.resend and attempt == 1, fresh=fresh):
@@ -693,13 +643,28 @@ class Client(_Base):
                 raise
         raise AssertionError("unreachable")
 
+    def _read_after_broken_send(
+        self, sock: socket.socket, rid: int, exc: OSError
+    ) -> dict[str, Any]:
+        """The daemon may have refused the frame (too large) and closed: its error frame can
+        still be waiting for us, and says more than EPIPE."""
+        try:
+            late = time.monotonic() + _AFTER_BROKEN_SEND
+            return self._read(sock, rid, late, _AFTER_BROKEN_SEND)
+        except _ConnectionLost:
+            pass
+        except EmbeddError as error:
+            if error.code != "timeout":  # ours, from waiting: nothing more was coming
+                raise
+        raise _ConnectionLost(str(exc) or type(exc).__name__)
+
     def _read(
-        self, stream: _Stream, rid: int, deadline: float | None, wait: float | None
+        self, sock: socket.socket, rid: int, deadline: float | None, wait: float | None
     ) -> dict[str, Any]:
         while True:
             try:
-                self._settimeout(stream, deadline, wait)
-                data = stream.recv(_READ_SIZE)
+                self._settimeout(sock, deadline, wait)
+                data = sock.recv(_READ_SIZE)
             except TimeoutError:
                 raise _client_timeout(wait) from None
             except (ConnectionResetError, BrokenPipeError) as exc:
@@ -711,16 +676,20 @@ class Client(_Base):
                     return message
 
     @staticmethod
-    def _settimeout(stream: _Stream, deadline: float | None, wait: float | None) -> None:
+    def _settimeout(sock: socket.socket, deadline: float | None, wait: float | None) -> None:
         if deadline is None:
-            stream.settimeout(None)
+            sock.settimeout(None)
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _client_timeout(wait)
-        stream.settimeout(remaining)
+        sock.settimeout(remaining)
 
     # -- operations: one line each, defined in the `_Call` builders above ---------------------
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request and return its result (the response without `id` and `ok`)."""
+        return self._run(_plain(op, **args))
 
     def hello(self) -> dict[str, Any]:
         return self._run(_plain("hello"))
@@ -741,7 +710,7 @@ class Client(_Base):
         return self._run(_plain("unload", model=model))
 
     def shutdown(self) -> None:
-        """Ask the daemon to drain and exit (refused with ForbiddenError unless allowed)."""
+        """Ask the daemon to drain and exit (refused with `forbidden` unless its config allows)."""
         self._run(_shutdown())
 
     def tokenize(
@@ -760,17 +729,22 @@ class Client(_Base):
     def embed(
         self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
     ) -> Vectors:
-        """Vectors of shape (n, dim), or (dim,) for a single str. `timeout` is the daemon-side
-        limit (default: its `request_timeout`); we wait a little longer ourselves."""
+        """Vectors of shape (n, dim), or (dim,) for a single str; with `pool="none"`, one row
+        per window (`embed_windows` says which input and span each is). `timeout` is the
+        daemon-side limit (default: its `request_timeout`); we wait a little longer ourselves."""
         return self._run(_embed(texts, model, options))
+
+    def embed_windows(
+        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[WindowOptions]
+    ) -> list[Window]:
+        """Each input split into windows that fit the model (`overlap` tokens shared between
+        neighbours), each window with its vector, span and text, in input order."""
+        return self._run(_embed_windows(texts, model, options))
 
     def embed_query(self, text: str, model: str = "default", prompt: str | None = None) -> Vectors:
         """One query's vector, at interactive priority (`prompt`: e.g. "query", if the model
         has one configured)."""
-        options: EmbedOptions = {"priority": "interactive"}
-        if prompt is not None:
-            options["prompt"] = prompt
-        return self.embed(text, model, **options)
+        return self._run(_embed(text, model, _query_options(prompt)))
 
     def embed_documents(
         self,
@@ -784,23 +758,7 @@ class Client(_Base):
         (shape (k, dim)), so a large folder is never held in memory at once."""
         options.setdefault("priority", "bulk")
         for batch in _batches(texts, batch_size):
-            yield self.embed(batch, model, **options)
-
-
-# --------------------------------------------------------------------------------------------
-# asyncio client
-
-
-async def _open_stream(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if sys.platform == "win32":  # NOT TESTED ON WINDOWS (see the README)
-        loop = asyncio.get_running_loop()
-        if not isinstance(loop, asyncio.ProactorEventLoop):
-            raise OSError("named pipes need asyncio's ProactorEventLoop (the Windows default)")
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await loop.create_pipe_connection(lambda: protocol, _pipe_name(path))
-        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-    return await asyncio.open_unix_connection(str(path))
+            yield self._run(_embed(batch, model, options))
 
 
 class _AsyncConnection:
@@ -876,7 +834,8 @@ class _AsyncConnection:
 
 
 class AsyncClient(_Base):
-    """An asyncio client: many tasks may share it, their requests pipelined on one connection.
+    """An asyncio client with `Client`'s methods as coroutines: many tasks may share it, their
+    requests pipelined on one connection.
 
     Responses come back in any order and are routed by id, so a slow batch never holds up a
     quick `health`. A task cancelled while waiting cancels its request on the daemon. If the
@@ -915,18 +874,17 @@ class AsyncClient(_Base):
                 return self._conn, False
             trusted = self._checked_path()
             try:
-                reader, writer = await asyncio.wait_for(_open_stream(self.path), self.timeout)
+                opening = asyncio.open_unix_connection(str(self.path))
+                reader, writer = await asyncio.wait_for(opening, self.timeout)
             except TimeoutError:
                 raise _unavailable(self.path, "cannot connect to", "timed out") from None
             except OSError as exc:
                 raise _unavailable(self.path, "cannot connect to", exc) from None
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    _check_peer(sock, self.path, trusted)
-                except BaseException:
-                    writer.close()
-                    raise
+            try:
+                _check_peer(writer.get_extra_info("socket"), self.path, trusted)
+            except BaseException:
+                writer.close()
+                raise
             self._conn = _AsyncConnection(
                 reader, writer, self.path, _Session(self.max_frame, self._ids)
             )
@@ -934,10 +892,6 @@ class AsyncClient(_Base):
 
     async def _run(self, call: _Call[T]) -> T:
         return call.parse(_result(await self._exchange(call)))
-
-    async def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return its result (the response without `id` and `ok`)."""
-        return await self._run(_plain(op, **args))
 
     async def _exchange(self, call: _Call[Any]) -> dict[str, Any]:
         wait = call.wait(self.timeout)
@@ -979,7 +933,10 @@ class AsyncClient(_Base):
         if frame is not None and conn.alive:
             conn.writer.write(frame)
 
-    # -- operations: one line each, defined in the `_Call` builders above ---------------------
+    # -- operations: as `Client`'s, one line each ---------------------------------------------
+
+    async def request(self, op: str, **args: Any) -> dict[str, Any]:
+        return await self._run(_plain(op, **args))
 
     async def hello(self) -> dict[str, Any]:
         return await self._run(_plain("hello"))
@@ -1000,35 +957,32 @@ class AsyncClient(_Base):
         return await self._run(_plain("unload", model=model))
 
     async def shutdown(self) -> None:
-        """Ask the daemon to drain and exit (refused with ForbiddenError unless allowed)."""
         await self._run(_shutdown())
 
     async def tokenize(
         self, texts: str | Sequence[str], model: str = "default", prompt: str | None = None
     ) -> list[list[int]]:
-        """Token ids per input, special tokens included (one list per input, even for a str)."""
         return await self._run(_tokenize(texts, model, prompt))
 
     async def chunk(
         self, text: str, model: str = "default", max_tokens: int | None = None, overlap: int = 0
     ) -> list[dict[str, Any]]:
-        """As `Client.chunk`."""
         return await self._run(_chunk(text, model, max_tokens, overlap))
 
     async def embed(
         self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
     ) -> Vectors:
-        """As `Client.embed`."""
         return await self._run(_embed(texts, model, options))
+
+    async def embed_windows(
+        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[WindowOptions]
+    ) -> list[Window]:
+        return await self._run(_embed_windows(texts, model, options))
 
     async def embed_query(
         self, text: str, model: str = "default", prompt: str | None = None
     ) -> Vectors:
-        """As `Client.embed_query`."""
-        options: EmbedOptions = {"priority": "interactive"}
-        if prompt is not None:
-            options["prompt"] = prompt
-        return await self.embed(text, model, **options)
+        return await self._run(_embed(text, model, _query_options(prompt)))
 
     async def embed_documents(
         self,
@@ -1038,7 +992,6 @@ class AsyncClient(_Base):
         batch_size: int = DOCUMENT_BATCH,
         **options: Unpack[EmbedOptions],
     ) -> AsyncIterator[Vectors]:
-        """As `Client.embed_documents`, an async iterator."""
         options.setdefault("priority", "bulk")
         for batch in _batches(texts, batch_size):
-            yield await self.embed(batch, model, **options)
+            yield await self._run(_embed(batch, model, options))

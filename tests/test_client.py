@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -174,8 +175,9 @@ def test_embed_prompt_equals_spelling_out_the_prefix(daemon: Daemon) -> None:
 
 def test_embed_timeout_is_sent_to_the_daemon(daemon: Daemon, reference: Reference) -> None:
     with ec.Client(daemon.socket) as client:
-        with pytest.raises(ec.RequestTimeoutError) as info:
+        with pytest.raises(ec.EmbeddError) as info:
             client.embed(reference.chunks[:300], timeout=0.05)
+        assert info.value.code == "timeout"
         assert info.value.limit == 0.05  # the daemon's error, not ours
         assert client.health()["status"] == "ok"
 
@@ -193,6 +195,79 @@ def test_tokenize_with_prompt_counts_the_prefix(daemon: Daemon) -> None:
     assert len(prompted[0]) > len(plain[0])
 
 
+# --- long inputs: split into windows --------------------------------------------------------
+
+
+def _long_text(reference: Reference) -> str:
+    return " ".join(reference.chunks_long[:3])  # ~480 tokens: two or three windows
+
+
+def test_embed_long_split_gives_one_vector_per_input(daemon: Daemon, reference: Reference) -> None:
+    with ec.Client(daemon.socket) as client:
+        assert client.embed(_long_text(reference), long="split").shape == (DIM,)
+        assert client.embed([_long_text(reference), "short"], long="split").shape == (2, DIM)
+
+
+def test_an_input_that_fits_gets_the_same_vector_with_long_split(daemon: Daemon) -> None:
+    with ec.Client(daemon.socket) as client:
+        split = client.embed("a short sentence", long="split", overlap=8)
+        plain = client.embed("a short sentence")
+    assert cosines(split[None, :], plain[None, :])[0] >= 0.9999
+
+
+def test_embed_with_pool_none_gives_a_row_per_window_even_for_one_string(
+    daemon: Daemon, reference: Reference
+) -> None:
+    with ec.Client(daemon.socket) as client:
+        rows = client.embed(_long_text(reference), long="split", pool="none")
+        windows = client.embed_windows(_long_text(reference))
+    assert rows.shape == (len(windows), DIM) and len(windows) > 1
+
+
+def test_embed_windows_are_the_chunk_ops_chunks_with_their_vectors(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = _long_text(reference)
+    with ec.Client(daemon.socket) as client:
+        windows = client.embed_windows(text, overlap=16)
+        chunks = client.chunk(text, overlap=16)
+        alone = client.embed([c["text"] for c in chunks])
+    assert [w.span for w in windows] == [tuple(c["span"]) for c in chunks]
+    assert [w.text for w in windows] == [c["text"] for c in chunks]
+    assert all(w.input == 0 and w.text == text[w.span[0] : w.span[1]] for w in windows)
+    assert cosines(np.stack([w.vector for w in windows]), alone).min() >= 0.9999
+
+
+def test_embed_windows_says_which_input_each_window_is_from(
+    daemon: Daemon, reference: Reference
+) -> None:
+    texts = [_long_text(reference), "short", _long_text(reference)]
+    with ec.Client(daemon.socket) as client:
+        windows = client.embed_windows(texts)
+        short = client.embed("short")
+    per_input = [[w for w in windows if w.input == i] for i in range(3)]
+    assert [w.input for w in windows] == sorted(w.input for w in windows)  # in input order
+    assert len(per_input[0]) == len(per_input[2]) > 1
+    (only,) = per_input[1]
+    assert (only.span, only.text) == ((0, 5), "short")
+    assert cosines(only.vector[None, :], short[None, :])[0] >= 0.9999
+
+
+def test_async_embed_windows_matches_the_blocking_client(
+    daemon: Daemon, reference: Reference
+) -> None:
+    async def main() -> list[ec.Window]:
+        async with ec.AsyncClient(daemon.socket) as client:
+            return await client.embed_windows(_long_text(reference), overlap=16)
+
+    got = asyncio.run(main())
+    with ec.Client(daemon.socket) as client:
+        expected = client.embed_windows(_long_text(reference), overlap=16)
+    assert [(w.input, w.span, w.text) for w in got] == [(w.input, w.span, w.text) for w in expected]
+    vectors = np.stack([w.vector for w in got])
+    assert cosines(vectors, np.stack([w.vector for w in expected])).min() >= 0.9999
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
@@ -200,18 +275,20 @@ def _shutdown(client: ec.Client) -> None:
     client.shutdown()
 
 
+# Every code raises EmbeddError with that code; only the codes a caller acts on differently
+# raise a subclass (input_too_long: resend with truncate or long="split").
 ERROR_CASES = [
-    ("bad_request", ec.BadRequestError, lambda c: c.embed(["ok", ""])),
-    ("unknown_op", ec.UnknownOpError, lambda c: c.request("no_such_op")),
-    ("unknown_model", ec.UnknownModelError, lambda c: c.embed("x", "no-such-model")),
-    ("model_load_failed", ec.ModelLoadFailedError, lambda c: c.load("missing")),
+    ("bad_request", ec.EmbeddError, lambda c: c.embed(["ok", ""])),
+    ("unknown_op", ec.EmbeddError, lambda c: c.request("no_such_op")),
+    ("unknown_model", ec.EmbeddError, lambda c: c.embed("x", "no-such-model")),
+    ("model_load_failed", ec.EmbeddError, lambda c: c.load("missing")),
     ("input_too_long", ec.InputTooLongError, lambda c: c.embed("word " * 400)),
-    ("forbidden", ec.ForbiddenError, _shutdown),
+    ("forbidden", ec.EmbeddError, _shutdown),
 ]
 
 
 @pytest.mark.parametrize(("code", "cls", "call"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
-def test_error_codes_raise_their_typed_exception(
+def test_error_codes_raise_embedd_error_with_the_code_and_a_class_only_where_acted_on(
     daemon: Daemon, code: str, cls: type[ec.EmbeddError], call: object
 ) -> None:
     assert callable(call)
@@ -234,9 +311,9 @@ def test_input_too_long_error_carries_index_tokens_and_limit(daemon: Daemon) -> 
 
 
 def test_bad_request_error_names_the_offending_key(daemon: Daemon) -> None:
-    with ec.Client(daemon.socket) as client, pytest.raises(ec.BadRequestError) as info:
+    with ec.Client(daemon.socket) as client, pytest.raises(ec.EmbeddError) as info:
         client.request("embed", input="x", normalise=True)
-    assert info.value.key == "normalise"
+    assert (info.value.code, info.value.key) == ("bad_request", "normalise")
 
 
 def test_unknown_error_code_maps_to_the_base_class() -> None:
@@ -246,28 +323,38 @@ def test_unknown_error_code_maps_to_the_base_class() -> None:
     assert (err.code, err.message, err.details["extra"]) == ("brand_new", "m", 1)
 
 
-def test_every_typed_error_is_an_embedd_error() -> None:
-    for cls in (
-        ec.BadRequestError, ec.UnknownOpError, ec.UnknownModelError, ec.ModelLoadFailedError,
-        ec.InputTooLongError, ec.BusyError, ec.RequestTimeoutError, ec.RequestCancelledError,
-        ec.ShuttingDownError, ec.FrameTooLargeError, ec.ProtocolError, ec.ForbiddenError,
-        ec.InternalError, ec.DaemonUnavailableError,
-    ):  # fmt: skip
-        assert issubclass(cls, ec.EmbeddError)
+@pytest.mark.parametrize(
+    ("code", "cls"), [("busy", ec.BusyError), ("input_too_long", ec.InputTooLongError)]
+)
+def test_the_codes_a_caller_acts_on_map_to_their_subclass(
+    code: str, cls: type[ec.EmbeddError]
+) -> None:
+    err = ec._error_from_map({"code": code, "message": "m", "retry_after": 2})
+    assert type(err) is cls and isinstance(err, ec.EmbeddError)
+    assert err.code == code
+
+
+def test_errors_met_before_the_daemon_are_embedd_errors_with_their_own_code() -> None:
+    assert ec.DaemonUnavailableError("m").code == "unavailable"
+    assert ec.UntrustedDaemonError("m").code == "untrusted"
+    assert issubclass(ec.DaemonUnavailableError, ec.EmbeddError)
+    assert issubclass(ec.UntrustedDaemonError, ec.EmbeddError)
 
 
 def test_oversize_request_raises_frame_too_large_and_the_client_recovers(daemon: Daemon) -> None:
     with ec.Client(daemon.socket) as client:
-        with pytest.raises(ec.FrameTooLargeError) as info:
+        with pytest.raises(ec.EmbeddError) as info:
             client.embed("x" * (65 * 1024 * 1024))
+        assert info.value.code == "frame_too_large"
         assert info.value.limit == 64 * 1024 * 1024
         assert client.hello()["protocol"] == 1
 
 
 def test_client_refuses_a_response_frame_over_its_max_frame(daemon: Daemon) -> None:
     with ec.Client(daemon.socket, max_frame=1000) as client:
-        with pytest.raises(ec.FrameTooLargeError) as info:
+        with pytest.raises(ec.EmbeddError) as info:
             client.embed(["a", "b", "c"])  # 3 x 384 x 4 bytes of vectors
+        assert info.value.code == "frame_too_large"
         assert info.value.limit == 1000
         assert client.hello()["protocol"] == 1
 
@@ -276,8 +363,9 @@ def test_client_timeout_raises_request_timeout_and_the_client_recovers(
     daemon: Daemon, reference: Reference
 ) -> None:
     with ec.Client(daemon.socket, timeout=0.05) as client:
-        with pytest.raises(ec.RequestTimeoutError) as info:
+        with pytest.raises(ec.EmbeddError) as info:
             client.embed(reference.chunks[:300])
+        assert info.value.code == "timeout"
         assert info.value.limit == 0.05
         client.timeout = 30.0
         assert client.hello()["protocol"] == 1
@@ -290,6 +378,38 @@ def test_no_daemon_raises_daemon_unavailable_naming_the_socket() -> None:
     assert info.value.code == "unavailable"
     assert str(path) in info.value.message
     assert "embedd serve" in info.value.message
+
+
+def test_an_option_msgpack_cannot_carry_is_a_bad_request_naming_it(daemon: Daemon) -> None:
+    with ec.Client(daemon.socket) as client:
+        with pytest.raises(ec.EmbeddError) as info:
+            client.embed("x", long="split", overlap=10**20)
+        assert (info.value.code, info.value.key) == ("bad_request", "overlap")
+        assert "overlap" in info.value.message
+        assert client.hello()["protocol"] == 1  # nothing was sent: the connection is fine
+
+
+def test_connecting_to_the_http_socket_says_so(workdir: Path, own_daemon: list[Daemon]) -> None:
+    # The HTTP front answers a msgpack frame once its frame_timeout passes: keep that short.
+    http = workdir / "http.sock"
+    d = start_daemon(workdir, "frame_timeout = 0.5\n", extra_args=("--http-socket", str(http)))
+    own_daemon.append(d)
+    with ec.Client(http) as client, pytest.raises(ec.EmbeddError) as info:
+        client.hello()
+    assert info.value.code == "protocol_error"
+    assert "this is embedd's HTTP socket, not its msgpack socket" in info.value.message
+
+
+def test_without_unix_sockets_the_client_says_the_platform_is_unsupported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(socket, "AF_UNIX")  # as on Windows
+    with (
+        ec.Client("/nowhere/embedd.sock") as client,
+        pytest.raises(ec.DaemonUnavailableError) as info,
+    ):
+        client.hello()
+    assert "Windows is not supported" in info.value.message
 
 
 # --- blocking client: reconnecting -----------------------------------------------------------
@@ -372,6 +492,14 @@ def test_shutdown_when_allowed_stops_the_daemon(workdir: Path, own_daemon: list[
 # --- asyncio client --------------------------------------------------------------------------
 
 
+async def _until_queued(client: ec.AsyncClient) -> None:
+    """Polls the daemon's own stats until a request of ours waits in the model's queue, so
+    that what follows happens while the daemon holds work for us (no sleep stands for it)."""
+    deadline = time.monotonic() + 30
+    while (await client.stats())["models"]["default"]["queue_inputs"] == 0:
+        assert time.monotonic() < deadline, "no request of ours reached the daemon's queue"
+
+
 def test_async_client_embeds_a_string_and_a_list(daemon: Daemon) -> None:
     async def main() -> tuple[Vec, Vec]:
         async with ec.AsyncClient(daemon.socket) as client:
@@ -392,8 +520,9 @@ def test_async_client_has_the_same_operations(daemon: Daemon) -> None:
             assert (await client.load("default"))["state"] == "ready"
             assert await client.tokenize(["hi"]) == [[101, 7632, 102]]
             assert (await client.request("health"))["status"] == "ok"
-            with pytest.raises(ec.ForbiddenError):
+            with pytest.raises(ec.EmbeddError) as info:
                 await client.shutdown()
+            assert info.value.code == "forbidden"
 
     asyncio.run(main())
 
@@ -422,7 +551,7 @@ def test_async_client_responses_arrive_out_of_order(daemon: Daemon, reference: R
     async def main() -> bool:
         async with ec.AsyncClient(daemon.socket) as client:
             big = asyncio.create_task(client.embed(reference.chunks[:200]))
-            await asyncio.sleep(0.05)
+            await _until_queued(client)
             await client.health()
             overtaken = not big.done()
             assert (await big).shape == (200, DIM)
@@ -444,15 +573,16 @@ def test_async_client_errors_do_not_affect_other_requests(daemon: Daemon) -> Non
 
     vec, err, hello = asyncio.run(main())
     assert isinstance(vec, np.ndarray) and vec.shape == (DIM,)
-    assert isinstance(err, ec.BadRequestError) and err.index == 1
+    assert isinstance(err, ec.EmbeddError) and err.code == "bad_request" and err.index == 1
     assert isinstance(hello, dict) and hello["protocol"] == 1
 
 
 def test_async_client_timeout_raises_request_timeout(daemon: Daemon, reference: Reference) -> None:
     async def main() -> None:
         async with ec.AsyncClient(daemon.socket, timeout=0.05) as client:
-            with pytest.raises(ec.RequestTimeoutError):
+            with pytest.raises(ec.EmbeddError) as info:
                 await client.embed(reference.chunks[:300])
+            assert info.value.code == "timeout"
             client.timeout = 30.0
             assert (await client.hello())["protocol"] == 1
 
@@ -471,7 +601,7 @@ def test_async_client_cancelling_a_task_cancels_the_request_on_the_daemon(
         async with ec.AsyncClient(daemon.socket) as client:
             await client.load()
             task = asyncio.create_task(client.embed(reference.chunks[:300]))
-            await asyncio.sleep(0.2)
+            await _until_queued(client)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -498,7 +628,7 @@ def test_async_client_fails_pending_requests_when_the_connection_drops(
                 asyncio.create_task(client.embed(reference.chunks[i : i + 100]))
                 for i in (0, 100, 200)
             ]
-            await asyncio.sleep(0.2)
+            await _until_queued(client)
             d.proc.send_signal(signal.SIGKILL)
             results = await asyncio.gather(*pending, return_exceptions=True)
             assert all(isinstance(r, ec.DaemonUnavailableError) for r in results), results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -78,14 +79,43 @@ def test_an_error_frame_without_id_fails_the_stream_with_the_daemons_reason() ->
 
 def test_a_frame_over_max_frame_is_refused_before_its_body_arrives() -> None:
     session = ec._Session(max_frame=100)
-    with pytest.raises(ec.FrameTooLargeError) as info:
+    with pytest.raises(ec.EmbeddError) as info:
         session.receive((101).to_bytes(4, "big"))
-    assert info.value.limit == 100
+    assert (info.value.code, info.value.limit) == ("frame_too_large", 100)
 
 
 def test_garbage_from_the_daemon_is_a_protocol_error() -> None:
-    with pytest.raises(ec.ProtocolError):
+    with pytest.raises(ec.EmbeddError) as info:
         ec._Session(max_frame=100).receive(b"\x00\x00\x00\x01\xc1")
+    assert info.value.code == "protocol_error"
+
+
+def test_an_http_reply_is_named_as_embedds_http_socket() -> None:
+    session = ec._Session(max_frame=ec.DEFAULT_MAX_FRAME)
+    session.request("hello", {})
+    with pytest.raises(ec.EmbeddError) as info:
+        session.receive(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
+    assert info.value.code == "protocol_error"
+    assert "this is embedd's HTTP socket, not its msgpack socket" in info.value.message
+
+
+def test_http_arriving_a_byte_at_a_time_is_named_too_not_a_frame_too_large() -> None:
+    # "HTTP" read as a length prefix is 1,213,486,160 bytes, over the default max_frame.
+    session = ec._Session(max_frame=ec.DEFAULT_MAX_FRAME)
+    for byte in b"HTTP":
+        assert session.receive(bytes([byte])) == []
+    with pytest.raises(ec.EmbeddError) as info:
+        session.receive(b"/")
+    assert "HTTP socket" in info.value.message
+
+
+def test_a_value_msgpack_cannot_carry_is_refused_naming_its_argument() -> None:
+    session = ec._Session(max_frame=100)
+    with pytest.raises(ec.EmbeddError) as info:
+        session.request("embed", {"input": "x", "overlap": 10**20})
+    assert (info.value.code, info.value.key) == ("bad_request", "overlap")
+    assert "overlap = 100000000000000000000" in info.value.message
+    assert session.pending == set()
 
 
 def test_a_resend_needs_a_connection_that_had_worked_and_an_op_safe_to_repeat() -> None:
@@ -114,8 +144,9 @@ def test_embed_options_become_the_request_arguments() -> None:
 def test_a_timeout_the_daemon_would_refuse_is_refused_here_without_overflow(
     timeout: float,
 ) -> None:
-    with pytest.raises(ec.BadRequestError) as info:
+    with pytest.raises(ec.EmbeddError) as info:
         ec._embed("x", "default", {"timeout": timeout})
+    assert (info.value.code, info.value.key) == ("bad_request", "timeout")
     assert info.value.limit == ec.MAX_TIMEOUT
 
 
@@ -125,6 +156,81 @@ def test_embed_results_decode_to_float32_rows() -> None:
     assert rows.shape == (2, 3) and rows.flags.writeable
     one = ec._embed("a", "m", {}).parse({"count": 1, "dim": 3, "embeddings": data[:12]})
     assert one.shape == (3,)
+
+
+def test_pool_none_answers_a_row_per_window_even_for_one_string() -> None:
+    data = np.arange(6, dtype="<f4").tobytes()
+    call = ec._embed("a", "m", {"long": "split", "pool": "none"})
+    assert call.parse({"count": 2, "dim": 3, "embeddings": data}).shape == (2, 3)
+
+
+def test_embed_windows_asks_for_every_window_unpooled() -> None:
+    call = ec._embed_windows("text", "m", {"overlap": 8, "prompt": "document"})
+    assert call.args == {
+        "input": ["text"],
+        "model": "m",
+        "encoding": "f32",
+        "overlap": 8,
+        "prompt": "document",
+        "long": "split",
+        "pool": "none",
+    }
+
+
+def test_windows_pair_each_vector_with_its_input_span_and_text() -> None:
+    vectors = np.arange(6, dtype="<f4").reshape(3, 2)
+    answer = {
+        "count": 3,
+        "dim": 2,
+        "embeddings": vectors.tobytes(),
+        "windows": [2, 1],
+        "spans": [[0, 4], [2, 6], [0, 2]],
+    }
+    windows = ec._embed_windows(["abcdef", "xy"], "m", {}).parse(answer)
+    assert [(w.input, w.span, w.text) for w in windows] == [
+        (0, (0, 4), "abcd"),
+        (0, (2, 6), "cdef"),
+        (1, (0, 2), "xy"),
+    ]
+    assert all((w.vector == row).all() for w, row in zip(windows, vectors, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("windows", "spans"),
+    [([2, 1], [[0, 4], [0, 2]]), ([1], [[0, 4], [2, 6], [0, 2]]), (None, [[0, 1]] * 3)],
+)
+def test_window_counts_or_spans_that_do_not_fit_the_vectors_are_a_protocol_error(
+    windows: list[int] | None, spans: list[list[int]]
+) -> None:
+    answer = {
+        "count": 3,
+        "dim": 2,
+        "embeddings": bytes(24),
+        "windows": windows,
+        "spans": spans,
+    }
+    with pytest.raises(ec.EmbeddError) as info:
+        ec._embed_windows(["abcdef", "xy"], "m", {}).parse(answer)
+    assert info.value.code == "protocol_error"
+
+
+def test_the_async_client_has_every_method_of_the_blocking_one_with_the_same_signature() -> None:
+    # One line per op in each shell: this is what keeps the two from drifting apart.
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in vars(cls).items()
+            if callable(member) and not name.startswith("_")
+        }
+
+    sync, asynchronous = public(ec.Client), public(ec.AsyncClient)
+    del sync["close"], asynchronous["aclose"]
+    assert set(sync) == set(asynchronous)
+    for name, signature in sync.items():
+        other = asynchronous[name]
+        assert signature.parameters == other.parameters, name
+        returns = str(other.return_annotation)
+        assert returns == str(signature.return_annotation).replace("Iterator", "AsyncIterator")
 
 
 def test_documents_are_sent_in_bounded_batches_from_any_iterable() -> None:
@@ -154,5 +260,13 @@ def test_a_misspelt_embed_option_fails_the_type_check(tmp_path: Path) -> None:
 
 
 def test_correct_embed_options_pass_the_type_check(tmp_path: Path) -> None:
-    out = _mypy(tmp_path, 'embed("x", normalize=False, priority="bulk", dimensions=8)')
+    out = _mypy(
+        tmp_path, 'embed("x", normalize=False, long="split", overlap=8, pool="none", cache=True)'
+    )
     assert out.returncode == 0, out.stdout
+
+
+def test_embed_windows_takes_no_option_that_would_undo_the_split(tmp_path: Path) -> None:
+    out = _mypy(tmp_path, 'embed_windows("x", overlap=8, long="truncate")')
+    assert out.returncode == 1, out.stdout
+    assert '"long"' in out.stdout

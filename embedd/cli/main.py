@@ -376,7 +376,11 @@ def _request_stop(client: embedd_client.Client, pid: Any) -> str | None:
     """Ask the daemon to exit, by request or else by signal; says how, or None on failure."""
     try:
         client.shutdown()
-    except embedd_client.ForbiddenError:
+    except embedd_client.DaemonUnavailableError:
+        pass  # it closed the connection on its way out
+    except embedd_client.EmbeddError as exc:
+        if exc.code != "forbidden":
+            raise
         # The daemon does not take shutdown over the socket (allow_shutdown = false);
         # signalling it is what systemctl would do.
         problem = _terminate(pid)
@@ -384,8 +388,6 @@ def _request_stop(client: embedd_client.Client, pid: Any) -> str | None:
             _err(f"the daemon's config does not allow shutdown, and SIGTERM failed: {problem}")
             return None
         return f"sent SIGTERM to pid {pid}"
-    except embedd_client.DaemonUnavailableError:
-        pass  # it closed the connection on its way out
     return "asked it to shut down"
 
 
@@ -503,7 +505,9 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         except embedd_client.DaemonUnavailableError:
             _err(_not_running(path))
             return 1
-        except embedd_client.ShuttingDownError:
+        except embedd_client.EmbeddError as exc:
+            if exc.code != "shutting_down":
+                raise
             pid, how = "?", "it was already shutting down"
         else:
             requested = _request_stop(client, pid)
