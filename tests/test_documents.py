@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tests.conftest import Daemon, Reference, cosines, vectors
+from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
 
 
 def _long_text(reference: Reference) -> str:
@@ -120,3 +122,60 @@ def test_a_ten_megabyte_chunk_request_does_not_stall_other_clients(
     assert r is not None and r["ok"] and len(r["chunks"]) > 1000
     # Not a speed assertion: the searcher was answered all along, not after the chunking.
     assert len(latencies) > 10
+
+
+def _stats(daemon: Daemon) -> dict[str, Any]:
+    models: dict[str, Any] = daemon.call("stats")["models"]["default"]
+    return models
+
+
+def _poll(daemon: Daemon, ready: Callable[[dict[str, Any]], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready(_stats(daemon)):
+        assert time.monotonic() < deadline, "the daemon never reached the awaited state"
+        time.sleep(0.01)
+
+
+def test_a_split_text_is_cut_between_batches_so_another_clients_query_is_answered_meanwhile(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference
+) -> None:
+    # Room in the bulk queue for a 5 MB text counted whole (~1.7 M tokens by the estimate).
+    d = start_daemon(workdir, '[models.default]\npath = "{bundled}"\nmax_queue_tokens = 10000000\n')
+    own_daemon.append(d)
+    text = ("\n\n".join(reference.chunks) + "\n\n") * 12  # 4.4 MB
+    with d.connect() as splitter:
+        splitter.send({"id": 1, "op": "embed", "input": text, "long": "split", "pool": "none"})
+        _poll(d, lambda m: m["splitting_inputs"] == 1)
+        answer = d.call("embed", input=reference.queries[0])
+        assert answer["ok"]
+        # Cutting a 4.4 MB text takes thousands of slices; the query waited for one, so the
+        # split request is still being cut when the query has its answer.
+        assert _stats(d)["splitting_inputs"] == 1
+    _poll(d, lambda m: m["splitting_inputs"] == 0)  # the splitter left: its work is dropped
+
+
+def test_a_split_request_is_admitted_by_all_its_tokens_as_bulk(
+    daemon: Daemon, reference: Reference
+) -> None:
+    text = ("\n\n".join(reference.chunks) + "\n\n") * 5  # 1.8 MB: ~610,000 tokens by estimate
+    before = _stats(daemon)["batches"]
+    r = daemon.call("embed", input=text, long="split")
+    # One text, yet more than one connection's share of the bulk queue (500,000 tokens of the
+    # default max_queue_tokens): counted whole and as bulk, refused before any work.
+    assert not r["ok"] and r["error"]["code"] == "busy"
+    assert "share of the bulk queue" in r["error"]["message"]
+    assert _stats(daemon)["batches"] == before
+
+
+def test_a_windows_answer_over_max_response_is_refused_before_any_work(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference
+) -> None:
+    d = start_daemon(workdir, "max_response = 262144\n")  # room for ~170 window vectors
+    own_daemon.append(d)
+    text = "\n\n".join(reference.chunks[:300])  # ~50,000 tokens: ~200 windows
+    d.call("embed", input="warm the model up")
+    before = _stats(d)["tokens"]
+    r = d.call("embed", input=text, long="split", pool="none")
+    assert not r["ok"] and r["error"]["code"] == "bad_request"
+    assert "max_response" in r["error"]["message"]
+    assert _stats(d)["tokens"] == before

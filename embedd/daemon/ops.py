@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from .. import __version__
 from ..config import Config
+from ..inference.admission import estimate_tokens, estimate_windows
 from ..inference.cache import Entry, VectorCache, vector_key
 from ..inference.jobs import EmbedResult
 from ..inference.models import ModelRegistry
@@ -51,6 +52,9 @@ _BYTES_PER_FLOAT = {"f32": 4, "list": 9}
 _BYTES_PER_TOKEN_ID = 5
 # Answers' fixed part (keys, counts, token lists) for the answer budget, generously.
 _ANSWER_OVERHEAD = 512
+# Bytes a window's span and counts take in a pool="none" answer (two msgpack uint32s and a
+# list header, generously).
+_BYTES_PER_SPAN = 16
 # Dimension assumed for a model not loaded yet: the widest common embedding models (e5-large,
 # bge-large) have 1024; over-estimating only delays a non-reading client's requests.
 _UNKNOWN_DIM = 1024
@@ -141,7 +145,11 @@ class Daemon:
             dim = slot.last_info.dim if slot and slot.last_info else _UNKNOWN_DIM
             if args.dimensions is not None:
                 dim = min(dim, args.dimensions)
-            return _ANSWER_OVERHEAD + len(args.input) * dim * _BYTES_PER_FLOAT[args.encoding]
+            vectors = len(args.input)
+            if args.long == "split" and args.pool == "none" and slot is not None:
+                vectors = _windows(args, "", slot.max_tokens)
+            per_vector = dim * _BYTES_PER_FLOAT[args.encoding] + _BYTES_PER_SPAN
+            return _ANSWER_OVERHEAD + vectors * per_vector
         if isinstance(args, Chunk):
             # Each chunk repeats its text, plus its span and count.
             return _ANSWER_OVERHEAD + 2 * len(args.input.encode("utf-8", "surrogatepass"))
@@ -200,6 +208,7 @@ class Daemon:
                 "cancelled": st.cancelled,
                 "queue_inputs": w.queued_inputs if w else 0,
                 "queue_tokens": w.queued_tokens if w else 0,
+                "splitting_inputs": w.splitting_inputs if w else 0,
                 "tokens_per_second": round(st.tokens_per_second, 1),
                 "busy_fraction": st.busy_fraction(time.monotonic()),
                 "threads": st.last_threads,
@@ -225,12 +234,15 @@ class Daemon:
             "cache": self.cache.stats(),
         }
 
-    def _is_bulk(self, args: Embed, distinct: int) -> bool:
+    def _is_bulk(self, args: Embed, texts: list[str], max_tokens: int) -> bool:
         """The lane a request's work takes: the client's `priority` when it names one, else
-        bulk for requests of more than `bulk_threshold` distinct texts."""
+        bulk for requests of more than `bulk_threshold` distinct texts, and for split requests
+        with an input that may become several windows (a long document, not a query)."""
         if args.priority is not None:
             return args.priority == "bulk"
-        return distinct > self.config.bulk_threshold
+        if len(texts) > self.config.bulk_threshold:
+            return True
+        return args.long == "split" and any(estimate_tokens(t, None) > max_tokens for t in texts)
 
     async def _embed(self, args: Embed, owner: object) -> dict[str, Any]:
         slot = self.models.get(args.model)
@@ -265,7 +277,7 @@ class Daemon:
                 texts,
                 prefix=prefix,
                 indices=indices,
-                bulk=self._is_bulk(args, len(texts)),
+                bulk=self._is_bulk(args, texts, info.max_tokens),
                 owner=owner,
                 timeout=max(deadline - self.loop.time(), 0.001),
                 timeout_reported=timeout,
@@ -273,7 +285,9 @@ class Daemon:
 
         if split and args.pool == "none":
             # Every window's vector and span: a variable number of vectors per input, so
-            # never cached.
+            # never cached; the answer is sized by its windows before any work.
+            windows = _windows(args, prefix, info.max_tokens)
+            self._check_response_size(windows * dim, args.encoding)
             result = await compute(list(args.input), [])
             self._check_response_size(len(result.vectors) * dim, args.encoding)
             answer = await self._embed_result(args, result.vectors, result)
@@ -416,6 +430,12 @@ class Daemon:
             "counts": result.counts,
             "max_tokens": info.max_tokens if info else None,
         }
+
+
+def _windows(args: Embed, prefix: str, max_tokens: int) -> int:
+    """How many window vectors a long="split", pool="none" answer will hold, at most (by
+    admission's over-estimate of tokens per byte)."""
+    return sum(estimate_windows(prefix + t, max_tokens, args.overlap) for t in args.input)
 
 
 def _entry(result: EmbedResult, j: int) -> Entry:

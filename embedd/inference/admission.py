@@ -3,7 +3,8 @@
 Rules (issue: one big request made every search `busy`):
 - a request is counted by what it can really cost: each text at most the model's `max_tokens`
   (a longer one is cut, or refused with `input_too_long`, never computed whole), so one giant
-  text cannot inflate the count;
+  text cannot inflate the count; but a text split into windows (`long="split"`) is computed
+  whole, and counts whole;
 - interactive and bulk work have separate budgets of `max_queue_tokens` each: no amount of
   queued bulk work makes a search `busy`;
 - within bulk, one connection (owner) may hold at most `BULK_SHARE` of the budget, so a single
@@ -33,9 +34,22 @@ BYTES_PER_TOKEN_ESTIMATE = 3
 FRAME_ESTIMATE = 2
 
 
-def estimate_tokens(text: str, max_tokens: int) -> int:
+def estimate_tokens(text: str, max_tokens: int | None) -> int:
+    """Tokens a text will cost before it is tokenized: at most `max_tokens` when a longer
+    text is cut or refused, every one of them (None) when it is split into windows."""
     n = len(text.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN_ESTIMATE + FRAME_ESTIMATE
-    return min(n, max_tokens)
+    return n if max_tokens is None else min(n, max_tokens)
+
+
+def estimate_windows(text: str, max_tokens: int, overlap: int) -> int:
+    """Windows a text becomes with long="split", before it is tokenized (by the same
+    over-estimate of its tokens), so that an answer of every window's vector is sized before
+    any work."""
+    tokens = estimate_tokens(text, None)
+    if tokens <= max_tokens:
+        return 1
+    step = max(1, max_tokens - FRAME_ESTIMATE - overlap)
+    return -(-(tokens - FRAME_ESTIMATE - overlap) // step)
 
 
 @dataclass

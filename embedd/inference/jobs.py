@@ -98,6 +98,11 @@ class EmbedJob(Job[EmbedResult]):
     spans: list[list[tuple[int, int]]] = field(default_factory=list)
     vectors: npt.NDArray[np.float32] | None = None
     remaining: int = 0
+    # long="split", the model thread's own: the input being cut, where cutting stands, and its
+    # windows so far (start, end, token ids).
+    split_next: int = 0
+    split_cursor: Iterator[Piece] | None = None
+    split_windows: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
     def index(self, i: int) -> int:
         """The client's index of this job's i-th text."""

@@ -136,6 +136,12 @@ class ModelSlot:
                 limit=timeout,
             ) from None
 
+    @property
+    def max_tokens(self) -> int:
+        """The model's limit: known once loaded, else configured, else assumed."""
+        info = self.last_info
+        return info.max_tokens if info else (self.config.max_tokens or _UNKNOWN_MAX_TOKENS)
+
     def touch(self) -> None:
         """Restart the idle clock (`keep_alive`): an explicit `load` counts as a use."""
         self.last_used = time.monotonic()
@@ -192,9 +198,12 @@ class ModelSlot:
     ) -> R:
         """Queue a job and wait for its answer; cancels the job's remaining work if the caller
         gives up (timeout, `cancel`, or the client going away)."""
-        info = self.last_info
-        cap = info.max_tokens if info else (self.config.max_tokens or _UNKNOWN_MAX_TOKENS)
-        prefix = job.prefix if isinstance(job, EmbedJob) else ""
+        cap: int | None = self.max_tokens
+        prefix = ""
+        if isinstance(job, EmbedJob):
+            prefix = job.prefix
+            if job.request.long == "split":
+                cap = None  # every window is computed: the whole text counts
         estimate = sum(estimate_tokens(prefix + t, cap) for t in job.texts)
         bulk = job.bulk
         err = self.admission.check(

@@ -75,6 +75,9 @@ class ModelWorker:
         self._scheduler: Scheduler[EmbedJob] = Scheduler()
         self._sampler = Sampler()
         self._chunking: deque[ChunkJob] = deque()
+        # long="split" jobs being cut into windows, a slice at a time between batches; each
+        # joins the scheduler once all its windows are known.
+        self._splitting: deque[EmbedJob] = deque()
         # Which file was loaded (inode, size, mtime): a different one on disk means the model
         # was replaced, and the slot loads the new one for the next request.
         self.file_version = version_of(config.path)
@@ -88,6 +91,11 @@ class ModelWorker:
     @property
     def queued_inputs(self) -> int:
         return self._scheduler.pending_inputs
+
+    @property
+    def splitting_inputs(self) -> int:
+        """Inputs of long="split" requests still being cut into windows (not yet queued)."""
+        return sum(len(job.texts) - job.split_next for job in list(self._splitting))
 
     @property
     def queued_tokens(self) -> int:
@@ -196,13 +204,20 @@ class ModelWorker:
         jobs.extend(self._scheduler.clear())
         jobs.extend(self._chunking)
         self._chunking.clear()
+        jobs.extend(self._splitting)
+        self._splitting.clear()
         for job in jobs:
             job.resolve(err)
 
     def _serve(self, engine: Engine) -> None:
         while True:
             with self._cond:
-                while not self._incoming and not self._scheduler.has_work() and not self._chunking:
+                while (
+                    not self._incoming
+                    and not self._scheduler.has_work()
+                    and not self._chunking
+                    and not self._splitting
+                ):
                     if self._stopping:
                         return
                     self._cond.wait()
@@ -218,6 +233,8 @@ class ModelWorker:
                 self._compute(engine, batch)
             if self._chunking:
                 self._chunk_slice(engine)
+            if self._splitting:
+                self._split_slice(engine)
 
     def _chunk_slice(self, engine: Engine) -> None:
         """Advance the oldest chunk job for at most CHUNK_SLICE seconds."""
@@ -263,6 +280,9 @@ class ModelWorker:
                 self._chunking.append(job)
                 return
             assert isinstance(job, EmbedJob)
+            if job.request.long == "split":
+                self._splitting.append(job)
+                return
             self._tokenize_embed_job(engine, job)
         except EmbeddError as exc:
             job.resolve(exc)
@@ -274,9 +294,6 @@ class ModelWorker:
         limit = engine.info.max_tokens
         request = job.request
         for i, raw in enumerate(job.texts):
-            if request.long == "split":
-                self._split_input(engine, job, i, raw)
-                continue
             text = job.prefix + raw
             # Only the part of a very long text that can matter is tokenized; its count is
             # then a lower bound, still over the limit.
@@ -307,24 +324,65 @@ class ModelWorker:
             job.spans.append([(0, len(text))])
             job.tokens.append(toks)
             job.truncated.append(cut)
+        self._ready(engine, job)
+
+    def _ready(self, engine: Engine, job: EmbedJob) -> None:
+        """Every sequence of the job is known: room for its vectors, then its turn to batch."""
         job.vectors = np.empty((len(job.tokens), engine.info.dim), dtype=np.float32)
         job.remaining = len(job.tokens)
 
-    def _split_input(self, engine: Engine, job: EmbedJob, i: int, text: str) -> None:
-        """One input as windows within the limit, each with the prompt and the special frame;
-        an input that fits is one window: exactly the sequence it would be without split."""
+    def _split_slice(self, engine: Engine) -> None:
+        """Advance the oldest split job for at most CHUNK_SLICE seconds: a 20 MB text is cut
+        into windows between batches, never in one go while queries wait."""
+        job = self._splitting[0]
+        if job.cancelled:
+            self._splitting.popleft()
+            self.stats.cancelled += len(job.texts)
+            job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
+            return
+        until = time.perf_counter() + CHUNK_SLICE
+        try:
+            while job.split_next < len(job.texts):
+                if not self._split_input(engine, job, until):
+                    return
+                if time.perf_counter() > until:
+                    return
+        except EmbeddError as exc:
+            self._splitting.popleft()
+            job.resolve(exc)
+            return
+        self._splitting.popleft()
+        self._ready(engine, job)
+        self.stats.requests += 1
+        self._scheduler.add(job)
+
+    def _split_input(self, engine: Engine, job: EmbedJob, until: float) -> bool:
+        """Continue windowing the job's current input; True when that input is done, False
+        when the slice ran out first. An input that fits is one window: exactly the sequence
+        it would be without split. Windows each get the prompt and the special frame."""
         limit = engine.info.max_tokens
-        overlap = job.request.overlap
-        prefix_tokens = len(engine.tokenize(job.prefix)[0]) - engine.frame_size if job.prefix else 0
-        whole, _ = engine.tokenize(job.prefix + text)
-        if len(whole) <= limit:
-            windows = [(0, len(text), whole)]
-        else:
-            windows = [
-                (c.start, c.end, engine.tokenize(job.prefix + text[c.start : c.end])[0])
-                for c in engine.chunk(text, max_tokens=limit - prefix_tokens, overlap=overlap)
-            ]
-        if not windows or len(windows[0][2]) <= engine.frame_size + prefix_tokens:
+        i = job.split_next
+        text = job.texts[i]
+        if job.split_cursor is None:
+            job.split_windows = []
+            usable, partial = engine.usable_prefix(job.prefix + text)
+            whole = None if partial else engine.tokenize(usable)[0]
+            if whole is not None and len(whole) <= limit:
+                job.split_windows.append((0, len(text), whole))
+                job.split_cursor = iter(())
+            else:
+                job.split_cursor = engine.chunk(
+                    text,
+                    max_tokens=limit - _prompt_tokens(engine, job),
+                    overlap=job.request.overlap,
+                )
+        for c in job.split_cursor:
+            toks = engine.tokenize(job.prefix + text[c.start : c.end])[0][:limit]
+            job.split_windows.append((c.start, c.end, toks))
+            if time.perf_counter() > until:
+                return False
+        windows = job.split_windows
+        if not windows or len(windows[0][2]) <= engine.frame_size + _prompt_tokens(engine, job):
             index = job.index(i)
             raise EmbeddError(
                 Code.BAD_REQUEST,
@@ -334,8 +392,12 @@ class ModelWorker:
             )
         job.groups.append(list(range(len(job.tokens), len(job.tokens) + len(windows))))
         job.spans.append([(start, end) for start, end, _ in windows])
-        job.tokens.extend(toks[:limit] for _, _, toks in windows)
+        job.tokens.extend(toks for _, _, toks in windows)
         job.truncated.append(False)
+        job.split_cursor = None
+        job.split_windows = []
+        job.split_next += 1
+        return True
 
     def _compute(self, engine: Engine, batch: list[Item[EmbedJob]]) -> None:
         seqs = [item.job.tokens[item.index] for item in batch]
@@ -387,6 +449,11 @@ class ModelWorker:
                     (job.started - job.submitted, finished - job.started, finished - job.submitted)
                 )
                 job.resolve(_finish(job))
+
+
+def _prompt_tokens(engine: Engine, job: EmbedJob) -> int:
+    """Tokens the prompt adds to each window (short: tokenized again rather than kept)."""
+    return len(engine.tokenize(job.prefix)[0]) - engine.frame_size if job.prefix else 0
 
 
 def _finish(job: EmbedJob) -> EmbedResult:
