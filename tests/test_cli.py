@@ -292,3 +292,17 @@ def test_cli_does_not_import_llama_cpp_for_client_commands(tmp_path: Path) -> No
     code = "import sys, embedd.cli.main; sys.exit('llama_cpp' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path))
     assert run.returncode == 0
+
+
+def test_every_command_is_listed_in_the_help_order_once() -> None:
+    from embedd.cli import main as cli
+
+    assert sorted(cli.COMMAND_ORDER) == sorted(cli._COMMANDS)
+    assert len(set(cli.COMMAND_ORDER)) == len(cli.COMMAND_ORDER)
+
+
+def test_bench_help_names_every_workload() -> None:
+    from embedd.cli import main as cli
+
+    description = cli._COMMANDS["bench"].description
+    assert all(f"W{n}:" in description for n in range(1, 6))

@@ -28,6 +28,40 @@ PROG = "embedd"
 STOP_WAIT = 30.0
 
 Handler = Callable[[argparse.Namespace], int]
+Arguments = Callable[[argparse.ArgumentParser], None]
+
+# The commands in the order `embedd --help` lists them: daemon first, then its clients, then
+# the tools.
+COMMAND_ORDER = (
+    "serve", "embed", "models", "status", "pull", "index", "search", "load", "unload", "stop",
+    "service", "bench",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """One subcommand: its handler, and beside it, the arguments and help it takes."""
+
+    handler: Handler
+    arguments: Arguments
+    summary: str
+    description: str
+    examples: str
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+
+def _command(
+    name: str, arguments: Arguments, *, summary: str, description: str, examples: str
+) -> Callable[[Handler], Handler]:
+    """Register the decorated handler as subcommand `name` (see build_parser)."""
+
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = _Command(handler, arguments, summary, description, examples)
+        return handler
+
+    return register
 
 
 class _UsageError(Exception):
@@ -69,6 +103,84 @@ def _not_running(path: Path) -> str:
 # Commands
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="config file (TOML); must exist if given")
+    p.add_argument(
+        "--model",
+        metavar="NAME=PATH",
+        action="append",
+        default=[],
+        help="serve the GGUF file PATH as model NAME (repeatable; overrides the config file)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every request and llama.cpp's own output (debug level)",
+    )
+    p.add_argument(
+        "--preload",
+        metavar="MODEL",
+        action="append",
+        default=[],
+        help="load MODEL at start-up, before telling the service manager we are ready "
+        "(repeatable; overrides the config's preload)",
+    )
+    p.add_argument(
+        "--idle-exit",
+        type=float,
+        metavar="SECONDS",
+        help="under socket activation, exit after SECONDS without a connection; the service "
+        "manager starts the daemon again on the next one (overrides the config's idle_exit)",
+    )
+    p.add_argument(
+        "--http-socket",
+        metavar="PATH",
+        help="also serve the OpenAI- and Ollama-compatible HTTP API on this Unix socket",
+    )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the HTTP API on TCP (loopback only; needs --api-key-file or --no-api-key)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="bearer key for --http (created with a random key, mode 0600, if missing)",
+    )
+    p.add_argument(
+        "--no-api-key", action="store_true", help="serve --http without an API key (any local user)"
+    )
+    p.add_argument(
+        "--http-allow-remote",
+        action="store_true",
+        help="let --http bind a non-loopback address (other machines can then connect)",
+    )
+    p.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write stats in the Prometheus text format to PATH every 15 s (atomically)",
+    )
+    p.add_argument(
+        "--log-format", choices=("text", "json"), help="one text line or one JSON object per event"
+    )
+
+
+@_command(
+    "serve",
+    _serve_arguments,
+    summary="run the daemon in the foreground",
+    description=(
+        "Run the daemon in the foreground until SIGTERM or Ctrl-C. Models load on first use.\n"
+        "Settings come from the config file (default $XDG_CONFIG_HOME/embedd/config.toml,\n"
+        "or $EMBEDD_CONFIG), then from these options."
+    ),
+    examples=(
+        "  embedd serve\n"
+        "  embedd serve --verbose --socket /tmp/embedd-test.sock\n"
+        "  embedd serve --config ~/embedd.toml --model bge=~/models/bge-small-en-v1.5.gguf"
+    ),
+)
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         extra = tuple(parse_model_option(m) for m in args.model)
@@ -110,6 +222,55 @@ def _service_options(config: Config, args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **changes)
 
 
+def _service_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("install", "uninstall"))
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--user",
+        action="store_false",
+        dest="system",
+        default=False,
+        help="a per-user service (default)",
+    )
+    scope.add_argument(
+        "--system", action="store_true", help="a system-wide service for a shared machine"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing")
+    p.add_argument("--config", metavar="FILE", help="the config file the service runs with")
+    p.add_argument(
+        "--idle-exit", type=float, metavar="SECONDS", help="the daemon exits when idle that long"
+    )
+    p.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="do not load the default model before reporting ready (load on first use)",
+    )
+    p.add_argument(
+        "--manager",
+        choices=("systemd", "launchd"),
+        help="which service manager (default: launchd on macOS, else systemd)",
+    )
+    p.add_argument("--root", metavar="DIR", help="write under DIR instead of / (images, tests)")
+
+
+@_command(
+    "service",
+    _service_arguments,
+    summary="install the systemd units (or the launchd agent)",
+    description=(
+        "install: write the service manager's files, filled in with this Python\n"
+        "(sys.executable) and the given config, and print the commands that enable them:\n"
+        "systemd's embedd.socket + embedd.service (socket activation, Type=notify, watchdog),\n"
+        "or on macOS a LaunchAgent. uninstall: remove them. --dry-run prints instead.\n"
+        "See README, 'Running as a service'."
+    ),
+    examples=(
+        "  embedd service install --dry-run\n"
+        "  embedd service install --user --idle-exit 600\n"
+        "  sudo embedd service install --system\n"
+        "  embedd service uninstall"
+    ),
+)
 def _cmd_service(args: argparse.Namespace) -> int:
     from embedd.cli import service
 
@@ -154,6 +315,36 @@ def _read_stdin_texts() -> list[str]:
     return [line for line in lines if line.strip()]
 
 
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: stdin lines)")
+    p.add_argument("--model", default="default", help="model name (default: %(default)s)")
+    p.add_argument("--prompt", metavar="NAME", help="a prompt prefix configured for the model")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut inputs longer than the model's max_tokens instead of failing",
+    )
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the vectors")
+    p.add_argument("--dimensions", type=int, metavar="N", help="keep only the first N components")
+    p.add_argument("--npy", metavar="FILE", help="write the vectors to FILE as .npy")
+
+
+@_command(
+    "embed",
+    _embed_arguments,
+    summary="embed texts, print JSON or write .npy",
+    description=(
+        "Embed the TEXT arguments, or else each non-blank line of stdin, and print\n"
+        '{"model": ..., "dim": ..., "embeddings": [[...], ...]} on stdout (one vector per\n'
+        "text, in order), or with --npy save an (n, dim) float32 array instead."
+    ),
+    examples=(
+        "  embedd embed 'The cat sat on the mat.' 'A dog barked.'\n"
+        "  embedd embed < sentences.txt > vectors.json\n"
+        "  embedd embed --npy vectors.npy --dimensions 128 < sentences.txt\n"
+        "  embedd embed --model bge --prompt query 'how do I reset my password'"
+    ),
+)
 def _cmd_embed(args: argparse.Namespace) -> int:
     texts: list[str] = args.texts or _read_stdin_texts()
     if not texts:
@@ -198,6 +389,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the daemon's raw list as JSON")
+
+
+@_command(
+    "models",
+    _models_arguments,
+    summary="list the configured models",
+    description=("List the models the daemon is configured with and their state."),
+    examples=("  embedd models\n  embedd models --json | jq '.[].name'"),
+)
 def _cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.models()
@@ -300,6 +502,22 @@ def _quantiles(q: Mapping[str, float] | None) -> str:
     return "/".join(f"{q.get(k, 0):.1f}" for k in ("p50", "p95", "p99"))
 
 
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print hello, health and stats as JSON")
+
+
+@_command(
+    "status",
+    _status_arguments,
+    summary="show whether the daemon runs, and its counters",
+    description=(
+        "Show the daemon's version, pid, uptime, connections, requests and models.\n"
+        "Exits with status 1 if no daemon answers."
+    ),
+    examples=(
+        "  embedd status\n  embedd status --json\n  embedd status >/dev/null 2>&1 || embedd serve &"
+    ),
+)
 def _cmd_status(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     with embedd_client.Client(path) as client:
@@ -327,6 +545,17 @@ def _model_line(m: Mapping[str, Any]) -> str:
     return line
 
 
+def _load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="MODEL", help="model name")
+
+
+@_command(
+    "load",
+    _load_arguments,
+    summary="load a model now",
+    description=("Load a model now (instead of on first use) and wait until it is ready."),
+    examples=("  embedd load default"),
+)
 def _cmd_load(args: argparse.Namespace) -> int:
     # No client-side limit: a large model may take minutes to load.
     with _client(args, timeout=None) as client:
@@ -334,6 +563,17 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="MODEL", help="model name")
+
+
+@_command(
+    "unload",
+    _unload_arguments,
+    summary="free a model's memory",
+    description=("Let the model's accepted work finish, then free it. It loads again on next use."),
+    examples=("  embedd unload default"),
+)
 def _cmd_unload(args: argparse.Namespace) -> int:
     with _client(args, timeout=None) as client:
         print(_model_line(client.unload(args.name)))
@@ -405,6 +645,32 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _pull_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="URL", help="an http(s) URL or hf:OWNER/REPO/FILE.gguf")
+    p.add_argument("--name", help="the model's name in the config (default: from the file)")
+    p.add_argument("--sha256", metavar="HEX", help="the file's expected sha256")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the config file to add the model to (default: $XDG_CONFIG_HOME/embedd/config.toml)",
+    )
+
+
+@_command(
+    "pull",
+    _pull_arguments,
+    summary="download a GGUF embedding model and add it to the config",
+    description=(
+        "Download URL (or hf:OWNER/REPO/FILE.gguf from Hugging Face) into\n"
+        "$XDG_DATA_HOME/embedd/models, resuming an interrupted download, check its sha256\n"
+        "(--sha256, or what the server publishes), refuse a file that is not a GGUF embedding\n"
+        "model, and add [models.NAME] to the user's config file."
+    ),
+    examples=(
+        "  embedd pull hf:nomic-ai/nomic-embed-text-v1.5-GGUF/nomic-embed-text-v1.5.Q8_0.gguf \\\n"
+        "      --name nomic"
+    ),
+)
 def _cmd_pull(args: argparse.Namespace) -> int:
     from embedd.cli import pull
     from embedd.config import default_config_path
@@ -428,6 +694,31 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursively)")
+    p.add_argument("--out", required=True, metavar="INDEX", help="the SQLite file to write")
+    p.add_argument("--model", default="default", help="model name (default: %(default)s)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip paths matching GLOB (gitignore-style; repeatable)",
+    )
+
+
+@_command(
+    "index",
+    _index_arguments,
+    summary="index text, Markdown and PDF files into a SQLite file for search",
+    description=(
+        "Cut every file into chunks with the model's own tokenizer, embed them at bulk priority\n"
+        "and store one row per chunk (file, span, text, tokens, model, vector) in INDEX.\n"
+        "Re-running updates only changed files and drops deleted ones; an interrupted run\n"
+        "resumes where it stopped. PDFs need the optional pdf extra (pypdf)."
+    ),
+    examples=("  embedd index ~/notes --out notes.db --exclude '*.tmp' --exclude drafts"),
+)
 def _cmd_index(args: argparse.Namespace) -> int:
     from embedd.cli import index
 
@@ -462,6 +753,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", metavar="INDEX", help="the SQLite file `embedd index` wrote")
+    p.add_argument("query", metavar="QUERY", help="what to look for")
+    p.add_argument("-k", type=int, default=10, help="how many chunks (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {file, span, score, text}")
+
+
+@_command(
+    "search",
+    _search_arguments,
+    summary="search an index built by `embedd index`",
+    description=(
+        "Embed QUERY (interactive priority, the model's `query` prompt if it has one) and\n"
+        "print the K chunks closest to it by cosine: score, file, span and a snippet."
+    ),
+    examples=("  embedd search notes.db 'how do I renew the certificate' -k 5"),
+)
 def _cmd_search(args: argparse.Namespace) -> int:
     from embedd.cli import index
 
@@ -479,6 +787,39 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model to measure (default: default)")
+    p.add_argument("--quick", action="store_true", help="a small slice of the corpus")
+    p.add_argument(
+        "--no-baseline", action="store_true", help="measure only the daemon (no llama.cpp here)"
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument(
+        "--second-model",
+        metavar="MODEL",
+        help="also drive MODEL together with --model: throughput of two models against one",
+    )
+
+
+@_command(
+    "bench",
+    _bench_arguments,
+    summary="measure the running daemon against in-process llama-cpp-python",
+    description=(
+        "Run five workloads against the running daemon, then the same workloads against\n"
+        "llama-cpp-python in this process (same model file, threads and texts: the raw\n"
+        "baseline), and print a table with the ratios. W1: all bundled corpus chunks in\n"
+        "requests of 32 (chunks/s). W2: all queries, one per request, 8 clients (requests/s,\n"
+        "p50, p99). W3: W1 again while one client sends a query every 10 ms (the queries'\n"
+        "p50, p99). W4: queries while another client re-sends texts the cache answers (p50,\n"
+        "p99). W5: one query at a time, and W1, while a process keeps one core busy. idle:\n"
+        "one query at a time (p50). Plus the daemon's resident memory.\n"
+        "Takes about two minutes on 2 cores; --quick (a small slice) about fifteen seconds."
+    ),
+    examples=(
+        "  embedd bench\n  embedd bench --json > bench.json\n  embedd bench --quick --no-baseline"
+    ),
+)
 def _cmd_bench(args: argparse.Namespace) -> int:
     from embedd.cli import bench  # imports llama.cpp for the baseline only when run
 
@@ -497,6 +838,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 1
 
 
+def _stop_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=STOP_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to exit (default: %(default)g)",
+    )
+
+
+@_command(
+    "stop",
+    _stop_arguments,
+    summary="stop the daemon",
+    description=(
+        "Stop the daemon: send it `shutdown`, or, if its config does not allow that,\n"
+        "SIGTERM (only to a process of your own user). Then wait until it is gone.\n"
+        "The daemon finishes the requests it already accepted before exiting."
+    ),
+    examples=("  embedd stop\n  embedd stop --wait 120"),
+)
 def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     with embedd_client.Client(path, timeout=10.0) as client:
@@ -537,27 +899,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the line breaks of descriptions and examples."""
 
 
-def _subcommand(
-    subparsers: Any,
-    common: argparse.ArgumentParser,
-    name: str,
-    handler: Handler,
-    summary: str,
-    description: str,
-    examples: str,
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        name,
-        parents=[common],
-        help=summary,
-        description=description,
-        epilog="examples:\n" + examples,
-        formatter_class=_Formatter,
-    )
-    parser.set_defaults(handler=handler)
-    return parser
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -577,310 +918,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--socket", metavar="PATH", default=None, help="the daemon's Unix socket")
-    # The subcommands take --socket too; SUPPRESS keeps an absent one from hiding the global.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--socket", metavar="PATH", default=argparse.SUPPRESS, help="the daemon's Unix socket"
     )
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-
-    p = _subcommand(
-        sub,
-        common,
-        "serve",
-        _cmd_serve,
-        "run the daemon in the foreground",
-        "Run the daemon in the foreground until SIGTERM or Ctrl-C. Models load on first use.\n"
-        "Settings come from the config file (default $XDG_CONFIG_HOME/embedd/config.toml,\n"
-        "or $EMBEDD_CONFIG), then from these options.",
-        "  embedd serve\n"
-        "  embedd serve --verbose --socket /tmp/embedd-test.sock\n"
-        "  embedd serve --config ~/embedd.toml --model bge=~/models/bge-small-en-v1.5.gguf",
-    )
-    p.add_argument("--config", metavar="FILE", help="config file (TOML); must exist if given")
-    p.add_argument(
-        "--model",
-        metavar="NAME=PATH",
-        action="append",
-        default=[],
-        help="serve the GGUF file PATH as model NAME (repeatable; overrides the config file)",
-    )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="log every request and llama.cpp's own output (debug level)",
-    )
-    p.add_argument(
-        "--preload",
-        metavar="MODEL",
-        action="append",
-        default=[],
-        help="load MODEL at start-up, before telling the service manager we are ready "
-        "(repeatable; overrides the config's preload)",
-    )
-    p.add_argument(
-        "--idle-exit",
-        type=float,
-        metavar="SECONDS",
-        help="under socket activation, exit after SECONDS without a connection; the service "
-        "manager starts the daemon again on the next one (overrides the config's idle_exit)",
-    )
-    p.add_argument(
-        "--http-socket",
-        metavar="PATH",
-        help="also serve the OpenAI- and Ollama-compatible HTTP API on this Unix socket",
-    )
-    p.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        help="also serve the HTTP API on TCP (loopback only; needs --api-key-file or --no-api-key)",
-    )
-    p.add_argument(
-        "--api-key-file",
-        metavar="PATH",
-        help="bearer key for --http (created with a random key, mode 0600, if missing)",
-    )
-    p.add_argument(
-        "--no-api-key", action="store_true", help="serve --http without an API key (any local user)"
-    )
-    p.add_argument(
-        "--http-allow-remote",
-        action="store_true",
-        help="let --http bind a non-loopback address (other machines can then connect)",
-    )
-    p.add_argument(
-        "--metrics-file",
-        metavar="PATH",
-        help="write stats in the Prometheus text format to PATH every 15 s (atomically)",
-    )
-    p.add_argument(
-        "--log-format", choices=("text", "json"), help="one text line or one JSON object per event"
-    )
-
-    p = _subcommand(
-        sub,
-        common,
-        "embed",
-        _cmd_embed,
-        "embed texts, print JSON or write .npy",
-        "Embed the TEXT arguments, or else each non-blank line of stdin, and print\n"
-        '{"model": ..., "dim": ..., "embeddings": [[...], ...]} on stdout (one vector per\n'
-        "text, in order), or with --npy save an (n, dim) float32 array instead.",
-        "  embedd embed 'The cat sat on the mat.' 'A dog barked.'\n"
-        "  embedd embed < sentences.txt > vectors.json\n"
-        "  embedd embed --npy vectors.npy --dimensions 128 < sentences.txt\n"
-        "  embedd embed --model bge --prompt query 'how do I reset my password'",
-    )
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: stdin lines)")
-    p.add_argument("--model", default="default", help="model name (default: %(default)s)")
-    p.add_argument("--prompt", metavar="NAME", help="a prompt prefix configured for the model")
-    p.add_argument(
-        "--truncate",
-        action="store_true",
-        help="cut inputs longer than the model's max_tokens instead of failing",
-    )
-    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the vectors")
-    p.add_argument("--dimensions", type=int, metavar="N", help="keep only the first N components")
-    p.add_argument("--npy", metavar="FILE", help="write the vectors to FILE as .npy")
-
-    p = _subcommand(
-        sub,
-        common,
-        "models",
-        _cmd_models,
-        "list the configured models",
-        "List the models the daemon is configured with and their state.",
-        "  embedd models\n  embedd models --json | jq '.[].name'",
-    )
-    p.add_argument("--json", action="store_true", help="print the daemon's raw list as JSON")
-
-    p = _subcommand(
-        sub,
-        common,
-        "status",
-        _cmd_status,
-        "show whether the daemon runs, and its counters",
-        "Show the daemon's version, pid, uptime, connections, requests and models.\n"
-        "Exits with status 1 if no daemon answers.",
-        "  embedd status\n"
-        "  embedd status --json\n"
-        "  embedd status >/dev/null 2>&1 || embedd serve &",
-    )
-    p.add_argument("--json", action="store_true", help="print hello, health and stats as JSON")
-
-    p = _subcommand(
-        sub,
-        common,
-        "pull",
-        _cmd_pull,
-        "download a GGUF embedding model and add it to the config",
-        "Download URL (or hf:OWNER/REPO/FILE.gguf from Hugging Face) into\n"
-        "$XDG_DATA_HOME/embedd/models, resuming an interrupted download, check its sha256\n"
-        "(--sha256, or what the server publishes), refuse a file that is not a GGUF embedding\n"
-        "model, and add [models.NAME] to the user's config file.",
-        "  embedd pull hf:nomic-ai/nomic-embed-text-v1.5-GGUF/nomic-embed-text-v1.5.Q8_0.gguf \\\n"
-        "      --name nomic",
-    )
-    p.add_argument("source", metavar="URL", help="an http(s) URL or hf:OWNER/REPO/FILE.gguf")
-    p.add_argument("--name", help="the model's name in the config (default: from the file)")
-    p.add_argument("--sha256", metavar="HEX", help="the file's expected sha256")
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="the config file to add the model to (default: $XDG_CONFIG_HOME/embedd/config.toml)",
-    )
-
-    p = _subcommand(
-        sub,
-        common,
-        "index",
-        _cmd_index,
-        "index text, Markdown and PDF files into a SQLite file for search",
-        "Cut every file into chunks with the model's own tokenizer, embed them at bulk priority\n"
-        "and store one row per chunk (file, span, text, tokens, model, vector) in INDEX.\n"
-        "Re-running updates only changed files and drops deleted ones; an interrupted run\n"
-        "resumes where it stopped. PDFs need the optional pdf extra (pypdf).",
-        "  embedd index ~/notes --out notes.db --exclude '*.tmp' --exclude drafts",
-    )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursively)")
-    p.add_argument("--out", required=True, metavar="INDEX", help="the SQLite file to write")
-    p.add_argument("--model", default="default", help="model name (default: %(default)s)")
-    p.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="GLOB",
-        help="skip paths matching GLOB (gitignore-style; repeatable)",
-    )
-
-    p = _subcommand(
-        sub,
-        common,
-        "search",
-        _cmd_search,
-        "search an index built by `embedd index`",
-        "Embed QUERY (interactive priority, the model's `query` prompt if it has one) and\n"
-        "print the K chunks closest to it by cosine: score, file, span and a snippet.",
-        "  embedd search notes.db 'how do I renew the certificate' -k 5",
-    )
-    p.add_argument("index", metavar="INDEX", help="the SQLite file `embedd index` wrote")
-    p.add_argument("query", metavar="QUERY", help="what to look for")
-    p.add_argument("-k", type=int, default=10, help="how many chunks (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="a JSON list of {file, span, score, text}")
-
-    p = _subcommand(
-        sub,
-        common,
-        "load",
-        _cmd_load,
-        "load a model now",
-        "Load a model now (instead of on first use) and wait until it is ready.",
-        "  embedd load default",
-    )
-    p.add_argument("name", metavar="MODEL", help="model name")
-
-    p = _subcommand(
-        sub,
-        common,
-        "unload",
-        _cmd_unload,
-        "free a model's memory",
-        "Let the model's accepted work finish, then free it. It loads again on next use.",
-        "  embedd unload default",
-    )
-    p.add_argument("name", metavar="MODEL", help="model name")
-
-    p = _subcommand(
-        sub,
-        common,
-        "stop",
-        _cmd_stop,
-        "stop the daemon",
-        "Stop the daemon: send it `shutdown`, or, if its config does not allow that,\n"
-        "SIGTERM (only to a process of your own user). Then wait until it is gone.\n"
-        "The daemon finishes the requests it already accepted before exiting.",
-        "  embedd stop\n  embedd stop --wait 120",
-    )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=STOP_WAIT,
-        metavar="SECONDS",
-        help="how long to wait for the daemon to exit (default: %(default)g)",
-    )
-
-    p = _subcommand(
-        sub,
-        common,
-        "service",
-        _cmd_service,
-        "install the systemd units (or the launchd agent)",
-        "install: write the service manager's files, filled in with this Python\n"
-        "(sys.executable) and the given config, and print the commands that enable them:\n"
-        "systemd's embedd.socket + embedd.service (socket activation, Type=notify, watchdog),\n"
-        "or on macOS a LaunchAgent. uninstall: remove them. --dry-run prints instead.\n"
-        "See README, 'Running as a service'.",
-        "  embedd service install --dry-run\n"
-        "  embedd service install --user --idle-exit 600\n"
-        "  sudo embedd service install --system\n"
-        "  embedd service uninstall",
-    )
-    p.add_argument("action", choices=("install", "uninstall"))
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument(
-        "--user",
-        action="store_false",
-        dest="system",
-        default=False,
-        help="a per-user service (default)",
-    )
-    scope.add_argument(
-        "--system", action="store_true", help="a system-wide service for a shared machine"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the files instead of writing")
-    p.add_argument("--config", metavar="FILE", help="the config file the service runs with")
-    p.add_argument(
-        "--idle-exit", type=float, metavar="SECONDS", help="the daemon exits when idle that long"
-    )
-    p.add_argument(
-        "--no-preload",
-        action="store_true",
-        help="do not load the default model before reporting ready (load on first use)",
-    )
-    p.add_argument(
-        "--manager",
-        choices=("systemd", "launchd"),
-        help="which service manager (default: launchd on macOS, else systemd)",
-    )
-    p.add_argument("--root", metavar="DIR", help="write under DIR instead of / (images, tests)")
-
-    p = _subcommand(
-        sub,
-        common,
-        "bench",
-        _cmd_bench,
-        "measure the running daemon against in-process llama-cpp-python",
-        "Run four workloads against the running daemon, then the same workloads against\n"
-        "llama-cpp-python in this process (same model file, threads and texts: the raw\n"
-        "baseline), and print a table with the ratios. W1: all bundled corpus chunks in\n"
-        "requests of 32 (chunks/s). W2: all queries, one per request, 8 clients (requests/s,\n"
-        "p50, p99). W3: W1 again while one client sends a query every 10 ms (the queries'\n"
-        "p50, p99). idle: one query at a time (p50). Plus the daemon's resident memory.\n"
-        "Takes about two minutes on 2 cores; --quick (a small slice) about fifteen seconds.",
-        "  embedd bench\n  embedd bench --json > bench.json\n  embedd bench --quick --no-baseline",
-    )
-    p.add_argument("--model", default="default", help="model to measure (default: default)")
-    p.add_argument("--quick", action="store_true", help="a small slice of the corpus")
-    p.add_argument(
-        "--no-baseline", action="store_true", help="measure only the daemon (no llama.cpp here)"
-    )
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.add_argument(
-        "--second-model",
-        metavar="MODEL",
-        help="also drive MODEL together with --model: throughput of two models against one",
-    )
+    for name in COMMAND_ORDER:
+        cmd = _COMMANDS[name]
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=cmd.summary,
+            description=cmd.description,
+            epilog="examples:\n" + cmd.examples,
+            formatter_class=_Formatter,
+        )
+        p.set_defaults(handler=cmd.handler)
+        cmd.arguments(p)
     return parser
 
 
