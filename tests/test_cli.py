@@ -306,3 +306,23 @@ def test_bench_help_names_every_workload() -> None:
 
     description = cli._COMMANDS["bench"].description
     assert all(f"W{n}:" in description for n in range(1, 6))
+
+
+def test_version_prints_the_package_version() -> None:
+    from embedd import __version__
+
+    out = subprocess.run(
+        [sys.executable, "-m", "embedd", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"embedd {__version__}"
+
+
+def test_the_distribution_name_is_not_the_registrys_unrelated_embedd() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "embedd-daemon"
+    # Every install line the README shows installs this checkout, never the registry's name.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if "bin/pip install" in line]
+    assert lines and all("pip install ." in line or "pip install '.[" in line for line in lines)

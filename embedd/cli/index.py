@@ -111,7 +111,8 @@ def read_text(path: Path) -> str:
             from pypdf import PdfReader  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             raise ValueError(
-                "PDF support needs the optional pdf extra: pip install 'embedd[pdf]'"
+                "PDF support needs pypdf: pip install pypdf (or embedd's pdf extra: "
+                "pip install '.[pdf]')"
             ) from None
         reader = PdfReader(str(path))
         return "\n\n".join(page.extract_text() or "" for page in reader.pages)

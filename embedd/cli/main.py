@@ -21,6 +21,7 @@ from typing import Any
 import embedd_client
 import numpy as np
 
+from embedd import __version__
 from embedd.config import Config, ConfigError, load_config, parse_model_option
 
 PROG = "embedd"
@@ -918,6 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--socket", metavar="PATH", default=None, help="the daemon's Unix socket")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--socket", metavar="PATH", default=argparse.SUPPRESS, help="the daemon's Unix socket"
