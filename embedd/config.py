@@ -57,6 +57,8 @@ class ModelConfig:
     # Seconds idle before the model unloads itself; 0 keeps it loaded forever.
     keep_alive: float = 300.0
     prompts: Mapping[str, str] = field(default_factory=dict)
+    # Other names requests may use for this model: one loaded copy answers all of them.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ _MODEL_KEYS = {
     "prompts": dict,
     "gpu_layers": int,
     "dim": int,
+    "aliases": list,
 }
 
 
@@ -260,6 +263,11 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
     if "keep_alive" in table:
         _positive(table["keep_alive"], "keep_alive", where, allow_zero=True)
         kwargs["keep_alive"] = float(table["keep_alive"])
+    if "aliases" in table:
+        aliases = table["aliases"]
+        if not all(isinstance(a, str) and a for a in aliases):
+            raise ConfigError(f"{where}: aliases must be a list of model names (strings)")
+        kwargs["aliases"] = tuple(aliases)
     return ModelConfig(name=name, path=path, pooling=pooling, prompts=dict(prompts), **kwargs)
 
 
@@ -309,8 +317,41 @@ def _service_keys(
     return out
 
 
+def _check_aliases(models: Mapping[str, ModelConfig], where: str) -> None:
+    """Every name a request may use means one model: an alias that is also a model's name,
+    or another model's alias, is refused (naming both)."""
+    owner: dict[str, str] = {}
+    for name, model in models.items():
+        for alias in model.aliases:
+            if alias in models and alias != name:
+                raise ConfigError(f"{where}: alias {alias!r} of model {name!r} is a model's name")
+            if owner.get(alias, name) != name:
+                raise ConfigError(
+                    f"{where}: alias {alias!r} is given to both {owner[alias]!r} and {name!r}"
+                )
+            owner[alias] = name
+
+
+# What apps and libraries send when they assume the bundled model (all-MiniLM-L6-v2): Ollama's
+# tag for it, Chroma's default ONNX model, and its Hugging Face names. OpenAI's own model names
+# are not among them: their vectors live in another space, so answering them is the user's
+# choice (README, "Model aliases").
+BUNDLED_ALIASES = (
+    "all-minilm",
+    "all-minilm:l6-v2",
+    "chroma/all-minilm-l6-v2-f32",
+    "all-MiniLM-L6-v2",
+    "sentence-transformers/all-MiniLM-L6-v2",
+)
+
+
 def bundled_model() -> ModelConfig:
-    return ModelConfig(name=DEFAULT_MODEL, path=BUNDLED_MODEL, max_tokens=BUNDLED_MAX_TOKENS)
+    return ModelConfig(
+        name=DEFAULT_MODEL,
+        path=BUNDLED_MODEL,
+        max_tokens=BUNDLED_MAX_TOKENS,
+        aliases=BUNDLED_ALIASES,
+    )
 
 
 def parse_model_option(option: str) -> ModelConfig:
@@ -356,6 +397,7 @@ def load_config(
         models[name] = _model_from_table(name, table, path.parent, f"{where} [models.{name}]")
     for model in extra_models:
         models[model.name] = model
+    _check_aliases(models, where)
 
     kwargs: dict[str, Any] = {}
     for key in (

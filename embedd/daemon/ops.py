@@ -141,7 +141,7 @@ class Daemon:
         answer budget). A model not loaded yet is assumed as wide as `_UNKNOWN_DIM`."""
         args = req.args
         if isinstance(args, Embed):
-            slot = self.models.slots.get(args.model)
+            slot = self.models.by_name.get(args.model)
             dim = slot.last_info.dim if slot and slot.last_info else _UNKNOWN_DIM
             if args.dimensions is not None:
                 dim = min(dim, args.dimensions)

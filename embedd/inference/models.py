@@ -87,6 +87,7 @@ class ModelSlot:
             "fingerprint": info.fingerprint if info else None,
             "n_ctx_train": info.n_ctx_train if info else None,
             "dim_expected": self.config.dim,
+            "aliases": list(self.config.aliases),
         }
         if state == "failed":
             out["error"] = self.last_error
@@ -245,9 +246,14 @@ class ModelRegistry:
         self.slots: Mapping[str, ModelSlot] = {
             name: ModelSlot(mc, loop) for name, mc in config.models.items()
         }
+        # Every name a request may use, aliases included: one slot (one loaded copy) each.
+        self.by_name: Mapping[str, ModelSlot] = {
+            **{alias: slot for slot in self.slots.values() for alias in slot.config.aliases},
+            **self.slots,
+        }
 
     def get(self, name: str) -> ModelSlot:
-        slot = self.slots.get(name)
+        slot = self.by_name.get(name)
         if slot is None:
             raise EmbeddError(
                 Code.UNKNOWN_MODEL,
