@@ -40,8 +40,17 @@ def test_readme_config_sample_is_a_valid_config(tmp_path: Path) -> None:
 
     blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)
     sample = tmp_path / "config.toml"
-    sample.write_text(blocks[0])
+    sample.write_text(next(b for b in blocks if "max_frame" in b))
     config = load_config(sample, env={})
     assert set(config.models) == {"default", "e5"}
     assert config.models["e5"].prompts == {"query": "query: ", "document": "passage: "}
     assert config.models["default"].max_tokens == 256
+
+
+def test_every_toml_block_in_the_readme_loads(tmp_path: Path) -> None:
+    from embedd.config import load_config
+
+    for i, block in enumerate(re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)):
+        sample = tmp_path / f"config-{i}.toml"
+        sample.write_text(block)
+        load_config(sample, env={})
