@@ -227,7 +227,14 @@ LOG_FORMATS = ("text", "json")
 def _in_range(value: float, key: str, where: str) -> None:
     low, high = _RANGES[key]
     if not (math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{where}: {key} must be between {low:g} and {high:g}, got {value}")
+        raise ConfigError(
+            f"{where}: {key} must be between {_number(low)} and {_number(high)}, got {value}"
+        )
+
+
+def _number(value: float) -> str:
+    """A bound as people write it in the file: 1073741824, not 1.07374e+09."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _positive(value: float, key: str, where: str, *, allow_zero: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -326,3 +327,38 @@ def test_the_distribution_name_is_not_the_registrys_unrelated_embedd() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     lines = [line for line in readme.splitlines() if "bin/pip install" in line]
     assert lines and all("pip install ." in line or "pip install '.[" in line for line in lines)
+
+
+def test_status_and_models_fit_an_80_column_terminal(cli: Run, daemon: Daemon) -> None:
+    for command in ("status", "models"):
+        result = cli(command, "--socket", str(daemon.socket))
+        assert result.returncode == 0, result.stderr
+        assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+
+
+def test_models_shows_each_loaded_models_card(cli: Run, daemon: Daemon) -> None:
+    cli("load", "--socket", str(daemon.socket), "default")
+    out = cli("models", "--socket", str(daemon.socket)).stdout
+    # The card is one line folded at the terminal's width: its continuations are indented.
+    lines = out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("  default: ")))
+    rest = itertools.takewhile(lambda line: line.startswith("      "), lines[start + 1 :])
+    card = " ".join([lines[start], *rest])
+    assert "bert" in card and "F16" in card and "sha256 " in card
+
+
+def test_status_says_capacity_is_not_measured_before_any_full_batch(
+    cli: Run, workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    d = start_daemon(workdir)
+    own_daemon.append(d)
+    out = cli("status", "--socket", str(d.socket)).stdout
+    assert "CAPACITY tok/s" in out and "not measured yet" in out
+
+
+def test_a_range_error_writes_the_bound_as_in_the_file(tmp_path: Path) -> None:
+    from embedd.config import ConfigError, load_config
+
+    (tmp_path / "c.toml").write_text("max_frame = 3\n")
+    with pytest.raises(ConfigError, match="between 1024 and 1073741824, got 3"):
+        load_config(tmp_path / "c.toml", env={})

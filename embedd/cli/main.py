@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -382,12 +384,52 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _width() -> int:
+    """The terminal's width (80 when not a terminal and $COLUMNS is unset)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, keeping its end (a path's file name matters most)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is cut (from its start) so that
+    every line fits the terminal instead of wrapping."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    room = max(8, _width() - sum(w + 2 for w in widths[:-1]))
     lines = (
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
+        "  ".join(
+            [*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), _fit(row[-1], room)]
+        )
+        for row in [header, *rows]
     )
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _card_line(m: Mapping[str, Any]) -> str | None:
+    """One line of what the model file says about itself (`models --json` has all of it)."""
+    if not m.get("architecture"):
+        return None
+    size = m.get("size")
+    sha = m.get("sha256")
+    parts = [
+        str(m.get("architecture")),
+        str(m.get("model_name") or "unnamed"),
+        str(m.get("quantization") or "?"),
+        f"{size / 1e6:.1f} MB" if isinstance(size, int) else None,
+        f"license {m['license']}" if m.get("license") else None,
+        "causal" if m.get("causal") else None,
+        f"on {m.get('runs_on', 'cpu')}",
+        f"sha256 {sha[:12]}" if isinstance(sha, str) else None,
+    ]
+    return _wrap(f"  {m.get('name')}: " + ", ".join(p for p in parts if p))
+
+
+def _wrap(text: str) -> str:
+    """A long line folded at the terminal's width, continued with an indent."""
+    return textwrap.fill(text, _width(), subsequent_indent="      ", break_on_hyphens=False)
 
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
@@ -422,9 +464,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
         for m in models
     ]
     print(_table(header, rows))
+    cards = [line for m in models if (line := _card_line(m))]
+    if cards:
+        print("\nmodel files:")
+        print("\n".join(cards))
     for m in models:
         if m.get("error"):
-            print(f"{m.get('name')}: failed to load: {m['error']}")
+            print(_wrap(f"{m.get('name')}: failed to load: {m['error']}"))
+        if m.get("aliases"):
+            print(_wrap(f"  aliases of {m.get('name')}: {', '.join(m['aliases'])}"))
     return 0
 
 
@@ -458,42 +506,49 @@ def _status_text(
         f"connections: {conns.get('open', 0)} open, {conns.get('total', 0)} total, "
         f"{conns.get('refused', 0)} refused, {conns.get('timed_out', 0)} timed out",
         f"memory:      {_mb(stats.get('rss_bytes'))} MB resident",
-        f"requests:    {reqs.get('total', 0)} total, {reqs.get('ok', 0)} ok, {n_errors} errors"
-        + (f" ({detail})" if detail else ""),
+        textwrap.fill(
+            f"requests:    {reqs.get('total', 0)} total, {reqs.get('ok', 0)} ok, {n_errors} "
+            "errors" + (f" ({detail})" if detail else ""),
+            _width(),
+            subsequent_indent=" " * 13,
+        ),
         f"models:      {health.get('models_ready', 0)} of {len(hello.get('models', []))} ready",
     ]
     model_stats: Mapping[str, Mapping[str, Any]] = stats.get("models", {})
-    rows = []
+    counts, timings = [], []
     for name, m in model_stats.items():
-        tps = m.get("tokens_per_second")
+        capacity = m.get("tokens_per_second")
         latency = m.get("latency_ms") or {}
         busy = m.get("busy_fraction")
-        rows.append(
+        measured = isinstance(capacity, int | float) and m.get("throughput_measured")
+        counts.append(
             (
-                name,
+                "  " + name,
                 _cell(m.get("state")),
                 _cell(m.get("requests")),
                 _cell(m.get("inputs")),
                 _cell(m.get("queue_inputs")),
-                f"{tps:.0f}" if isinstance(tps, int | float) else "-",
                 f"{100 * busy:.0f}%" if isinstance(busy, int | float) else "-",
+                # What full batches have reached, not the current rate: it is what
+                # retry_after is estimated from, and means nothing before the first one.
+                f"{capacity:.0f}" if measured else "not measured yet",
+            )
+        )
+        timings.append(
+            (
+                "  " + name,
                 _quantiles(latency.get("queue_wait")),
                 _quantiles(latency.get("compute")),
             )
         )
-    if rows:
-        header = (
-            "  MODEL",
-            "STATE",
-            "REQUESTS",
-            "INPUTS",
-            "QUEUED",
-            "TOKENS/S",
-            "BUSY",
-            "WAIT ms p50/p95/p99",
-            "COMPUTE ms p50/p95/p99",
+    if counts:
+        lines.append(
+            _table(
+                ("  MODEL", "STATE", "REQUESTS", "INPUTS", "QUEUED", "BUSY", "CAPACITY tok/s"),
+                counts,
+            )
         )
-        lines.append(_table(header, [("  " + r[0], *r[1:]) for r in rows]))
+        lines.append(_table(("  MODEL", "WAIT ms p50/p95/p99", "COMPUTE ms p50/p95/p99"), timings))
     return "\n".join(lines)
 
 

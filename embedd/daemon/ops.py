@@ -210,6 +210,7 @@ class Daemon:
                 "queue_tokens": w.queued_tokens if w else 0,
                 "splitting_inputs": w.splitting_inputs if w else 0,
                 "tokens_per_second": round(st.tokens_per_second, 1),
+                "throughput_measured": st.throughput_measured,
                 "busy_fraction": st.busy_fraction(time.monotonic()),
                 "threads": st.last_threads,
                 "latency_ms": st.latency_ms(),

@@ -30,6 +30,8 @@ class WorkerStats:
     batches: int = 0
     cancelled: int = 0
     tokens_per_second: float = INITIAL_TOKENS_PER_SECOND
+    # Whether `tokens_per_second` comes from a well-filled batch yet, or is still the guess.
+    throughput_measured: bool = False
     # Compute threads the last batch ran with.
     last_threads: int = 0
     # (queue wait, compute, total) seconds of recent embed requests.

@@ -436,7 +436,12 @@ class ModelWorker:
         # Only well-filled batches measure throughput: small ones look slow per token, and
         # retry_after estimates built on them were hours long.
         if elapsed > 0 and n_tokens * 2 >= engine.info.batch_tokens:
-            st.tokens_per_second = 0.8 * st.tokens_per_second + 0.2 * (n_tokens / elapsed)
+            rate = n_tokens / elapsed
+            # The first measurement replaces the guess; later ones move an average.
+            st.tokens_per_second = (
+                0.8 * st.tokens_per_second + 0.2 * rate if st.throughput_measured else rate
+            )
+            st.throughput_measured = True
         for item, vec in zip(batch, vectors, strict=True):
             job = item.job
             assert job.vectors is not None
