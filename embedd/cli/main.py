@@ -454,11 +454,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("interrupted: finished files are saved; run the same command to go on")
         return 130
-    _err(
-        f"indexed {counts.files_indexed} files ({counts.chunks} chunks), "
-        f"{counts.files_unchanged} unchanged, {counts.files_removed} removed, "
-        f"{counts.files_skipped} skipped -> {args.out}"
-    )
+    _err(index.summary(counts, args.out))
     return 0
 
 
