@@ -416,6 +416,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
             name=args.name,
             sha256=args.sha256,
             config=config,
+            max_bytes=pull.parse_size(args.max_size) if args.max_size else pull.MAX_MODEL_BYTES,
             tty=sys.stderr.isatty(),
         )
     except pull.PullError as exc:
@@ -721,6 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="URL", help="an http(s) URL or hf:OWNER/REPO/FILE.gguf")
     p.add_argument("--name", help="the model's name in the config (default: from the file)")
     p.add_argument("--sha256", metavar="HEX", help="the file's expected sha256")
+    p.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="refuse a download larger than SIZE, with K, M, G or T (default 20G: the largest "
+        "embedding GGUFs, 8 B parameters at F16, with room to spare)",
+    )
     p.add_argument(
         "--config",
         metavar="FILE",
