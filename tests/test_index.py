@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,3 +160,178 @@ def test_pdfs_without_the_pdf_extra_are_skipped_with_a_clear_reason(
     assert out.returncode == 0, out.stderr
     assert "pip install pypdf" in out.stderr
     assert os.path.exists(tmp_path / "p.db")
+
+
+# --------------------------------------------------------------------------------------------
+# A bad file is skipped with its reason; the run goes on (issue 16, defects 10 and 11)
+
+
+def _one_good_file(tmp: Path) -> Path:
+    folder = tmp / "notes"
+    folder.mkdir()
+    (folder / "good.md").write_text("The certificate is renewed every ninety days.")
+    return folder
+
+
+def _indexed(db: Path) -> list[str]:
+    return sorted(Path(p).name for p in _files(db))
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_the_rest_indexed(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (Path(os.fsdecode(bytes(folder) + b"/caf\xe9.txt"))).write_text("latin-1 named notes")
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert "skipped " + str(folder) + "/caf\\xe9.txt: the file name is not UTF-8" in out.stderr
+    assert _indexed(tmp_path / "n.db") == ["good.md"]
+
+
+def test_a_file_of_nul_bytes_is_skipped_as_binary_and_the_rest_indexed(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (folder / "zeros.txt").write_bytes(bytes(4096))
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert f"skipped {folder / 'zeros.txt'}: binary (a NUL byte at byte 0)" in out.stderr
+    assert _indexed(tmp_path / "n.db") == ["good.md"]
+
+
+def test_a_file_the_model_has_no_tokens_for_is_skipped_with_the_daemons_reason(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (folder / "control.txt").write_text("\x01\x02\x03" * 100)  # UTF-8, no NUL, no tokens
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert f"skipped {folder / 'control.txt'}: input[0] has no tokens the model knows" in out.stderr
+    assert _indexed(tmp_path / "n.db") == ["good.md"]
+
+
+def test_the_summary_counts_skips_by_reason(daemon: Daemon, tmp_path: Path) -> None:
+    folder = _one_good_file(tmp_path)
+    (folder / "a.txt").write_bytes(bytes(10))
+    (folder / "b.txt").write_bytes(b"\x00\x01")
+    (folder / "latin1.txt").write_bytes("café".encode("latin-1"))
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"embedd: indexed 1 files (1 chunks), 0 unchanged, 0 removed, "
+        f"3 skipped (2 binary, 1 not UTF-8 text) -> {tmp_path / 'n.db'}"
+    )
+
+
+# A file this far over MAX_FILE_BYTES (32 MiB) shows at once whether it was read.
+_HUGE_FILE_BYTES = 500 * 10**6
+# What skipping it may cost the indexer's peak RSS at most: far under the file's size.
+_RSS_ALLOWANCE_KIB = 128 * 1024
+
+
+def _index_peak_rss_kib(daemon: Daemon, folder: Path, db: Path) -> tuple[str, int]:
+    """`embedd index` run from a fresh interpreter that reports its children's peak RSS (KiB):
+    the figure is this run's alone, where pytest's own RUSAGE_CHILDREN would hold the largest
+    of every process it ever waited for."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "print(r.stderr, file=sys.stderr)\n"
+        "sys.exit(r.returncode)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "embedd", "index", str(folder),
+         "--out", str(db), "--socket", str(daemon.socket)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stderr, int(out.stdout.split()[-1])
+
+
+def test_a_file_over_the_size_limit_is_skipped_without_being_read(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    _, baseline = _index_peak_rss_kib(daemon, folder, tmp_path / "base.db")
+    with (folder / "huge.txt").open("wb") as f:
+        f.truncate(_HUGE_FILE_BYTES)  # sparse: no disk used, but 500 MB to whoever reads it
+    err, peak = _index_peak_rss_kib(daemon, folder, tmp_path / "n.db")
+    assert f"skipped {folder / 'huge.txt'}: larger than 32 MiB" in err
+    assert peak < baseline + _RSS_ALLOWANCE_KIB, (baseline, peak)
+
+
+# --------------------------------------------------------------------------------------------
+# A broken index is named in one line, rc 1, no traceback (issue 16, defect 12)
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def _not_sqlite(db: Path, built: Path) -> str:
+    db.write_bytes(b"these are my notes, not a database\n" * 100)
+    return "file is not a database"
+
+
+def _truncated(db: Path, built: Path) -> str:
+    data = built.read_bytes()
+    db.write_bytes(data[: len(data) // 2])
+    return "database disk image is malformed"
+
+
+def _foreign(db: Path, built: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE bookmarks (url TEXT)")
+    return "is an SQLite database but not an embedd index"
+
+
+def _other_length(db: Path, built: Path) -> str:
+    shutil.copy(built, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE chunks SET vector = zeroblob(768 * 4) WHERE idx = 0")
+    return "stored vectors are not 384 float32 (the model's dimension); the first is 3072 bytes"
+
+
+def _directory(db: Path, built: Path) -> str:
+    db.mkdir()
+    return "is a directory"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_not_sqlite, _truncated, _foreign, _other_length, _directory],
+    ids=lambda f: f.__name__,
+)
+def test_search_names_a_broken_index_and_what_is_wrong_in_one_line(
+    daemon: Daemon, built: tuple[Path, Path], tmp_path: Path, damage: Any
+) -> None:
+    db = tmp_path / "broken.db"
+    what = damage(db, built[1])
+    line = _one_line_error(_cli(daemon, "search", str(db), "certificate"))
+    assert line.startswith(f"embedd: {db}") and what in line, line
+
+
+@pytest.mark.parametrize("damage", [_not_sqlite, _foreign, _directory], ids=lambda f: f.__name__)
+def test_index_names_an_out_file_that_is_not_an_index_in_one_line(
+    daemon: Daemon, built: tuple[Path, Path], tmp_path: Path, damage: Any
+) -> None:
+    db = tmp_path / "broken.db"
+    what = damage(db, built[1])
+    before = db.read_bytes() if db.is_file() else None
+    line = _one_line_error(_cli(daemon, "index", str(_one_good_file(tmp_path)), "--out", str(db)))
+    assert line.startswith(f"embedd: {db}") and what in line, line
+    assert (db.read_bytes() if db.is_file() else None) == before  # nothing written to it
+
+
+def test_search_reads_an_index_whose_path_has_uri_characters(
+    daemon: Daemon, built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    db = tmp_path / "notes?v=1#%20.db"
+    shutil.copy(built[1], db)
+    out = _cli(daemon, "search", str(db), "JSON decoding error", "-k", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)) == 1

@@ -706,6 +706,12 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the model's name in the config (default: from the file)")
     p.add_argument("--sha256", metavar="HEX", help="the file's expected sha256")
     p.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="refuse a download larger than SIZE, with K, M, G or T (default 20G: the largest "
+        "embedding GGUFs, 8 B parameters at F16, with room to spare)",
+    )
+    p.add_argument(
         "--config",
         metavar="FILE",
         help="the config file to add the model to (default: $XDG_CONFIG_HOME/embedd/config.toml)",
@@ -738,6 +744,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
             name=args.name,
             sha256=args.sha256,
             config=config,
+            max_bytes=pull.parse_size(args.max_size) if args.max_size else pull.MAX_MODEL_BYTES,
             tty=sys.stderr.isatty(),
         )
     except pull.PullError as exc:
@@ -801,11 +808,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("interrupted: finished files are saved; run the same command to go on")
         return 130
-    _err(
-        f"indexed {counts.files_indexed} files ({counts.chunks} chunks), "
-        f"{counts.files_unchanged} unchanged, {counts.files_removed} removed, "
-        f"{counts.files_skipped} skipped -> {args.out}"
-    )
+    _err(index.summary(counts, args.out))
     return 0
 
 
