@@ -212,3 +212,30 @@ def test_every_answer_is_counted_once() -> None:
     conv.finish(1, EmbeddError(Code.CANCELLED, "x"))
     assert tally.total == 3
     assert tally.errors == {"unknown_op": 1, "cancelled": 1}
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"HEAD"])
+def test_an_http_request_gets_a_plain_http_400_naming_the_http_socket(method: bytes) -> None:
+    conv = Conversation(LIMITS)
+    actions = conv.receive(method + b" /v1/embeddings HTTP/1.1\r\nHost: x\r\n\r\n")
+    sent = b"".join(a.data for a in actions if isinstance(a, Send))
+    assert sent.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"--http-socket" in sent and b"msgpack socket" in sent
+    assert isinstance(actions[-1], Close)
+    assert conv.tally.errors == {"protocol_error": 1}
+
+
+def test_an_http_request_sent_a_byte_at_a_time_is_recognised_too() -> None:
+    conv = Conversation(LIMITS)
+    actions: list[Action] = []
+    for byte in b"POST /api/embed HTTP/1.1\r\n":
+        actions += conv.receive(bytes([byte]))
+    assert any(isinstance(a, Send) and a.data.startswith(b"HTTP/1.1 400") for a in actions)
+
+
+def test_an_oversized_frame_that_is_not_http_still_gets_frame_too_large() -> None:
+    conv = Conversation(LIMITS)
+    actions = conv.receive(b"\xff\xff\xff\xff")
+    sent = [a for a in actions if isinstance(a, Send)]
+    assert sent and not sent[0].data.startswith(b"HTTP/")
+    assert conv.tally.errors == {"frame_too_large": 1}

@@ -85,6 +85,10 @@ class Conversation:
         # The peer is gone: nothing will be written, answers are dropped (but still counted).
         self.peer_gone = False
         self._close_sent = False
+        # The connection's first bytes, kept until a frame has been read: an HTTP client that
+        # reached this socket by mistake is told so in HTTP (see _wrong_protocol).
+        self._opening = b""
+        self._framed = False
 
     # --- what the shell asks -------------------------------------------------------------------
 
@@ -108,7 +112,12 @@ class Conversation:
         if self.reading_done:
             return []
         actions: list[Action] = []
+        if not self._framed and len(self._opening) < _HTTP_SNIFF:
+            self._opening += data[: _HTTP_SNIFF - len(self._opening)]
         for event in self._decoder.feed(data):
+            if isinstance(event, FrameError) and not self._framed and _is_http(self._opening):
+                return self._wrong_protocol()
+            self._framed = True
             if isinstance(event, FrameError):
                 # The stream cannot be resynchronised: answer (id unknown), stop reading, and
                 # close once the requests read before the broken frame are answered.
@@ -203,6 +212,24 @@ class Conversation:
             return []
         return [Send(encode_frame(response(rid, result)))]
 
+    def _wrong_protocol(self) -> list[Action]:
+        """An HTTP request on the msgpack socket: its first bytes read as a length prefix of
+        over a gigabyte, and a `frame_too_large` frame would mean nothing to an HTTP client
+        (curl says "Received HTTP/0.9"). Answer in its own language, once, then close."""
+        self.tally.count(EmbeddError(Code.PROTOCOL_ERROR, "HTTP on the msgpack socket"))
+        self.reading_done = True
+        self._close_sent = True
+        body = (
+            b"This is embedd's msgpack socket (PROTOCOL.md). The OpenAI- and Ollama-compatible "
+            b"HTTP API is served on its own socket: start the daemon with --http-socket PATH or "
+            b"--http HOST:PORT and send HTTP there.\n"
+        )
+        head = (
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        return [Send(head + body), Close()]
+
     def _maybe_close(self) -> list[Action]:
         if self.reading_done and not self._inflight and not self._close_sent:
             self._close_sent = True
@@ -213,6 +240,19 @@ class Conversation:
 # A client at its in-flight limit can retry as soon as one of its answers arrives; a tenth of a
 # second is a few batches' time (NOTES.md: a query batch takes ~4 ms, a chunk batch ~90 ms).
 _INFLIGHT_RETRY_AFTER = 0.1
+
+
+# The first four bytes of the HTTP/1.1 request methods (RFC 9110 section 9, and PATCH): the
+# length prefix the frame decoder refuses. Each starts with an uppercase letter, so as a length
+# it reads as over 1 GiB, beyond any max_frame: no valid msgpack frame can be taken for one.
+_HTTP_OPENINGS = (
+    b"GET ", b"HEAD", b"POST", b"PUT ", b"DELE", b"CONN", b"OPTI", b"TRAC", b"PATC",
+)  # fmt: skip
+_HTTP_SNIFF = 4
+
+
+def _is_http(opening: bytes) -> bool:
+    return opening[:_HTTP_SNIFF] in _HTTP_OPENINGS
 
 
 def refusal(error: EmbeddError) -> bytes:
