@@ -362,3 +362,21 @@ def test_a_range_error_writes_the_bound_as_in_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("max_frame = 3\n")
     with pytest.raises(ConfigError, match="between 1024 and 1073741824, got 3"):
         load_config(tmp_path / "c.toml", env={})
+
+
+def _complete(cli: Run, *words: str) -> list[str]:
+    script = cli("completion", "bash").stdout
+    line = " ".join(f"'{w}'" for w in words)
+    call = f'COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _embedd; echo "${{COMPREPLY[@]}}"'
+    probe = f"{script}\n{call}"
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_bash_completion_completes_commands(cli: Run) -> None:
+    assert _complete(cli, "embedd", "se") == ["search", "serve", "service"]
+
+
+def test_bash_completion_completes_a_commands_options_after_a_global_socket(cli: Run) -> None:
+    assert _complete(cli, "embedd", "--socket", "/tmp/x.sock", "embed", "--tr") == ["--truncate"]

@@ -368,3 +368,38 @@ def test_max_size_takes_bytes_or_k_m_g_t() -> None:
         2 * 2**40,
         64 * 2**10,
     ]
+
+
+def test_remove_takes_the_models_tables_out_and_deletes_the_file_pull_downloaded(
+    tmp_path: Path,
+) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    model = pull.models_dir(env) / "e5.gguf"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"GGUF")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'cache_bytes = 0\n\n[models.keep]\npath = "keep.gguf"\n\n'
+        f"[models.e5]\npath = {pull.toml_string(str(model))}\n"
+        '[models.e5.prompts]\nquery = "query: "\n\n[models.other]\npath = "o.gguf"\n'
+    )
+    assert pull.remove(config, "e5", env) == model
+    assert not model.exists()
+    loaded = load_config(config, env={})
+    assert set(loaded.models) == {"default", "keep", "other"} and loaded.cache_bytes == 0
+
+
+def test_remove_keeps_a_model_file_pull_did_not_download(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF")
+    config = tmp_path / "config.toml"
+    config.write_text(f"[models.mine]\npath = {pull.toml_string(str(mine))}\n")
+    assert pull.remove(config, "mine", {"XDG_DATA_HOME": str(tmp_path / "data")}) is None
+    assert mine.exists() and "mine" not in load_config(config, env={}).models
+
+
+def test_remove_of_a_name_not_in_the_config_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[models.a]\npath = "a.gguf"\n')
+    with pytest.raises(pull.PullError, match=r"has no \[models.b\]"):
+        pull.remove(config, "b", {})

@@ -516,6 +516,49 @@ def add_to_config(config: Path, name: str, model: Path) -> None:
         f.write(entry)
 
 
+def remove(config: Path, name: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """Take `[models.NAME]` (and its sub-tables) out of the config, keeping every other line,
+    and delete the model's file if `pull` put it there (under `models_dir`); a file of the
+    user's own elsewhere is left alone. Returns the deleted file, if any."""
+    import tomllib
+
+    text = config.read_text() if config.exists() else ""
+    try:
+        table = tomllib.loads(text).get("models", {}).get(name)
+    except tomllib.TOMLDecodeError as exc:
+        raise PullError(f"{config} is not valid TOML ({exc}); fix it first") from None
+    if not isinstance(table, dict):
+        raise PullError(f"{config} has no [models.{name}]")
+    kept: list[str] = []
+    inside = False
+    for line in text.splitlines(keepends=True):
+        header = line.strip()
+        if header.startswith("["):
+            inside = header in (f"[models.{name}]", f'[models."{name}"]') or header.startswith(
+                (f"[models.{name}.", f'[models."{name}".')
+            )
+        if not inside:
+            kept.append(line)
+    remaining = "".join(kept)
+    try:
+        if name in tomllib.loads(remaining).get("models", {}):
+            raise PullError(f"cannot take [models.{name}] out of {config}: edit it by hand")
+    except tomllib.TOMLDecodeError:
+        raise PullError(f"cannot take [models.{name}] out of {config}: edit it by hand") from None
+    tmp = config.with_name(config.name + ".tmp")
+    tmp.write_text(remaining)
+    os.replace(tmp, config)
+    model = Path(os.path.expanduser(str(table.get("path", ""))))
+    if not model.is_absolute():
+        model = config.parent / model
+    ours = models_dir(env).resolve()
+    if model.is_file() and ours in model.resolve().parents:
+        model.unlink()
+        discard_part(model)
+        return model
+    return None
+
+
 def pull(
     source_text: str,
     *,
