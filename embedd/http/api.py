@@ -109,9 +109,48 @@ def parse_json(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         error = http_error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}")
         raise ApiError(error) from exc
+    except RecursionError as exc:
+        # json's C scanner counts its depth against the recursion limit and stops cleanly:
+        # 100,000 nested "[" is a malformed request, not a crash (issue 16, defect 7).
+        error = http_error(HTTPStatus.BAD_REQUEST, "body is not valid JSON: nested too deeply")
+        raise ApiError(error) from exc
     if not isinstance(value, dict):
         raise ApiError(http_error(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
     return value
+
+
+# The longest JSON text of one vector component: a float32 widened to float64 prints up to 17
+# significant digits with sign, point and exponent ("-1.2345678442978859e-05", 23 characters),
+# plus its comma. The bundled model's unit vectors measured 21-23 bytes per float on average,
+# against 4 in the msgpack answer: sizing JSON answers at 4 let a 0.6 MB request build a
+# 323 MB answer (issue 16, defect 2).
+JSON_FLOAT_BYTES = 24
+# Each row's own keys ({"object":"embedding","index":99999,"embedding":...}) with room to spare.
+_ROW_BYTES = 64
+# The answer's envelope: object, model, usage, Ollama's durations.
+_ENVELOPE_BYTES = 512
+
+
+def answer_bytes(rows: int, dim: int, encoding_format: str = "float") -> int:
+    """An embedding answer's size in bytes at most, known before any work (rows x dim)."""
+    if encoding_format == "base64":
+        per_row = (4 * dim + 2) // 3 * 4 + 2  # the float32 bytes in base64, quoted
+    else:
+        per_row = dim * JSON_FLOAT_BYTES + 2
+    return _ENVELOPE_BYTES + rows * (_ROW_BYTES + per_row)
+
+
+def check_answer_size(size: int, max_response: int) -> None:
+    """Refuse, before any work, an answer larger than `max_response`."""
+    if size > max_response:
+        raise EmbeddError(
+            Code.BAD_REQUEST,
+            f"the answer would be about {size} bytes of JSON, more than max_response = "
+            f"{max_response} bytes; send fewer inputs per request (or ask for "
+            "encoding_format base64, or fewer dimensions)",
+            key="input",
+            limit=max_response,
+        )
 
 
 def _bad(message: str, key: str) -> EmbeddError:
