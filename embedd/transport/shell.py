@@ -232,6 +232,7 @@ class Connection:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     budget: AnswerBudget | None = None
     clock: FrameClock = field(default_factory=FrameClock)
+    write_watch: asyncio.Task[None] | None = None
 
     @property
     def inflight(self) -> int:
@@ -249,10 +250,8 @@ class Connection:
                 if not self.conv.reading_done:
                     # Backpressure: while the client leaves its answers unread, read no more
                     # of its requests (unsent bytes stay under max_unsent plus what is in
-                    # flight, which the answer budget bounds).
-                    if not await self._drain():
-                        self._write_timed_out()
-                        break
+                    # flight, which the answer budget bounds; `_watch_writes` bounds the time).
+                    await self.writer.drain()
                     if not self.conv.wants_data:
                         self.wake.clear()
                         await self.wake.wait()
@@ -286,12 +285,14 @@ class Connection:
             self.eof.set()
             for task in self.tasks.values():
                 task.cancel()
+            if self.write_watch is not None:
+                self.write_watch.cancel()
             if not self.writer.is_closing():
                 _release(self.writer)
 
     async def _drain(self) -> bool:
-        """Wait while the client holds more than `max_unsent` unread. False when it took none
-        of it for `idle_timeout` (the write deadline)."""
+        """Wait while the client holds more than the high-water mark unread. False when it took
+        none of it for `idle_timeout` (the write deadline)."""
         transport = self.writer.transport
         while True:
             before = transport.get_write_buffer_size()
@@ -309,6 +310,19 @@ class Connection:
         _log.info("closing a connection that went silent %s", what)
         self.apply(self.conv.timed_out())
 
+    def _watch_writes(self) -> None:
+        """Once more than `max_unsent` waits to be read, the client has `idle_timeout` to take
+        some of it, whatever the read loop is doing (issue 16, defect 2: a client that never
+        read its answer held 1.9 GB past idle_timeout)."""
+        over = self.writer.transport.get_write_buffer_size() > self.listener.config.max_unsent
+        if over and (self.write_watch is None or self.write_watch.done()):
+            self.write_watch = asyncio.create_task(self._write_deadline())
+
+    async def _write_deadline(self) -> None:
+        with contextlib.suppress(OSError):
+            if not await self._drain():
+                self._write_timed_out()
+
     def _write_timed_out(self) -> None:
         self.listener.connections.timed_out += 1
         _log.info(
@@ -324,6 +338,7 @@ class Connection:
                 case Send(data):
                     if not self.writer.is_closing():
                         self.writer.write(data)
+                        self._watch_writes()
                 case CancelTask(rid):
                     if (running := self.tasks.get(rid)) is not None:
                         running.cancel()
