@@ -34,7 +34,7 @@ def sent(actions: list[Action]) -> list[dict[str, Any]]:
     decoder = FrameDecoder(1 << 30)
     for action in actions:
         if isinstance(action, Send):
-            out += [m for m in decoder.feed(action.data) if isinstance(m, dict)]
+            out += [m for m in decoder.feed(bytes(action.data)) if isinstance(m, dict)]
     return out
 
 

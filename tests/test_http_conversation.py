@@ -47,7 +47,7 @@ def statuses(actions: list[Action]) -> list[int]:
     """The status of every response sent (100 Continue excluded)."""
     out = []
     for a in actions:
-        if isinstance(a, Send) and not a.data.startswith(b"HTTP/1.1 100"):
+        if isinstance(a, Send) and a.data.startswith(b"HTTP/1.1 ") and a.data[9:12] != b"100":
             out.append(int(a.data.split(b" ", 2)[1]))
     return out
 

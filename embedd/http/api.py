@@ -200,24 +200,41 @@ def _rows(result: Mapping[str, Any]) -> npt.NDArray[np.float32]:
     return data.reshape(result["count"], result["dim"])
 
 
-def openai_embed_result(call: OpenAIEmbed, result: Mapping[str, Any]) -> dict[str, Any]:
-    rows = _rows(result)
-    data: list[dict[str, Any]] = []
-    for i, row in enumerate(rows):
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
+    """`[row(0, r0),row(1, r1),...]` as JSON, built a row at a time into one buffer: a whole
+    answer as Python objects first (a float object per component, ~30 bytes each) took several
+    times the answer's size, and the freed objects kept the daemon's RSS up after it."""
+    out = bytearray(b"[")
+    for i, r in enumerate(rows):
+        if i:
+            out += b","
+        out += _json(row(i, r))
+    out += b"]"
+    return out
+
+
+def openai_embed_json(call: OpenAIEmbed, result: Mapping[str, Any]) -> bytearray:
+    """The `POST /v1/embeddings` answer, encoded (JSON; large answers are built off the loop)."""
+
+    def row(i: int, r: npt.NDArray[np.float32]) -> dict[str, Any]:
         embedding: Any
         if call.encoding_format == "base64":
             # What the OpenAI SDKs decode: the little-endian float32 bytes, base64.
-            embedding = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+            embedding = base64.b64encode(r.astype("<f4").tobytes()).decode("ascii")
         else:
-            embedding = row.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": embedding})
+            embedding = r.tolist()
+        return {"object": "embedding", "index": i, "embedding": embedding}
+
     tokens = int(result["usage"]["prompt_tokens"])
-    return {
-        "object": "list",
-        "data": data,
-        "model": result["model"],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    out = bytearray(b'{"object":"list","data":')
+    out += _json_rows(_rows(result), row)
+    out += b',"model":' + _json(result["model"])
+    out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens}) + b"}"
+    return out
 
 
 def openai_models(models: Sequence[Mapping[str, Any]], started: float) -> dict[str, Any]:
@@ -257,16 +274,16 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits) -> Embed:
     return Embed.parse(args, limits)
 
 
-def ollama_embed_result(
+def ollama_embed_json(
     result: Mapping[str, Any], model: str, started_ns: int, load_ns: int
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "embeddings": _rows(result).tolist(),
-        "total_duration": time.monotonic_ns() - started_ns,
-        "load_duration": load_ns,
-        "prompt_eval_count": int(result["usage"]["prompt_tokens"]),
-    }
+) -> bytearray:
+    """The `POST /api/embed` answer, encoded as `openai_embed_json` is."""
+    out = bytearray(b'{"model":' + _json(model) + b',"embeddings":')
+    out += _json_rows(_rows(result), lambda _i, r: r.tolist())
+    out += b',"total_duration":' + _json(time.monotonic_ns() - started_ns)
+    out += b',"load_duration":' + _json(load_ns)
+    out += b',"prompt_eval_count":' + _json(int(result["usage"]["prompt_tokens"])) + b"}"
+    return out
 
 
 def ollama_legacy(body: Mapping[str, Any], limits: Limits) -> Embed:

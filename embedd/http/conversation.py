@@ -31,7 +31,7 @@ from .parser import (
     HttpHead,
     HttpParser,
     HttpRequest,
-    encode_response,
+    encode_head,
     json_body,
 )
 
@@ -102,15 +102,22 @@ def unauthorized() -> Response:
     )
 
 
-def encode(response: Response, *, keep_alive: bool) -> bytes:
-    """A response's bytes; its body is JSON unless it is bytes already (encoded off the loop,
-    or another content type)."""
+# A body larger than this goes out as its own Send rather than copied behind its head: an
+# answer of max_response (64 MiB) would otherwise exist twice at once.
+_SEPARATE_BODY = 64 * 1024
+
+
+def encode(response: Response, *, keep_alive: bool) -> list[bytes | bytearray]:
+    """A response's bytes, as one piece or as head and body; its body is JSON unless it is
+    bytes already (encoded off the loop, or another content type)."""
     headers = dict(response.headers)
     content_type = headers.pop("Content-Type", "application/json")
-    body = response.body if isinstance(response.body, bytes) else json_body(response.body)
-    return encode_response(
-        response.status, body, content_type=content_type, keep_alive=keep_alive, extra=headers
+    raw = response.body
+    body = raw if isinstance(raw, bytes | bytearray) else json_body(raw)
+    head = encode_head(
+        response.status, len(body), content_type=content_type, keep_alive=keep_alive, extra=headers
     )
+    return [head + body] if len(body) <= _SEPARATE_BODY else [head, body]
 
 
 def refusal(error: EmbeddError) -> bytes:
@@ -120,7 +127,7 @@ def refusal(error: EmbeddError) -> bytes:
         # Too many connections is the server's state, not this client's rate (RFC 9110 15.6.4).
         status = HTTPStatus.SERVICE_UNAVAILABLE
     response = http_api.openai_error(error)
-    return encode(Response(status, response.body, response.headers), keep_alive=False)
+    return b"".join(encode(Response(status, response.body, response.headers), keep_alive=False))
 
 
 class HttpConversation:
@@ -257,7 +264,7 @@ class HttpConversation:
             self.reading_done = self._no_more = True
         if self.peer_gone or self._close_sent:
             return []
-        return [Send(encode(response, keep_alive=keep))]
+        return [Send(piece) for piece in encode(response, keep_alive=keep)]
 
     def _last(self, response: Response) -> list[Action]:
         """Answer with `response`, then close: after it the stream cannot be trusted."""

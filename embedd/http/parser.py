@@ -244,6 +244,28 @@ class HttpParser:
         return HttpRequest(head.method, head.target, head.headers, body, head.keep_alive)
 
 
+def encode_head(
+    status: HTTPStatus | int,
+    length: int,
+    *,
+    content_type: str = "application/json",
+    keep_alive: bool = True,
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    """A response's status line and headers, for a body of `length` bytes."""
+    status = HTTPStatus(status)
+    headers = {
+        "Content-Type": content_type,
+        "Content-Length": str(length),
+        "Connection": "keep-alive" if keep_alive else "close",
+        **(extra or {}),
+    }
+    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()
+    )
+    return head.encode("latin-1") + b"\r\n"
+
+
 def encode_response(
     status: HTTPStatus | int,
     body: bytes,
@@ -252,17 +274,10 @@ def encode_response(
     keep_alive: bool = True,
     extra: dict[str, str] | None = None,
 ) -> bytes:
-    status = HTTPStatus(status)
-    headers = {
-        "Content-Type": content_type,
-        "Content-Length": str(len(body)),
-        "Connection": "keep-alive" if keep_alive else "close",
-        **(extra or {}),
-    }
-    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in headers.items()
+    head = encode_head(
+        status, len(body), content_type=content_type, keep_alive=keep_alive, extra=extra
     )
-    return head.encode("latin-1") + b"\r\n" + body
+    return head + body
 
 
 def json_body(value: Any) -> bytes:

@@ -225,12 +225,8 @@ class HttpServer(Listener):
         return size
 
     @staticmethod
-    async def _encoded(size: int, build: Callable[[], Any]) -> Response:
-        """An OK response with its JSON body built and encoded off the loop when large."""
-
-        def encode() -> bytes:
-            return json_body(build())
-
+    async def _encoded(size: int, encode: Callable[[], bytes | bytearray]) -> Response:
+        """An OK response with its JSON body encoded off the loop when large."""
         if size <= _ON_LOOP_BYTES:
             return Response(HTTPStatus.OK, encode())
         return Response(HTTPStatus.OK, await asyncio.to_thread(encode))
@@ -241,7 +237,7 @@ class HttpServer(Listener):
         call = http_api.openai_embed(await self._json(request.body), self.limits)
         size = await self._size(call.request, reservation, call.encoding_format)
         result = await self._run(call.request)
-        return await self._encoded(size, lambda: http_api.openai_embed_result(call, result))
+        return await self._encoded(size, lambda: http_api.openai_embed_json(call, result))
 
     async def openai_models(self, request: HttpRequest, reservation: Reservation) -> Response:
         return Response(HTTPStatus.OK, http_api.openai_models(await self._models(), self.started))
@@ -253,7 +249,7 @@ class HttpServer(Listener):
         size = await self._size(embed, reservation)
         result = await self._run(embed)
         return await self._encoded(
-            size, lambda: http_api.ollama_embed_result(result, embed.model, started, load_ns)
+            size, lambda: http_api.ollama_embed_json(result, embed.model, started, load_ns)
         )
 
     async def _load_time(self, embed: Embed) -> int:
@@ -267,7 +263,7 @@ class HttpServer(Listener):
         embed = http_api.ollama_legacy(await self._json(request.body), self.limits)
         size = await self._size(embed, reservation)
         result = await self._run(embed)
-        return await self._encoded(size, lambda: http_api.ollama_legacy_result(result))
+        return await self._encoded(size, lambda: json_body(http_api.ollama_legacy_result(result)))
 
     async def ollama_tags(self, request: HttpRequest, reservation: Reservation) -> Response:
         return Response(HTTPStatus.OK, http_api.ollama_tags(await self._models()))

@@ -29,7 +29,7 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Send:
-    data: bytes
+    data: bytes | bytearray  # a large HTTP body is sent as built, not copied into bytes
 
 
 @dataclass(frozen=True)
