@@ -36,6 +36,7 @@ PURE = (
     "inference.threads",
     "http.parser",
     "http.api",
+    "http.conversation",
 )
 
 

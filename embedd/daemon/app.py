@@ -122,21 +122,23 @@ async def serve(config: Config) -> int:
     try:
         await daemon.stop_requested.wait()
         supervisor.stopping()
-        await server.stop_accepting()
+        listeners: list[Server | HttpServer] = [server] if http is None else [server, http]
+        for listener in listeners:
+            await listener.stop_accepting()
         await asyncio.sleep(_SIGNAL_SETTLE)
         daemon.draining = True
         _log.info(
             "stopping: no new connections or work; finishing %d requests in flight (at most %gs)",
-            server.inflight,
+            sum(listener.inflight for listener in listeners),
             config.shutdown_grace,
         )
-        if http is not None:
-            await http.close()
-        await server.drain(config.shutdown_grace)
+        # Both fronts answer what they accepted, within the one grace (issue 16, defect 5).
+        await asyncio.gather(*(listener.drain(config.shutdown_grace) for listener in listeners))
         for task in background:
             task.cancel()
         await daemon.models.close()
-        await server.close()
+        for listener in listeners:
+            await listener.close()
     finally:
         await supervisor.close()
         for sig in signals:

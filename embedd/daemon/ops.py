@@ -142,9 +142,7 @@ class Daemon:
         args = req.args
         if isinstance(args, Embed):
             slot = self.models.by_name.get(args.model)
-            dim = slot.last_info.dim if slot and slot.last_info else _UNKNOWN_DIM
-            if args.dimensions is not None:
-                dim = min(dim, args.dimensions)
+            dim = self.answer_dim(args) or _UNKNOWN_DIM
             vectors = len(args.input)
             if args.long == "split" and args.pool == "none" and slot is not None:
                 vectors = _windows(args, "", slot.max_tokens)
@@ -158,6 +156,15 @@ class Daemon:
             chars = sum(len(t) + 4 for t in args.input)
             return _ANSWER_OVERHEAD + chars * _BYTES_PER_TOKEN_ID
         return _ANSWER_OVERHEAD
+
+    def answer_dim(self, args: Embed) -> int | None:
+        """The width of each vector an embed request will get, known before any work once its
+        model has loaded (None before: the HTTP front loads it first to size its answer)."""
+        slot = self.models.by_name.get(args.model)
+        if slot is None or slot.last_info is None:
+            return None
+        dim = slot.last_info.dim
+        return dim if args.dimensions is None else min(dim, args.dimensions)
 
     async def preload(self, name: str) -> None:
         """Load a model before the daemon reports ready (the service manager's preload)."""

@@ -109,9 +109,48 @@ def parse_json(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         error = http_error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}")
         raise ApiError(error) from exc
+    except RecursionError as exc:
+        # json's C scanner counts its depth against the recursion limit and stops cleanly:
+        # 100,000 nested "[" is a malformed request, not a crash (issue 16, defect 7).
+        error = http_error(HTTPStatus.BAD_REQUEST, "body is not valid JSON: nested too deeply")
+        raise ApiError(error) from exc
     if not isinstance(value, dict):
         raise ApiError(http_error(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
     return value
+
+
+# The longest JSON text of one vector component: a float32 widened to float64 prints up to 17
+# significant digits with sign, point and exponent ("-1.2345678442978859e-05", 23 characters),
+# plus its comma. The bundled model's unit vectors measured 21-23 bytes per float on average,
+# against 4 in the msgpack answer: sizing JSON answers at 4 let a 0.6 MB request build a
+# 323 MB answer (issue 16, defect 2).
+JSON_FLOAT_BYTES = 24
+# Each row's own keys ({"object":"embedding","index":99999,"embedding":...}) with room to spare.
+_ROW_BYTES = 64
+# The answer's envelope: object, model, usage, Ollama's durations.
+_ENVELOPE_BYTES = 512
+
+
+def answer_bytes(rows: int, dim: int, encoding_format: str = "float") -> int:
+    """An embedding answer's size in bytes at most, known before any work (rows x dim)."""
+    if encoding_format == "base64":
+        per_row = (4 * dim + 2) // 3 * 4 + 2  # the float32 bytes in base64, quoted
+    else:
+        per_row = dim * JSON_FLOAT_BYTES + 2
+    return _ENVELOPE_BYTES + rows * (_ROW_BYTES + per_row)
+
+
+def check_answer_size(size: int, max_response: int) -> None:
+    """Refuse, before any work, an answer larger than `max_response`."""
+    if size > max_response:
+        raise EmbeddError(
+            Code.BAD_REQUEST,
+            f"the answer would be about {size} bytes of JSON, more than max_response = "
+            f"{max_response} bytes; send fewer inputs per request (or ask for "
+            "encoding_format base64, or fewer dimensions)",
+            key="input",
+            limit=max_response,
+        )
 
 
 def _bad(message: str, key: str) -> EmbeddError:
@@ -161,24 +200,41 @@ def _rows(result: Mapping[str, Any]) -> npt.NDArray[np.float32]:
     return data.reshape(result["count"], result["dim"])
 
 
-def openai_embed_result(call: OpenAIEmbed, result: Mapping[str, Any]) -> dict[str, Any]:
-    rows = _rows(result)
-    data: list[dict[str, Any]] = []
-    for i, row in enumerate(rows):
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
+    """`[row(0, r0),row(1, r1),...]` as JSON, built a row at a time into one buffer: a whole
+    answer as Python objects first (a float object per component, ~30 bytes each) took several
+    times the answer's size, and the freed objects kept the daemon's RSS up after it."""
+    out = bytearray(b"[")
+    for i, r in enumerate(rows):
+        if i:
+            out += b","
+        out += _json(row(i, r))
+    out += b"]"
+    return out
+
+
+def openai_embed_json(call: OpenAIEmbed, result: Mapping[str, Any]) -> bytearray:
+    """The `POST /v1/embeddings` answer, encoded (JSON; large answers are built off the loop)."""
+
+    def row(i: int, r: npt.NDArray[np.float32]) -> dict[str, Any]:
         embedding: Any
         if call.encoding_format == "base64":
             # What the OpenAI SDKs decode: the little-endian float32 bytes, base64.
-            embedding = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+            embedding = base64.b64encode(r.astype("<f4").tobytes()).decode("ascii")
         else:
-            embedding = row.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": embedding})
+            embedding = r.tolist()
+        return {"object": "embedding", "index": i, "embedding": embedding}
+
     tokens = int(result["usage"]["prompt_tokens"])
-    return {
-        "object": "list",
-        "data": data,
-        "model": result["model"],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    out = bytearray(b'{"object":"list","data":')
+    out += _json_rows(_rows(result), row)
+    out += b',"model":' + _json(result["model"])
+    out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens}) + b"}"
+    return out
 
 
 def openai_models(models: Sequence[Mapping[str, Any]], started: float) -> dict[str, Any]:
@@ -218,16 +274,16 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits) -> Embed:
     return Embed.parse(args, limits)
 
 
-def ollama_embed_result(
+def ollama_embed_json(
     result: Mapping[str, Any], model: str, started_ns: int, load_ns: int
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "embeddings": _rows(result).tolist(),
-        "total_duration": time.monotonic_ns() - started_ns,
-        "load_duration": load_ns,
-        "prompt_eval_count": int(result["usage"]["prompt_tokens"]),
-    }
+) -> bytearray:
+    """The `POST /api/embed` answer, encoded as `openai_embed_json` is."""
+    out = bytearray(b'{"model":' + _json(model) + b',"embeddings":')
+    out += _json_rows(_rows(result), lambda _i, r: r.tolist())
+    out += b',"total_duration":' + _json(time.monotonic_ns() - started_ns)
+    out += b',"load_duration":' + _json(load_ns)
+    out += b',"prompt_eval_count":' + _json(int(result["usage"]["prompt_tokens"])) + b"}"
+    return out
 
 
 def ollama_legacy(body: Mapping[str, Any], limits: Limits) -> Embed:

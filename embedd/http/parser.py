@@ -1,15 +1,21 @@
-"""HTTP/1.1 as a pure object: bytes in, requests (or one fatal error) out; responses to bytes.
+"""HTTP/1.1 as a pure object: bytes in, events (a head, then its request, or one fatal error)
+out; responses to bytes.
 
 Only what an embedding API needs and nothing the standard library's http.server would let
 through unbounded: a request line and headers within `MAX_HEAD` bytes and `MAX_HEADERS`
 fields, bodies by `Content-Length` or chunked up to the daemon's `max_frame`, keep-alive by
 default (HTTP/1.1) unless `Connection: close`. Anything malformed yields one `HttpError` and
 the parser closes: after a broken message the stream cannot be trusted.
+
+`next_event` reports a request's head (`HttpHead`) as soon as it is complete, before any of
+its body is parsed, so the conversation can refuse it (a wrong API key) before buffering the
+body; it parses only when asked, so bytes of pipelined requests stay bytes until their turn.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -21,6 +27,24 @@ MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 # The longest chunk-size line of a chunked body (hex digits plus extensions).
 _MAX_CHUNK_LINE = 1024
+# RFC 9112 7.1: chunk-size = 1*HEXDIG. Python's int(x, 16) also takes "0x1c", "+1c", "1_0" and
+# "-0", which other parsers on the path read differently (request smuggling). 16 digits hold
+# any size a 64-bit length can.
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+@dataclass(frozen=True)
+class HttpHead:
+    """A request's line and headers, complete; its body (if any) is still to come."""
+
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-case names; repeated fields joined with ", "
+    keep_alive: bool
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -51,8 +75,9 @@ class HttpParser:
     max_body: int
     closed: bool = False
     _buf: bytearray = field(default_factory=bytearray)
-    # The head of a request whose body is still arriving.
-    _head: tuple[str, str, dict[str, str], bool] | None = None
+    # The head of a request whose body is still arriving (reported once by next_event).
+    _head: HttpHead | None = None
+    _head_reported: bool = False
     _length: int | None = None  # Content-Length body
     _chunks: bytearray | None = None  # chunked body so far
 
@@ -64,22 +89,35 @@ class HttpParser:
     def mid_request(self) -> bool:
         return self._head is not None or bool(self._buf)
 
-    def feed(self, data: bytes) -> list[HttpRequest | HttpError]:
+    def receive(self, data: bytes) -> None:
+        """Bytes from the peer, parsed only by `next_event`."""
+        if not self.closed:
+            self._buf += data
+
+    def next_event(self) -> HttpHead | HttpRequest | HttpError | None:
+        """The next event the bytes so far hold (None: more bytes are needed)."""
         if self.closed:
-            return []
-        self._buf += data
+            return None
+        event = self._next()
+        if isinstance(event, HttpError):
+            self.closed = True
+            self._buf.clear()
+            self._chunks = None
+        return event
+
+    def feed(self, data: bytes) -> list[HttpRequest | HttpError]:
+        """Every request (or the error) the bytes so far hold; heads are not reported."""
+        self.receive(data)
         out: list[HttpRequest | HttpError] = []
-        while not self.closed:
-            event = self._next()
-            if event is None:
-                break
-            out.append(event)
-            if isinstance(event, HttpError):
-                self.closed = True
-                self._buf.clear()
+        while (event := self.next_event()) is not None:
+            if not isinstance(event, HttpHead):
+                out.append(event)
         return out
 
-    def _next(self) -> HttpRequest | HttpError | None:
+    def _next(self) -> HttpHead | HttpRequest | HttpError | None:
+        if self._head is not None and not self._head_reported:
+            self._head_reported = True
+            return self._head
         if self._head is None:
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
@@ -93,7 +131,14 @@ class HttpParser:
             parsed = self._parse_head(head)
             if isinstance(parsed, HttpError):
                 return parsed
+            self._head_reported = True
+            return self._head
         return self._body()
+
+    @property
+    def has_complete_request(self) -> bool:
+        """Whether an event is ready without more bytes (a head was reported: its body)."""
+        return self._head is not None or b"\r\n\r\n" in self._buf
 
     def _parse_head(self, head: bytes) -> HttpError | None:
         try:
@@ -132,7 +177,7 @@ class HttpParser:
             self._chunks = bytearray()
         else:
             raw = headers.get("content-length", "0")
-            if not raw.isdigit() or len(raw) > 18:
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
                 return _fail(HTTPStatus.BAD_REQUEST, "bad content-length")
             length = int(raw)
             if length > self.max_body:
@@ -141,7 +186,8 @@ class HttpParser:
                     f"body of {length} bytes exceeds the limit of {self.max_body}",
                 )
             self._length = length
-        self._head = (method.upper(), target, headers, keep_alive)
+        self._head = HttpHead(method.upper(), target, headers, keep_alive)
+        self._head_reported = False
         return None
 
     def _body(self) -> HttpRequest | HttpError | None:
@@ -163,12 +209,12 @@ class HttpParser:
                 if len(self._buf) > _MAX_CHUNK_LINE:
                     return _fail(HTTPStatus.BAD_REQUEST, "chunk size line too long")
                 return None
-            size_text = bytes(self._buf[:end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                return _fail(HTTPStatus.BAD_REQUEST, "bad chunk size")
-            if size < 0 or len(self._chunks) + size > self.max_body:
+            # Whitespace may precede an extension's ";" (RFC 9112's BWS), never the digits.
+            size_text = bytes(self._buf[:end]).split(b";", 1)[0].rstrip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                return _fail(HTTPStatus.BAD_REQUEST, "bad chunk size (hex digits only)")
+            size = int(size_text, 16)
+            if len(self._chunks) + size > self.max_body:
                 limit = self.max_body
                 return _fail(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body exceeds the limit of {limit}"
@@ -191,11 +237,33 @@ class HttpParser:
 
     def _done(self, body: bytes) -> HttpRequest:
         assert self._head is not None
-        method, target, headers, keep_alive = self._head
+        head = self._head
         self._head = None
         self._length = None
         self._chunks = None
-        return HttpRequest(method, target, headers, body, keep_alive)
+        return HttpRequest(head.method, head.target, head.headers, body, head.keep_alive)
+
+
+def encode_head(
+    status: HTTPStatus | int,
+    length: int,
+    *,
+    content_type: str = "application/json",
+    keep_alive: bool = True,
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    """A response's status line and headers, for a body of `length` bytes."""
+    status = HTTPStatus(status)
+    headers = {
+        "Content-Type": content_type,
+        "Content-Length": str(length),
+        "Connection": "keep-alive" if keep_alive else "close",
+        **(extra or {}),
+    }
+    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()
+    )
+    return head.encode("latin-1") + b"\r\n"
 
 
 def encode_response(
@@ -206,17 +274,10 @@ def encode_response(
     keep_alive: bool = True,
     extra: dict[str, str] | None = None,
 ) -> bytes:
-    status = HTTPStatus(status)
-    headers = {
-        "Content-Type": content_type,
-        "Content-Length": str(len(body)),
-        "Connection": "keep-alive" if keep_alive else "close",
-        **(extra or {}),
-    }
-    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in headers.items()
+    head = encode_head(
+        status, len(body), content_type=content_type, keep_alive=keep_alive, extra=extra
     )
-    return head.encode("latin-1") + b"\r\n" + body
+    return head + body
 
 
 def json_body(value: Any) -> bytes:

@@ -29,7 +29,7 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Send:
-    data: bytes
+    data: bytes | bytearray  # a large HTTP body is sent as built, not copied into bytes
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Conversation:
         # The connection's first bytes, kept until a frame has been read: an HTTP client that
         # reached this socket by mistake is told so in HTTP (see _wrong_protocol).
         self._opening = b""
-        self._framed = False
+        self._frames = 0
 
     # --- what the shell asks -------------------------------------------------------------------
 
@@ -102,22 +102,33 @@ class Conversation:
         return self._decoder.buffered > 0
 
     @property
+    def frames(self) -> int:
+        """Frames read whole so far (the shell's frame deadline restarts when this changes)."""
+        return self._frames
+
+    @property
+    def wants_data(self) -> bool:
+        """Requests are read while any arrive: max_inflight and the shell's backpressure bound
+        what they hold."""
+        return not self.reading_done
+
+    @property
     def finished(self) -> bool:
         return self._close_sent
 
     # --- events in -----------------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[Action]:
+    def receive_data(self, data: bytes) -> list[Action]:
         """Bytes from the peer."""
         if self.reading_done:
             return []
         actions: list[Action] = []
-        if not self._framed and len(self._opening) < _HTTP_SNIFF:
+        if self._frames == 0 and len(self._opening) < _HTTP_SNIFF:
             self._opening += data[: _HTTP_SNIFF - len(self._opening)]
         for event in self._decoder.feed(data):
-            if isinstance(event, FrameError) and not self._framed and _is_http(self._opening):
+            if isinstance(event, FrameError) and self._frames == 0 and _is_http(self._opening):
                 return self._wrong_protocol()
-            self._framed = True
+            self._frames += 1
             if isinstance(event, FrameError):
                 # The stream cannot be resynchronised: answer (id unknown), stop reading, and
                 # close once the requests read before the broken frame are answered.
@@ -139,6 +150,17 @@ class Conversation:
             self.peer_gone = True
             actions += [CancelTask(rid) for rid in self._inflight]
         return actions + self._maybe_close()
+
+    def timed_out(self) -> list[Action]:
+        """The peer said nothing for idle_timeout, or a frame did not arrive whole within
+        frame_timeout of its first byte: it is cut off (PROTOCOL.md, Limits)."""
+        return self.peer_closed(gone=True)
+
+    def shutdown(self) -> list[Action]:
+        """The daemon started draining. A msgpack connection stays open: the requests it
+        still sends are answered `shutting_down` (PROTOCOL.md), and the connection is closed
+        once the drain is over."""
+        return []
 
     def finish(self, rid: int, result: dict[str, Any] | EmbeddError) -> list[Action]:
         """The task of request `rid` ended with this result (or error)."""
