@@ -23,6 +23,8 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-
 # reference implementation never produces.
 BUNDLED_MAX_TOKENS = 256
 
+# What the HTTP APIs may do with an over-long input a request says nothing about.
+HTTP_LONG_MODES = ("error", "truncate", "split")
 # What the engine can serve: "none" gives per-token vectors and "rank" a reranker's score.
 POOLING_NAMES = ("mean", "cls", "last")
 
@@ -59,6 +61,10 @@ class ModelConfig:
     prompts: Mapping[str, str] = field(default_factory=dict)
     # Other names requests may use for this model: one loaded copy answers all of them.
     aliases: tuple[str, ...] = ()
+    # What the HTTP APIs do with an input over max_tokens when the request does not say:
+    # "split" (windows, mean-pooled: the whole text counts), "truncate" or "error". Split lets
+    # apps whose chunkers count characters (LangChain, LlamaIndex, Chroma) ingest unchanged.
+    http_long: str = "split"
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class Config:
     api_key_file: Path | None = None
     no_api_key: bool = False
     http_allow_remote: bool = False
+    # Web origins whose pages may call the HTTP API from a browser ("*": any); none by default,
+    # so a page the user happens to visit cannot reach the local daemon.
+    cors_origins: tuple[str, ...] = ()
     # Where to write `stats` in the Prometheus text format, every `metrics_every` seconds.
     metrics_file: Path | None = None
     metrics_every: float = 15.0
@@ -156,6 +165,7 @@ _TOP_KEYS = {
     "api_key_file": str,
     "no_api_key": bool,
     "http_allow_remote": bool,
+    "cors_origins": list,
     "metrics_file": str,
     "metrics_every": (int, float),
     "log_format": str,
@@ -172,6 +182,7 @@ _MODEL_KEYS = {
     "gpu_layers": int,
     "dim": int,
     "aliases": list,
+    "http_long": str,
 }
 
 
@@ -270,6 +281,13 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
     if "keep_alive" in table:
         _positive(table["keep_alive"], "keep_alive", where, allow_zero=True)
         kwargs["keep_alive"] = float(table["keep_alive"])
+    if "http_long" in table:
+        if table["http_long"] not in HTTP_LONG_MODES:
+            raise ConfigError(
+                f"{where}: http_long must be one of {', '.join(HTTP_LONG_MODES)}, "
+                f"got {table['http_long']!r}"
+            )
+        kwargs["http_long"] = table["http_long"]
     if "aliases" in table:
         aliases = table["aliases"]
         if not all(isinstance(a, str) and a for a in aliases):
@@ -441,6 +459,11 @@ def load_config(
             kwargs[key] = value if value.is_absolute() else path.parent / value
     if "http" in data:
         kwargs["http"] = data["http"]
+    if "cors_origins" in data:
+        origins = data["cors_origins"]
+        if not all(isinstance(o, str) and o for o in origins):
+            raise ConfigError(f"{where}: cors_origins must be a list of origins (strings)")
+        kwargs["cors_origins"] = tuple(origins)
     if "metrics_every" in data:
         _positive(data["metrics_every"], "metrics_every", where)
         kwargs["metrics_every"] = float(data["metrics_every"])

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embedd.config import BUNDLED_ALIASES
 from embedd.http.parser import MAX_HEAD, MAX_HEADERS, HttpError, HttpParser, HttpRequest
 from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
 
@@ -195,7 +196,10 @@ def test_openai_errors_have_openais_shape_and_status(front: Front) -> None:
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="no-such-model", input="x")
     with pytest.raises(openai.BadRequestError) as info:
-        client.embeddings.create(model="default", input="word " * 400)
+        # Over-long inputs are split unless the request says otherwise (test_http_apps.py).
+        client.embeddings.create(
+            model="default", input="word " * 400, extra_body={"truncate": False}
+        )
     error = info.value.body
     assert isinstance(error, dict)
     assert (error["code"], error["index"], error["limit"]) == ("input_too_long", 0, 256)
@@ -208,7 +212,8 @@ def test_openai_errors_have_openais_shape_and_status(front: Front) -> None:
 
 def test_the_openai_sdk_lists_models(front: Front) -> None:
     client = openai.OpenAI(base_url=front.base_url, api_key=front.key)
-    assert {m.id for m in client.models.list()} == {"default", "prompted"}
+    names = {m.id for m in client.models.list()}
+    assert names == {"default", "prompted", *BUNDLED_ALIASES}
 
 
 def test_tcp_without_the_key_is_refused_with_401(front: Front) -> None:
@@ -239,13 +244,14 @@ def test_curl_on_the_unix_socket_speaks_both_apis(front: Front, reference: Refer
 def test_ollama_probes_find_embedd(front: Front) -> None:
     assert front.call("GET", "/api/version")[0] == 200
     status, tags = front.call("GET", "/api/tags")
-    assert status == 200 and {m["name"] for m in tags["models"]} == {"default", "prompted"}
+    names = {m["name"] for m in tags["models"]}
+    assert status == 200 and names == {"default", "prompted", *BUNDLED_ALIASES}
     front.call("POST", "/api/embed", {"model": "default", "input": "load it"})
     status, ps = front.call("GET", "/api/ps")
     assert status == 200 and "default" in {m["name"] for m in ps["models"]}
 
 
-def test_ollama_truncates_by_default_and_honours_false(front: Front) -> None:
+def test_ollama_takes_long_inputs_by_default_and_honours_truncate_false(front: Front) -> None:
     status, _ = front.call("POST", "/api/embed", {"model": "default", "input": "w " * 600})
     assert status == 200
     status, body = front.call(

@@ -166,6 +166,12 @@ class Daemon:
         dim = slot.last_info.dim
         return dim if args.dimensions is None else min(dim, args.dimensions)
 
+    def http_long(self, model: str) -> str:
+        """What the HTTP APIs do with `model`'s over-long inputs when a request does not say
+        (its `http_long`; an unknown name is refused later, with its own error)."""
+        slot = self.models.by_name.get(model)
+        return slot.config.http_long if slot is not None else "error"
+
     async def preload(self, name: str) -> None:
         """Load a model before the daemon reports ready (the service manager's preload)."""
         await self.models.get(name).load(self.config.request_timeout)

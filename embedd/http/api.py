@@ -172,8 +172,58 @@ class OpenAIEmbed:
     encoding_format: str
 
 
-def openai_embed(body: Mapping[str, Any], limits: Limits) -> OpenAIEmbed:
+# What each endpoint's body may hold: the API's own keys (OpenAI's `user`, Ollama's `options`
+# and `keep_alive`, accepted and unused) and embedd's options, which the OpenAI SDKs send from
+# `extra_body`. Anything else is refused naming the key, as the msgpack socket does, so a
+# misspelt option never passes silently.
+OPENAI_KEYS = frozenset(
+    {"input", "model", "encoding_format", "dimensions", "user"}
+    | {"truncate", "priority", "prompt", "long", "overlap"}
+)
+OLLAMA_EMBED_KEYS = frozenset(
+    {"model", "input", "truncate", "options", "keep_alive", "dimensions"}
+    | {"priority", "prompt", "long", "overlap"}
+)
+OLLAMA_LEGACY_KEYS = frozenset({"model", "prompt", "options", "keep_alive"})
+
+
+def _check_keys(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise _bad(
+                f"unknown key {str(key)[:80]!r} (allowed: {', '.join(sorted(allowed))})",
+                str(key)[:80],
+            )
+
+
+def _long_args(body: Mapping[str, Any], default: str) -> dict[str, Any]:
+    """How an over-long input is handled: what the body says (`long`, or `truncate`), else
+    the model's `http_long`."""
+    if "long" in body or "truncate" in body:
+        return {k: body[k] for k in ("long", "truncate", "overlap") if body.get(k) is not None}
+    if "overlap" in body:
+        return {"long": "split", "overlap": body["overlap"]} if default == "split" else {}
+    return {"truncate": True} if default == "truncate" else {"long": default}
+
+
+def long_report(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """What was cut or split, for the answer (an `embedd` field) and its headers: an app that
+    never reads either still gets the whole text's vector, and one that cares can tell."""
+    truncated = [i for i, cut in enumerate(result.get("truncated", ())) if cut]
+    windows = {str(i): n for i, n in enumerate(result.get("windows", ())) if n > 1}
+    headers = {}
+    if truncated:
+        headers["X-Embedd-Truncated"] = str(len(truncated))
+    if windows:
+        headers["X-Embedd-Split"] = str(len(windows))
+    return {"truncated": truncated, "windows": windows}, headers
+
+
+def openai_embed(
+    body: Mapping[str, Any], limits: Limits, long_default: str = "error"
+) -> OpenAIEmbed:
     """`POST /v1/embeddings` -> the typed request. Raises EmbeddError (-> openai_error)."""
+    _check_keys(body, OPENAI_KEYS)
     if "input" in body and _is_token_ids(body["input"]):
         raise _bad(
             "input holds token ids; embedd takes text, tokenized by the model's own tokenizer "
@@ -187,9 +237,10 @@ def openai_embed(body: Mapping[str, Any], limits: Limits) -> OpenAIEmbed:
     if "model" not in body:
         raise _bad("model is required", "model")
     args: dict[str, Any] = {"input": body.get("input"), "model": body["model"], "encoding": "f32"}
-    for key in ("dimensions", "truncate", "priority", "prompt"):
+    for key in ("dimensions", "priority", "prompt"):
         if key in body and body[key] is not None:
             args[key] = body[key]
+    args.update(_long_args(body, long_default))
     if "input" not in body:
         del args["input"]
     return OpenAIEmbed(Embed.parse(args, limits), fmt)
@@ -233,16 +284,23 @@ def openai_embed_json(call: OpenAIEmbed, result: Mapping[str, Any]) -> bytearray
     out = bytearray(b'{"object":"list","data":')
     out += _json_rows(_rows(result), row)
     out += b',"model":' + _json(result["model"])
-    out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens}) + b"}"
+    out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens})
+    out += b',"embedd":' + _json(long_report(result)[0]) + b"}"
     return out
+
+
+def _names(models: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every name a request may use, aliases included, with its model: apps check that the
+    name they were configured with is listed before they send it."""
+    return [(name, m) for m in models for name in (m["name"], *m.get("aliases", ()))]
 
 
 def openai_models(models: Sequence[Mapping[str, Any]], started: float) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
-            {"id": m["name"], "object": "model", "created": int(started), "owned_by": "embedd"}
-            for m in models
+            {"id": name, "object": "model", "created": int(started), "owned_by": "embedd"}
+            for name, _m in _names(models)
         ],
     }
 
@@ -258,17 +316,19 @@ def _ollama_model(body: Mapping[str, Any]) -> str:
     return name.removesuffix(":latest")
 
 
-def ollama_embed(body: Mapping[str, Any], limits: Limits) -> Embed:
-    """`POST /api/embed`. Ollama truncates by default; embedd does what the caller sends and,
-    when it sends nothing, what Ollama clients expect: `truncate: true`."""
+def ollama_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "truncate") -> Embed:
+    """`POST /api/embed`: `truncate` as Ollama's clients send it (true cuts, false refuses),
+    and when they send nothing, the model's `http_long`."""
+    _check_keys(body, OLLAMA_EMBED_KEYS)
     args: dict[str, Any] = {
         "input": body.get("input"),
         "model": _ollama_model(body),
-        "truncate": body.get("truncate", True),
         "encoding": "f32",
+        **_long_args(body, long_default),
     }
-    if body.get("dimensions") is not None:
-        args["dimensions"] = body["dimensions"]
+    for key in ("dimensions", "priority", "prompt"):
+        if body.get(key) is not None:
+            args[key] = body[key]
     if "input" not in body:
         del args["input"]
     return Embed.parse(args, limits)
@@ -282,16 +342,24 @@ def ollama_embed_json(
     out += _json_rows(_rows(result), lambda _i, r: r.tolist())
     out += b',"total_duration":' + _json(time.monotonic_ns() - started_ns)
     out += b',"load_duration":' + _json(load_ns)
-    out += b',"prompt_eval_count":' + _json(int(result["usage"]["prompt_tokens"])) + b"}"
+    out += b',"prompt_eval_count":' + _json(int(result["usage"]["prompt_tokens"]))
+    out += b',"embedd":' + _json(long_report(result)[0]) + b"}"
     return out
 
 
-def ollama_legacy(body: Mapping[str, Any], limits: Limits) -> Embed:
-    """`POST /api/embeddings` (`prompt` -> `embedding`): Ollama's older endpoint."""
+def ollama_legacy(body: Mapping[str, Any], limits: Limits, long_default: str = "truncate") -> Embed:
+    """`POST /api/embeddings` (`prompt` -> `embedding`): Ollama's older endpoint, which has no
+    `truncate`: the model's `http_long` decides."""
+    _check_keys(body, OLLAMA_LEGACY_KEYS)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise _bad("prompt must be a string", "prompt")
-    args = {"input": prompt, "model": _ollama_model(body), "truncate": True, "encoding": "f32"}
+    args = {
+        "input": prompt,
+        "model": _ollama_model(body),
+        "encoding": "f32",
+        **_long_args({}, long_default),
+    }
     return Embed.parse(args, limits)
 
 
@@ -299,10 +367,10 @@ def ollama_legacy_result(result: Mapping[str, Any]) -> dict[str, Any]:
     return {"embedding": _rows(result)[0].tolist()}
 
 
-def _ollama_entry(m: Mapping[str, Any]) -> dict[str, Any]:
+def _ollama_entry(name: str, m: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "name": m["name"],
-        "model": m["name"],
+        "name": name,
+        "model": name,
         "size": m.get("size") or 0,
         "digest": m.get("sha256") or "",
         "details": {
@@ -314,13 +382,15 @@ def _ollama_entry(m: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def ollama_tags(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    return {"models": [_ollama_entry(m) for m in models]}
+    return {"models": [_ollama_entry(name, m) for name, m in _names(models)]}
 
 
 def ollama_ps(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "models": [
-            {**_ollama_entry(m), "size_vram": 0} for m in models if m.get("state") == "ready"
+            {**_ollama_entry(name, m), "size_vram": 0}
+            for name, m in _names(models)
+            if m.get("state") == "ready"
         ]
     }
 

@@ -20,6 +20,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 from ..wire.conversation import CancelTask, Close, Send
 from ..wire.errors import EmbeddError
@@ -86,20 +87,30 @@ class HttpLimits:
     # The bearer key this connection must present (None: no key, as on the Unix socket, whose
     # peers are checked by their credentials at the door).
     api_key: str | None = None
+    # Web origins whose pages may call this API from a browser (config `cors_origins`; "*" for
+    # any). None by default: a page the user visits must not reach a local daemon.
+    cors_origins: tuple[str, ...] = ()
 
 
-def unauthorized() -> Response:
-    return Response(
-        HTTPStatus.UNAUTHORIZED,
-        {
-            "error": {
-                "message": "missing or wrong API key: send Authorization: Bearer KEY "
-                "(the key is in the daemon's api_key_file)",
-                "type": "authentication_error",
-            }
-        },
-        {"WWW-Authenticate": "Bearer"},
+# How long a browser may cache a preflight's answer (seconds): ten minutes, as many APIs do.
+_CORS_MAX_AGE = 600
+
+
+_UNAUTHORIZED = (
+    "missing or wrong API key: send Authorization: Bearer KEY (the key is in the daemon's "
+    "api_key_file; Ollama clients: OLLAMA_API_KEY=KEY)"
+)
+
+
+def unauthorized(path: str) -> Response:
+    """401 in the shape the path's API uses: Ollama's clients show `error` as a string (an
+    OpenAI-shaped object came out as "[object Object]" in ollama-js)."""
+    body: dict[str, Any] = (
+        {"error": _UNAUTHORIZED}
+        if path.startswith("/api/")
+        else {"error": {"message": _UNAUTHORIZED, "type": "authentication_error"}}
     )
+    return Response(HTTPStatus.UNAUTHORIZED, body, {"WWW-Authenticate": "Bearer"})
 
 
 # A body larger than this goes out as its own Send rather than copied behind its head: an
@@ -202,6 +213,13 @@ class HttpConversation:
         _, request, route = self._current
         self._current = None
         response = route.errors(result) if isinstance(result, EmbeddError) else result
+        origin = self._allowed_origin(request)
+        if origin is not None:
+            response = Response(
+                response.status,
+                response.body,
+                {**response.headers, "Access-Control-Allow-Origin": origin, "Vary": "Origin"},
+            )
         return self._respond(response, keep_alive=request.keep_alive) + self._advance()
 
     def abandon(self, rid: int, error: EmbeddError) -> list[Action]:
@@ -229,13 +247,16 @@ class HttpConversation:
             if isinstance(event, HttpHead):
                 if not self._key_ok(event):
                     self._frames += 1
-                    return actions + self._last(unauthorized())
+                    return actions + self._last(unauthorized(event.path))
                 if event.headers.get("expect", "").lower() == "100-continue":
                     actions.append(Send(_CONTINUE))
                 continue
             self._frames += 1
             if isinstance(event, HttpError):
                 return actions + self._last(http_api.http_error(event.status, event.message))
+            if event.method == "OPTIONS":
+                actions += self._respond(self._preflight(event), keep_alive=event.keep_alive)
+                continue
             route = ROUTES.get((event.method, event.path))
             if route is None:
                 actions += self._respond(_no_route(event), keep_alive=event.keep_alive)
@@ -253,10 +274,37 @@ class HttpConversation:
         route = ROUTES.get((head.method, head.path))
         if key is None or (route is not None and not route.authenticated):
             return True
+        if head.method == "OPTIONS":
+            return True  # a CORS preflight never carries credentials (Fetch standard)
         scheme, _, token = head.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), key.encode()
         )
+
+    def _allowed_origin(self, request: HttpRequest) -> str | None:
+        origin = request.headers.get("origin")
+        allowed = self.limits.cors_origins
+        if origin is None or not (origin in allowed or "*" in allowed):
+            return None
+        return origin
+
+    def _preflight(self, request: HttpRequest) -> Response:
+        """A browser asking whether a page of `Origin` may call us (CORS preflight)."""
+        origin = self._allowed_origin(request)
+        if origin is None:
+            return http_api.http_error(
+                HTTPStatus.FORBIDDEN,
+                f"origin {request.headers.get('origin', '(none)')[:100]!r} may not call this API "
+                "from a browser; add it to cors_origins in the daemon's config",
+            )
+        headers = {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": str(_CORS_MAX_AGE),
+            "Vary": "Origin",
+        }
+        return Response(HTTPStatus.NO_CONTENT, b"", headers)
 
     def _respond(self, response: Response, *, keep_alive: bool) -> list[Action]:
         keep = keep_alive and not self._no_more

@@ -100,6 +100,8 @@ class HttpHandler(Handler, Protocol):
 
     def answer_dim(self, args: Embed) -> int | None: ...
 
+    def http_long(self, model: str) -> str: ...
+
 
 class HttpServer(Listener):
     def __init__(
@@ -180,7 +182,13 @@ class HttpServer(Listener):
         sock = writer.get_extra_info("socket")
         unix = sock is not None and sock.family == socket.AF_UNIX
         key = None if unix else self.api_key
-        return HttpConversation(HttpLimits(max_body=self.config.max_frame, api_key=key))
+        return HttpConversation(
+            HttpLimits(
+                max_body=self.config.max_frame,
+                api_key=key,
+                cors_origins=self.config.cors_origins,
+            )
+        )
 
     def start_job(self, conn: Connection, action: object) -> Job:
         assert isinstance(action, Dispatch), action
@@ -225,31 +233,42 @@ class HttpServer(Listener):
         return size
 
     @staticmethod
-    async def _encoded(size: int, encode: Callable[[], bytes | bytearray]) -> Response:
+    async def _encoded(
+        size: int, encode: Callable[[], bytes | bytearray], headers: dict[str, str] | None = None
+    ) -> Response:
         """An OK response with its JSON body encoded off the loop when large."""
-        if size <= _ON_LOOP_BYTES:
-            return Response(HTTPStatus.OK, encode())
-        return Response(HTTPStatus.OK, await asyncio.to_thread(encode))
+        body = encode() if size <= _ON_LOOP_BYTES else await asyncio.to_thread(encode)
+        return Response(HTTPStatus.OK, body, headers or {})
+
+    def _long_default(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        name = model.removesuffix(":latest") if isinstance(model, str) else ""
+        return self.daemon.http_long(name)
 
     # --- the endpoints (ROUTES in conversation.py names them) ----------------------------------
 
     async def openai_embeddings(self, request: HttpRequest, reservation: Reservation) -> Response:
-        call = http_api.openai_embed(await self._json(request.body), self.limits)
+        body = await self._json(request.body)
+        call = http_api.openai_embed(body, self.limits, self._long_default(body))
         size = await self._size(call.request, reservation, call.encoding_format)
         result = await self._run(call.request)
-        return await self._encoded(size, lambda: http_api.openai_embed_json(call, result))
+        headers = http_api.long_report(result)[1]
+        return await self._encoded(size, lambda: http_api.openai_embed_json(call, result), headers)
 
     async def openai_models(self, request: HttpRequest, reservation: Reservation) -> Response:
         return Response(HTTPStatus.OK, http_api.openai_models(await self._models(), self.started))
 
     async def ollama_embed(self, request: HttpRequest, reservation: Reservation) -> Response:
         started = time.monotonic_ns()
-        embed = http_api.ollama_embed(await self._json(request.body), self.limits)
+        body = await self._json(request.body)
+        embed = http_api.ollama_embed(body, self.limits, self._long_default(body))
         load_ns = await self._load_time(embed)
         size = await self._size(embed, reservation)
         result = await self._run(embed)
         return await self._encoded(
-            size, lambda: http_api.ollama_embed_json(result, embed.model, started, load_ns)
+            size,
+            lambda: http_api.ollama_embed_json(result, embed.model, started, load_ns),
+            http_api.long_report(result)[1],
         )
 
     async def _load_time(self, embed: Embed) -> int:
@@ -260,7 +279,8 @@ class HttpServer(Listener):
         return time.monotonic_ns() - started
 
     async def ollama_legacy(self, request: HttpRequest, reservation: Reservation) -> Response:
-        embed = http_api.ollama_legacy(await self._json(request.body), self.limits)
+        body = await self._json(request.body)
+        embed = http_api.ollama_legacy(body, self.limits, self._long_default(body))
         size = await self._size(embed, reservation)
         result = await self._run(embed)
         return await self._encoded(size, lambda: json_body(http_api.ollama_legacy_result(result)))
