@@ -339,6 +339,19 @@ TTY_EVERY = 0.1
 CLEAR_EOL = "\x1b[K"
 
 
+def _terminal_width(stream: TextIO) -> int:
+    """The width of the terminal `stream` writes to: $COLUMNS when set (as for
+    shutil.get_terminal_size), else the stream's own terminal (stderr may be a terminal while
+    stdout is a pipe, which is all shutil.get_terminal_size looks at), else its fallback."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or shutil.get_terminal_size().columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return shutil.get_terminal_size().columns
+
+
 def _duration(seconds: float) -> str:
     s = int(seconds + 0.5)
     if s < 60:
@@ -466,7 +479,7 @@ class Progress:
         if self.tty:
             if not force and now - self.last_draw < TTY_EVERY:
                 return
-            width = shutil.get_terminal_size().columns - 1
+            width = _terminal_width(self.stream) - 1
             self.stream.write("\r" + self.line(width) + CLEAR_EOL)
             self.drawn = True
         else:
@@ -1081,14 +1094,20 @@ def _windows(text: str, *, step_whole: bool) -> list[tuple[int, int]]:
 
 def _lexical_best(query: str, text: str) -> tuple[tuple[int, int], int]:
     """The window sharing most distinct query words with the query (stemmed, stopwords out),
-    the earliest among equals, and how many words it shares."""
+    among equals one whose first line shares one (so the passage and its line number start
+    at the match, not lines before it), then the earliest; and how many words it shares."""
     terms = {_stem(w) for w in _WORD.findall(query) if w.lower() not in STOPWORDS}
-    best, best_score = (0, 0), -1
+
+    def shared(a: int, b: int) -> int:
+        return len(terms & {_stem(w) for w in _WORD.findall(text[a:b])})
+
+    units = dict(_units(text))
+    best, best_key = (0, 0), (-1, False)
     for a, b in _windows(text, step_whole=False):
-        score = len(terms & {_stem(w) for w in _WORD.findall(text[a:b])})
-        if score > best_score:
-            best, best_score = (a, b), score
-    return best, best_score
+        key = (shared(a, b), shared(a, units.get(a, b)) > 0)
+        if key > best_key:
+            best, best_key = (a, b), key
+    return best, best_key[0]
 
 
 def _best_passages(
