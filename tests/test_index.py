@@ -3,6 +3,7 @@ folder of real text (this repository's docs and the standard library's json pack
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -126,7 +127,8 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_files(
     assert out.returncode == 0, out.stderr
     final = _files(db)
     assert all(final[p] == t for p, t in finished.items())  # not recomputed
-    assert len(final) == len(list(notes.glob("*.md"))) + len(list(notes.glob("*.py"))) + 1
+    # docs/protocol.md and skip.tmp (text by content, whatever its name) as well
+    assert len(final) == len(list(notes.glob("*.md"))) + len(list(notes.glob("*.py"))) + 2
 
 
 def test_search_refuses_an_index_built_with_another_model(
@@ -335,3 +337,251 @@ def test_search_reads_an_index_whose_path_has_uri_characters(
     out = _cli(daemon, "search", str(db), "JSON decoding error", "-k", "1", "--json")
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Text by content, progress in tokens, search people can use (issue 18, items 5-7 and 9)
+
+
+def test_text_files_of_any_name_are_indexed_and_binaries_skipped_by_content(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for name in ("README", "LICENSE", "copyright", "page.html", "data.json"):
+        (folder / name).write_text(f"The {name} file says the backup runs nightly.")
+    (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert _indexed(tmp_path / "n.db") == ["LICENSE", "README", "copyright", "data.json",
+                                           "page.html"]  # fmt: skip
+    assert f"skipped {folder / 'photo.png'}: binary" in out.stderr
+
+
+def test_a_folder_of_only_skipped_files_reports_them_by_reason(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"\x00\x01\x02")
+    (folder / "b.txt").write_bytes("déjà".encode("latin-1"))
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert "indexed 0 files (0 chunks), 0 unchanged, 0 removed, 2 skipped (1 binary, 1 not " \
+        "UTF-8 text)" in out.stderr.splitlines()[-1]  # fmt: skip
+
+
+# A terminal this narrow shows at once whether a line is cut to its width.
+_TTY_COLUMNS = 60
+# Tokens per chunk that make a short file many chunks: more than one EMBED_BATCH (32).
+_SMALL_CHUNKS = "16"
+
+
+def _story(folder: Path) -> Path:
+    """A file whose one line about the spare key sits deep inside it (line 23)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"Day {i}: the garden needed water and the tomatoes grew taller." for i in range(22)]
+    lines.append("The spare key is hidden under the blue flowerpot by the back door.")
+    lines += [f"Evening {i}: we read by the fire until late." for i in range(40)]
+    (folder / "diary.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tty_progress(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What `embedd index` writes to stderr when it is a terminal _TTY_COLUMNS wide."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    tmp = tmp_path_factory.mktemp("tty")
+    folder = _story(tmp / "notes")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, _TTY_COLUMNS, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedd", "index", str(folder), "--out", str(tmp / "n.db"),
+         "--chunk-tokens", _SMALL_CHUNKS, "--socket", str(daemon.socket)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    data = b""
+    while True:
+        try:
+            piece = os.read(master, 4096)
+        except OSError:  # EIO: the other end closed
+            break
+        if not piece:
+            break
+        data += piece
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, data
+    return data.decode()
+
+
+def _drawn(stderr: str) -> list[str]:
+    """The progress lines drawn on the terminal (each starts with \\r, ends at the erase)."""
+    return [d.split("\x1b[K")[0] for d in stderr.split("\r") if "tokens" in d]
+
+
+def test_progress_on_a_terminal_never_reaches_the_last_column(tty_progress: str) -> None:
+    drawn = _drawn(tty_progress)
+    assert drawn and all(len(d) <= _TTY_COLUMNS - 1 for d in drawn), drawn
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place_not_a_line_each(tty_progress: str) -> None:
+    assert tty_progress.count("\n") == 1, tty_progress  # only the summary ends a line
+    cleared = tty_progress.rstrip("\r\n").split("\r\x1b[K")[-1]  # the line erased, then:
+    assert cleared.startswith("embedd: indexed 1 files"), tty_progress
+
+
+def test_progress_counts_tokens_and_moves_within_a_file(tty_progress: str) -> None:
+    drawn = [d for d in _drawn(tty_progress) if "0/1 files" in d]  # during the only file
+    done = [int(d.split("/")[0].split()[-1].replace(",", "")) for d in drawn]
+    assert len(set(done)) >= 2, drawn  # moved by batch, before the file finished
+    assert any("tok/s" in d and "ETA" in d for d in drawn), drawn
+
+
+def test_progress_when_not_a_terminal_is_plain_lines(daemon: Daemon, tmp_path: Path) -> None:
+    out = _cli(daemon, "index", str(_story(tmp_path / "notes")), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "\x1b" not in out.stderr
+    assert out.stderr.splitlines()[-2].startswith("100% ")
+
+
+@pytest.fixture(scope="module")
+def story(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("story")
+    out = _cli(daemon, "index", str(_story(tmp / "notes")), "--out", str(tmp / "s.db"))
+    assert out.returncode == 0, out.stderr
+    return tmp / "s.db"
+
+
+def _search(daemon: Daemon, db: Path, query: str, *args: str) -> list[dict[str, Any]]:
+    out = _cli(daemon, "search", str(db), query, "--json", *args)
+    assert out.returncode == 0, out.stderr
+    hits: list[dict[str, Any]] = json.loads(out.stdout)
+    return hits
+
+
+def test_search_shows_the_path_relative_to_the_indexed_folder(
+    daemon: Daemon, built: tuple[Path, Path]
+) -> None:
+    hits = _search(daemon, built[1], "the frame length prefix of a request", "--path", "docs")
+    assert hits and all(h["path"] == "docs/protocol.md" for h in hits), hits
+
+
+def test_search_shows_the_line_of_the_best_passage(daemon: Daemon, story: Path) -> None:
+    hit = _search(daemon, story, "where is the spare key hidden", "-k", "1")[0]
+    assert hit["line"] == 23, hit
+
+
+def test_the_snippet_is_the_passage_that_matches_not_the_chunks_start(
+    daemon: Daemon, story: Path
+) -> None:
+    hit = _search(daemon, story, "where is the spare key hidden", "-k", "1")[0]
+    assert "spare key is hidden under the blue flowerpot" in hit["passage"], hit
+    assert not hit["text"].startswith(hit["passage"])
+
+
+def test_search_text_output_is_path_colon_line_then_the_passage(
+    daemon: Daemon, story: Path
+) -> None:
+    out = _cli(daemon, "search", str(story), "where is the spare key hidden", "-k", "1")
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()[:2]
+    assert first.startswith("diary.txt:23  ") and "spare key" in second
+
+
+def test_the_path_filter_keeps_only_matching_files(
+    daemon: Daemon, built: tuple[Path, Path]
+) -> None:
+    hits = _search(daemon, built[1], "parse a JSON document", "--path", "*.md", "-k", "5")
+    assert hits and all(h["path"].endswith(".md") for h in hits), hits
+
+
+def test_bm25_mode_finds_an_exact_identifier(daemon: Daemon, built: tuple[Path, Path]) -> None:
+    hits = _search(daemon, built[1], "JSONDecodeError", "--mode", "bm25", "-k", "1")
+    assert hits[0]["path"] == "decoder.py" and "JSONDecodeError" in hits[0]["passage"], hits
+
+
+def test_bm25_mode_needs_no_daemon(built: tuple[Path, Path], tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "embedd", "search", str(built[1]), "JSONDecodeError", "--mode",
+         "bm25", "--json", "--socket", str(tmp_path / "nobody.sock")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)
+
+
+def test_chunk_tokens_and_overlap_reach_the_chunker(daemon: Daemon, tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    out = _cli(daemon, "index", str(_story(tmp_path / "notes")), "--out", str(db),
+               "--chunk-tokens", "32", "--overlap", "8")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT start, end, tokens FROM chunks ORDER BY idx").fetchall()
+    assert len(rows) > 5 and max(t for _, _, t in rows) <= 32
+    assert all(b[0] < a[1] for a, b in itertools.pairwise(rows))  # neighbours overlap
+
+
+def test_chunk_settings_the_daemon_refuses_are_one_line_before_any_file(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    out = _cli(daemon, "index", str(_one_good_file(tmp_path)), "--out", str(tmp_path / "n.db"),
+               "--overlap", "200")  # fmt: skip
+    assert "overlap must be less than half" in _one_line_error(out)
+
+
+def test_an_index_from_before_keyword_search_gains_it_on_the_next_run(
+    daemon: Daemon, story: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old.db"
+    shutil.copy(story, old)
+    with sqlite3.connect(old) as conn:
+        conn.execute("DROP TABLE chunks_fts")
+        conn.execute("ALTER TABLE chunks DROP COLUMN line")
+        conn.execute("DELETE FROM meta WHERE key NOT IN ('model', 'fingerprint')")
+    before = _cli(daemon, "search", str(old), "spare key", "--json")
+    assert before.returncode == 0 and "re-run `embedd index`" in before.stderr
+    folder = story.parent / "notes"
+    again = _cli(daemon, "index", str(folder), "--out", str(old))
+    assert again.returncode == 0 and "0 files (0 chunks), 1 unchanged" in again.stderr
+    hit = _search(daemon, old, "where is the spare key hidden", "--mode", "bm25", "-k", "1")[0]
+    assert hit["line"] == 23, hit
+
+
+def test_index_list_shows_model_files_and_chunks(story: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "embedd", "index", "--list", str(story)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "model     default" in out.stdout and "files     1, " in out.stdout
+    assert out.stdout.rstrip().endswith("diary.txt")
+
+
+def test_index_drop_deletes_an_index(story: Path, tmp_path: Path) -> None:
+    db = tmp_path / "gone.db"
+    shutil.copy(story, db)
+    out = subprocess.run([sys.executable, "-m", "embedd", "index", "--drop", str(db)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert not db.exists()
+
+
+def test_index_drop_refuses_a_database_that_is_not_an_index(tmp_path: Path) -> None:
+    db = tmp_path / "bookmarks.db"
+    _foreign(db, db)
+    out = subprocess.run([sys.executable, "-m", "embedd", "index", "--drop", str(db)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "not an embedd index" in _one_line_error(out) and db.exists()
+
+
+def test_the_python_api_indexes_and_searches(daemon: Daemon, tmp_path: Path) -> None:
+    from embedd.cli import index
+
+    db = tmp_path / "api.db"
+    counts = index.index_paths([_story(tmp_path / "notes")], db, socket=daemon.socket)
+    hits = index.search(db, "where is the spare key hidden", k=1, socket=daemon.socket)
+    assert counts.files_indexed == 1 and hits[0].path == "diary.txt" and hits[0].line == 23

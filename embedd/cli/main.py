@@ -787,9 +787,23 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _index_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursively)")
-    p.add_argument("--out", required=True, metavar="INDEX", help="the SQLite file to write")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (recursively)")
+    p.add_argument("--out", metavar="INDEX", help="the SQLite file to write")
     p.add_argument("--model", default="default", help="model name (default: %(default)s)")
     p.add_argument(
         "--exclude",
@@ -798,35 +812,80 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="skip paths matching GLOB (gitignore-style; repeatable)",
     )
+    p.add_argument(
+        "--chunk-tokens",
+        type=_positive,
+        metavar="N",
+        help="tokens per chunk at most (default: the model's limit)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=_not_negative,
+        default=0,
+        metavar="N",
+        help="tokens shared by neighbouring chunks (default: 0; under half of a chunk)",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--list", metavar="INDEX", help="show INDEX: model, files, chunks, when (no daemon)"
+    )
+    what.add_argument(
+        "--drop", metavar="INDEX", help="delete INDEX, after checking it is an embedd index"
+    )
 
 
 @_command(
     "index",
     _index_arguments,
-    summary="index text, Markdown and PDF files into a SQLite file for search",
+    summary="index text files (any name: decided by content) and PDFs into a SQLite file",
     description=(
-        "Cut every file into chunks with the model's own tokenizer, embed them at bulk priority\n"
-        "and store one row per chunk (file, span, text, tokens, model, vector) in INDEX.\n"
-        "Re-running updates only changed files and drops deleted ones; an interrupted run\n"
-        "resumes where it stopped. PDFs need the optional pdf extra (pypdf)."
+        "Cut every text file (UTF-8 without NUL bytes, whatever its name) into chunks with the\n"
+        "model's own tokenizer, embed them at bulk priority and store one row per chunk (file,\n"
+        "line, text, tokens, model, vector) and a keyword (BM25) index in INDEX. Re-running\n"
+        "updates only changed files and drops deleted ones; an interrupted run resumes where\n"
+        "it stopped. Progress is in tokens, with an ETA from the measured speed. PDFs need the\n"
+        "optional pdf extra (pypdf). --list and --drop show or delete an index."
     ),
-    examples=("  embedd index ~/notes --out notes.db --exclude '*.tmp' --exclude drafts"),
+    examples=(
+        "  embedd index ~/notes --out notes.db --exclude '*.tmp' --exclude drafts\n"
+        "  embedd index ~/notes --out notes.db --chunk-tokens 128 --overlap 16\n"
+        "  embedd index --list notes.db\n"
+        "  embedd index --drop notes.db"
+    ),
 )
 def _cmd_index(args: argparse.Namespace) -> int:
     from embedd.cli import index
 
+    if args.list or args.drop:
+        if args.paths or args.out:
+            raise _UsageError("--list and --drop take only the INDEX")
+        try:
+            if args.list:
+                print(index.describe_text(index.describe(args.list)))
+            else:
+                index.drop(args.drop)
+                _err(f"deleted {args.drop}")
+        except index.IndexUsageError as exc:
+            _err(str(exc))
+            return 1
+        return 0
+    if not args.paths or not args.out:
+        raise _UsageError("give the files or folders to index and --out INDEX")
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         raise _UsageError(f"no such file or folder: {', '.join(missing)}")
     path = _socket_path(args)
     try:
         with _client(args, timeout=None) as client:
-            counts = index.build(
-                client,
-                [Path(p) for p in args.paths],
-                Path(args.out),
+            counts = index.index_paths(
+                args.paths,
+                args.out,
                 model=args.model,
                 excludes=args.exclude,
+                chunk_tokens=args.chunk_tokens,
+                overlap=args.overlap,
+                client=client,
+                progress=sys.stderr,
                 tty=sys.stderr.isatty(),
             )
     except embedd_client.DaemonUnavailableError:
@@ -843,10 +902,31 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _search_arguments(p: argparse.ArgumentParser) -> None:
+    from embedd.cli.index import DEFAULT_MODE, MODES
+
     p.add_argument("index", metavar="INDEX", help="the SQLite file `embedd index` wrote")
     p.add_argument("query", metavar="QUERY", help="what to look for")
-    p.add_argument("-k", type=int, default=10, help="how many chunks (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="a JSON list of {file, span, score, text}")
+    p.add_argument("-k", type=_positive, default=10, help="how many results (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help="rank by vectors and keywords fused, vectors only, or keywords (BM25) only "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only files whose path (relative to the indexed folder) matches GLOB; a GLOB "
+        "without / also matches the file name, a folder name all under it (repeatable)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list of {path, line, score, passage, file, span, text}",
+    )
 
 
 @_command(
@@ -854,10 +934,16 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     _search_arguments,
     summary="search an index built by `embedd index`",
     description=(
-        "Embed QUERY (interactive priority, the model's `query` prompt if it has one) and\n"
-        "print the K chunks closest to it by cosine: score, file, span and a snippet."
+        "Rank the chunks for QUERY by meaning (cosine to the embedded query, with the model's\n"
+        "`query` prompt if it has one) and by keywords (BM25), fused by reciprocal rank\n"
+        "(--mode), and print each as PATH:LINE (relative to the indexed folder), its score\n"
+        "and the passage of the chunk that matches best."
     ),
-    examples=("  embedd search notes.db 'how do I renew the certificate' -k 5"),
+    examples=(
+        "  embedd search notes.db 'how do I renew the certificate' -k 5\n"
+        "  embedd search notes.db 'backup schedule' --path 'work/*' --path '*.md'\n"
+        "  embedd search notes.db 'ERR_CERT_DATE_INVALID' --mode bm25"
+    ),
 )
 def _cmd_search(args: argparse.Namespace) -> int:
     from embedd.cli import index
@@ -865,14 +951,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     try:
         with _client(args) as client:
-            hits = index.search(client, Path(args.index), args.query, k=args.k)
+            hits = index.search(
+                args.index,
+                args.query,
+                k=args.k,
+                mode=args.mode,
+                paths=args.path,
+                client=client,
+                note=_err,
+            )
     except embedd_client.DaemonUnavailableError:
         _err(_not_running(path))
         return 1
     except index.IndexUsageError as exc:
         _err(str(exc))
         return 1
-    print(index.hits_json(hits) if args.json else index.hits_text(hits))
+    width = shutil.get_terminal_size().columns
+    print(index.hits_json(hits) if args.json else index.hits_text(hits, width))
     return 0
 
 
