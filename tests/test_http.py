@@ -330,8 +330,9 @@ def test_sixteen_http_and_sixteen_msgpack_clients_at_once_are_all_correct(
 def test_tcp_without_a_key_file_refuses_to_start(workdir: Path, own_daemon: list[Daemon]) -> None:
     d = start_daemon(workdir, extra_args=("--http", f"127.0.0.1:{_free_port()}"), wait=False)
     own_daemon.append(d)
-    assert d.proc.wait(30) == 1
+    assert d.proc.wait(30) == 2  # a usage error, found before anything starts
     assert "--api-key-file" in d.log() and "--no-api-key" in d.log()
+    assert not d.socket.exists()
 
 
 def test_a_non_loopback_address_is_refused_unless_allowed(
@@ -340,8 +341,22 @@ def test_a_non_loopback_address_is_refused_unless_allowed(
     args = ("--http", "0.0.0.0:1", "--no-api-key")
     d = start_daemon(workdir, extra_args=args, wait=False)
     own_daemon.append(d)
-    assert d.proc.wait(30) == 1
+    assert d.proc.wait(30) == 2
     assert "not a loopback address" in d.log()
+    assert not d.socket.exists()
+
+
+def test_a_key_file_others_can_read_stops_the_start_before_any_socket(
+    workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    key = workdir / "key"
+    key.write_text("k" * 40 + "\n")
+    key.chmod(0o644)
+    args = ("--http", f"127.0.0.1:{_free_port()}", "--api-key-file", str(key))
+    d = start_daemon(workdir, extra_args=args, wait=False)
+    own_daemon.append(d)
+    assert d.proc.wait(30) == 1
+    assert "chmod 600" in d.log() and not d.socket.exists()
 
 
 def test_a_client_that_disconnects_has_its_work_cancelled(

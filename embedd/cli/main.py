@@ -196,6 +196,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return 2
+    from embedd.http.server import HttpSetupError, check_options
+
+    try:
+        check_options(config)
+    except HttpSetupError as exc:
+        _err(str(exc))
+        return 2
     from embedd.daemon import app
 
     return app.run(config, verbose=args.verbose)

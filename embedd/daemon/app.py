@@ -92,9 +92,11 @@ async def serve(config: Config) -> int:
     try:
         # Sockets passed by systemd or launchd are served instead of binding our own.
         passed = inherited_sockets()
-        await server.start(passed.msgpack)
         if config.http or config.http_socket or passed.http:
             http = HttpServer(config, daemon, daemon.stats, connections)
+            http.prepare()  # before any socket: a bad key file stops the start at once
+        await server.start(passed.msgpack)
+        if http is not None:
             await http.start(passed.http)
     except (SocketInUseError, ActivationError, HttpSetupError, OSError) as exc:
         _log.error("%s", exc)

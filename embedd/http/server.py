@@ -95,6 +95,20 @@ def parse_address(text: str, *, allow_remote: bool) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_options(config: Config) -> None:
+    """The HTTP options as given: an address that is HOST:PORT (loopback unless allowed) and a
+    key for TCP. Checked before anything starts, so a mistake is a usage error (exit status 2)
+    at once, not a daemon that starts and stops."""
+    if config.http is not None:
+        parse_address(config.http, allow_remote=config.http_allow_remote)
+        if config.api_key_file is None and not config.no_api_key:
+            raise HttpSetupError(
+                "--http needs an API key: any local user can reach a TCP port. Give "
+                "--api-key-file PATH (created with a random key if missing), or pass "
+                "--no-api-key to serve without one"
+            )
+
+
 class HttpHandler(Handler, Protocol):
     """What the HTTP front needs of the daemon beyond a transport's needs."""
 
@@ -120,6 +134,13 @@ class HttpServer(Listener):
         self.addresses: list[str] = []
         self.started = time.time()
 
+    def prepare(self) -> None:
+        """Everything that can fail before a socket is bound (options, the key file), so that
+        a daemon that cannot serve HTTP exits at once instead of starting its other socket."""
+        check_options(self.config)
+        if self.config.api_key_file is not None and self.config.http is not None:
+            self.api_key = load_api_key(self.config.api_key_file)
+
     async def start(self, inherited: socket.socket | None = None) -> None:
         cfg = self.config
         if inherited is not None:
@@ -132,14 +153,8 @@ class HttpServer(Listener):
             self.addresses.append(str(cfg.http_socket))
         if cfg.http is not None:
             host, port = parse_address(cfg.http, allow_remote=cfg.http_allow_remote)
-            if cfg.api_key_file is not None:
+            if self.api_key is None and cfg.api_key_file is not None:
                 self.api_key = load_api_key(cfg.api_key_file)
-            elif not cfg.no_api_key:
-                raise HttpSetupError(
-                    "--http needs an API key: any local user can reach a TCP port. Give "
-                    "--api-key-file PATH (created with a random key if missing), or pass "
-                    "--no-api-key to serve without one"
-                )
             server = await asyncio.start_server(self.on_connect, host, port)
             self.servers.append(server)
             bound = server.sockets[0].getsockname()
