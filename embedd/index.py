@@ -6,7 +6,9 @@ embeds them at bulk priority and stores one row per chunk with its vector as flo
 Each file is committed when all its chunks are stored, so an interrupted run resumes with the
 next file, and a re-run touches only files whose content hash changed (and drops the rows of
 files that are gone). `search` embeds a query at interactive priority and ranks the chunks by
-cosine, refusing an index built with another model (fingerprints differ).
+cosine, refusing an index built with another model or another tokenizer (fingerprints differ:
+the fingerprint is the model file's plus the daemon's tokenizer version, so an index built
+before a tokenizer fix is reported as stale instead of mixing old vectors with new queries).
 """
 
 from __future__ import annotations
@@ -160,12 +162,30 @@ def _model_card(client: embedd_client.Client, model: str) -> dict[str, Any]:
     raise IndexUsageError(f"the daemon has no model {model!r}")
 
 
+def _fingerprint(card: dict[str, Any]) -> str:
+    """What an index's vectors depend on: the model file's content and the tokenizer."""
+    file_print = str(card.get("fingerprint") or "")
+    tokenizer = card.get("tokenizer")
+    return f"{file_print}+{tokenizer}" if tokenizer else file_print
+
+
+def _tokenizer_changed(stored: str, current: str) -> bool:
+    """Same model file, other tokenizer (an index built before a tokenizer fix)."""
+    return stored != current and stored.split("+")[0] == current.split("+")[0]
+
+
 def _check_model(db: sqlite3.Connection, model: str, fingerprint: str) -> None:
     rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if not rows:
         db.execute("INSERT INTO meta VALUES ('model', ?), ('fingerprint', ?)", (model, fingerprint))
         return
-    if rows.get("fingerprint") != fingerprint:
+    stored = str(rows.get("fingerprint", ""))
+    if _tokenizer_changed(stored, fingerprint):
+        raise IndexUsageError(
+            f"this index is stale: it was built with another tokenizer ({stored}) than the "
+            f"daemon's {model!r} uses now ({fingerprint}); build a new index"
+        )
+    if stored != fingerprint:
         raise IndexUsageError(
             f"this index was built with model {rows.get('model')!r} (fingerprint "
             f"{rows.get('fingerprint', '')[:12]}); the daemon's {model!r} is "
@@ -183,7 +203,7 @@ def build(
     tty: bool = False,
 ) -> Counts:
     card = _model_card(client, model)
-    fingerprint = str(card.get("fingerprint") or "")
+    fingerprint = _fingerprint(card)
     db = _open(out)
     counts = Counts()
     try:
@@ -282,11 +302,18 @@ def search(client: embedd_client.Client, index: Path, query: str, *, k: int = 10
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         model = meta.get("model", "default")
         card = _model_card(client, model)
-        if card.get("fingerprint") != meta.get("fingerprint"):
+        stored, current = str(meta.get("fingerprint")), _fingerprint(card)
+        if _tokenizer_changed(stored, current):
+            raise IndexUsageError(
+                f"this index is stale: it was built with another tokenizer ({stored}) than "
+                f"the daemon's {model!r} uses now ({current}): rebuild the index with "
+                "`embedd index`"
+            )
+        if stored != current:
             raise IndexUsageError(
                 f"this index was built with model {model!r} fingerprint "
-                f"{str(meta.get('fingerprint'))[:12]}, but the daemon's {model!r} is now "
-                f"{str(card.get('fingerprint'))[:12]}: rebuild the index with `embedd index`"
+                f"{stored[:12]}, but the daemon's {model!r} is now "
+                f"{current[:12]}: rebuild the index with `embedd index`"
             )
         prompt = "query" if "query" in (card.get("prompts") or []) else None
         q = client.embed_query(query, model, prompt=prompt)

@@ -159,3 +159,20 @@ def test_pdfs_without_the_pdf_extra_are_skipped_with_a_clear_reason(
     assert out.returncode == 0, out.stderr
     assert "pip install 'embedd[pdf]'" in out.stderr
     assert os.path.exists(tmp_path / "p.db")
+
+
+def test_an_index_built_with_an_older_tokenizer_is_reported_stale(
+    daemon: Daemon, built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    notes, db = built
+    old = tmp_path / "old.db"
+    shutil.copy(db, old)
+    with sqlite3.connect(old) as conn:
+        (fingerprint,) = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        # What an index built before the tokenizer version joined the fingerprint holds.
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'fingerprint'", (fingerprint[:64],))
+    assert "+wordpiece-" in fingerprint
+    for args in (["search", str(old), "anything"], ["index", str(notes), "--out", str(old)]):
+        out = _cli(daemon, *args)
+        assert out.returncode == 1
+        assert "stale" in out.stderr and "tokenizer" in out.stderr
