@@ -120,6 +120,18 @@ def test_truncation_keeps_the_eos_a_last_token_model_pools_on(qwen3_model: Path)
     assert ids[-1] == full[-1] == 266  # <|endoftext|>, appended as Qwen3-Embedding expects
 
 
+def test_a_qwen2_vocabulary_composes_text_to_nfc_as_its_reference_does(qwen3_model: Path) -> None:
+    """Qwen2/Qwen3's tokenizer.json normalizes to NFC; llama.cpp does not (issue 17)."""
+    engine = Engine(qwen3_model, threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    try:
+        decomposed, _ = engine.tokenize("cafe\u0301 \u0b9a\u0bc6\u0bbe")
+        composed, _ = engine.tokenize("caf\u00e9 \u0b9a\u0bca")
+        assert engine.info.tokenizer.endswith("+nfc")
+    finally:
+        engine.close()
+    assert decomposed == composed
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_tokenize_counts_what_the_model_sees(served: Daemon, name: str) -> None:
     counts = served.call("tokenize", model=name, input=TEXTS)["counts"]

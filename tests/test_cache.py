@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from embedd.inference.cache import vector_key
 from tests.conftest import Daemon, short_tmpdir, start_daemon, vectors
 
 CONFIG = """
@@ -133,3 +135,20 @@ def test_a_model_with_other_pooling_on_the_same_file_gets_its_own_vectors(
     fresh_cls = vectors(cached.call("embed", model="cls", input=text, cache=False))[0]
     assert np.allclose(cls, fresh_cls, atol=1e-5)
     assert float(np.dot(mean, cls)) < 0.99
+
+
+def test_vectors_from_another_tokenizer_are_other_entries() -> None:
+    """A tokenizer fix changes ids, hence vectors: the old tokenizer's are never served."""
+
+    @dataclass(frozen=True)
+    class Model:
+        fingerprint: str = "f00d"
+        max_tokens: int = 256
+        pooling: str = "mean"
+        tokenizer: str = "llama.cpp-0.3.36"
+
+    def key(model: Model) -> object:
+        return vector_key(model, "한국어", truncate=False, normalize=True, dimensions=None)
+
+    assert key(Model()) != key(Model(tokenizer="wordpiece-hf-1"))
+    assert key(Model()) == key(Model())

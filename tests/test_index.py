@@ -585,3 +585,20 @@ def test_the_python_api_indexes_and_searches(daemon: Daemon, tmp_path: Path) -> 
     counts = index.index_paths([_story(tmp_path / "notes")], db, socket=daemon.socket)
     hits = index.search(db, "where is the spare key hidden", k=1, socket=daemon.socket)
     assert counts.files_indexed == 1 and hits[0].path == "diary.txt" and hits[0].line == 23
+
+
+def test_an_index_built_with_an_older_tokenizer_is_reported_stale(
+    daemon: Daemon, built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    notes, db = built
+    old = tmp_path / "old.db"
+    shutil.copy(db, old)
+    with sqlite3.connect(old) as conn:
+        (fingerprint,) = conn.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        # What an index built before the tokenizer version joined the fingerprint holds.
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'fingerprint'", (fingerprint[:64],))
+    assert "+wordpiece-" in fingerprint
+    for args in (["search", str(old), "anything"], ["index", str(notes), "--out", str(old)]):
+        out = _cli(daemon, *args)
+        assert out.returncode == 1
+        assert "stale" in out.stderr and "tokenizer" in out.stderr

@@ -34,6 +34,7 @@ PURE = (
     "inference.admission",
     "inference.chunking",
     "inference.threads",
+    "inference.tokenizer",
     "http.parser",
     "http.api",
     "http.conversation",

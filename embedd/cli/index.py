@@ -11,7 +11,8 @@ files whose content hash changed (and drops the rows of files that are gone).
 `search` ranks chunks by cosine to the embedded query, by BM25 over the words, or by both fused
 with reciprocal rank fusion (the default: it measured best on tests/data/relevance), and shows
 each hit as a path relative to the indexed folder, the line of its best-matching passage and
-that passage. It refuses an index built with another model (fingerprints differ).
+that passage. It refuses an index built with another model, and reports one built with
+another tokenizer as stale (the fingerprint is the model file's plus the tokenizer's version).
 
 The Python API the CLI is built on: `index_paths(paths, out, ...)`, `search(index, query, ...)`,
 `describe(index)` and `drop(index)`, all in this module (`embedd.cli.index`).
@@ -521,17 +522,40 @@ def _model_card(client: embedd_client.Client, model: str) -> dict[str, Any]:
     raise IndexUsageError(f"the daemon has no model {model!r}")
 
 
+def _fingerprint(card: dict[str, Any]) -> str:
+    """What an index's vectors depend on: the model file's content and the tokenizer that made
+    its ids, so an index built before a tokenizer fix is reported stale, never mixed."""
+    file_print = str(card.get("fingerprint") or "")
+    tokenizer = card.get("tokenizer")
+    return f"{file_print}+{tokenizer}" if tokenizer else file_print
+
+
+def _mismatch(stored: str, current: str, built_with: str, model: str) -> IndexUsageError | None:
+    """Why vectors of an index built with `stored` cannot meet the daemon's `current`."""
+    if stored == current:
+        return None
+    if stored.split("+")[0] == current.split("+")[0]:
+        old = stored.partition("+")[2] or "an older one"
+        return IndexUsageError(
+            f"this index is stale: it was built with another tokenizer ({old}) than the "
+            f"daemon's {model!r} uses now ({current.partition('+')[2]}): rebuild it with "
+            "`embedd index`"
+        )
+    return IndexUsageError(
+        f"this index was built with model {built_with!r} (fingerprint {stored[:12]}); the "
+        f"daemon's {model!r} is {current[:12]}: use the same model, or rebuild the index with "
+        "`embedd index`"
+    )
+
+
 def _check_model(db: sqlite3.Connection, model: str, fingerprint: str) -> None:
     rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
     if not rows:
         db.execute("INSERT INTO meta VALUES ('model', ?), ('fingerprint', ?)", (model, fingerprint))
         return
-    if rows.get("fingerprint") != fingerprint:
-        raise IndexUsageError(
-            f"this index was built with model {rows.get('model')!r} (fingerprint "
-            f"{rows.get('fingerprint', '')[:12]}); the daemon's {model!r} is "
-            f"{fingerprint[:12]}: use the same model, or build a new index"
-        )
+    error = _mismatch(str(rows.get("fingerprint", "")), fingerprint, rows.get("model", ""), model)
+    if error is not None:
+        raise error
 
 
 @dataclass(frozen=True)
@@ -575,7 +599,7 @@ def index_paths(
             )  # fmt: skip
     chunking = Chunking(chunk_tokens, overlap)
     card = _model_card(client, model)
-    fingerprint = str(card.get("fingerprint") or "")
+    fingerprint = _fingerprint(card)
     _check_chunking(client, model, chunking)
     target = Path(out)
     try:
@@ -932,12 +956,9 @@ def _query_vector(
 ) -> np.ndarray[Any, np.dtype[np.float32]]:
     model = meta.get("model", "default")
     card = _model_card(client, model)
-    if card.get("fingerprint") != meta.get("fingerprint"):
-        raise IndexUsageError(
-            f"this index was built with model {model!r} fingerprint "
-            f"{str(meta.get('fingerprint'))[:12]}, but the daemon's {model!r} is now "
-            f"{str(card.get('fingerprint'))[:12]}: rebuild the index with `embedd index`"
-        )
+    error = _mismatch(str(meta.get("fingerprint", "")), _fingerprint(card), model, model)
+    if error is not None:
+        raise error
     prompt = "query" if "query" in (card.get("prompts") or []) else None
     q = np.asarray(client.embed_query(query, model, prompt=prompt), dtype=np.float32)
     return q / np.linalg.norm(q)

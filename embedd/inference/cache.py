@@ -3,7 +3,8 @@
 Apps re-embed the same texts all the time (a document re-indexed after a small edit, the same
 query typed twice); a hit skips the model entirely. The key holds everything that changes the
 vector: the model file's content fingerprint (so replacing the file under the same name can
-never serve stale vectors), the exact text sent to the model (the prompt prefix included), and
+never serve stale vectors), the tokenizer that made its ids (a fixed tokenizer must not serve the
+vectors of the old one), the exact text sent to the model (the prompt prefix included), and
 the truncate / normalize / dimensions options. `vector_key` is the one place that says what a
 key holds: two models on the same file with different pooling or `max_tokens` never share.
 """
@@ -31,6 +32,8 @@ class CacheKey:
     dimensions: int | None
     # How over-long inputs are handled beyond truncate: "" or "split:OVERLAP" (mean-pooled).
     long: str = ""
+    # Which tokenizer made the ids (engine.ModelInfo.tokenizer, e.g. "wordpiece-hf-1").
+    tokenizer: str = ""
 
 
 def vector_key(
@@ -51,6 +54,7 @@ def vector_key(
         normalize,
         dimensions,
         long,
+        model.tokenizer,
     )
 
 
@@ -63,6 +67,8 @@ class ModelIdentity(Protocol):
     def max_tokens(self) -> int: ...
     @property
     def pooling(self) -> str: ...
+    @property
+    def tokenizer(self) -> str: ...
 
 
 # Rough per-entry bookkeeping (dict slot, tuple, numpy header), so that many tiny entries are

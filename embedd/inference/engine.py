@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,12 @@ import numpy as np
 import numpy.typing as npt
 
 from .chunking import Chunk, iter_chunks
+from .tokenizer import (
+    TOKENIZER_VERSION,
+    WordPieceConfig,
+    WordPieceTokenizer,
+    vocabulary_from_gguf,
+)
 
 _llama_log = logging.getLogger("embedd.llama")
 
@@ -72,7 +79,29 @@ def model_params(gpu_layers: int) -> Any:
 
 # Whole tokens of margin between the last token that could be kept and where a long text is
 # cut before tokenizing: word-level pre-tokenizers see the words near the cut differently.
+# (llama.cpp's tokenizers only: embedd's WordPiece cuts where words provably end.)
 _PREFIX_MARGIN_TOKENS = 16
+# Texts up to this many characters per token of the limit are tokenized whole by embedd's
+# WordPiece (4 KB for 256 tokens: under a millisecond), longer ones only as far as needed.
+_WHOLE_TEXT_CHARS_PER_TOKEN = 16
+# Byte-level BPE pre-tokenizers (`tokenizer.ggml.pre`) whose reference tokenizer composes the
+# text to NFC first, which llama.cpp skips: Qwen2/Qwen3's tokenizer.json declares an NFC
+# normalizer. Measured on a byte-level vocabulary trained here on faker text: 12 % of Hindi and
+# Tamil texts tokenized differently from the reference without it, none with it.
+_NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
+# Token attributes that make a token's text a literal special token (llama.h llama_token_attr).
+_LITERAL_ATTRS = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+# What the vocabulary's special roles are called in the GGUF (gguf's constants spell
+# "seperator" so).
+_SPECIAL_ID_KEYS = (
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.cls_token_id",
+    "tokenizer.ggml.seperator_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.mask_token_id",
+)
 
 
 class ModelLoadError(Exception):
@@ -142,6 +171,9 @@ class ModelInfo:
     fingerprint: str = ""
     # What the file says about itself, its size and sha256 (`models`); filled in by the worker.
     card: Mapping[str, Any] = field(default_factory=dict)
+    # Which tokenizer made the ids (cache keys, index fingerprints): vectors from another
+    # tokenizer's ids are different vectors.
+    tokenizer: str = ""
 
 
 def _check_file(path: Path) -> None:
@@ -206,6 +238,10 @@ class Engine:
     ) -> None:
         model = self._model
         self._vocab = lc.llama_model_get_vocab(model)
+        self._wordpiece = self._wordpiece_tokenizer()
+        self._nfc = self._composes_nfc()
+        # The last usable prefix and its ids: the worker tokenizes that prefix right after.
+        self._prefix_memo: tuple[str, list[int]] | None = None
         dim = int(lc.llama_model_n_embd(model))
         n_ctx_train = int(lc.llama_model_n_ctx_train(model))
         if max_tokens is None:
@@ -262,6 +298,7 @@ class Engine:
             max_tokens=max_tokens,
             batch_tokens=batch_tokens,
             max_seqs=max_seqs,
+            tokenizer=self.card["tokenizer"],
         )
         self._head, self._tail = self._special_frame()
         # No token spans more bytes than this: a text longer than max_tokens times it cannot
@@ -302,7 +339,55 @@ class Engine:
             "layers": int(lc.llama_model_n_layer(self._model)),
             "gpu_layers": self.gpu_layers if supports_gpu else 0,
             "runs_on": "gpu" if supports_gpu and self.gpu_layers > 0 else "cpu",
+            "tokenizer": self._tokenizer_version(),
         }
+
+    def _composes_nfc(self) -> bool:
+        return self._meta("tokenizer.ggml.pre") in _NFC_PRE_TOKENIZERS
+
+    def _tokenizer_version(self) -> str:
+        """Which tokenizer makes this model's ids (cache keys and index fingerprints)."""
+        if lc.llama_vocab_type(lc.llama_model_get_vocab(self._model)) == lc.LLAMA_VOCAB_TYPE_WPM:
+            return TOKENIZER_VERSION
+        return f"llama.cpp-{lc.__version__}" + ("+nfc" if self._composes_nfc() else "")
+
+    def vocabulary(self) -> list[str]:
+        """Every token's text as the GGUF stores it (`tokenizer.ggml.tokens`), by id."""
+        return [
+            (lc.llama_vocab_get_text(self._vocab, i) or b"").decode("utf-8", "replace")
+            for i in range(int(lc.llama_vocab_n_tokens(self._vocab)))
+        ]
+
+    def _literal_token_ids(self) -> set[int]:
+        """Tokens that the text can name literally: control and user-defined tokens, and
+        whatever the GGUF names as a special role."""
+        n = int(lc.llama_vocab_n_tokens(self._vocab))
+        ids = {i for i in range(n) if int(lc.llama_vocab_get_attr(self._vocab, i)) & _LITERAL_ATTRS}
+        for key in _SPECIAL_ID_KEYS:
+            value = self._meta(key)
+            if value is not None and value.isdigit() and int(value) < n:
+                ids.add(int(value))
+        return ids
+
+    def _wordpiece_tokenizer(self) -> WordPieceTokenizer | None:
+        """The reference's WordPiece over this model's vocabulary, for BERT vocabularies (the
+        only type embedd tokenizes itself: llama.cpp's WordPiece deviates, issue 17)."""
+        if lc.llama_vocab_type(self._vocab) != lc.LLAMA_VOCAB_TYPE_WPM:
+            return None
+        literal = self._literal_token_ids()
+        tokens = vocabulary_from_gguf(self.vocabulary(), literal)
+        unk = self._meta("tokenizer.ggml.unknown_token_id")
+        lowercase = self._meta("tokenizer.ggml.normalizer.lowercase")
+        config = WordPieceConfig(
+            # llama.cpp lower-cases every BERT vocabulary that does not say otherwise.
+            lowercase=lowercase is None or lowercase.lower() == "true",
+            unk_token=tokens[int(unk)] if unk is not None and unk.isdigit() else "[UNK]",
+            special_tokens=tuple(tokens[i] for i in sorted(literal)),
+        )
+        try:
+            return WordPieceTokenizer(tokens, config)
+        except ValueError as exc:
+            raise ModelLoadError(f"unusable WordPiece vocabulary: {exc}") from exc
 
     def _special_frame(self) -> tuple[list[int], list[int]]:
         """The special tokens the model wraps every input in (BERT: [CLS] ... [SEP]).
@@ -327,6 +412,18 @@ class Engine:
 
     # --- tokenizing -------------------------------------------------------------------------
 
+    def _bare_ids(self, text: str) -> list[int]:
+        """The ids of `text` without the special frame, from the reference's tokenizer where
+        embedd has one (WordPiece), else from llama.cpp's."""
+        if self._wordpiece is None:
+            if self._nfc:
+                text = unicodedata.normalize("NFC", text)
+            return self._tokenize_raw(text, add_special=False)
+        memo = self._prefix_memo
+        if memo is not None and memo[0] is text:
+            return list(memo[1])
+        return self._wordpiece.encode(text)
+
     def _tokenize_raw(self, text: str, *, add_special: bool) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
@@ -350,13 +447,32 @@ class Engine:
 
     def usable_prefix(self, text: str) -> tuple[str, bool]:
         """The part of `text` that can matter for an input of at most `max_tokens` tokens, and
-        whether that is less than all of it. The cut lies a margin of whole tokens beyond the
-        last token that could be kept, so the kept tokens are the same as the whole text's."""
+        whether that is less than all of it: a prefix with more tokens than fit whose tokens
+        are the whole text's first ones. The prefix grows until it has them, so a text whose
+        tokens span many characters each ([UNK] words, marks) is never under-read."""
+        wanted = self.info.max_tokens - self.frame_size + 1
+        if self._wordpiece is not None:
+            if len(text) <= self.info.max_tokens * _WHOLE_TEXT_CHARS_PER_TOKEN:
+                # Cheap enough whole, and then an over-long input's error gives its exact count.
+                end, ids = len(text), self._wordpiece.encode(text)
+            else:
+                end, ids = self._wordpiece.grow_prefix(text, wanted)
+            prefix = text if end == len(text) else text[:end]
+            self._prefix_memo = (prefix, ids)
+            return prefix, prefix is not text
+        # llama.cpp's tokenizers: cut a margin of whole tokens beyond the last one that could
+        # be kept, so the kept tokens are the whole text's; grow the cut while it has too few.
         budget = (self.info.max_tokens + _PREFIX_MARGIN_TOKENS) * self._longest_piece
-        if len(text) <= budget // 4 or len(text.encode("utf-8", "surrogatepass")) <= budget:
+        if len(text) <= budget // 4:
             return text, False
-        data = text.encode("utf-8", "surrogatepass")[:budget]
-        return data.decode("utf-8", "ignore"), True
+        data = text.encode("utf-8", "surrogatepass")
+        while True:
+            if len(data) <= budget:
+                return text, False
+            prefix = data[:budget].decode("utf-8", "ignore")
+            if len(self._bare_ids(prefix)) >= wanted + _PREFIX_MARGIN_TOKENS:
+                return prefix, True
+            budget *= 2
 
     def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
         """`text` in chunks of at most `max_tokens` tokens, special frame included (a
@@ -366,7 +482,7 @@ class Engine:
             raise ValueError(f"max_tokens {max_tokens} leaves no room for text")
 
         def count(piece: str) -> int:
-            return len(self._tokenize_raw(piece, add_special=False))
+            return len(self._bare_ids(piece))
 
         return iter_chunks(
             text, count, budget, overlap=overlap, chars_per_token=self._longest_piece
@@ -374,7 +490,7 @@ class Engine:
 
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
         """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""
-        bare = self._tokenize_raw(text, add_special=False)
+        bare = self._bare_ids(text)
         n_special = len(self._head) + len(self._tail)
         truncated = False
         if truncate_to is not None and len(bare) + n_special > truncate_to:
