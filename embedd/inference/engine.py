@@ -89,6 +89,14 @@ _WHOLE_TEXT_CHARS_PER_TOKEN = 16
 # normalizer. Measured on a byte-level vocabulary trained here on faker text: 12 % of Hindi and
 # Tamil texts tokenized differently from the reference without it, none with it.
 _NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
+# SentencePiece Unigram (UGM) vocabularies that collapse whitespace (XLM-RoBERTa's: multilingual-
+# e5, bge-m3): their reference (Hugging Face's Precompiled map, " {2,}" -> " ", Metaspace) keeps
+# whitespace at the end of a text as one last word-start token, which llama.cpp (like
+# SentencePiece itself) drops. Measured on a Unigram vocabulary trained here on faker text:
+# every Thai text (faker ends them with a space) differed from the reference without it.
+_TRAILING_SPACE_PIECE = "\u2581"
+# Unicode categories a normalisation map may turn into a space (or delete): control, format.
+_BLANK = frozenset({"Cc", "Cf"})
 # Token attributes that make a token's text a literal special token (llama.h llama_token_attr).
 _LITERAL_ATTRS = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
 # What the vocabulary's special roles are called in the GGUF (gguf's constants spell
@@ -240,6 +248,8 @@ class Engine:
         self._vocab = lc.llama_model_get_vocab(model)
         self._wordpiece = self._wordpiece_tokenizer()
         self._nfc = self._composes_nfc()
+        self._trailing_space = self._trailing_space_token()
+        self._space_probe = self._tokenize_raw("a a", add_special=False)
         # The last usable prefix and its ids: the worker tokenizes that prefix right after.
         self._prefix_memo: tuple[str, list[int]] | None = None
         dim = int(lc.llama_model_n_embd(model))
@@ -345,11 +355,32 @@ class Engine:
     def _composes_nfc(self) -> bool:
         return self._meta("tokenizer.ggml.pre") in _NFC_PRE_TOKENIZERS
 
+    def _keeps_trailing_space(self) -> bool:
+        vocab_type = lc.llama_vocab_type(lc.llama_model_get_vocab(self._model))
+        collapses = self._meta("tokenizer.ggml.remove_extra_whitespaces")
+        return vocab_type == lc.LLAMA_VOCAB_TYPE_UGM and (collapses or "").lower() == "true"
+
     def _tokenizer_version(self) -> str:
         """Which tokenizer makes this model's ids (cache keys and index fingerprints)."""
         if lc.llama_vocab_type(lc.llama_model_get_vocab(self._model)) == lc.LLAMA_VOCAB_TYPE_WPM:
             return TOKENIZER_VERSION
-        return f"llama.cpp-{lc.__version__}" + ("+nfc" if self._composes_nfc() else "")
+        version = f"llama.cpp-{lc.__version__}"
+        if self._composes_nfc():
+            version += "+nfc"
+        if self._keeps_trailing_space():
+            version += "+trailing-space"
+        return version
+
+    def _trailing_space_token(self) -> int | None:
+        """The id the reference gives whitespace ending a text, where llama.cpp drops it (see
+        _TRAILING_SPACE_PIECE): the word-start piece, else the unknown token."""
+        if not self._keeps_trailing_space():
+            return None
+        for i, token in enumerate(self.vocabulary()):
+            if token == _TRAILING_SPACE_PIECE:
+                return i
+        unk = self._meta("tokenizer.ggml.unknown_token_id")
+        return int(unk) if unk is not None and unk.isdigit() else None
 
     def vocabulary(self) -> list[str]:
         """Every token's text as the GGUF stores it (`tokenizer.ggml.tokens`), by id."""
@@ -418,11 +449,27 @@ class Engine:
         if self._wordpiece is None:
             if self._nfc:
                 text = unicodedata.normalize("NFC", text)
-            return self._tokenize_raw(text, add_special=False)
+            ids = self._tokenize_raw(text, add_special=False)
+            if self._trailing_space is not None and self._ends_in_space(text):
+                ids.append(self._trailing_space)
+            return ids
         memo = self._prefix_memo
         if memo is not None and memo[0] is text:
             return list(memo[1])
         return self._wordpiece.encode(text)
+
+    def _ends_in_space(self, text: str) -> bool:
+        """Whether `text` ends in characters that the vocabulary's own normalisation map turns
+        into spaces (not into nothing): whitespace, control and format characters (the map
+        may turn a zero-width space or a BOM into a space), asked of llama.cpp, which collapses
+        them into the one space between two letters."""
+        end = len(text)
+        while end and (text[end - 1].isspace() or unicodedata.category(text[end - 1]) in _BLANK):
+            end -= 1
+        tail = text[end:]
+        if not tail:
+            return False
+        return self._tokenize_raw(f"a{tail}a", add_special=False) == self._space_probe
 
     def _tokenize_raw(self, text: str, *, add_special: bool) -> list[int]:
         data = text.encode("utf-8")
