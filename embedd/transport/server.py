@@ -258,9 +258,12 @@ class Server:
         *,
         tally: Tally | None = None,
         connections: ConnectionCounts | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.handler = handler
+        # Monotonic seconds, for `last_activity` (a test's fake clock; see supervise.py).
+        self.clock = clock
         self.tally = tally if tally is not None else Tally()
         self.connections = connections if connections is not None else ConnectionCounts()
         self.open: set[_Connection] = set()
@@ -271,7 +274,7 @@ class Server:
         self.inherited: Inherited | None = None
         self.policy = AccessPolicy.for_daemon(config.allow_uids, config.allow_gid)
         # When a connection last opened or closed: the idle-exit clock (see supervise.py).
-        self.last_activity = time.monotonic()
+        self.last_activity = clock()
         self._pipe: Any = None  # winpipe.PipeListener on Windows
         self._limits = ConversationLimits(
             max_frame=config.max_frame,
@@ -334,13 +337,13 @@ class Server:
         self.open.add(conn)
         self.connections.open += 1
         self.connections.total += 1
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock()
         try:
             await conn.run()
         finally:
             self.open.discard(conn)
             self.connections.open -= 1
-            self.last_activity = time.monotonic()
+            self.last_activity = self.clock()
 
     def _refused_peer(self, writer: asyncio.StreamWriter) -> EmbeddError | None:
         """`forbidden` if the peer's uid is not allowed (None: it may connect)."""
