@@ -297,7 +297,8 @@ def test_shutdown_when_allowed_stops_the_daemon(workdir: Path, own_daemon: list[
 def test_new_request_while_draining_is_shutting_down(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir)
+    # A grace longer than the work: request 1 is answered, however slow the machine.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
     with d.connect() as conn:
         conn.send({"id": 1, "op": "embed", "input": reference.chunks[:150], "timeout": 600})

@@ -130,9 +130,9 @@ def test_an_idle_connection_is_closed_after_idle_timeout_and_counted(strict: Dae
 def test_a_frame_stalled_midway_is_closed_after_frame_timeout(strict: Daemon) -> None:
     with strict.connect() as conn:
         conn.send_raw(b"\x00\x00\x10\x00partial")
-        started = time.monotonic()
-        assert conn.is_closed_by_peer(timeout=10)
-        assert time.monotonic() - started < 5
+        assert conn.is_closed_by_peer(timeout=30)
+    # The daemon says which timeout closed it: frame_timeout (1 s), not idle_timeout (2 s).
+    assert "closing a connection silent for 1s in the middle of a frame" in strict.log()
 
 
 def _health_of_a_newcomer(d: Daemon) -> dict[str, Any]:
@@ -214,10 +214,10 @@ def test_sigterm_with_a_client_that_stopped_reading_exits_within_the_grace(
     for i in range(30):
         stalled.sendall(big.replace(b"\xa2id\x01", b"\xa2id" + bytes([i])))
     strict.wait_until_computing({"requests": 0})  # the daemon holds work for that client
-    started = time.monotonic()
     strict.proc.send_signal(signal.SIGTERM)
-    assert strict.proc.wait(30) == 0
-    assert time.monotonic() - started < 3.0 + 5.0  # shutdown_grace plus closing
+    assert strict.proc.wait(30) == 0  # with the client still connected, still not reading
+    # What ended the wait was the grace (the daemon says so), not the client.
+    assert "shutdown_grace of 3s passed: answering" in strict.log()
     stalled.close()
 
 

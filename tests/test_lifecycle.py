@@ -19,7 +19,8 @@ from tests.wire import RawConnection
 def test_sigterm_answers_every_request_in_flight_then_removes_the_socket(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir)
+    # A grace longer than the work: what is in flight is answered, however slow the machine.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
     conns = [d.connect() for _ in range(3)]
     sent: list[tuple[RawConnection, int, int]] = []
@@ -52,7 +53,8 @@ def test_sigint_drains_and_exits_0_too(workdir: Path, own_daemon: list[Daemon]) 
 def test_no_new_connections_are_accepted_while_draining(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir)
+    # A grace longer than the work: what is in flight is answered, however slow the machine.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
     with d.connect() as conn:
         rid = conn.request("embed", input=reference.chunks[:120], timeout=600)
