@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,41 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def model_stats(self, model: str = "default") -> dict[str, Any]:
+        models: dict[str, Any] = self.call("stats")["models"]
+        return dict(models[model])
+
+    def wait_for(
+        self,
+        condition: Callable[[dict[str, Any]], bool],
+        what: str,
+        *,
+        model: str = "default",
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Polls the daemon's own `stats` for `model` until `condition` holds, and returns
+        those stats: the daemon says when something happened, no sleep stands for it. The
+        timeout is only a bound on a wait that normally takes milliseconds, not a speed check."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.model_stats(model)
+            if condition(stats):
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout:g}s: {what}; last stats: {stats}")
+            time.sleep(0.02)
+
+    def wait_until_computing(
+        self, before: dict[str, Any], requests: int = 1, *, model: str = "default"
+    ) -> dict[str, Any]:
+        """Waits until the model thread has taken `requests` more embed requests than in the
+        stats `before` and still has inputs queued: work is in the daemon's hands, unfinished."""
+        return self.wait_for(
+            lambda s: s["requests"] >= before["requests"] + requests and s["queue_inputs"] > 0,
+            f"{requests} request(s) taken by the model thread and still queued",
+            model=model,
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         for conn in self._conns:

@@ -48,9 +48,12 @@ def test_serves_the_passed_socket_notifies_ready_status_watchdog_and_stopping(
         assert models["default"]["state"] == "ready"
         r = conn.call("embed", input="served over the inherited socket")
         assert r["ok"] and r["count"] == 1
-    # Watchdog pings every WATCHDOG_USEC / 2 = 0.2 s.
+    # Watchdog pings every WATCHDOG_USEC / 2 = 0.2 s: no more than that in a second (a busy
+    # machine can only make them later), and they keep coming.
     pings = [m for m in manager.drain(1.0) if m == "WATCHDOG=1"]
-    assert 3 <= len(pings) <= 7, manager.messages
+    assert len(pings) <= 7, manager.messages
+    for _ in range(3):
+        manager.expect("WATCHDOG=1")
     proc.send_signal(signal.SIGTERM)
     manager.expect("STOPPING=1")
     assert proc.wait(30) == 0
@@ -127,26 +130,31 @@ def test_watchdog_pings_come_from_the_event_loop_and_stop_while_it_is_wedged(
 
     env = {"NOTIFY_SOCKET": str(workdir / "n.sock"), "WATCHDOG_USEC": "100000"}
 
-    async def scenario() -> tuple[int, int, int]:
+    async def pings(count: int) -> None:
+        """Lets the loop run until `count` more pings arrived (a bound, not a speed check)."""
+        got = 0
+        async with asyncio.timeout(30):
+            while got < count:
+                await asyncio.sleep(0.01)
+                got += len(received())
+
+    async def scenario() -> int:
         notifier = Notifier(env)
         assert notifier.watchdog_interval == 0.05
         task = asyncio.create_task(notifier.watchdog())
-        await asyncio.sleep(0.3)
-        before = len(received())
-        time.sleep(0.4)  # the loop is wedged: nothing may be sent meanwhile
+        await pings(3)
+        received()  # none left unread: what arrives from here on was sent while wedged
+        time.sleep(0.4)  # the loop is wedged (8 intervals): nothing may be sent meanwhile
         during = len(received())
-        await asyncio.sleep(0.3)
-        after = len(received())
+        await pings(3)  # and the pings resume once the loop runs again
         task.cancel()
-        return before, during, after
+        return during
 
     try:
-        before, during, after = asyncio.run(scenario())
+        during = asyncio.run(scenario())
     finally:
         receiver.close()
-    assert before >= 3
     assert during == 0
-    assert after >= 3
 
 
 @linux_only

@@ -18,14 +18,15 @@ def _long_text(reference: Reference) -> str:
     return "\n\n".join(reference.chunks[:6])  # ~1,000 tokens: four windows of 256
 
 
-def test_split_of_a_text_under_the_limit_is_exactly_the_plain_vector(
+def test_split_of_a_text_under_the_limit_is_the_plain_vector(
     daemon: Daemon, reference: Reference
 ) -> None:
     text = reference.chunks[0]
     plain = daemon.call("embed", input=text)
     split = daemon.call("embed", input=text, long="split")
     assert split["windows"] == [1] and split["tokens"] == plain["tokens"]
-    assert np.array_equal(vectors(split), vectors(plain))
+    # One window of the same tokens; two separate decodes, so equal up to the last bits.
+    assert cosines(vectors(split), vectors(plain))[0] >= 0.99999
 
 
 def test_split_windows_are_within_the_limit_and_cover_the_text_with_the_overlap(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import struct
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from embedd.inference.admission import estimate_tokens
 from tests.conftest import Daemon, Reference, start_daemon
+from tests.wire import RawConnection
 
 
 def _error(response: dict[str, object]) -> dict[str, object]:
@@ -24,6 +26,26 @@ def _error(response: dict[str, object]) -> dict[str, object]:
 
 def _still_serves(daemon: Daemon) -> None:
     assert daemon.call("embed", input="still here")["ok"]
+
+
+def _frames(*messages: dict[str, object]) -> bytes:
+    """Messages framed for one write: the daemon reads them together, in this order."""
+    out = b""
+    for message in messages:
+        body = msgpack.packb(message)
+        out += struct.pack(">I", len(body)) + body
+    return out
+
+
+def _until_draining(conn: RawConnection) -> None:
+    """Asks `health` on an open connection until the daemon reports it is shutting down."""
+    deadline = time.monotonic() + 60
+    for rid in itertools.count(1000):  # ids clear of the test's own
+        conn.send({"id": rid, "op": "health"})
+        if conn.recv_for(rid)["status"] == "shutting_down":
+            return
+        assert time.monotonic() < deadline, "the daemon did not start draining"
+        time.sleep(0.02)
 
 
 # --- bad_request ------------------------------------------------------------------------------
@@ -154,11 +176,15 @@ def test_full_queue_answers_busy_with_retry_after_at_once(
         first.append(chunk)
     rest = reference.chunks[len(first) : len(first) + 2]
     with d.connect() as conn:
-        conn.send({"id": 1, "op": "embed", "input": first, "priority": "bulk", "timeout": 600})
-        conn.send({"id": 2, "op": "embed", "input": rest, "priority": "bulk"})
-        sent = time.monotonic()
-        second = conn.recv_for(2)
-        assert time.monotonic() - sent < 1.0  # refused at once, not after the first is done
+        conn.send_raw(
+            _frames(
+                {"id": 1, "op": "embed", "input": first, "priority": "bulk", "timeout": 600},
+                {"id": 2, "op": "embed", "input": rest, "priority": "bulk"},
+            )
+        )
+        # Refused at once: answered while the first is still being computed, not after it.
+        second = conn.recv()
+        assert second["id"] == 2
         err = _error(second)
         assert err["code"] == "busy"
         assert isinstance(err["retry_after"], float) and err["retry_after"] > 0
@@ -189,9 +215,10 @@ def test_request_past_its_timeout_is_timeout_with_limit(
 
 
 def test_cancel_answers_the_target_with_cancelled(daemon: Daemon, reference: Reference) -> None:
+    before = daemon.model_stats()
     with daemon.connect() as conn:
         conn.send({"id": 1, "op": "embed", "input": reference.chunks[:300]})
-        time.sleep(0.2)
+        daemon.wait_until_computing(before)
         conn.send({"id": 2, "op": "cancel", "target": 1})
         assert conn.recv_for(2) == {"id": 2, "ok": True, "cancelled": True}
         assert _error(conn.recv_for(1))["code"] == "cancelled"
@@ -202,14 +229,9 @@ def test_cancel_in_the_same_write_as_its_target_still_answers_the_target(
     daemon: Daemon,
 ) -> None:
     with daemon.connect() as conn:
-        frames = b""
-        for message in (
-            {"id": 1, "op": "embed", "input": "x"},
-            {"id": 2, "op": "cancel", "target": 1},
-        ):
-            body = msgpack.packb(message)
-            frames += struct.pack(">I", len(body)) + body
-        conn.send_raw(frames)
+        conn.send_raw(
+            _frames({"id": 1, "op": "embed", "input": "x"}, {"id": 2, "op": "cancel", "target": 1})
+        )
         assert conn.recv_for(2)["cancelled"] is True
         assert _error(conn.recv_for(1))["code"] == "cancelled"
         assert conn.call("hello")["ok"]
@@ -275,13 +297,14 @@ def test_shutdown_when_allowed_stops_the_daemon(workdir: Path, own_daemon: list[
 def test_new_request_while_draining_is_shutting_down(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir)
+    # A grace longer than the work: request 1 is answered, however slow the machine.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
     with d.connect() as conn:
         conn.send({"id": 1, "op": "embed", "input": reference.chunks[:150], "timeout": 600})
-        time.sleep(0.3)
+        d.wait_until_computing({"requests": 0})
         d.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        _until_draining(conn)
         conn.send({"id": 2, "op": "embed", "input": "late"})
         assert _error(conn.recv_for(2))["code"] == "shutting_down"
         conn.send({"id": 3, "op": "health"})

@@ -10,9 +10,9 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
-import numpy as np
 import pytest
 
 from tests.conftest import BUNDLED, Daemon, Reference, cosines, start_daemon, vectors
@@ -130,17 +130,32 @@ def test_an_idle_connection_is_closed_after_idle_timeout_and_counted(strict: Dae
 def test_a_frame_stalled_midway_is_closed_after_frame_timeout(strict: Daemon) -> None:
     with strict.connect() as conn:
         conn.send_raw(b"\x00\x00\x10\x00partial")
-        started = time.monotonic()
-        assert conn.is_closed_by_peer(timeout=10)
-        assert time.monotonic() - started < 5
+        assert conn.is_closed_by_peer(timeout=30)
+    # The daemon says which timeout closed it: frame_timeout (1 s), not idle_timeout (2 s).
+    assert "frame did not arrive whole within 1s (frame_timeout)" in strict.log()
+
+
+def _health_of_a_newcomer(d: Daemon) -> dict[str, Any]:
+    """`health` on a new connection: its answer, or the refusal sent at the door (id nil)."""
+    with RawConnection(d.socket) as conn:
+        with contextlib.suppress(OSError):  # the daemon may shut its side while this is sent
+            conn.send({"id": 1, "op": "health"})
+        return conn.recv()
 
 
 def test_silent_connections_at_the_limit_do_not_lock_others_out(
     strict: Daemon, reference: Reference
 ) -> None:
     silent = [strict.connect() for _ in range(4)]
-    time.sleep(3.0)  # idle_timeout is 2 s
+    # They hold every slot: a newcomer is answered busy at the door until idle_timeout (2 s)
+    # closes them. Retried until it gets in (the bound only guards against a hang).
+    deadline = time.monotonic() + 60
+    while (answer := _health_of_a_newcomer(strict))["ok"] is False:
+        assert answer["error"]["code"] == "busy", answer
+        assert time.monotonic() < deadline, "the silent connections were never closed"
+        time.sleep(0.05)
     still_serves_correctly(strict, reference)
+    assert strict.call("stats")["connections"]["timed_out"] >= 4
     for conn in silent:
         conn.close()
 
@@ -183,8 +198,10 @@ def test_a_client_that_never_reads_is_held_back_not_buffered(
     still_serves_correctly(strict, reference)
     assert rss_mb(strict.proc.pid) < base_rss + 64
     flood.close()
-    time.sleep(1.0)
     still_serves_correctly(strict, reference)
+    deadline = time.monotonic() + 30  # until the daemon has seen the flood's close
+    while open_fds(strict.proc.pid) > base_fds + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert open_fds(strict.proc.pid) <= base_fds + 1
 
 
@@ -196,11 +213,11 @@ def test_sigterm_with_a_client_that_stopped_reading_exits_within_the_grace(
     big = frame({"id": 1, "op": "embed", "input": reference.chunks[:100] * 2, "cache": False})
     for i in range(30):
         stalled.sendall(big.replace(b"\xa2id\x01", b"\xa2id" + bytes([i])))
-    time.sleep(0.5)
-    started = time.monotonic()
+    strict.wait_until_computing({"requests": 0})  # the daemon holds work for that client
     strict.proc.send_signal(signal.SIGTERM)
-    assert strict.proc.wait(30) == 0
-    assert time.monotonic() - started < 3.0 + 5.0  # shutdown_grace plus closing
+    assert strict.proc.wait(30) == 0  # with the client still connected, still not reading
+    # What ended the wait was the grace (the daemon says so), not the client.
+    assert "shutdown_grace of 3s passed: answering" in strict.log()
     stalled.close()
 
 
@@ -211,7 +228,7 @@ def test_requests_on_a_connection_answered_shutting_down_after_the_grace(
     own_daemon.append(d)
     with d.connect() as conn:
         conn.send({"id": 1, "op": "embed", "input": reference.chunks * 3, "cache": False})
-        time.sleep(0.5)
+        d.wait_until_computing({"requests": 0})
         d.proc.send_signal(signal.SIGTERM)
         answer = conn.recv_for(1)
         assert answer["error"]["code"] == "shutting_down"
@@ -240,17 +257,6 @@ def test_a_config_value_out_of_its_range_is_refused_naming_the_key(
     assert key in d.log()
 
 
-def test_an_explicit_load_restarts_the_idle_clock(workdir: Path, own_daemon: list[Daemon]) -> None:
-    d = start_daemon(workdir, "[models.default]\npath = '{bundled}'\nkeep_alive = 2\n")
-    own_daemon.append(d)
-    d.call("embed", input="use it once")
-    time.sleep(2.5)  # keep_alive has passed since that use (the sweep may not have run yet)
-    assert d.call("load")["state"] == "ready"
-    time.sleep(1.2)  # within keep_alive of the load
-    states = {m["name"]: m["state"] for m in d.call("models")["models"]}
-    assert states["default"] == "ready"
-
-
 def test_a_model_file_overwritten_in_place_never_crashes_the_daemon(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
@@ -263,8 +269,9 @@ def test_a_model_file_overwritten_in_place_never_crashes_the_daemon(
     with d.connect() as busy:
         # Work in flight on the loaded copy while the file is replaced underneath it: a mapped
         # file would fault (SIGBUS) on the next weight page the batch touches.
+        before = d.model_stats()
         rid = busy.request("embed", input=reference.chunks[:60], cache=False)
-        time.sleep(0.3)
+        d.wait_until_computing(before)
         with model.open("r+b") as f:  # as `cp other model.gguf` does: truncate, then write
             f.truncate(0)
             f.write(b"not a model any more\n")
@@ -296,6 +303,7 @@ def test_a_very_long_text_is_cut_or_refused_without_tokenizing_it_whole(daemon: 
     cut = daemon.call("embed", input=text, truncate=True)
     assert cut["ok"] and cut["truncated"] == [True] and cut["tokens"] == [256]
     short = daemon.call("embed", input="lorem ipsum dolor sit amet " * 60, truncate=True)
-    assert np.array_equal(vectors(cut), vectors(short))  # the same first 256 tokens
+    # The same first 256 tokens, in two separate decodes: equal up to the last bits.
+    assert cosines(vectors(cut), vectors(short))[0] >= 0.99999
     err = daemon.call("embed", input=text)["error"]
     assert err["code"] == "input_too_long" and "at least" in err["message"]

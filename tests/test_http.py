@@ -3,7 +3,6 @@ openai SDK, curl, raw sockets) on its Unix socket and loopback TCP port."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
@@ -362,18 +361,16 @@ def test_a_key_file_others_can_read_stops_the_start_before_any_socket(
 def test_a_client_that_disconnects_has_its_work_cancelled(
     front: Front, reference: Reference
 ) -> None:
-    before = front.daemon.call("stats")["models"]["default"]["cancelled"]
+    before = front.daemon.model_stats()
     body = json.dumps({"model": "default", "input": reference.chunks[:300]}).encode()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(front.http_socket))
     s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    asyncio.run(asyncio.sleep(0.5))
+    front.daemon.wait_until_computing(before)  # the request's inputs are in the model's queue
     s.close()
-    deadline = 30.0
-    while front.daemon.call("stats")["models"]["default"]["cancelled"] == before and deadline > 0:
-        asyncio.run(asyncio.sleep(0.1))
-        deadline -= 0.1
-    assert front.daemon.call("stats")["models"]["default"]["cancelled"] > before
+    front.daemon.wait_for(
+        lambda now: now["cancelled"] > before["cancelled"], "the request's work cancelled"
+    )
 
 
 # Runs between fork and the daemon, as systemd would: the msgpack socket as fd 3 and the HTTP

@@ -19,7 +19,8 @@ from tests.wire import RawConnection
 def test_sigterm_answers_every_request_in_flight_then_removes_the_socket(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir)
+    # A grace longer than the work: what is in flight is answered, however slow the machine.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
     conns = [d.connect() for _ in range(3)]
     sent: list[tuple[RawConnection, int, int]] = []
@@ -27,7 +28,7 @@ def test_sigterm_answers_every_request_in_flight_then_removes_the_socket(
         for j in range(4):
             texts = reference.chunks[k * 40 + j * 10 : k * 40 + j * 10 + 10]
             sent.append((conn, conn.request("embed", input=texts), len(texts)))
-    time.sleep(0.3)
+    d.wait_for(lambda s: s["requests"] >= len(sent), "every request taken by the model thread")
     d.proc.send_signal(signal.SIGTERM)
     for conn, rid, n in sent:
         r = conn.recv_for(rid)
@@ -52,13 +53,18 @@ def test_sigint_drains_and_exits_0_too(workdir: Path, own_daemon: list[Daemon]) 
 def test_no_new_connections_are_accepted_while_draining(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir)
+    # A grace longer than the work: what is in flight is answered, however slow the machine.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
     with d.connect() as conn:
         rid = conn.request("embed", input=reference.chunks[:120], timeout=600)
-        time.sleep(0.3)
+        d.wait_until_computing({"requests": 0})
         d.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # Draining (which `health` reports) starts after the listener is closed.
+        deadline = time.monotonic() + 60
+        while conn.call("health")["status"] != "shutting_down":
+            assert time.monotonic() < deadline, "the daemon did not start draining"
+            time.sleep(0.02)
         try:
             late = RawConnection(d.socket, timeout=5)
         except (FileNotFoundError, ConnectionRefusedError):
@@ -163,14 +169,9 @@ def test_client_going_away_cancels_its_queued_inputs(
     own_daemon.append(d)
     conn = RawConnection(d.socket)
     conn.request("embed", input=reference.chunks[:400])
-    time.sleep(0.5)
+    d.wait_until_computing({"requests": 0})  # its inputs are queued in the model thread
     conn.close()
-    deadline = time.monotonic() + 30
-    stats = d.call("stats")["models"]["default"]
-    while time.monotonic() < deadline and stats["cancelled"] == 0:
-        time.sleep(0.1)
-        stats = d.call("stats")["models"]["default"]
-    assert stats["cancelled"] > 0
+    stats = d.wait_for(lambda s: s["cancelled"] > 0, "the closed client's inputs cancelled")
     assert stats["inputs"] + stats["cancelled"] <= 400
     assert stats["inputs"] < 400
     assert d.call("embed", input="still serving")["ok"]

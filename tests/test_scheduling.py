@@ -12,31 +12,33 @@ from tests.wire import RawConnection
 def test_interactive_requests_sent_during_a_bulk_request_complete_before_it(
     daemon: Daemon, reference: Reference
 ) -> None:
-    finished: dict[str, float] = {}
+    finished: list[str] = []
+    before = daemon.model_stats()
 
     def bulk() -> None:
         with RawConnection(daemon.socket) as conn:
             r = conn.call("embed", input=reference.chunks[:150], timeout=600)
             assert r["ok"]
-            finished["bulk"] = time.monotonic()
+            finished.append("bulk")
 
     indexer = threading.Thread(target=bulk)
     indexer.start()
-    time.sleep(0.5)  # the bulk request is being computed
+    daemon.wait_until_computing(before)  # the bulk request is in the model's queue
     with RawConnection(daemon.socket) as conn:
         for i in range(5):
             assert conn.call("embed", input=reference.queries[i])["ok"]
-    finished["queries"] = time.monotonic()
+    finished.append("queries")
     indexer.join(300)
-    assert finished["queries"] < finished["bulk"]
+    assert finished == ["queries", "bulk"]
 
 
 def test_explicit_bulk_priority_yields_to_interactive_work(
     daemon: Daemon, reference: Reference
 ) -> None:
+    before = daemon.model_stats()
     with daemon.connect() as conn:
         slow = conn.request("embed", input=reference.chunks[150:230], priority="bulk", timeout=600)
-        time.sleep(0.3)
+        daemon.wait_until_computing(before)  # the bulk request is in the model's queue
         quick = conn.request("embed", input=reference.chunks[230:240], priority="interactive")
         first = conn.recv()
         assert first["id"] == quick and first["ok"]
@@ -81,17 +83,16 @@ def test_cancelled_inputs_never_reach_the_model_and_are_counted(
     before = daemon.call("stats")["models"]["default"]
     with daemon.connect() as conn:
         rid = conn.request("embed", input=reference.chunks_long[:300], truncate=True)
-        time.sleep(0.3)
+        daemon.wait_until_computing(before)
         assert conn.call("cancel", target=rid)["cancelled"] is True
         assert conn.recv_for(rid)["error"]["code"] == "cancelled"
-    deadline = time.monotonic() + 30
-    while True:  # the model thread drops the rest at its next batch boundary
-        after = daemon.call("stats")["models"]["default"]
-        dropped = after["cancelled"] - before["cancelled"]
-        computed = after["inputs"] - before["inputs"]
-        if computed + dropped >= 300 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    # The model thread drops the rest at its next batch boundary.
+    after = daemon.wait_for(
+        lambda s: s["inputs"] + s["cancelled"] >= before["inputs"] + before["cancelled"] + 300,
+        "all 300 inputs computed or dropped",
+    )
+    dropped = after["cancelled"] - before["cancelled"]
+    computed = after["inputs"] - before["inputs"]
     assert dropped > 0
     assert computed + dropped == 300
     assert computed < 300

@@ -20,7 +20,7 @@ from ..config import Config
 from ..inference.admission import estimate_tokens, estimate_windows
 from ..inference.cache import Entry, VectorCache, vector_key
 from ..inference.jobs import EmbedResult
-from ..inference.models import ModelRegistry
+from ..inference.models import Clock, ModelRegistry
 from ..wire.counters import ConnectionCounts, Tally
 from ..wire.errors import Code, EmbeddError
 from ..wire.framing import PROTOCOL_VERSION
@@ -77,10 +77,12 @@ class Daemon:
         *,
         tally: Tally | None = None,
         connections: ConnectionCounts | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.config = config
         self.loop = loop
-        self.models = ModelRegistry(config, loop)
+        # `clock`: what keep_alive is measured by (a test's fake clock; see models.py).
+        self.models = ModelRegistry(config, loop, clock)
         self.cache = VectorCache(config.cache_bytes)
         self.started = time.monotonic()
         self.draining = False

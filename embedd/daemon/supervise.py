@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,11 +75,19 @@ class Listener(Protocol):
 
 class Supervisor:
     def __init__(
-        self, daemon: Supervised, server: Listener, notifier: Notifier | None = None
+        self,
+        daemon: Supervised,
+        server: Listener,
+        notifier: Notifier | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.daemon = daemon
         self.server = server
         self.notifier = notifier if notifier is not None else Notifier()
+        # Monotonic seconds, the same clock as the server's `last_activity` (a test's fake
+        # clock decides idle exit without waiting; trio's MockClock is the model).
+        self.clock = clock
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -137,6 +145,13 @@ class Supervisor:
                 self.notifier.status(text)
                 last = text
 
+    def idle_exit_due(self, now: float) -> bool:
+        """Whether a socket-activated daemon exits at `now`: no connection is open, and none
+        opened or closed for `idle_exit` seconds (`idle_exit = 0`: never)."""
+        idle = self.daemon.config.idle_exit
+        server = self.server
+        return idle > 0 and not server.open and now - server.last_activity >= idle
+
     async def _idle_exit(self) -> None:
         idle = self.daemon.config.idle_exit
         if idle <= 0:
@@ -149,10 +164,10 @@ class Supervisor:
             )
             return
         await self.ready.wait()
-        server.last_activity = max(server.last_activity, time.monotonic())
+        server.last_activity = max(server.last_activity, self.clock())
         while True:
             await asyncio.sleep(min(idle / 4, 1.0))
-            if server.open or time.monotonic() - server.last_activity < idle:
+            if not self.idle_exit_due(self.clock()):
                 continue
             # Clients connecting from now on queue in the manager's socket until it starts
             # the next daemon; the few accepted just before are served to their end first.

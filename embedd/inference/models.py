@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from ..config import Config, ModelConfig
@@ -41,16 +41,26 @@ R = TypeVar("R")
 # this many tokens each (the context length most embedding models have).
 _UNKNOWN_MAX_TOKENS = 512
 
+# Monotonic seconds: `time.monotonic` in the daemon, a clock the test advances in the tests of
+# keep_alive (trio's MockClock is the model), so that idling out is checked without waiting.
+Clock = Callable[[], float]
+
 
 class ModelSlot:
-    def __init__(self, config: ModelConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        loop: asyncio.AbstractEventLoop,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.config = config
         self._loop = loop
+        self._clock = clock
         self.worker: ModelWorker | None = None
         self.last_info: ModelInfo | None = None
         self.last_error: str | None = None
         self.stats = WorkerStats()
-        self.last_used = time.monotonic()
+        self.last_used = clock()
         self.active_jobs = 0
         self.loads = 0
         self.unloads = 0
@@ -145,7 +155,18 @@ class ModelSlot:
 
     def touch(self) -> None:
         """Restart the idle clock (`keep_alive`): an explicit `load` counts as a use."""
-        self.last_used = time.monotonic()
+        self.last_used = self._clock()
+
+    def idle_expired(self, now: float) -> bool:
+        """Whether the idle sweep unloads this model at `now`: it is loaded, has no job in
+        hand, and was last used `keep_alive` seconds ago or more (`keep_alive = 0`: never)."""
+        ka = self.config.keep_alive
+        return (
+            ka > 0
+            and self.state == "ready"
+            and self.active_jobs == 0
+            and now - self.last_used >= ka
+        )
 
     async def unload(self) -> None:
         w = self.worker
@@ -237,14 +258,17 @@ class ModelSlot:
         finally:
             self.active_jobs -= 1
             self.admission.remove(estimate, bulk=bulk, owner=job.owner)
-            self.last_used = time.monotonic()
+            self.last_used = self._clock()
 
 
 class ModelRegistry:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, config: Config, loop: asyncio.AbstractEventLoop, clock: Clock = time.monotonic
+    ) -> None:
         self.config = config
+        self.clock = clock
         self.slots: Mapping[str, ModelSlot] = {
-            name: ModelSlot(mc, loop) for name, mc in config.models.items()
+            name: ModelSlot(mc, loop, clock) for name, mc in config.models.items()
         }
         # Every name a request may use, aliases included: one slot (one loaded copy) each.
         self.by_name: Mapping[str, ModelSlot] = {
@@ -275,15 +299,9 @@ class ModelRegistry:
         return prompts[prompt]
 
     async def sweep_idle(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for slot in self.slots.values():
-            ka = slot.config.keep_alive
-            if (
-                ka > 0
-                and slot.state == "ready"
-                and slot.active_jobs == 0
-                and now - slot.last_used >= ka
-            ):
+            if slot.idle_expired(now):
                 _log.info(
                     "model %s idle for %.0fs: unloading", slot.config.name, now - slot.last_used
                 )

@@ -14,6 +14,8 @@ import contextlib
 import functools
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
@@ -36,9 +38,13 @@ class Server(Listener):
         *,
         tally: Tally | None = None,
         connections: ConnectionCounts | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(
-            config, handler, connections if connections is not None else ConnectionCounts()
+            config,
+            handler,
+            connections if connections is not None else ConnectionCounts(),
+            clock,
         )
         self.tally = tally if tally is not None else Tally()
         self._server: asyncio.AbstractServer | None = None

@@ -306,8 +306,15 @@ class Connection:
 
     def _timed_out(self) -> None:
         self.listener.connections.timed_out += 1
-        what = "in the middle of a frame" if self.conv.mid_frame else "with nothing in flight"
-        _log.info("closing a connection that went silent %s", what)
+        config = self.listener.config
+        # Which deadline fired, in words and seconds: tests and operators read it from the log.
+        if self.conv.mid_frame:
+            what = f"whose frame did not arrive whole within {config.frame_timeout:g}s"
+            limit = "frame_timeout"
+        else:
+            what = f"silent for {config.idle_timeout:g}s with nothing in flight"
+            limit = "idle_timeout"
+        _log.info("closing a connection %s (%s)", what, limit)
         self.apply(self.conv.timed_out())
 
     def _watch_writes(self) -> None:
@@ -399,10 +406,18 @@ class Listener:
     A protocol's listener says how to start a conversation, how to start the work a dispatch
     names, and what a refusal at the door looks like."""
 
-    def __init__(self, config: Config, handler: Handler, connections: ConnectionCounts) -> None:
+    def __init__(
+        self,
+        config: Config,
+        handler: Handler,
+        connections: ConnectionCounts,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.handler = handler
         self.connections = connections
+        # Monotonic seconds, for `last_activity` (a test's fake clock; see supervise.py).
+        self.clock = clock
         self.open: set[Connection] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.policy = AccessPolicy.for_daemon(config.allow_uids, config.allow_gid)
@@ -410,7 +425,7 @@ class Listener:
         # connections, so a flood of newcomers cannot hold more fds than that either.
         self._lingering = 0
         # When a connection last opened or closed: the idle-exit clock (see supervise.py).
-        self.last_activity = time.monotonic()
+        self.last_activity = clock()
 
     # --- what each protocol says -----------------------------------------------------------
 
@@ -453,13 +468,13 @@ class Listener:
         self.open.add(conn)
         self.connections.open += 1
         self.connections.total += 1
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock()
         try:
             await conn.run()
         finally:
             self.open.discard(conn)
             self.connections.open -= 1
-            self.last_activity = time.monotonic()
+            self.last_activity = self.clock()
 
     async def _refuse(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: EmbeddError
