@@ -132,7 +132,9 @@ def test_verify_does_catch_a_broken_unit(systemd_analyze: str, workdir: Path) ->
 
 def test_the_repository_units_are_what_install_writes() -> None:
     for rel, text in service.reference_files().items():
-        assert (REPO / rel).read_text() == text, f"{rel} is stale: python -m embedd.cli.service write-reference"
+        assert (REPO / rel).read_text() == text, (
+            f"{rel} is stale: python -m embedd.cli.service write-reference"
+        )
 
 
 def test_launchd_plist_keys(workdir: Path) -> None:
