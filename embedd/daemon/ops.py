@@ -224,6 +224,7 @@ class Daemon:
                 "queue_inputs": w.queued_inputs if w else 0,
                 "queue_tokens": w.queued_tokens if w else 0,
                 "splitting_inputs": w.splitting_inputs if w else 0,
+                "chunking_inputs": w.chunking_inputs if w else 0,
                 "tokens_per_second": round(st.tokens_per_second, 1),
                 "throughput_measured": st.throughput_measured,
                 "busy_fraction": st.busy_fraction(time.monotonic()),

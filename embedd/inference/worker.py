@@ -93,6 +93,11 @@ class ModelWorker:
         return self._scheduler.pending_inputs
 
     @property
+    def chunking_inputs(self) -> int:
+        """Texts of `chunk` requests still being cut (one text each)."""
+        return len(self._chunking)
+
+    @property
     def splitting_inputs(self) -> int:
         """Inputs of long="split" requests still being cut into windows (not yet queued)."""
         return sum(len(job.texts) - job.split_next for job in list(self._splitting))
