@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -243,3 +244,11 @@ def cosines(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArr
         np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
     )
     return result
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a daemon's --http)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

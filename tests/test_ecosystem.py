@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +22,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
+from tests.conftest import (
+    Daemon,
+    Reference,
+    cosines,
+    free_port,
+    short_tmpdir,
+    start_daemon,
+    vectors,
+)
 
 # What Chroma's OpenAIEmbeddingFunction and LlamaIndex's OpenAIEmbedding send by default: the
 # README shows this alias as the user's explicit choice.
@@ -45,17 +52,10 @@ class Front:
         return vectors(self.daemon.call("embed", input=texts, long="split"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def front() -> Iterator[Front]:
     workdir = short_tmpdir()
-    port = _free_port()
+    port = free_port()
     d = start_daemon(
         workdir,
         '[models.default]\npath = "{bundled}"\nmax_tokens = 256\n'

@@ -23,7 +23,15 @@ from hypothesis import strategies as st
 
 from embedd.config import BUNDLED_ALIASES
 from embedd.http.parser import MAX_HEAD, MAX_HEADERS, HttpError, HttpParser, HttpRequest
-from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
+from tests.conftest import (
+    Daemon,
+    Reference,
+    cosines,
+    free_port,
+    short_tmpdir,
+    start_daemon,
+    vectors,
+)
 
 # --- the parser alone ---------------------------------------------------------------------
 
@@ -91,12 +99,6 @@ def test_malformed_requests_get_their_status_and_close(data: bytes, status: HTTP
 # --- the daemon ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Front:
     def __init__(self, daemon: Daemon, port: int, key: str) -> None:
         self.daemon = daemon
@@ -138,7 +140,7 @@ class Front:
 @pytest.fixture(scope="module")
 def front() -> Iterator[Front]:
     workdir = short_tmpdir()
-    port = _free_port()
+    port = free_port()
     d = start_daemon(
         workdir,
         "frame_timeout = 2\n[models.prompted]\npath = '{bundled}'\n"
@@ -327,7 +329,7 @@ def test_sixteen_http_and_sixteen_msgpack_clients_at_once_are_all_correct(
 
 
 def test_tcp_without_a_key_file_refuses_to_start(workdir: Path, own_daemon: list[Daemon]) -> None:
-    d = start_daemon(workdir, extra_args=("--http", f"127.0.0.1:{_free_port()}"), wait=False)
+    d = start_daemon(workdir, extra_args=("--http", f"127.0.0.1:{free_port()}"), wait=False)
     own_daemon.append(d)
     assert d.proc.wait(30) == 2  # a usage error, found before anything starts
     assert "--api-key-file" in d.log() and "--no-api-key" in d.log()
@@ -351,7 +353,7 @@ def test_a_key_file_others_can_read_stops_the_start_before_any_socket(
     key = workdir / "key"
     key.write_text("k" * 40 + "\n")
     key.chmod(0o644)
-    args = ("--http", f"127.0.0.1:{_free_port()}", "--api-key-file", str(key))
+    args = ("--http", f"127.0.0.1:{free_port()}", "--api-key-file", str(key))
     d = start_daemon(workdir, extra_args=args, wait=False)
     own_daemon.append(d)
     assert d.proc.wait(30) == 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,15 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
+from tests.conftest import (
+    Daemon,
+    Reference,
+    cosines,
+    free_port,
+    short_tmpdir,
+    start_daemon,
+    vectors,
+)
 
 ORIGIN = "http://localhost:5173"
 CONFIG = f"""
@@ -67,17 +74,10 @@ class Front:
         return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def front() -> Iterator[Front]:
     workdir = short_tmpdir()
-    port = _free_port()
+    port = free_port()
     d = start_daemon(
         workdir,
         CONFIG,

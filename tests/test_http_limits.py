@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Reference, short_tmpdir, start_daemon
+from tests.conftest import Daemon, Reference, free_port, short_tmpdir, start_daemon
 from tests.test_hostile import open_fds, rss_mb, still_serves_correctly
 
 CAP = 8
@@ -29,12 +29,6 @@ shutdown_grace = 3.0
 """
 # The issue's bound for what a hostile client may cost the daemon.
 RSS_SLACK_MB = 128
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Front:
@@ -74,7 +68,7 @@ def _start(workdir: Path, config: str, port: int) -> Daemon:
 @pytest.fixture(scope="module")
 def front() -> Iterator[Front]:
     workdir = short_tmpdir()
-    port = _free_port()
+    port = free_port()
     d = _start(workdir, LIMITS, port)
     d.call("embed", input="load the model")
     yield Front(d, port)
@@ -259,7 +253,7 @@ def test_a_client_trickling_a_frame_is_closed_after_frame_timeout(front: Front, 
 def test_sigterm_answers_the_http_requests_it_accepted_within_the_grace(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = _start(workdir, "shutdown_grace = 3.0\ncache_bytes = 0\n", _free_port())
+    d = _start(workdir, "shutdown_grace = 3.0\ncache_bytes = 0\n", free_port())
     own_daemon.append(d)
     f = Front(d, 0)
     with f.unix(timeout=60) as s:
@@ -311,7 +305,7 @@ def test_an_api_key_file_others_can_read_is_refused_at_start(
     key = workdir / "key"
     key.write_text("a-key\n")
     key.chmod(0o644)
-    args = ("--http", f"127.0.0.1:{_free_port()}", "--api-key-file", str(key))
+    args = ("--http", f"127.0.0.1:{free_port()}", "--api-key-file", str(key))
     d = start_daemon(workdir, extra_args=args, wait=False)
     own_daemon.append(d)
     assert d.proc.wait(30) == 1

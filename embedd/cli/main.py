@@ -458,7 +458,7 @@ def _models_arguments(p: argparse.ArgumentParser) -> None:
     "models",
     _models_arguments,
     summary="list the configured models",
-    description=("List the models the daemon is configured with and their state."),
+    description="List the models the daemon is configured with and their state.",
     examples=("  embedd models\n  embedd models --json | jq '.[].name'"),
 )
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -638,16 +638,16 @@ def _model_line(m: Mapping[str, Any]) -> str:
     return line
 
 
-def _load_arguments(p: argparse.ArgumentParser) -> None:
+def _model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="MODEL", help="model name")
 
 
 @_command(
     "load",
-    _load_arguments,
+    _model_argument,
     summary="load a model now",
-    description=("Load a model now (instead of on first use) and wait until it is ready."),
-    examples=("  embedd load default"),
+    description="Load a model now (instead of on first use) and wait until it is ready.",
+    examples="  embedd load default",
 )
 def _cmd_load(args: argparse.Namespace) -> int:
     # No client-side limit: a large model may take minutes to load.
@@ -656,16 +656,12 @@ def _cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unload_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", metavar="MODEL", help="model name")
-
-
 @_command(
     "unload",
-    _unload_arguments,
+    _model_argument,
     summary="free a model's memory",
-    description=("Let the model's accepted work finish, then free it. It loads again on next use."),
-    examples=("  embedd unload default"),
+    description="Let the model's accepted work finish, then free it. It loads again on next use.",
+    examples="  embedd unload default",
 )
 def _cmd_unload(args: argparse.Namespace) -> int:
     with _client(args, timeout=None) as client:
