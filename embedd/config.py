@@ -45,6 +45,9 @@ class ModelConfig:
     pooling: str | None = None
     # Compute threads; None: chosen per batch from the free cores (see threads.py).
     threads: int | None = None
+    # llama contexts over the one copy of the weights, each computing its own batches; None:
+    # one per usable core, or per `threads` cores (see threads.py).
+    replicas: int | None = None
     # Tokens per llama batch. Every input must fit in one (non-causal models attend over the
     # whole sequence at once), so the effective value is at least max_tokens. Measured here
     # (MiniLM f16, flash attention, 2 threads): 256 gives the same bulk throughput as 512 and
@@ -175,6 +178,7 @@ _MODEL_KEYS = {
     "max_tokens": int,
     "pooling": str,
     "threads": int,
+    "replicas": int,
     "batch_tokens": int,
     "max_queue_tokens": int,
     "keep_alive": (int, float),
@@ -225,6 +229,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "idle_exit": (0, 7 * 86400.0),
     "max_tokens": (4, 1 << 20),
     "threads": (1, 1024),
+    # Each replica holds its own compute buffers (~26 MB for MiniLM at 256 tokens: README).
+    "replicas": (1, 256),
     "batch_tokens": (4, 1 << 20),
     "max_queue_tokens": (1, 1 << 40),
     "keep_alive": (0, 10 * 365 * 86400.0),
@@ -274,7 +280,7 @@ def _model_from_table(name: str, table: Mapping[str, Any], base: Path, where: st
     if "gpu_layers" in table:
         _positive(table["gpu_layers"], "gpu_layers", where, allow_zero=True)
         kwargs["gpu_layers"] = table["gpu_layers"]
-    for key in ("max_tokens", "threads", "batch_tokens", "max_queue_tokens", "dim"):
+    for key in ("max_tokens", "threads", "replicas", "batch_tokens", "max_queue_tokens", "dim"):
         if key in table:
             _positive(table[key], key, where)
             kwargs[key] = table[key]

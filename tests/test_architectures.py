@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedd.inference.engine import Engine
+from embedd.inference.engine import Model
 from tests.conftest import Daemon, cosines, short_tmpdir, start_daemon, vectors
 from tests.gguf_models import write_bert, write_gemma_embedding, write_qwen3
 
@@ -99,7 +99,7 @@ def test_each_input_gives_the_same_vector_alone_and_packed_with_others(
 
 
 def test_truncation_keeps_the_models_special_frame(cls_model: Path) -> None:
-    engine = Engine(cls_model, threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    engine = Model(cls_model, batch_tokens=64, max_tokens=64)
     try:
         ids, cut = engine.tokenize("word " * 200, truncate_to=16)
         full, _ = engine.tokenize("hello")
@@ -110,7 +110,7 @@ def test_truncation_keeps_the_models_special_frame(cls_model: Path) -> None:
 
 
 def test_truncation_keeps_the_eos_a_last_token_model_pools_on(qwen3_model: Path) -> None:
-    engine = Engine(qwen3_model, threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    engine = Model(qwen3_model, batch_tokens=64, max_tokens=64)
     try:
         ids, cut = engine.tokenize("hello world " * 50, truncate_to=16)
         full, _ = engine.tokenize("hello")
@@ -122,11 +122,11 @@ def test_truncation_keeps_the_eos_a_last_token_model_pools_on(qwen3_model: Path)
 
 def test_a_qwen2_vocabulary_composes_text_to_nfc_as_its_reference_does(qwen3_model: Path) -> None:
     """Qwen2/Qwen3's tokenizer.json normalizes to NFC; llama.cpp does not (issue 17)."""
-    engine = Engine(qwen3_model, threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    engine = Model(qwen3_model, batch_tokens=64, max_tokens=64)
     try:
         decomposed, _ = engine.tokenize("cafe\u0301 \u0b9a\u0bc6\u0bbe")
         composed, _ = engine.tokenize("caf\u00e9 \u0b9a\u0bca")
-        assert engine.info.tokenizer.endswith("+nfc")
+        assert engine.card["tokenizer"].endswith("+nfc")
     finally:
         engine.close()
     assert decomposed == composed
@@ -140,7 +140,7 @@ def test_tokenize_counts_what_the_model_sees(served: Daemon, name: str) -> None:
 
 
 def test_a_sentencepiece_model_keeps_its_bos_and_eos_when_truncated(files: dict[str, Path]) -> None:
-    engine = Engine(files["gemma"], threads=1, batch_tokens=64, max_tokens=64, pooling=None)
+    engine = Model(files["gemma"], batch_tokens=64, max_tokens=64)
     try:
         ids, cut = engine.tokenize("hello world " * 50, truncate_to=16)
     finally:

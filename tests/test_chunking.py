@@ -89,9 +89,9 @@ def test_any_text_is_covered_by_chunks_within_the_budget(
 def test_the_bundled_docs_chunk_within_the_models_limit_with_the_real_tokenizer() -> None:
     pytest.importorskip("llama_cpp")
     from embedd.config import BUNDLED_MODEL
-    from embedd.inference.engine import Engine
+    from embedd.inference.engine import Model
 
-    engine = Engine(BUNDLED_MODEL, threads=1, batch_tokens=256, max_tokens=256, pooling=None)
+    engine = Model(BUNDLED_MODEL, batch_tokens=256, max_tokens=256)
     try:
         text = Path("README.md").read_text() if Path("README.md").exists() else DOC
         text += "\n\n" + " ".join(

@@ -1,4 +1,5 @@
-"""The thread policy alone: what it chooses for given affinity, quota and run queue."""
+"""The replica and core-budget policy alone: what it chooses for given cores, quota, load and
+traffic; then the budget shared by threads, and the daemon running with it."""
 
 from __future__ import annotations
 
@@ -7,51 +8,149 @@ from pathlib import Path
 
 import pytest
 
+from embedd.inference.budget import CoreBudget
 from embedd.inference.threads import (
+    INTERACTIVE_RECENT,
+    MAX_AUTO_REPLICAS,
     MAX_AUTO_THREADS,
+    Launch,
     Machine,
+    busy_cores,
     read_own_running,
     read_quota,
     read_running,
-    threads_for_batch,
+    read_thread_cpu_ns,
+    replicas_for,
+    threads_for_launch,
     usable_cpus,
 )
 from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
 
+IDLE_2 = Machine(affinity=2, quota=None, others=0)
+QUERY = Launch(interactive=True)
+BULK = Launch(interactive=False)
 
-def test_an_idle_machine_gets_every_usable_core() -> None:
-    assert threads_for_batch(Machine(affinity=2, quota=None, others=0)) == 2
+
+def launch(machine: Machine, in_use: int, what: Launch, *, recent: bool = False) -> int:
+    return threads_for_launch(machine, in_use, what, interactive_recent=recent)
+
+
+# --- replicas -----------------------------------------------------------------------------------
+
+
+def test_a_model_gets_one_replica_per_usable_core() -> None:
+    assert replicas_for(2) == 2
+    assert replicas_for(1) == 1
+
+
+def test_automatic_replicas_are_capped() -> None:
+    assert replicas_for(64) == MAX_AUTO_REPLICAS
+
+
+def test_fixed_threads_divide_the_cores_into_replicas() -> None:
+    assert replicas_for(8, threads=2) == 4
+    assert replicas_for(2, threads=4) == 1
+
+
+def test_a_configured_replica_count_wins() -> None:
+    assert replicas_for(2, configured=4) == 4
+
+
+def test_a_gpu_offloaded_model_gets_one_replica() -> None:
+    assert replicas_for(16, gpu_offloaded=True) == 1
+
+
+# --- threads per batch --------------------------------------------------------------------------
+
+
+def test_a_lone_query_on_an_idle_machine_gets_every_usable_core() -> None:
+    assert launch(IDLE_2, 0, QUERY) == 2
+
+
+def test_bulk_batches_starting_together_split_the_free_cores() -> None:
+    assert launch(IDLE_2, 0, Launch(interactive=False, share=2)) == 1
+    assert launch(Machine(8, None, 0), 0, Launch(interactive=False, share=4)) == 2
+
+
+def test_a_batch_takes_the_cores_the_running_ones_leave() -> None:
+    assert launch(Machine(4, None, 0), 1, BULK) == 3
 
 
 def test_one_busy_core_leaves_one_thread() -> None:
-    assert threads_for_batch(Machine(affinity=2, quota=None, others=1)) == 1
+    assert launch(Machine(2, None, 1), 0, QUERY) == 1
 
 
-def test_a_saturated_machine_still_gets_one_thread() -> None:
-    assert threads_for_batch(Machine(affinity=4, quota=None, others=39)) == 1
+def test_a_saturated_machine_still_gives_a_query_one_thread() -> None:
+    assert launch(Machine(4, None, 39), 0, QUERY) == 1
+
+
+def test_a_query_does_not_wait_for_other_processes() -> None:
+    assert launch(Machine(2, None, 5), 1, QUERY) == 1
+
+
+def test_bulk_waits_while_our_decodes_and_others_fill_the_cores() -> None:
+    assert launch(Machine(2, None, 1), 1, BULK) == 0
+
+
+def test_bulk_always_runs_when_nothing_of_ours_does() -> None:
+    assert launch(Machine(2, None, 5), 0, BULK) == 1
+
+
+def test_our_threads_never_exceed_the_usable_cores() -> None:
+    assert launch(IDLE_2, 2, QUERY) == 0
+    assert launch(Machine(8, 2.0, 0), 2, QUERY) == 0
+
+
+def test_while_queries_are_recent_bulk_leaves_a_core_free() -> None:
+    assert launch(IDLE_2, 0, BULK, recent=True) == 1
+    assert launch(IDLE_2, 1, BULK, recent=True) == 0
+
+
+def test_the_reserved_core_goes_to_the_query() -> None:
+    assert launch(IDLE_2, 1, QUERY, recent=True) == 1
+
+
+def test_without_recent_queries_bulk_uses_every_core() -> None:
+    assert launch(IDLE_2, 1, BULK) == 1
 
 
 def test_the_affinity_mask_bounds_the_count_not_the_machines_cores() -> None:
-    assert threads_for_batch(Machine(affinity=3, quota=None, others=0)) == 3
+    assert launch(Machine(affinity=3, quota=None, others=0), 0, QUERY) == 3
 
 
 def test_a_cgroup_quota_is_floored_to_whole_cpus() -> None:
     assert usable_cpus(affinity=8, quota=1.5) == 1
-    assert threads_for_batch(Machine(affinity=8, quota=2.0, others=0)) == 2
+    assert launch(Machine(affinity=8, quota=2.0, others=0), 0, QUERY) == 2
 
 
 def test_the_automatic_count_is_capped() -> None:
     assert usable_cpus(affinity=64, quota=None) == MAX_AUTO_THREADS
 
 
-def test_the_users_threads_setting_wins() -> None:
-    busy = Machine(affinity=2, quota=None, others=8)
-    assert threads_for_batch(busy, configured=2) == 2
-    assert threads_for_batch(Machine(2, None, 0), configured=1) == 1
+def test_the_users_threads_setting_wins_within_the_budget() -> None:
+    fixed = Launch(interactive=False, configured=2)
+    assert launch(Machine(2, None, 8), 0, fixed) == 2
+    assert launch(IDLE_2, 1, fixed) == 0
+    assert launch(IDLE_2, 1, Launch(interactive=True, configured=1)) == 1
 
 
 def test_a_gpu_offloaded_model_needs_one_thread() -> None:
-    assert threads_for_batch(Machine(8, None, 0), gpu_offloaded=True) == 1
+    assert launch(Machine(8, None, 0), 0, Launch(interactive=True, gpu_offloaded=True)) == 1
+
+
+# --- what counts as competition ----------------------------------------------------------------
+
+
+def test_a_thread_busy_more_than_half_the_window_is_one_core() -> None:
+    assert busy_cores(60_000_000, 100_000_000) == 1
+    assert busy_cores(40_000_000, 100_000_000) == 0
+
+
+def test_a_threads_cpu_time_is_read_from_its_schedstat(tmp_path: Path) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "schedstat").write_text("123456789 2000 30\n")
+    assert read_thread_cpu_ns(7, tmp_path) == 123456789
+    assert read_thread_cpu_ns(8, tmp_path) is None
 
 
 @pytest.mark.parametrize(
@@ -86,10 +185,88 @@ def test_our_own_running_threads_are_read_from_proc_self_task(tmp_path: Path) ->
     assert read_own_running(tmp_path) == 2
 
 
-def test_models_reports_automatic_threads_and_a_configured_count(daemon: Daemon) -> None:
+# --- the budget shared by every model's threads -------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def budget(cores: int = 2, clock: Clock | None = None) -> CoreBudget:
+    return CoreBudget(clock or Clock(), sample=lambda: Machine(cores, None, 0))
+
+
+def test_the_budget_counts_the_threads_it_granted_until_released() -> None:
+    b = budget()
+    assert b.acquire("a", Launch(False, share=2), lambda: None) == 1
+    assert b.acquire("b", BULK, lambda: None) == 1
+    assert b.in_use == 2
+    b.release("a", 1)
+    assert b.in_use == 1
+
+
+def test_a_refused_model_is_woken_when_cores_come_free() -> None:
+    b = budget()
+    woken: list[str] = []
+    assert b.acquire("a", QUERY, lambda: None) == 2
+    assert b.acquire("b", QUERY, lambda: woken.append("b")) == 0
+    assert woken == []
+    b.release("a", 2)
+    assert woken == ["b"]
+
+
+def test_two_models_computing_at_once_are_the_peak_the_budget_reports() -> None:
+    b = budget()
+    b.acquire("a", Launch(False, share=2), lambda: None)
+    b.acquire("b", BULK, lambda: None)
+    snap = b.snapshot()
+    assert (snap["peak_models_computing"], snap["peak_in_use"], snap["usable"]) == (2, 2, 2)
+
+
+def test_interactive_work_stays_recent_for_its_window() -> None:
+    clock = Clock()
+    b = budget(clock=clock)
+    b.note_interactive()
+    assert b.acquire("a", BULK, lambda: None) == 1  # one core left for queries
+    clock.now += INTERACTIVE_RECENT
+    assert not b.interactive_recent()
+    assert b.acquire("a", BULK, lambda: None) == 1  # the reserved core goes back to bulk
+
+
+def test_threads_asking_at_once_never_exceed_the_cores() -> None:
+    b = budget(cores=4)
+    granted: list[int] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        for _ in range(200):
+            n = b.acquire("m", QUERY, lambda: None)
+            with lock:
+                granted.append(b.in_use)
+            if n:
+                b.release("m", n)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(granted) <= 4 and b.in_use == 0 and b.peak_in_use <= 4
+
+
+# --- the daemon ---------------------------------------------------------------------------------
+
+
+def test_models_reports_automatic_threads_and_replicas(daemon: Daemon) -> None:
     models = {m["name"]: m for m in daemon.call("models")["models"]}
     assert models["default"]["threads_auto"] is True
     assert models["default"]["threads"] >= 1
+    assert models["default"]["replicas_auto"] is True
+    assert models["default"]["replicas"] >= 1
 
 
 def test_a_configured_thread_count_is_what_the_batches_run_with(
@@ -104,11 +281,18 @@ def test_a_configured_thread_count_is_what_the_batches_run_with(
     assert (model["threads"], model["threads_auto"]) == (1, False)
 
 
-def test_two_models_driven_together_both_stay_correct(
+def test_two_models_compute_at_once_within_the_core_budget(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    d = start_daemon(workdir, "[models.second]\npath = '{bundled}'\nmax_tokens = 256\n")
+    d = start_daemon(
+        workdir,
+        "[models.default]\npath = '{bundled}'\nthreads = 1\nreplicas = 1\n"
+        "[models.second]\npath = '{bundled}'\nthreads = 1\nreplicas = 1\n",
+    )
     own_daemon.append(d)
+    cores = d.call("stats")["cores"]
+    if cores["usable"] < 2:
+        pytest.skip("two models at once need two usable cores")
     results: dict[str, float] = {}
 
     def drive(model: str, lo: int) -> None:
@@ -124,3 +308,6 @@ def test_two_models_driven_together_both_stay_correct(
     for t in threads:
         t.join(300)
     assert results["default"] >= 0.9999 and results["second"] >= 0.9999
+    cores = d.call("stats")["cores"]
+    assert cores["peak_models_computing"] == 2
+    assert cores["peak_in_use"] <= cores["usable"]

@@ -406,12 +406,19 @@ def test_the_first_tokens_of_long_texts_are_the_references_first_tokens() -> Non
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
     pytest.importorskip("llama_cpp")
-    from embedd.inference.engine import Engine
+    from embedd.inference.engine import Model
 
+    model = Model(BUNDLED, batch_tokens=512, max_tokens=MAX_TOKENS)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def context(engine: Any) -> Iterator[Any]:
     # One thread: llama.cpp's threads spin while they wait, and the suite shares its cores.
-    eng = Engine(BUNDLED, threads=1, batch_tokens=512, max_tokens=MAX_TOKENS, pooling=None)
-    yield eng
-    eng.close()
+    ctx = engine.new_context(threads=1, pooling=None)
+    yield ctx
+    ctx.close()
 
 
 def _accented(words: int) -> str:
@@ -436,13 +443,15 @@ def _unknown_heavy(words: int) -> str:
 WORDS = ["hello", "world", "tokens", "about", "search"]
 
 
-def _embed_packed(engine: Any, seqs: list[list[int]]) -> np.ndarray[Any, np.dtype[np.float32]]:
+def _embed_packed(
+    engine: Any, context: Any, seqs: list[list[int]]
+) -> np.ndarray[Any, np.dtype[np.float32]]:
     """Vectors of `seqs`, as many to a batch as fit (fewer decodes)."""
     out, batch = [], list[list[int]]()
     for seq in [*seqs, None]:
-        full = sum(map(len, batch)) + len(seq or ()) > engine.info.batch_tokens
-        if batch and (seq is None or full or len(batch) == engine.info.max_seqs):
-            out.append(engine.embed(batch))
+        full = sum(map(len, batch)) + len(seq or ()) > engine.batch_tokens
+        if batch and (seq is None or full or len(batch) == engine.max_seqs):
+            out.append(context.embed(batch))
             batch = []
         if seq is not None:
             batch.append(seq)
@@ -451,7 +460,7 @@ def _embed_packed(engine: Any, seqs: list[list[int]]) -> np.ndarray[Any, np.dtyp
 
 def test_the_engine_reads_the_vocabulary_the_gguf_holds(engine: Any) -> None:
     assert engine._wordpiece.vocab == bundled_tokenizer().vocab
-    assert engine.info.tokenizer == tokenizer_module.TOKENIZER_VERSION
+    assert engine.card["tokenizer"] == tokenizer_module.TOKENIZER_VERSION
 
 
 def test_the_engine_tokenizes_every_reference_text_as_the_reference(engine: Any) -> None:
@@ -461,23 +470,25 @@ def test_the_engine_tokenizes_every_reference_text_as_the_reference(engine: Any)
     assert [engine.tokenize(t)[0] for t in texts] == [[CLS, *tok.encode(t), SEP] for t in texts]
 
 
-def test_reference_texts_still_get_the_reference_vectors(engine: Any) -> None:
+def test_reference_texts_still_get_the_reference_vectors(engine: Any, context: Any) -> None:
     docs = json.loads((DATA / "stdlib_docs.json").read_text())
     # A sample: tests/test_vectors.py checks all 1,397 through the daemon.
     texts = docs["queries"][:64] + docs["chunks"][:16]
     expected = np.concatenate(
         [np.load(DATA / "st_queries.npy")[:64], np.load(DATA / "st_chunks.npy")[:16]]
     )
-    got = _embed_packed(engine, [engine.tokenize(t)[0] for t in texts])
+    got = _embed_packed(engine, context, [engine.tokenize(t)[0] for t in texts])
     assert cosines(got, expected).min() >= 0.9999
 
 
 @pytest.mark.parametrize("locale", ["ko_KR", "hi_IN"])
-def test_a_text_gets_the_vector_of_the_reference_ids(engine: Any, locale: str) -> None:
+def test_a_text_gets_the_vector_of_the_reference_ids(
+    engine: Any, context: Any, locale: str
+) -> None:
     text = locale_texts(locale, 1)[0]
     ids, _ = engine.tokenize(text, truncate_to=MAX_TOKENS)
     reference = [CLS, *oracle()([text])[0][: MAX_TOKENS - 2], SEP]
-    assert cosines(engine.embed([ids]), engine.embed([reference])).min() >= 0.9999
+    assert cosines(context.embed([ids]), context.embed([reference])).min() >= 0.9999
 
 
 @pytest.mark.parametrize("kind", ["thai", "accented", "unknown_heavy"])

@@ -9,7 +9,7 @@ trained on faker text, so that the comparison exercises real segmentations:
 
 The reference is Hugging Face's `tokenizers` (what sentence-transformers runs), built from the
 same GGUF's vocabulary as each model's tokenizer.json declares it. embedd's ids are
-`Engine.tokenize`'s. Where they cannot agree, the texts are named here with the reason
+`Model.tokenize`'s. Where they cannot agree, the texts are named here with the reason
 (KNOWN_DEVIATIONS, `two_part_vowel_sign`), and the README's "Languages" section gives the
 figures.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import gguf
 import pytest
 
-from embedd.inference.engine import Engine
+from embedd.inference.engine import Model
 from tests.gguf_models import (
     byte_level_pre_tokenizer,
     byte_level_vocabulary,
@@ -231,11 +231,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def engines(models: dict[str, Path]) -> Iterator[dict[str, Engine]]:
-    opened = {
-        kind: Engine(path, threads=1, batch_tokens=512, max_tokens=512, pooling=None)
-        for kind, path in models.items()
-    }
+def engines(models: dict[str, Path]) -> Iterator[dict[str, Model]]:
+    opened = {kind: Model(path, batch_tokens=512, max_tokens=512) for kind, path in models.items()}
     yield opened
     for engine in opened.values():
         engine.close()
@@ -254,15 +251,15 @@ def references(models: dict[str, Path]) -> dict[str, Callable[[list[str]], list[
     }
 
 
-def framed(engine: Engine, ids: list[int]) -> list[int]:
+def framed(engine: Model, ids: list[int]) -> list[int]:
     """`ids` in the special tokens the model frames every input in (`<s>` ... `</s>`)."""
     return [*engine._head, *ids, *engine._tail]
 
 
 def differing(
-    engine: Engine, encode: Callable[[list[str]], list[list[int]]], texts: list[str]
+    engine: Model, encode: Callable[[list[str]], list[list[int]]], texts: list[str]
 ) -> list[str]:
-    """The texts whose ids from `Engine.tokenize` are not the reference's."""
+    """The texts whose ids from `Model.tokenize` are not the reference's."""
     return [
         text
         for text, ref in zip(texts, encode(texts), strict=True)
@@ -272,7 +269,7 @@ def differing(
 
 def unexplained(
     kind: str,
-    engine: Engine,
+    engine: Model,
     encode: Callable[[list[str]], list[list[int]]],
     texts: list[str],
 ) -> list[str]:
@@ -296,7 +293,7 @@ def unexplained(
 @pytest.mark.parametrize("locale", LOCALES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_generated_text_gives_the_reference_ids(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
     kind: str,
     locale: str,
@@ -309,7 +306,7 @@ def test_generated_text_gives_the_reference_ids(
 @pytest.mark.parametrize("locale", LOCALES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_many_generated_texts_give_the_reference_ids(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
     kind: str,
     locale: str,
@@ -323,7 +320,7 @@ def test_many_generated_texts_give_the_reference_ids(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_edge_case_gives_the_reference_ids_unless_a_known_deviation(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
     kind: str,
 ) -> None:
@@ -332,7 +329,7 @@ def test_each_edge_case_gives_the_reference_ids_unless_a_known_deviation(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_known_deviation_still_deviates(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
     kind: str,
 ) -> None:
@@ -350,7 +347,7 @@ def test_each_known_deviation_still_deviates(
     ],
 )
 def test_a_unigram_vocabulary_composes_a_two_part_vowel_sign_the_reference_keeps_apart(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
     text: str,
 ) -> None:
@@ -362,7 +359,7 @@ def test_a_unigram_vocabulary_composes_a_two_part_vowel_sign_the_reference_keeps
 
 
 def test_a_unigram_vocabulary_keeps_whitespace_ending_a_text_as_the_reference_does(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
 ) -> None:
     """llama.cpp drops it (as SentencePiece does); XLM-RoBERTa's reference keeps one `▁`,
@@ -376,11 +373,11 @@ def test_a_unigram_vocabulary_keeps_whitespace_ending_a_text_as_the_reference_do
         engine.vocabulary().index("\u2581"),
         word[-1],
     ]
-    assert engine.info.tokenizer.endswith("+trailing-space")
+    assert engine.card["tokenizer"].endswith("+trailing-space")
 
 
 def test_characters_the_map_deletes_at_the_end_add_no_word_start(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
     references: dict[str, Callable[[list[str]], list[list[int]]]],
 ) -> None:
     engine = engines["unigram"]
@@ -389,7 +386,7 @@ def test_characters_the_map_deletes_at_the_end_add_no_word_start(
 
 
 def test_the_other_vocabulary_types_keep_their_tokenizer_version(
-    engines: dict[str, Engine],
+    engines: dict[str, Model],
 ) -> None:
-    assert not engines["sentencepiece_bpe"].info.tokenizer.endswith("+trailing-space")
-    assert engines["byte_level_bpe"].info.tokenizer.endswith("+nfc")
+    assert not engines["sentencepiece_bpe"].card["tokenizer"].endswith("+trailing-space")
+    assert engines["byte_level_bpe"].card["tokenizer"].endswith("+nfc")

@@ -211,6 +211,7 @@ class Daemon:
 
     def stats(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
+        now = time.monotonic()
         for name, slot in self.models.slots.items():
             st = slot.stats
             w = slot.worker
@@ -227,8 +228,20 @@ class Daemon:
                 "chunking_inputs": w.chunking_inputs if w else 0,
                 "tokens_per_second": round(st.tokens_per_second, 1),
                 "throughput_measured": st.throughput_measured,
-                "busy_fraction": st.busy_fraction(time.monotonic()),
+                "busy_fraction": st.busy_fraction(now),
                 "threads": st.last_threads,
+                "replicas": [
+                    {
+                        "computing": r.computing,
+                        "threads": r.last_threads,
+                        "batches": r.batches,
+                        "busy_seconds": round(r.busy_seconds, 4),
+                        "busy_fraction": r.busy_fraction(now),
+                    }
+                    for r in (st.replicas if w is not None else ())
+                ],
+                "bulk_overtook_queries": st.bulk_overtook_queries,
+                "queries_during_bulk": st.queries_during_bulk,
                 "latency_ms": st.latency_ms(),
                 "loads": slot.loads,
                 "unloads": slot.unloads,
@@ -248,6 +261,8 @@ class Daemon:
                 "errors": dict(self.tally.errors),
             },
             "models": models,
+            # The core budget every model's replicas share.
+            "cores": self.models.budget.snapshot(),
             "cache": self.cache.stats(),
         }
 

@@ -1,7 +1,11 @@
-"""One loaded GGUF embedding model, driven through llama.cpp's C API.
+"""One loaded GGUF embedding model, driven through llama.cpp's C API: its weights and tokenizer
+(`Model`, loaded once) and the llama contexts that compute with them (`Context`, one per
+replica: llama.cpp lets many contexts share one model's weights, each adding only its own
+compute buffers).
 
-Everything here must be called from the one thread that owns the model (llama.cpp contexts are
-not thread-safe); `worker.py` guarantees that. The C API is used directly rather than
+A `Model` is used by the model's coordinating thread (tokenizing keeps a memo); each `Context`
+by exactly the one replica thread that created it (llama.cpp contexts are not thread-safe);
+`worker.py` guarantees both. The C API is used directly rather than
 `llama_cpp.Llama` because `Llama.embed` truncates by cutting the token list (dropping the final
 SEP, which moves vectors away from the reference), and because `Llama(verbose=False)` redirects
 the process's stdout/stderr file descriptors while loading, which would swallow the daemon's own
@@ -198,22 +202,21 @@ def _check_file(path: Path) -> None:
         raise ModelLoadError(f"not a GGUF file (bad magic {magic!r}): {path}")
 
 
-class Engine:
-    """A model plus the context and batch that run it."""
+class Model:
+    """A GGUF model's weights, vocabulary and tokenizer, and the limits its contexts share."""
 
     def __init__(
         self,
         path: Path,
         *,
-        threads: int,
         batch_tokens: int,
         max_tokens: int | None,
-        pooling: str | None,
         gpu_layers: int | None = None,
         dim: int | None = None,
     ) -> None:
         install_llama_log()
         _check_file(path)
+        self.path = path
         self.gpu_layers = gpu_layers_for(
             gpu_layers, supports_gpu=bool(lc.llama_supports_gpu_offload())
         )
@@ -221,8 +224,6 @@ class Engine:
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (unsupported or corrupt GGUF)")
         self._model = model
-        self._ctx: Any = None
-        self._batch: Any = None
         try:
             self.card = self._card()
             actual = int(lc.llama_model_n_embd(model))
@@ -231,19 +232,12 @@ class Engine:
                     f"{path} makes {actual}-dimensional vectors, but the config expects dim = "
                     f"{dim} (a vector store sized for {dim} would be corrupted)"
                 )
-            self._init_context(path, threads, batch_tokens, max_tokens, pooling)
+            self._init_vocab(batch_tokens, max_tokens)
         except BaseException:
             self.close()
             raise
 
-    def _init_context(
-        self,
-        path: Path,
-        threads: int,
-        batch_tokens: int,
-        max_tokens: int | None,
-        pooling: str | None,
-    ) -> None:
+    def _init_vocab(self, batch_tokens: int, max_tokens: int | None) -> None:
         model = self._model
         self._vocab = lc.llama_model_get_vocab(model)
         self._wordpiece = self._wordpiece_tokenizer()
@@ -252,70 +246,43 @@ class Engine:
         self._space_probe = self._tokenize_raw("a a", add_special=False)
         # The last usable prefix and its ids: the worker tokenizes that prefix right after.
         self._prefix_memo: tuple[str, list[int]] | None = None
-        dim = int(lc.llama_model_n_embd(model))
-        n_ctx_train = int(lc.llama_model_n_ctx_train(model))
+        self.dim = int(lc.llama_model_n_embd(model))
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
         if max_tokens is None:
-            max_tokens = n_ctx_train
-        if max_tokens > n_ctx_train:
+            max_tokens = self.n_ctx_train
+        if max_tokens > self.n_ctx_train:
             raise ModelLoadError(
-                f"max_tokens {max_tokens} exceeds the model's context length {n_ctx_train}"
+                f"max_tokens {max_tokens} exceeds the model's context length {self.n_ctx_train}"
             )
+        self.max_tokens = max_tokens
         # A non-causal model must see each input in one ubatch (llama.cpp asserts
         # n_ubatch >= n_tokens), so the batch is never smaller than the longest input.
-        batch_tokens = max(batch_tokens, max_tokens)
-        max_seqs = int(min(batch_tokens, lc.llama_max_parallel_sequences(), 64))
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = batch_tokens
-        cparams.n_batch = batch_tokens
-        cparams.n_ubatch = batch_tokens
-        cparams.n_seq_max = max_seqs
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        self._threads = threads
-        cparams.embeddings = True
-        cparams.kv_unified = True
-        # Measured here: with flash attention, packing several sequences in one ubatch helps;
-        # without it, the masked attention over the whole ubatch makes packing slower.
-        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cparams.pooling_type = (
-            POOLING_BY_NAME[pooling] if pooling is not None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
-        )
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
-        self._ctx = ctx
-        pooling_type = int(lc.llama_pooling_type(ctx))
-        if pooling_type in (lc.LLAMA_POOLING_TYPE_NONE, lc.LLAMA_POOLING_TYPE_UNSPECIFIED):
-            raise ModelLoadError(
-                f"not an embedding model: {path} declares no pooling type "
-                "(set `pooling` for it in the config if it really is one)"
-            )
-        if pooling_type == lc.LLAMA_POOLING_TYPE_RANK:
-            raise ModelLoadError(f"{path} is a reranking model, not an embedding model")
-        self._batch = lc.llama_batch_init(batch_tokens, 0, max_seqs)
-        self._cap = batch_tokens
-        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(batch_tokens,))
-        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(batch_tokens,))
-        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(batch_tokens,))
-        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(batch_tokens,))
-        self._seq_ptrs = [self._batch.seq_id[i] for i in range(batch_tokens)]
-        self._memory = lc.llama_get_memory(ctx)
-        self.info = ModelInfo(
-            dim=dim,
-            pooling=POOLING_NAME.get(pooling_type, str(pooling_type)),
-            n_ctx_train=n_ctx_train,
-            memory=int(lc.llama_model_size(model)),
-            max_tokens=max_tokens,
-            batch_tokens=batch_tokens,
-            max_seqs=max_seqs,
-            tokenizer=self.card["tokenizer"],
-        )
+        self.batch_tokens = max(batch_tokens, max_tokens)
+        self.max_seqs = int(min(self.batch_tokens, lc.llama_max_parallel_sequences(), 64))
+        self.memory = int(lc.llama_model_size(model))
         self._head, self._tail = self._special_frame()
         # No token spans more bytes than this: a text longer than max_tokens times it cannot
         # fit, so only that much of it is ever tokenized (a 50 MB text took 4 s whole).
         self._longest_piece = self._longest_token_bytes()
         if len(self._head) + len(self._tail) >= max_tokens:
             raise ModelLoadError(f"max_tokens {max_tokens} leaves no room for text")
+
+    def info(self, pooling: str) -> ModelInfo:
+        """What `models` and the worker report, once a context has said how it pools."""
+        return ModelInfo(
+            dim=self.dim,
+            pooling=pooling,
+            n_ctx_train=self.n_ctx_train,
+            memory=self.memory,
+            max_tokens=self.max_tokens,
+            batch_tokens=self.batch_tokens,
+            max_seqs=self.max_seqs,
+            tokenizer=self.card["tokenizer"],
+        )
+
+    def new_context(self, *, threads: int, pooling: str | None) -> Context:
+        """A context over these weights, for the calling thread to own."""
+        return Context(self, threads=threads, pooling=pooling)
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1024)
@@ -481,12 +448,6 @@ class Engine:
                 return list(buf[:n])
             n_max = -n
 
-    def set_threads(self, n: int) -> None:
-        """Compute threads for the next decodes (llama.cpp reads them per graph compute)."""
-        if n != self._threads:
-            lc.llama_set_n_threads(self._ctx, n, n)
-            self._threads = n
-
     @property
     def frame_size(self) -> int:
         """How many special tokens wrap every input ([CLS] and [SEP] for BERT)."""
@@ -497,9 +458,9 @@ class Engine:
         whether that is less than all of it: a prefix with more tokens than fit whose tokens
         are the whole text's first ones. The prefix grows until it has them, so a text whose
         tokens span many characters each ([UNK] words, marks) is never under-read."""
-        wanted = self.info.max_tokens - self.frame_size + 1
+        wanted = self.max_tokens - self.frame_size + 1
         if self._wordpiece is not None:
-            if len(text) <= self.info.max_tokens * _WHOLE_TEXT_CHARS_PER_TOKEN:
+            if len(text) <= self.max_tokens * _WHOLE_TEXT_CHARS_PER_TOKEN:
                 # Cheap enough whole, and then an over-long input's error gives its exact count.
                 end, ids = len(text), self._wordpiece.encode(text)
             else:
@@ -509,7 +470,7 @@ class Engine:
             return prefix, prefix is not text
         # llama.cpp's tokenizers: cut a margin of whole tokens beyond the last one that could
         # be kept, so the kept tokens are the whole text's; grow the cut while it has too few.
-        budget = (self.info.max_tokens + _PREFIX_MARGIN_TOKENS) * self._longest_piece
+        budget = (self.max_tokens + _PREFIX_MARGIN_TOKENS) * self._longest_piece
         if len(text) <= budget // 4:
             return text, False
         data = text.encode("utf-8", "surrogatepass")
@@ -545,15 +506,81 @@ class Engine:
             truncated = True
         return self._head + bare + self._tail, truncated
 
+    def close(self) -> None:
+        """Free the weights; every context over them must be closed first."""
+        if self._model is not None:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+
+class Context:
+    """One llama context over a `Model`'s weights: its compute buffers, batch and threads."""
+
+    def __init__(self, model: Model, *, threads: int, pooling: str | None) -> None:
+        self.model = model
+        self._ctx: Any = None
+        self._batch: Any = None
+        batch_tokens = model.batch_tokens
+        max_seqs = model.max_seqs
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = batch_tokens
+        cparams.n_batch = batch_tokens
+        cparams.n_ubatch = batch_tokens
+        cparams.n_seq_max = max_seqs
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        self._threads = threads
+        cparams.embeddings = True
+        cparams.kv_unified = True
+        # Measured here: with flash attention, packing several sequences in one ubatch helps;
+        # without it, the masked attention over the whole ubatch makes packing slower.
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.pooling_type = (
+            POOLING_BY_NAME[pooling] if pooling is not None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
+        )
+        ctx = lc.llama_init_from_model(model._model, cparams)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not create a context for {model.path}")
+        self._ctx = ctx
+        try:
+            pooling_type = int(lc.llama_pooling_type(ctx))
+            if pooling_type in (lc.LLAMA_POOLING_TYPE_NONE, lc.LLAMA_POOLING_TYPE_UNSPECIFIED):
+                raise ModelLoadError(
+                    f"not an embedding model: {model.path} declares no pooling type "
+                    "(set `pooling` for it in the config if it really is one)"
+                )
+            if pooling_type == lc.LLAMA_POOLING_TYPE_RANK:
+                raise ModelLoadError(f"{model.path} is a reranking model, not an embedding model")
+        except BaseException:
+            self.close()
+            raise
+        self.pooling = POOLING_NAME.get(pooling_type, str(pooling_type))
+        self._dim = model.dim
+        self._max_seqs = max_seqs
+        self._batch = lc.llama_batch_init(batch_tokens, 0, max_seqs)
+        self._cap = batch_tokens
+        self._tok = np.ctypeslib.as_array(self._batch.token, shape=(batch_tokens,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(batch_tokens,))
+        self._nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(batch_tokens,))
+        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(batch_tokens,))
+        self._seq_ptrs = [self._batch.seq_id[i] for i in range(batch_tokens)]
+        self._memory = lc.llama_get_memory(ctx)
+
+    def set_threads(self, n: int) -> None:
+        """Compute threads for the next decodes (llama.cpp reads them per graph compute)."""
+        if n != self._threads:
+            lc.llama_set_n_threads(self._ctx, n, n)
+            self._threads = n
+
     # --- computing ---------------------------------------------------------------------------
 
     def embed(self, seqs: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """Pooled, unnormalized vectors of sequences that together fit in one batch."""
         n_total = sum(len(s) for s in seqs)
-        if n_total > self._cap or len(seqs) > self.info.max_seqs:
+        if n_total > self._cap or len(seqs) > self._max_seqs:
             raise ValueError(
                 f"batch of {len(seqs)} sequences / {n_total} tokens exceeds "
-                f"{self.info.max_seqs} / {self._cap}"
+                f"{self._max_seqs} / {self._cap}"
             )
         n = 0
         for seq_id, toks in enumerate(seqs):
@@ -571,7 +598,7 @@ class Engine:
         rc = lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc}")
-        dim = self.info.dim
+        dim = self._dim
         out = np.empty((len(seqs), dim), dtype=np.float32)
         for seq_id in range(len(seqs)):
             ptr = lc.llama_get_embeddings_seq(self._ctx, seq_id)
@@ -587,6 +614,3 @@ class Engine:
         if self._ctx is not None:
             lc.llama_free(self._ctx)
             self._ctx = None
-        if self._model is not None:
-            lc.llama_model_free(self._model)
-            self._model = None

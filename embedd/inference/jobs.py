@@ -76,8 +76,12 @@ class Job(Generic[R]):
     # perf_counter() when submitted, and when its first batch started (latency figures).
     submitted: float = 0.0
     started: float | None = None
+    # Set by the model's coordinating thread when it answers (vectors of a batch still being
+    # computed for an answered job are dropped).
+    answered: bool = False
 
     def resolve(self, result: R | EmbeddError) -> None:
+        self.answered = True
         self.loop.call_soon_threadsafe(settle, self.future, result)
 
 

@@ -18,6 +18,7 @@ from ..config import Config, ModelConfig
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed
 from .admission import Admission, estimate_tokens
+from .budget import CoreBudget
 from .engine import ModelInfo
 from .jobs import (
     ChunkJob,
@@ -30,7 +31,7 @@ from .jobs import (
 )
 from .modelfile import version_of
 from .stats import WorkerStats
-from .threads import read_affinity, read_quota, usable_cpus
+from .threads import replicas_for
 from .worker import ModelWorker
 
 _log = logging.getLogger("embedd.models")
@@ -51,9 +52,11 @@ class ModelSlot:
         self,
         config: ModelConfig,
         loop: asyncio.AbstractEventLoop,
+        budget: CoreBudget,
         clock: Clock = time.monotonic,
     ) -> None:
         self.config = config
+        self.budget = budget
         self._loop = loop
         self._clock = clock
         self.worker: ModelWorker | None = None
@@ -89,8 +92,15 @@ class ModelSlot:
             "max_tokens": info.max_tokens if info else self.config.max_tokens,
             "pooling": info.pooling if info else self.config.pooling,
             # The configured count, or the most the automatic policy may use.
-            "threads": self.config.threads or usable_cpus(read_affinity(), read_quota()),
+            "threads": self.config.threads or self.budget.usable,
             "threads_auto": self.config.threads is None,
+            # Contexts computing side by side: the loaded count, else what a load would start.
+            "replicas": self.worker.replicas
+            if self.worker is not None and state == "ready"
+            else replicas_for(
+                self.budget.usable, configured=self.config.replicas, threads=self.config.threads
+            ),
+            "replicas_auto": self.config.replicas is None,
             "memory": info.memory if info and state == "ready" else 0,
             "prompts": sorted(self.config.prompts),
             # The model file's content fingerprint (what the vector cache and indexes key on).
@@ -118,7 +128,7 @@ class ModelSlot:
             self.worker = None
             w.stop()
         _log.info("loading model %s from %s", self.config.name, self.config.path)
-        w = ModelWorker(self.config, self._loop, self.stats)
+        w = ModelWorker(self.config, self._loop, self.stats, self.budget)
         w.loaded.add_done_callback(functools.partial(self._on_loaded, w))
         self.worker = w
         w.start()
@@ -267,8 +277,10 @@ class ModelRegistry:
     ) -> None:
         self.config = config
         self.clock = clock
+        # One budget of cores for every model's replicas.
+        self.budget = CoreBudget()
         self.slots: Mapping[str, ModelSlot] = {
-            name: ModelSlot(mc, loop, clock) for name, mc in config.models.items()
+            name: ModelSlot(mc, loop, self.budget, clock) for name, mc in config.models.items()
         }
         # Every name a request may use, aliases included: one slot (one loaded copy) each.
         self.by_name: Mapping[str, ModelSlot] = {

@@ -75,6 +75,10 @@ class Scheduler(Generic[J]):
     def has_work(self) -> bool:
         return bool(self._interactive or self._bulk)
 
+    def has_interactive(self) -> bool:
+        """Whether the next batch carries interactive work (it is then an interactive one)."""
+        return bool(self._interactive)
+
     def _forget(self, job: J) -> int:
         """Drop a job's not-yet-scheduled inputs; returns how many there were."""
         start = self._cursor.pop(job)

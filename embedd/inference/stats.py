@@ -1,4 +1,4 @@
-"""What a model's thread has done: counts, throughput and recent timings, which `stats`,
+"""What a model's threads have done: counts, throughput and recent timings, which `stats`,
 `embedd status` and `/metrics` report and admission's `retry_after` is estimated from.
 
 Written by the model thread, read by the event loop: deque appends and copies are atomic under
@@ -20,6 +20,30 @@ INITIAL_TOKENS_PER_SECOND = 5000.0
 
 
 @dataclass
+class ReplicaStats:
+    """One llama context's share of the work (`stats` lists them; `embedd bench` turns the
+    busy seconds into each replica's busy fraction over a workload)."""
+
+    batches: int = 0
+    # Seconds spent computing since the daemon started (never reset: a reader takes
+    # differences), and the same per second of the clock for the last minute.
+    busy_seconds: float = 0.0
+    busy: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_WINDOW))
+    # Threads the last batch ran with, and whether one is running now.
+    last_threads: int = 0
+    computing: bool = False
+
+    def record(self, now: float, seconds: float, threads: int) -> None:
+        self.batches += 1
+        self.busy_seconds += seconds
+        self.last_threads = threads
+        _add_busy(self.busy, now, seconds)
+
+    def busy_fraction(self, now: float) -> float:
+        return _fraction(self.busy, now, 1)
+
+
+@dataclass
 class WorkerStats:
     """Counts and recent timings of one model; owned by its slot, so they survive unloading
     and reloading."""
@@ -34,6 +58,15 @@ class WorkerStats:
     throughput_measured: bool = False
     # Compute threads the last batch ran with.
     last_threads: int = 0
+    # Batches started (they end in `batches`); the fault injection of the tests numbers them.
+    launched: int = 0
+    # One entry per llama context of the loaded model.
+    replicas: list[ReplicaStats] = field(default_factory=list)
+    # Bulk batches that started after an interactive request had arrived and ended before it
+    # was answered (the scheduler's promise is none), and the interactive requests that
+    # arrived while bulk was computing (how often that promise was put to the test).
+    bulk_overtook_queries: int = 0
+    queries_during_bulk: int = 0
     # (queue wait, compute, total) seconds of recent embed requests.
     latencies: deque[tuple[float, float, float]] = field(
         default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
@@ -43,11 +76,7 @@ class WorkerStats:
     busy: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_WINDOW))
 
     def record_busy(self, now: float, seconds: float) -> None:
-        second = int(now)
-        if self.busy and self.busy[-1][0] == second:
-            self.busy[-1] = (second, self.busy[-1][1] + seconds)
-        else:
-            self.busy.append((second, seconds))
+        _add_busy(self.busy, now, seconds)
 
     def latency_ms(self) -> dict[str, dict[str, float]]:
         rows = list(self.latencies)
@@ -62,6 +91,24 @@ class WorkerStats:
         return out
 
     def busy_fraction(self, now: float) -> float:
-        since = int(now) - _BUSY_WINDOW
-        busy = sum(seconds for second, seconds in list(self.busy) if second > since)
-        return round(min(1.0, busy / _BUSY_WINDOW), 4)
+        """The model's contexts' mean busy fraction (1.0: every replica computing all minute)."""
+        return _fraction(self.busy, now, max(1, len(self.replicas)))
+
+    def replica(self, index: int) -> ReplicaStats:
+        while len(self.replicas) <= index:
+            self.replicas.append(ReplicaStats())
+        return self.replicas[index]
+
+
+def _add_busy(busy: deque[tuple[int, float]], now: float, seconds: float) -> None:
+    second = int(now)
+    if busy and busy[-1][0] == second:
+        busy[-1] = (second, busy[-1][1] + seconds)
+    else:
+        busy.append((second, seconds))
+
+
+def _fraction(busy: deque[tuple[int, float]], now: float, lanes: int) -> float:
+    since = int(now) - _BUSY_WINDOW
+    seconds = sum(s for second, s in list(busy) if second > since)
+    return round(min(1.0, seconds / (_BUSY_WINDOW * lanes)), 4)

@@ -1,23 +1,38 @@
-"""How many compute threads a llama batch gets: a pure policy over what the machine can give.
+"""How many llama contexts (replicas) a model gets, and how many compute threads each decode
+gets: a pure policy over what the machine can give.
 
-Why it matters (NOTES.md, measured here, 2 cores, MiniLM f16): llama.cpp's compute threads meet
-at a barrier many times per batch, so with as many threads as cores, any other runnable thread
-(the app, the indexer's client, our own event loop) stalls every barrier. A query took p50 94 ms
-(max 292 ms) with 2 threads while one unrelated process kept one core busy, and p50 6.6 ms
-(max 8 ms) with 1 thread; on an idle machine 2 threads are the faster choice (p50 ~4-6 ms, and
-bulk throughput scales with cores). So the count is chosen per batch from the cores that are
-free right now:
+Why it matters (NOTES.md and issue 19, measured here, 2 cores, MiniLM f16): llama.cpp's compute
+threads meet at a barrier many times per batch, so with as many threads as cores, any other
+runnable thread (the app, the indexer's client, our own busy event loop) stalls every barrier.
+A query took p50 94 ms (max 292 ms) with 2 threads while one unrelated process kept one core
+busy, and p50 6.6 ms (max 8 ms) with 1 thread. Two one-thread contexts computing side by side
+did 58 chunks/s where one two-thread context did 45 (1.28x: no barriers between threads), and a
+query on one of them while the other ran bulk took p50 5 ms instead of waiting for the bulk
+batch; a lone query on an idle machine is still faster with both cores (2.8 vs 4.3 ms). Hence:
 
-- the ceiling is the CPUs this process may use: its affinity mask and its cgroup CPU quota
-  (a container limited to 1.5 CPUs has 1 whole CPU to spend), never `os.cpu_count()`, and at
-  most `MAX_AUTO_THREADS`;
-- minus the runnable threads of *other* processes (`procs_running` in /proc/stat, read before
-  each batch, less this process's own running threads: our event loop handing over a request
-  and llama.cpp's OpenMP workers still spinning after the last batch are not competition, and
-  counting them made the daemon halve its own threads: W1 0.75x, idle p50 7 ms vs 3 ms),
-  never below 1;
-- a model fully offloaded to a GPU needs one CPU thread to drive it;
-- the user's `threads` setting always wins.
+- **replicas**: one context per usable core (at most `MAX_AUTO_REPLICAS`), or per `threads`
+  cores when the user fixed `threads`; one for a model on a GPU;
+- **threads per decode**, chosen when a replica starts a batch, from one budget of cores shared
+  by every model and replica (`budget.py` holds the count): never more threads of ours than the
+  usable cores (the affinity mask and the cgroup quota, never `os.cpu_count()`); the cores left
+  by our running decodes and by other processes' runnable threads are split between the
+  batches starting together, so a lone batch borrows idle replicas' cores and a full queue runs
+  every replica on one thread each;
+- while interactive work is recent, bulk leaves one core (`RESERVED_FOR_QUERIES`) to queries,
+  so a query starts at once on a free replica instead of waiting for a bulk batch to end: a
+  llama batch cannot be interrupted (its abort callback would run Python, taking the GIL, at
+  every graph node);
+- a query never waits for other processes (they are not ours to wait for): it waits only while
+  our own decodes fill every usable core; bulk waits whenever nothing is free but our own
+  decodes run (one of them ending frees a core);
+- the user's `threads` setting always wins, within the budget.
+
+What counts as competition: `procs_running` in /proc/stat less this process's own runnable
+threads (llama.cpp's OpenMP workers still spinning after a batch and our event loop handing over
+a request are not competition: counting them made the daemon halve its own threads, W1 0.75x,
+idle p50 7 ms vs 3 ms), seen in two samples in a row; plus our event loop when it has been busy
+more than half of the last `SERVICE_WINDOW` (a cache-hit flood keeps it on a core for seconds:
+counting it as idle gave queries two threads against it and p99 540 ms, issue 19's W4).
 
 OpenMP's spin-waiting is left at its default: the previous measurements found
 `OMP_WAIT_POLICY=PASSIVE` 20% slower in bulk and short spin counts slower everywhere, and with
@@ -28,12 +43,25 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 # More threads than this stop paying for embedding models (small matrices; llama.cpp's own
 # default caps at 8 as well).
 MAX_AUTO_THREADS = 8
+# Contexts per model when the config does not say: one per usable core, up to this. Each extra
+# one costs only its compute buffers (measured: README, Replicas); past 16 the cores are better
+# spent as several threads per batch than as more queues to fill.
+MAX_AUTO_REPLICAS = 16
+# Cores bulk leaves free while interactive work is recent: one query's batch needs one.
+RESERVED_FOR_QUERIES = 1
+# How long after the last interactive request bulk keeps leaving that core free (seconds): a
+# user typing sends a query every few hundred milliseconds; bulk gets the core back a second
+# after the last one.
+INTERACTIVE_RECENT = 1.0
+# The window over which our event loop's busy fraction is measured (seconds).
+SERVICE_WINDOW = 0.1
 _CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -53,16 +81,53 @@ def usable_cpus(affinity: int, quota: float | None) -> int:
     return max(1, min(cpus, MAX_AUTO_THREADS))
 
 
-def threads_for_batch(
-    machine: Machine, *, configured: int | None = None, gpu_offloaded: bool = False
+def replicas_for(
+    usable: int,
+    *,
+    configured: int | None = None,
+    threads: int | None = None,
+    gpu_offloaded: bool = False,
 ) -> int:
-    """Compute threads for the next batch (see the module's docstring for why)."""
+    """How many llama contexts a model gets (see the module's docstring for why)."""
     if configured is not None:
         return configured
     if gpu_offloaded:
-        return 1
-    ceiling = usable_cpus(machine.affinity, machine.quota)
-    return max(1, min(ceiling, machine.affinity - machine.others))
+        return 1  # the GPU runs one batch at a time anyway; a second context only costs VRAM
+    return max(1, min(MAX_AUTO_REPLICAS, usable // (threads or 1)))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A batch a replica is about to start."""
+
+    interactive: bool
+    # Batches of this model starting together (its free replicas with work for them): they
+    # split the free cores between them.
+    share: int = 1
+    # The model's `threads` setting, if fixed.
+    configured: int | None = None
+    gpu_offloaded: bool = False
+
+
+def threads_for_launch(
+    machine: Machine, in_use: int, launch: Launch, *, interactive_recent: bool
+) -> int:
+    """Compute threads for a batch about to start, given the threads our running decodes hold
+    (`in_use`); 0 means it must wait for one of them to end."""
+    usable = usable_cpus(machine.affinity, machine.quota)
+    if in_use >= usable:
+        return 0  # our own decodes fill every core: one of them ends first
+    reserve = RESERVED_FOR_QUERIES if interactive_recent and not launch.interactive else 0
+    if launch.gpu_offloaded:
+        return 1 if in_use + reserve < usable or in_use == 0 else 0
+    if launch.configured is not None:
+        fits = in_use + launch.configured + reserve <= usable
+        return launch.configured if fits or in_use == 0 else 0
+    free = usable - in_use - machine.others - reserve
+    if free < 1:
+        # A query starts on any core our own decodes leave; bulk only when none of ours run.
+        return 1 if launch.interactive or in_use == 0 else 0
+    return max(1, min(MAX_AUTO_THREADS, free // max(1, launch.share)))
 
 
 def read_affinity() -> int:
@@ -118,15 +183,33 @@ def read_own_running(tasks: Path = Path("/proc/self/task")) -> int:
     return max(running, 1)
 
 
+def read_thread_cpu_ns(tid: int, tasks: Path = Path("/proc/self/task")) -> int | None:
+    """Nanoseconds a thread of this process has run (`schedstat`'s first field), None where
+    the kernel does not say."""
+    try:
+        return int((tasks / str(tid) / "schedstat").read_bytes().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_cores(cpu_ns: int, wall_ns: int) -> int:
+    """A thread's load as whole cores: busy more than half the window counts as one."""
+    return 1 if wall_ns > 0 and 2 * cpu_ns > wall_ns else 0
+
+
 class Sampler:
     """Reads the machine before each batch: the run queues every time (tens of microseconds,
     against a batch's milliseconds), the affinity and the quota once (they change only when an
-    operator changes them)."""
+    operator changes them), and the event loop's CPU time once per `SERVICE_WINDOW`."""
 
-    def __init__(self) -> None:
+    def __init__(self, service_tid: int | None = None) -> None:
         self.affinity = read_affinity()
         self.quota = read_quota()
         self._last_others = 0
+        # The event loop's thread id (None: not measured).
+        self._service_tid = service_tid
+        self._service_mark: tuple[int, int] | None = None
+        self._service_load = 0
 
     def sample(self) -> Machine:
         running = read_running()
@@ -136,4 +219,20 @@ class Sampler:
         # (a search sending its next query) should not halve a bulk batch's threads, while a
         # busy process is there at every sample.
         others, self._last_others = min(now, self._last_others), now
-        return Machine(self.affinity, self.quota, others)
+        return Machine(self.affinity, self.quota, others + self._service())
+
+    def _service(self) -> int:
+        """Our event loop's load in whole cores, over the last window that has ended."""
+        if self._service_tid is None:
+            return 0
+        cpu = read_thread_cpu_ns(self._service_tid)
+        if cpu is None:
+            return 0
+        wall = time.monotonic_ns()
+        mark = self._service_mark
+        if mark is None:
+            self._service_mark = (wall, cpu)
+        elif wall - mark[0] >= SERVICE_WINDOW * 1e9:
+            self._service_load = busy_cores(cpu - mark[1], wall - mark[0])
+            self._service_mark = (wall, cpu)
+        return self._service_load
