@@ -168,6 +168,19 @@ def test_cli_status_summarizes_the_daemon(cli: Run, daemon: Daemon) -> None:
     assert "default" in result.stdout
 
 
+def test_cli_status_shows_each_replicas_busy_share_and_the_core_budget(
+    cli: Run, workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    d = start_daemon(workdir, "[models.default]\npath = '{bundled}'\nreplicas = 3\n")
+    own_daemon.append(d)
+    d.call("embed", input="a query")
+    out = cli("status", "--socket", str(d.socket)).stdout
+    timings = out[out.index("REPLICAS BUSY") :].splitlines()
+    row = next(line for line in timings if line.startswith("  default "))
+    assert row.split()[1:4] == ["0%", "0%", "0%"]  # three contexts, idle over the minute
+    assert "cores:" in out
+
+
 def test_cli_status_json_has_hello_health_and_stats(cli: Run, daemon: Daemon) -> None:
     result = cli("status", "--json", "--socket", str(daemon.socket))
     assert result.returncode == 0, result.stderr

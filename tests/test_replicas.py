@@ -24,9 +24,7 @@ def test_a_model_with_two_replicas_gives_the_reference_vectors(
     def drive(k: int) -> None:
         lo = 30 * k
         priority = "bulk" if k % 2 else "interactive"
-        r = d.call(
-            "embed", input=reference.chunks[lo : lo + 30], priority=priority, timeout=300
-        )
+        r = d.call("embed", input=reference.chunks[lo : lo + 30], priority=priority, timeout=300)
         got[k] = vectors(r)
 
     clients = [threading.Thread(target=drive, args=(k,)) for k in range(4)]

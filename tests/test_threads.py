@@ -3,6 +3,7 @@ traffic; then the budget shared by threads, and the daemon running with it."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -15,14 +16,13 @@ from embedd.inference.threads import (
     MAX_AUTO_THREADS,
     Launch,
     Machine,
-    busy_cores,
-    read_own_running,
+    read_busy_cpu_seconds,
     read_quota,
-    read_running,
     read_thread_cpu_ns,
     replicas_for,
     threads_for_launch,
     usable_cpus,
+    whole_cores,
 )
 from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
 
@@ -141,9 +141,19 @@ def test_a_gpu_offloaded_model_needs_one_thread() -> None:
 # --- what counts as competition ----------------------------------------------------------------
 
 
-def test_a_thread_busy_more_than_half_the_window_is_one_core() -> None:
-    assert busy_cores(60_000_000, 100_000_000) == 1
-    assert busy_cores(40_000_000, 100_000_000) == 0
+def test_a_load_counts_a_core_once_it_is_busy_more_than_half_the_window() -> None:
+    assert whole_cores(0.06, 0.1) == 1
+    assert whole_cores(0.04, 0.1) == 0
+    assert whole_cores(0.16, 0.1) == 2
+    assert whole_cores(-0.01, 0.1) == 0  # ticks counted on either side of the window
+
+
+def test_the_machines_busy_cpu_time_is_read_from_proc_stat(tmp_path: Path) -> None:
+    # user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    (tmp_path / "stat").write_text("cpu  100 0 50 9000 400 5 5 40 0 0\nprocs_running 3\n")
+    ticks = 100 + 50 + 5 + 5 + 40
+    assert read_busy_cpu_seconds(tmp_path / "stat") == ticks / os.sysconf("SC_CLK_TCK")
+    assert read_busy_cpu_seconds(tmp_path / "missing") is None
 
 
 def test_a_threads_cpu_time_is_read_from_its_schedstat(tmp_path: Path) -> None:
@@ -170,19 +180,6 @@ def test_the_cgroup_quota_is_read_from_v2_then_v1(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert read_quota(tmp_path) == expected
-
-
-def test_the_run_queue_is_read_from_proc_stat(tmp_path: Path) -> None:
-    (tmp_path / "stat").write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
-    assert read_running(tmp_path / "stat") == 3
-    assert read_running(tmp_path / "missing") is None
-
-
-def test_our_own_running_threads_are_read_from_proc_self_task(tmp_path: Path) -> None:
-    for tid, state in ((1, "R"), (2, "S"), (3, "R")):
-        (tmp_path / str(tid)).mkdir()
-        (tmp_path / str(tid) / "stat").write_text(f"{tid} (embedd model) {state} 1 2 3\n")
-    assert read_own_running(tmp_path) == 2
 
 
 # --- the budget shared by every model's threads -------------------------------------------------

@@ -15,7 +15,10 @@ Workloads (the corpus is the bundled sample of real text: Python standard-librar
 - W5 busy core: a separate process keeps one core busy (an app working beside the daemon):
   one query at a time (p50, p99), then W1's throughput under that load.
 - idle: one query at a time: p50.
-Plus the daemon's resident memory, and (daemon only) two models driven together against one.
+Plus the daemon's resident memory, and (daemon only) two models driven together against one,
+each replica's busy fraction during each workload (from the daemon's `stats`: its busy seconds
+over the workload's wall time), and W1's throughput while W3's queries run (what leaving a core
+to queries costs bulk).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Figures:
     mixed_p50_ms: float = 0.0
     mixed_p99_ms: float = 0.0
     mixed_queries: int = 0
+    mixed_bulk_chunks_per_s: float = 0.0
     idle_p50_ms: float = 0.0
     flood_p50_ms: float = 0.0
     flood_p99_ms: float = 0.0
@@ -158,13 +162,15 @@ def _mixed(
     queries: list[str],
     progress: _Progress,
     label: str,
-) -> list[float]:
+) -> tuple[list[float], float]:
+    """W3: the queries' latencies, and the bulk client's chunks/s meanwhile."""
     latencies: list[float] = []
     bulk_done = threading.Event()
+    rate: list[float] = []
 
     def indexer() -> None:
         try:
-            _bulk(bulk_side, chunks, progress, label)
+            rate.append(_bulk(bulk_side, chunks, progress, label))
         finally:
             bulk_done.set()
 
@@ -181,7 +187,7 @@ def _mixed(
         time.sleep(max(0.0, next_at - time.perf_counter()))
         next_at = max(next_at, time.perf_counter())
     t.join()
-    return latencies
+    return latencies, rate[0] if rate else 0.0
 
 
 def _flood(
@@ -244,6 +250,24 @@ def _idle(side: Embedder, queries: list[str], progress: _Progress, label: str) -
     return latencies
 
 
+class _ReplicaMeter:
+    """Each replica's busy fraction over a workload: the daemon's busy seconds per replica
+    (`stats`) before and after, over the wall time between."""
+
+    def __init__(self, read: Callable[[], list[float]]) -> None:
+        self._read = read
+        self.fractions: dict[str, list[float]] = {}
+        self._mark: tuple[float, list[float]] = (time.perf_counter(), read())
+
+    def lap(self, workload: str) -> None:
+        now, busy = time.perf_counter(), self._read()
+        then, before = self._mark
+        self.fractions[workload] = [
+            round((b - a) / (now - then), 3) for a, b in zip(before, busy, strict=False)
+        ]
+        self._mark = (now, busy)
+
+
 def run_workloads(
     make_side: Callable[[], Embedder],
     chunks: list[str],
@@ -251,30 +275,42 @@ def run_workloads(
     idle_queries: list[str],
     progress: _Progress,
     name: str,
+    replica_busy: Callable[[], list[float]] | None = None,
 ) -> Figures:
     f = Figures()
     side = make_side()
     side.embed(queries[:8])  # warm up: the model is loaded and its buffers allocated
+    meter = _ReplicaMeter(replica_busy or list)
     f.bulk_chunks_per_s = _bulk(side, chunks, progress, f"{name} W1 bulk")
+    meter.lap("W1")
     rate, lat = _queries(make_side, queries, progress, f"{name} W2 queries")
     f.queries_per_s = rate
     f.queries_p50_ms = _pct(lat, 50) * 1000
     f.queries_p99_ms = _pct(lat, 99) * 1000
-    mixed = _mixed(side, make_side(), chunks, queries, progress, f"{name} W3 mixed")
+    meter.lap("W2")
+    mixed, f.mixed_bulk_chunks_per_s = _mixed(
+        side, make_side(), chunks, queries, progress, f"{name} W3 mixed"
+    )
     f.mixed_p50_ms = _pct(mixed, 50) * 1000
     f.mixed_p99_ms = _pct(mixed, 99) * 1000
     f.mixed_queries = len(mixed)
+    meter.lap("W3")
     seconds = QUICK_FLOOD_SECONDS if len(chunks) < FLOOD_CHUNKS * 2 else FLOOD_SECONDS
     flood = _flood(make_side(), make_side(), chunks, queries, seconds)
     f.flood_p50_ms = _pct(flood, 50) * 1000
     f.flood_p99_ms = _pct(flood, 99) * 1000
+    meter.lap("W4")
     with _BusyCore():
         busy = _idle(side, idle_queries, progress, f"{name} W5 busy core")
         f.busy_core_p50_ms = _pct(busy, 50) * 1000
         f.busy_core_p99_ms = _pct(busy, 99) * 1000
         f.busy_core_bulk_chunks_per_s = _bulk(side, chunks, progress, f"{name} W5 W1 busy core")
+    meter.lap("W5")
     idle = _idle(side, idle_queries, progress, f"{name} idle")
     f.idle_p50_ms = statistics.median(idle) * 1000
+    meter.lap("idle")
+    if replica_busy is not None:
+        f.extra["replica_busy"] = meter.fractions
     return f
 
 
@@ -325,6 +361,15 @@ def _two_models(
     return {"one_model_chunks_per_s": alone, "two_models_chunks_per_s": sum(rates.values())}
 
 
+def _settings(info: dict[str, Any]) -> str:
+    """The daemon's threads and replicas settings as the bench ran them."""
+    threads = "auto" if info.get("threads_auto") else info.get("threads")
+    replicas = (
+        f"auto ({info.get('replicas')})" if info.get("replicas_auto") else info.get("replicas")
+    )
+    return f"threads {threads}, replicas {replicas}"
+
+
 def _rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -362,12 +407,26 @@ def run(
         info = client.load(model)
     path, threads = info["path"], int(info["threads"])
     pid = int(hello["pid"])
+    stats_client = embedd_client.Client(socket, timeout=600.0)
+
+    def replica_busy() -> list[float]:
+        stats = stats_client.stats()["models"].get(model, {})
+        return [float(r["busy_seconds"]) for r in stats.get("replicas", [])]
 
     daemon = run_workloads(
-        lambda: _DaemonSide(socket, model), chunks, queries, idle_queries, progress, "daemon"
+        lambda: _DaemonSide(socket, model),
+        chunks,
+        queries,
+        idle_queries,
+        progress,
+        "daemon",
+        replica_busy,
     )
+    stats_client.close()
     daemon.rss_mb = _rss_mb(pid)
-    daemon.extra = {"server": hello["server"], "pid": pid}
+    daemon.extra.update(
+        server=hello["server"], pid=pid, replicas=info.get("replicas"), settings=_settings(info)
+    )
     if second is not None:
         daemon.extra["two_models"] = _two_models(socket, model, second, chunks, progress)
 
@@ -411,6 +470,7 @@ def _report(
         ("W2 queries, 8 clients", "p99 ms", "queries_p99_ms", False),
         ("W3 query every 10 ms during W1", "p50 ms", "mixed_p50_ms", False),
         ("W3 query every 10 ms during W1", "p99 ms", "mixed_p99_ms", False),
+        ("W3 W1 bulk while those queries run", "chunks/s", "mixed_bulk_chunks_per_s", True),
         ("W4 queries during a cache-hit flood", "p50 ms", "flood_p50_ms", False),
         ("W4 queries during a cache-hit flood", "p99 ms", "flood_p99_ms", False),
         ("W5 one query at a time, busy core", "p50 ms", "busy_core_p50_ms", False),
@@ -468,6 +528,14 @@ def _table(report: dict[str, Any]) -> str:
             f"{r['workload']:<34} {r['unit']:<11} {_fmt(r['daemon']):>9} "
             f"{_fmt(r['baseline']):>9} {ratio:>7}"
         )
+    busy = report["daemon"].get("replica_busy")
+    if busy:
+        lines.append(
+            f"daemon: {report['daemon'].get('settings')}; each replica's busy fraction per "
+            "workload:"
+        )
+        for workload, fractions in busy.items():
+            lines.append(f"  {workload:<5} " + " ".join(f"{f:.2f}" for f in fractions))
     two = report["daemon"].get("two_models")
     if two:
         lines.append(

@@ -535,6 +535,7 @@ def _status_text(
     errors: Mapping[str, int] = reqs.get("errors", {})
     n_errors = sum(errors.values())
     detail = ", ".join(f"{code} {n}" for code, n in sorted(errors.items()))
+    cores = stats.get("cores", {})
     lines = [
         f"{hello.get('server', 'embedd')} (protocol {hello.get('protocol')}), "
         f"pid {hello.get('pid')}",
@@ -543,6 +544,8 @@ def _status_text(
         f"connections: {conns.get('open', 0)} open, {conns.get('total', 0)} total, "
         f"{conns.get('refused', 0)} refused, {conns.get('timed_out', 0)} timed out",
         f"memory:      {_mb(stats.get('rss_bytes'))} MB resident",
+        f"cores:       {cores.get('in_use', 0)} of {cores.get('usable', '?')} computing now, "
+        f"at most {cores.get('peak_in_use', 0)} at once",
         textwrap.fill(
             f"requests:    {reqs.get('total', 0)} total, {reqs.get('ok', 0)} ok, {n_errors} "
             "errors" + (f" ({detail})" if detail else ""),
@@ -558,6 +561,7 @@ def _status_text(
         latency = m.get("latency_ms") or {}
         busy = m.get("busy_fraction")
         measured = isinstance(capacity, int | float) and m.get("throughput_measured")
+        replicas = m.get("replicas") or []
         counts.append(
             (
                 "  " + name,
@@ -574,6 +578,9 @@ def _status_text(
         timings.append(
             (
                 "  " + name,
+                # Each context's busy share of the last minute: one busy and one idle is a
+                # model keeping a core for queries while bulk runs.
+                " ".join(_percent(r.get("busy_fraction")) for r in replicas) or "-",
                 _quantiles(latency.get("queue_wait")),
                 _quantiles(latency.get("compute")),
             )
@@ -585,8 +592,17 @@ def _status_text(
                 counts,
             )
         )
-        lines.append(_table(("  MODEL", "WAIT ms p50/p95/p99", "COMPUTE ms p50/p95/p99"), timings))
+        lines.append(
+            _table(
+                ("  MODEL", "REPLICAS BUSY", "WAIT ms p50/p95/p99", "COMPUTE ms p50/p95/p99"),
+                timings,
+            )
+        )
     return "\n".join(lines)
+
+
+def _percent(fraction: Any) -> str:
+    return f"{100 * fraction:.0f}%" if isinstance(fraction, int | float) else "?"
 
 
 def _quantiles(q: Mapping[str, float] | None) -> str:

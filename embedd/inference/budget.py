@@ -10,6 +10,7 @@ two models now compute at once on different cores, and never with more threads t
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .threads import (
 )
 
 Clock = Callable[[], float]
+_log = logging.getLogger("embedd.budget")
 
 
 class CoreBudget:
@@ -64,6 +66,14 @@ class CoreBudget:
         recent = self.interactive_recent()
         with self._lock:
             threads = threads_for_launch(machine, self.in_use, launch, interactive_recent=recent)
+            _log.debug(
+                "cores: %s, %d in use, %s, recent %s -> %d",
+                machine,
+                self.in_use,
+                launch,
+                recent,
+                threads,
+            )
             if threads == 0:
                 self._waiting[model] = wake
                 self.refusals += 1

@@ -27,12 +27,12 @@ batch; a lone query on an idle machine is still faster with both cores (2.8 vs 4
   decodes run (one of them ending frees a core);
 - the user's `threads` setting always wins, within the budget.
 
-What counts as competition: `procs_running` in /proc/stat less this process's own runnable
-threads (llama.cpp's OpenMP workers still spinning after a batch and our event loop handing over
-a request are not competition: counting them made the daemon halve its own threads, W1 0.75x,
-idle p50 7 ms vs 3 ms), seen in two samples in a row; plus our event loop when it has been busy
-more than half of the last `SERVICE_WINDOW` (a cache-hit flood keeps it on a core for seconds:
-counting it as idle gave queries two threads against it and p99 540 ms, issue 19's W4).
+What counts as competition, averaged over the last `SAMPLE_WINDOW`: the CPU time of other
+processes (the machine's, from /proc/stat, less this process's own: llama.cpp's OpenMP workers
+spinning after a batch are not competition, and counting them made the daemon halve its own
+threads, W1 0.75x), in whole cores; plus our event loop when it was busy more than half the
+window (a cache-hit flood keeps it on a core for seconds: counting it as idle gave queries two
+threads against it and p99 540 ms, issue 19's W4).
 
 OpenMP's spin-waiting is left at its default: the previous measurements found
 `OMP_WAIT_POLICY=PASSIVE` 20% slower in bulk and short spin counts slower everywhere, and with
@@ -60,8 +60,11 @@ RESERVED_FOR_QUERIES = 1
 # user typing sends a query every few hundred milliseconds; bulk gets the core back a second
 # after the last one.
 INTERACTIVE_RECENT = 1.0
-# The window over which our event loop's busy fraction is measured (seconds).
-SERVICE_WINDOW = 0.1
+# The window over which the load of other processes and of our event loop is averaged
+# (seconds): /proc/stat counts in ticks of 10 ms, so 100 ms resolves a tenth of a core, and a
+# process that starts competing costs at most this long of batches with too many threads.
+SAMPLE_WINDOW = 0.1
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -153,34 +156,32 @@ def read_quota(root: Path = _CGROUP) -> float | None:
     return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
-def read_running(stat: Path = Path("/proc/stat")) -> int | None:
-    """Runnable threads machine-wide (`procs_running`), None where /proc/stat is absent."""
+def read_busy_cpu_seconds(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds every process on the machine has run (the `cpu` line of /proc/stat: all
+    but idle and iowait), None where /proc/stat is absent."""
     try:
         with stat.open("rb") as f:
-            for line in f:
-                if line.startswith(b"procs_running"):
-                    return int(line.split()[1])
+            fields = f.readline().split()
+        if fields[0] != b"cpu":
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
     except (OSError, ValueError, IndexError):
         return None
-    return None
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
 
 
-def read_own_running(tasks: Path = Path("/proc/self/task")) -> int:
-    """This process's threads that are runnable now (state R in /proc/self/task/*/stat)."""
-    running = 0
-    try:
-        entries = list(tasks.iterdir())
-    except OSError:
-        return 1
-    for task in entries:
-        try:
-            stat = (task / "stat").read_bytes()
-        except OSError:
-            continue
-        # The state follows the command name, which is in parentheses and may hold spaces.
-        if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"R":
-            running += 1
-    return max(running, 1)
+def own_cpu_seconds() -> float:
+    """CPU seconds every thread of this process has run (llama.cpp's workers included)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def whole_cores(cpu_seconds: float, wall_seconds: float) -> int:
+    """A load as whole cores: a core counts once it is busy more than half the window."""
+    if wall_seconds <= 0:
+        return 0
+    load = max(0.0, cpu_seconds / wall_seconds)
+    return int(load) + (1 if load - int(load) > 0.5 else 0)
 
 
 def read_thread_cpu_ns(tid: int, tasks: Path = Path("/proc/self/task")) -> int | None:
@@ -192,47 +193,41 @@ def read_thread_cpu_ns(tid: int, tasks: Path = Path("/proc/self/task")) -> int |
         return None
 
 
-def busy_cores(cpu_ns: int, wall_ns: int) -> int:
-    """A thread's load as whole cores: busy more than half the window counts as one."""
-    return 1 if wall_ns > 0 and 2 * cpu_ns > wall_ns else 0
-
-
 class Sampler:
-    """Reads the machine before each batch: the run queues every time (tens of microseconds,
-    against a batch's milliseconds), the affinity and the quota once (they change only when an
-    operator changes them), and the event loop's CPU time once per `SERVICE_WINDOW`."""
+    """Reads the machine before each batch: the affinity and the quota once (they change only
+    when an operator changes them), the load of other processes and of our event loop as
+    averages over the last `SAMPLE_WINDOW` (recomputed once a window has passed: a few reads
+    of /proc, against a batch's milliseconds).
+
+    Averages, not the run queue at the instant of the batch: at that instant the client that
+    just sent the request is often still runnable on its way into `recv`, and counting it
+    gave every lone query one thread instead of two (idle p50 4.1 vs 2.9 ms in-process).
+    """
 
     def __init__(self, service_tid: int | None = None) -> None:
         self.affinity = read_affinity()
         self.quota = read_quota()
-        self._last_others = 0
         # The event loop's thread id (None: not measured).
         self._service_tid = service_tid
-        self._service_mark: tuple[int, int] | None = None
-        self._service_load = 0
+        self._mark: tuple[float, float | None, float, int | None] | None = None
+        self._others = 0
 
     def sample(self) -> Machine:
-        running = read_running()
-        # Without a run queue to read (macOS), assume nobody else runs.
-        now = 0 if running is None else max(0, running - read_own_running())
-        # Only load seen in two samples in a row counts: a client that runs for a moment
-        # (a search sending its next query) should not halve a bulk batch's threads, while a
-        # busy process is there at every sample.
-        others, self._last_others = min(now, self._last_others), now
-        return Machine(self.affinity, self.quota, others + self._service())
-
-    def _service(self) -> int:
-        """Our event loop's load in whole cores, over the last window that has ended."""
-        if self._service_tid is None:
-            return 0
-        cpu = read_thread_cpu_ns(self._service_tid)
-        if cpu is None:
-            return 0
-        wall = time.monotonic_ns()
-        mark = self._service_mark
+        now = time.monotonic()
+        busy = read_busy_cpu_seconds()
+        own = own_cpu_seconds()
+        service = None if self._service_tid is None else read_thread_cpu_ns(self._service_tid)
+        mark = self._mark
         if mark is None:
-            self._service_mark = (wall, cpu)
-        elif wall - mark[0] >= SERVICE_WINDOW * 1e9:
-            self._service_load = busy_cores(cpu - mark[1], wall - mark[0])
-            self._service_mark = (wall, cpu)
-        return self._service_load
+            self._mark = (now, busy, own, service)
+        elif now - mark[0] >= SAMPLE_WINDOW:
+            wall = now - mark[0]
+            others = 0
+            # Without /proc/stat (macOS), assume nobody else runs.
+            if busy is not None and mark[1] is not None:
+                others = whole_cores((busy - mark[1]) - (own - mark[2]), wall)
+            if service is not None and mark[3] is not None:
+                others += whole_cores((service - mark[3]) / 1e9, wall)
+            self._others = others
+            self._mark = (now, busy, own, service)
+        return Machine(self.affinity, self.quota, self._others)

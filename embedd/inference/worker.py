@@ -381,6 +381,9 @@ class ModelWorker:
             arrived.sort(key=lambda job: job.bulk)
             for job in arrived:
                 self._admit(model, job)
+            if arrived:
+                # The budget refused bulk; a query that just arrived may still start.
+                self._refused_at = None
             for job, dropped in self._scheduler.drop_cancelled():
                 self.stats.cancelled += dropped
                 job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
