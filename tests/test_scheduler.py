@@ -44,6 +44,15 @@ def test_bulk_work_is_not_starved_by_a_stream_of_interactive_requests() -> None:
     assert got_bulk
 
 
+def test_queries_are_never_topped_up_with_bulk_that_is_computing_elsewhere() -> None:
+    s: Scheduler[Job] = Scheduler()
+    s.add(_job([100] * 50, owner="indexer", bulk=True))
+    for _ in range(10):
+        s.add(_job([10], owner="search"))
+        batch = s.next_batch(max_tokens=256, max_seqs=64, bulk_running=True)
+        assert _owners(batch) == ["search"]
+
+
 def test_a_large_request_is_sliced_across_batches_in_order() -> None:
     s: Scheduler[Job] = Scheduler()
     job = _job([100] * 10, owner="a", bulk=True)

@@ -37,6 +37,25 @@ from .tokenizer import (
 
 _llama_log = logging.getLogger("embedd.llama")
 
+
+def _keeping_the_gil(name: str) -> Any:
+    """llama.cpp's function `name`, called without releasing the GIL.
+
+    ctypes releases the GIL around every foreign call and takes it back after; for calls that
+    return in microseconds (reading a pooled vector, clearing the memory) taking it back is the
+    cost: behind a busy event loop each one waited for Python's switch interval (5 ms), several
+    times per batch. Only `llama_decode`, which computes, lets the GIL go.
+    """
+    cdll = lc.llama_cpp._lib
+    fn = getattr(ctypes.PyDLL(cdll._name, handle=cdll._handle), name)
+    original = getattr(lc, name)
+    fn.argtypes, fn.restype = original.argtypes, original.restype
+    return fn
+
+
+_get_embeddings_seq = _keeping_the_gil("llama_get_embeddings_seq")
+_memory_clear = _keeping_the_gil("llama_memory_clear")
+
 POOLING_BY_NAME = {
     "none": lc.LLAMA_POOLING_TYPE_NONE,
     "mean": lc.LLAMA_POOLING_TYPE_MEAN,
@@ -594,14 +613,14 @@ class Context:
         self._logits[:n] = 1
         self._batch.n_tokens = n
         if self._memory:
-            lc.llama_memory_clear(self._memory, True)
+            _memory_clear(self._memory, True)
         rc = lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc}")
         dim = self._dim
         out = np.empty((len(seqs), dim), dtype=np.float32)
         for seq_id in range(len(seqs)):
-            ptr = lc.llama_get_embeddings_seq(self._ctx, seq_id)
+            ptr = _get_embeddings_seq(self._ctx, seq_id)
             if not ptr:
                 raise DecodeError(f"llama.cpp returned no embedding for sequence {seq_id}")
             out[seq_id] = np.ctypeslib.as_array(ptr, shape=(dim,))

@@ -214,13 +214,13 @@ class Sampler:
 
     def sample(self) -> Machine:
         now = time.monotonic()
+        mark = self._mark
+        if mark is not None and now - mark[0] < SAMPLE_WINDOW:
+            return Machine(self.affinity, self.quota, self._others)
         busy = read_busy_cpu_seconds()
         own = own_cpu_seconds()
         service = None if self._service_tid is None else read_thread_cpu_ns(self._service_tid)
-        mark = self._mark
-        if mark is None:
-            self._mark = (now, busy, own, service)
-        elif now - mark[0] >= SAMPLE_WINDOW:
+        if mark is not None:
             wall = now - mark[0]
             others = 0
             # Without /proc/stat (macOS), assume nobody else runs.
@@ -229,5 +229,5 @@ class Sampler:
             if service is not None and mark[3] is not None:
                 others += whole_cores((service - mark[3]) / 1e9, wall)
             self._others = others
-            self._mark = (now, busy, own, service)
+        self._mark = (now, busy, own, service)
         return Machine(self.affinity, self.quota, self._others)

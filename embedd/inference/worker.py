@@ -410,7 +410,9 @@ class ModelWorker:
                 self._refused_at = seen
                 return
             self._refused_at = None
-            items = self._scheduler.next_batch(model.batch_tokens, model.max_seqs)
+            items = self._scheduler.next_batch(
+                model.batch_tokens, model.max_seqs, bulk_running=self._bulk_in_flight > 0
+            )
             if not items:
                 self.budget.release(self.config.name, threads)
                 return
