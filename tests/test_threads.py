@@ -134,6 +134,11 @@ def test_the_users_threads_setting_wins_within_the_budget() -> None:
     assert launch(IDLE_2, 1, Launch(interactive=True, configured=1)) == 1
 
 
+def test_only_the_wide_thread_borrows_cores() -> None:
+    assert launch(IDLE_2, 0, Launch(interactive=True, wide=False)) == 1
+    assert launch(Machine(8, None, 0), 0, Launch(interactive=False, share=2, wide=False)) == 1
+
+
 def test_a_gpu_offloaded_model_needs_one_thread() -> None:
     assert launch(Machine(8, None, 0), 0, Launch(interactive=True, gpu_offloaded=True)) == 1
 
@@ -222,6 +227,17 @@ def test_two_models_computing_at_once_are_the_peak_the_budget_reports() -> None:
     b.acquire("b", BULK, lambda: None)
     snap = b.snapshot()
     assert (snap["peak_models_computing"], snap["peak_in_use"], snap["usable"]) == (2, 2, 2)
+
+
+def test_the_first_thread_to_borrow_cores_is_the_only_one_that_may() -> None:
+    b = budget()
+    first, second = object(), object()
+    assert b.acquire("a", QUERY, lambda: None, first) == 2
+    b.release("a", 2)
+    assert b.acquire("a", QUERY, lambda: None, second) == 1
+    b.release("a", 1)
+    b.retire(first)
+    assert b.acquire("a", QUERY, lambda: None, second) == 2
 
 
 def test_interactive_work_stays_recent_for_its_window() -> None:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .threads import (
@@ -51,6 +52,8 @@ class CoreBudget:
         self.peak_in_use = 0
         self.peak_models = 0
         self.refusals = 0
+        # The one thread allowed batches of more than one compute thread (threads.py says why).
+        self._wide: object | None = None
 
     def note_interactive(self) -> None:
         """Interactive work arrived: bulk leaves a core free for the next second."""
@@ -59,13 +62,18 @@ class CoreBudget:
     def interactive_recent(self) -> bool:
         return self._clock() - self._interactive_at < INTERACTIVE_RECENT
 
-    def acquire(self, model: str, launch: Launch, wake: Callable[[], None]) -> int:
-        """Threads for a batch of `model` about to start, held until `release`; 0 when it must
-        wait, and then `wake` is called once cores come free."""
+    def acquire(
+        self, model: str, launch: Launch, wake: Callable[[], None], runner: object = None
+    ) -> int:
+        """Threads for a batch of `model` about to start on `runner` (the replica), held
+        until `release`; 0 when it must wait, and then `wake` is called once cores come free."""
         machine = self._sample()
         recent = self.interactive_recent()
         with self._lock:
+            launch = replace(launch, wide=self._wide is None or self._wide is runner)
             threads = threads_for_launch(machine, self.in_use, launch, interactive_recent=recent)
+            if threads > 1 and launch.configured is None:
+                self._wide = runner
             _log.debug(
                 "cores: %s, %d in use, %s, recent %s -> %d",
                 machine,
@@ -96,6 +104,17 @@ class CoreBudget:
             self._waiting.clear()
         for wake in waiting:
             wake()
+
+    @property
+    def wide(self) -> object:
+        """The thread allowed batches of more than one compute thread, if any yet."""
+        return self._wide
+
+    def retire(self, runner: object) -> None:
+        """`runner`'s thread ended (its model unloaded): another may become the wide one."""
+        with self._lock:
+            if self._wide is runner:
+                self._wide = None
 
     def snapshot(self) -> dict[str, Any]:
         """What `stats` reports under `cores`."""

@@ -25,6 +25,13 @@ batch; a lone query on an idle machine is still faster with both cores (2.8 vs 4
 - a query never waits for other processes (they are not ours to wait for): it waits only while
   our own decodes fill every usable core; bulk waits whenever nothing is free but our own
   decodes run (one of them ending frees a core);
+- only one thread in the process ever runs a batch with more than one compute thread (the
+  first to do so; a model's lowest free replica asks first): llama.cpp's CPU backend meets at
+  OpenMP barriers, and libgomp throttles its spin-waiting to almost nothing once the process
+  has more OpenMP threads than CPUs, which a second multi-threaded replica brings about (each
+  becomes the master of a team of its own). Measured here: after a bulk run in which both
+  replicas had borrowed a core, every later lone query took p50 9.5-10.4 ms instead of 3.8-4.5
+  (worse than one thread, 6.8-7.6), in 3 of 7 runs;
 - the user's `threads` setting always wins, within the budget.
 
 What counts as competition, averaged over the last `SAMPLE_WINDOW`: the CPU time of other
@@ -110,6 +117,9 @@ class Launch:
     # The model's `threads` setting, if fixed.
     configured: int | None = None
     gpu_offloaded: bool = False
+    # Whether the thread that will run it may run more than one compute thread: only one
+    # thread in the process ever does (see the module's docstring: libgomp).
+    wide: bool = True
 
 
 def threads_for_launch(
@@ -130,6 +140,8 @@ def threads_for_launch(
     if free < 1:
         # A query starts on any core our own decodes leave; bulk only when none of ours run.
         return 1 if launch.interactive or in_use == 0 else 0
+    if not launch.wide:
+        return 1
     return max(1, min(MAX_AUTO_THREADS, free // max(1, launch.share)))
 
 

@@ -111,6 +111,7 @@ class _Replica:
                 self._compute(context, batch)
         finally:
             context.close()
+            worker.budget.retire(self)
 
     def _compute(self, context: Context, batch: _Batch) -> None:
         worker = self._worker
@@ -396,6 +397,9 @@ class ModelWorker:
     def _launch(self, model: Model) -> None:
         """Start batches on free replicas for as long as the core budget grants threads."""
         while self._launchable():
+            # The replica that may borrow cores if it is free (budget.py), else the lowest.
+            wide = self.budget.wide
+            replica = next((r for r in self._idle if r is wide), self._idle[0])
             interactive = self._scheduler.has_interactive()
             # Bulk batches that can start now split the free cores; a query takes what is free.
             ready = -(-self._scheduler.pending_tokens // model.batch_tokens)
@@ -405,6 +409,7 @@ class ModelWorker:
                 self.config.name,
                 Launch(interactive, share, self.config.threads, self._gpu),
                 self.cores_freed,
+                replica,
             )
             if threads == 0:
                 self._refused_at = seen
@@ -416,7 +421,7 @@ class ModelWorker:
             if not items:
                 self.budget.release(self.config.name, threads)
                 return
-            replica = self._idle.pop(0)
+            self._idle.remove(replica)
             self.stats.launched += 1
             bulk = all(item.job.bulk for item in items)
             batch = _Batch(
