@@ -14,7 +14,7 @@ Workloads (the corpus is the bundled sample of real text: Python standard-librar
   10 ms: the queries' p50, p99. The baseline has no cache and computes them again.
 - W5 busy core: a separate process keeps one core busy (an app working beside the daemon):
   one query at a time (p50, p99), then W1's throughput under that load.
-- idle: one query at a time: p50.
+- idle: one query at a time: p50, p99.
 Plus the daemon's resident memory, and (daemon only) two models driven together against one,
 each replica's busy fraction during each workload (from the daemon's `stats`: its busy seconds
 over the workload's wall time), and W1's throughput while W3's queries run (what leaving a core
@@ -65,6 +65,7 @@ class Figures:
     mixed_queries: int = 0
     mixed_bulk_chunks_per_s: float = 0.0
     idle_p50_ms: float = 0.0
+    idle_p99_ms: float = 0.0
     flood_p50_ms: float = 0.0
     flood_p99_ms: float = 0.0
     busy_core_p50_ms: float = 0.0
@@ -308,6 +309,7 @@ def run_workloads(
     meter.lap("W5")
     idle = _idle(side, idle_queries, progress, f"{name} idle")
     f.idle_p50_ms = statistics.median(idle) * 1000
+    f.idle_p99_ms = _pct(idle, 99) * 1000
     meter.lap("idle")
     if replica_busy is not None:
         f.extra["replica_busy"] = meter.fractions
@@ -477,6 +479,7 @@ def _report(
         ("W5 one query at a time, busy core", "p99 ms", "busy_core_p99_ms", False),
         ("W5 W1 bulk with a busy core", "chunks/s", "busy_core_bulk_chunks_per_s", True),
         ("idle, one query at a time", "p50 ms", "idle_p50_ms", False),
+        ("idle, one query at a time", "p99 ms", "idle_p99_ms", False),
         ("resident memory", "MB", "rss_mb", False),
     ]
     out_rows = []
