@@ -39,7 +39,9 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
         "queries_p99_ms",
         "mixed_p50_ms",
         "mixed_p99_ms",
+        "mixed_bulk_chunks_per_s",
         "idle_p50_ms",
+        "idle_p99_ms",
         "flood_p50_ms",
         "flood_p99_ms",
         "busy_core_p50_ms",
@@ -54,6 +56,23 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
     assert report["mixed_queries"] > 0
     two = report["daemon"]["two_models"]
     assert two["one_model_chunks_per_s"] > 0 and two["two_models_chunks_per_s"] > 0
+
+
+def test_bench_reports_each_replicas_busy_fraction_per_workload(daemon: Daemon) -> None:
+    command = ["bench", "--socket", str(daemon.socket), "--quick", "--json", "--no-baseline"]
+    out = subprocess.run(
+        [sys.executable, "-m", "embedd", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    extra = json.loads(out.stdout)["daemon"]
+    busy = extra["replica_busy"]
+    assert list(busy) == ["W1", "W2", "W3", "W4", "W5", "idle"]
+    assert all(len(fractions) == extra["replicas"] for fractions in busy.values())
+    assert all(f >= 0 for fractions in busy.values() for f in fractions)
+    assert busy["W1"][0] > 0  # the lowest replica computed during bulk
 
 
 def test_bench_without_daemon_says_so_and_exits_1(tmp_path: object) -> None:
