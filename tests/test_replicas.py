@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
+from tests.gguf_models import write_bert
 
 TWO_REPLICAS = "cache_bytes = 0\n[models.default]\npath = '{bundled}'\nreplicas = 2\n"
 
@@ -81,3 +82,19 @@ def test_stats_list_each_replicas_work(workdir: Path, own_daemon: list[Daemon]) 
     assert stats["replicas"][0]["threads"] >= 1
     model = d.call("models")["models"][0]
     assert (model["replicas"], model["replicas_auto"]) == (2, False)
+
+
+def test_a_model_whose_contexts_cannot_pool_fails_to_load_and_the_daemon_serves_on(
+    workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    no_pooling = write_bert(workdir / "no-pooling.gguf", pooling=0)
+    d = start_daemon(
+        workdir,
+        TWO_REPLICAS + f"[models.nopool]\npath = '{no_pooling}'\nreplicas = 2\n",
+    )
+    own_daemon.append(d)
+    err = d.call("embed", model="nopool", input="text")["error"]
+    assert err["code"] == "model_load_failed" and "not an embedding model" in err["message"]
+    model = next(m for m in d.call("models")["models"] if m["name"] == "nopool")
+    assert model["state"] == "failed"
+    assert vectors(d.call("embed", input="still serving")).shape == (1, 384)

@@ -158,6 +158,7 @@ class ModelWorker:
         # long="split" jobs being cut into windows, a slice at a time between batches; each
         # joins the scheduler once all its windows are known.
         self._splitting: deque[EmbedJob] = deque()
+        self._model: Model | None = None
         self._replicas: list[_Replica] = []
         self._idle: list[_Replica] = []
         self._flying: set[_Batch] = set()
@@ -240,7 +241,6 @@ class ModelWorker:
     # --- the coordinator ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        model: Model | None = None
         try:
             model = self._load()
             if model is not None:
@@ -253,17 +253,20 @@ class ModelWorker:
                 replica.mailbox.put(None)
             for replica in self._replicas:
                 replica.thread.join()
-            if model is not None:
-                model.close()
+            # The weights go last: every context over them is closed by now.
+            if self._model is not None:
+                self._model.close()
             self._loop.call_soon_threadsafe(_set_done, self.finished)
 
     def _load(self) -> Model | None:
+        """The loaded model with its replicas ready, or None (the load failed, and every job
+        hears why)."""
         cfg = self.config
         started = time.monotonic()
         model: Model | None = None
         pooling = ""
         try:
-            model = Model(
+            model = self._model = Model(
                 cfg.path,
                 batch_tokens=cfg.batch_tokens,
                 max_tokens=cfg.max_tokens,
@@ -283,7 +286,7 @@ class ModelWorker:
                 self.error = f"cannot read {cfg.path}: {exc}"
         if self.error is not None or model is None:
             self._fail_load(self.error or "unknown")
-            return model
+            return None
         info = model.info(pooling)
         self.info = replace(
             info, fingerprint=identity.fingerprint, card={**model.card, **identity.card()}
