@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,3 +336,21 @@ def test_the_progress_reporter_logs_each_node_daemons_stats(nodes: NodeDaemons) 
 def test_a_step_on_a_node_with_another_model_file_refuses_to_start(nodes: NodeDaemons) -> None:
     with pytest.raises(ValueError, match="give every node the same model file"):
         Embed(nodes.daemons, fingerprint="0" * 64)
+
+
+def test_the_readme_example_embeds_a_parquet_of_texts_into_parquet(
+    nodes: NodeDaemons, tmp_path: Path
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## A corpus on a Ray cluster\n", 1)[1]
+    example = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    assert len(example.strip().splitlines()) <= 12
+    texts = _texts(100, "readme")
+    (tmp_path / "texts").mkdir()
+    pq.write_table(pa.table({"text": texts}), tmp_path / "texts" / "part-0.parquet")
+    # The module's cluster is up: the example's own ray.init() would start a second one.
+    code = example.replace("ray.init()\n", "").replace('"/data/', f'"{tmp_path}/')
+    exec(code, {})  # its NodeDaemons finds the module's node actors running, and leaves them
+    out = pq.read_table(tmp_path / "vectors")
+    assert sorted(out["text"].to_pylist()) == sorted(texts)
+    assert nodes.pids()[_node()] is not None  # the module's daemons were not stopped

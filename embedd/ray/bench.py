@@ -9,6 +9,7 @@ alternate the sides (a shared machine drifts; pairing keeps the comparison fair)
 - `daemon`: the actors are `Embed` steps sending each batch to the node's one embedd daemon at
   bulk priority; the daemon computes on the node's cores (its thread policy: as many threads as
   cores are free, here all of them);
+- `daemon, threads = cores`: the same with the thread count fixed in the daemon's config;
 - `in-process, threads split`: each actor loads the GGUF itself with llama-cpp-python,
   `n_threads = n_threads_batch = cores / actors` (the same threads in all as the daemon);
 - `in-process, defaults`: the same with llama-cpp-python's defaults, which give every actor
@@ -40,7 +41,7 @@ import pyarrow as pa
 import ray
 
 from embedd.ray.columns import EmbedSettings, vector_array
-from embedd.ray.nodes import NodeDaemons
+from embedd.ray.nodes import Daemons, NodeDaemons
 from embedd.ray.steps import Embed
 
 BUNDLED = Path(__file__).resolve().parent.parent / "bundled"
@@ -120,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
     vectors: dict[str, dict[str, npt.NDArray[np.float32]]] = {}
-    with NodeDaemons() as nodes:
+    fixed = Daemons(
+        name="fixed", config=f"[models.default]\npath = '{MODEL}'\nthreads = {cores}\n", cpus=0.1
+    )
+    with NodeDaemons() as nodes, NodeDaemons(fixed) as fixed_nodes:
         sides: dict[str, Callable[[], tuple[float, pa.Table]]] = {
             "daemon": lambda: _run(ds, DaemonStep, (nodes.daemons, EmbedSettings()), args.actors),
+            f"daemon, threads = {cores}": lambda: _run(
+                ds, DaemonStep, (fixed, EmbedSettings()), args.actors
+            ),
             f"in-process, {split} thread(s) each": lambda: _run(
                 ds, InProcess, (split,), args.actors
             ),
@@ -136,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 vectors[name] = _by_text(table)
                 print(f"{name}: {len(texts) / seconds:.1f} chunks/s", file=sys.stderr)
         daemon_rss = max(
-            (s.get("rss_bytes") or 0) / 2**20 for s in nodes.stats().values()
-        )  # fmt: skip
+            (s.get("rss_bytes") or 0) / 2**20
+            for s in [*nodes.stats().values(), *fixed_nodes.stats().values()]
+        )
     ray.shutdown()
     reference = vectors["daemon"]
     agreement = {
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} rounds (median; each round's figure in brackets)")  # fmt: skip
     for name, rates in figures.items():
         each = ", ".join(f"{r:.1f}" for r in rates)
-        print(f"  {name:<32} {statistics.median(rates):6.1f} chunks/s  [{each}]  "
+        print(f"  {name:<30} {statistics.median(rates):6.1f} chunks/s  [{each}]  "
               f"actor peak RSS {memory[name]:.0f} MB")  # fmt: skip
     print(f"  daemon RSS {daemon_rss:.0f} MB; vectors vs the daemon's: min cosine "
           + ", ".join(f"{k} {v:.6f}" for k, v in agreement.items()))  # fmt: skip

@@ -38,6 +38,11 @@ ACTOR_CONCURRENCY = 16
 # Seconds beyond the daemon's own start timeout that a caller waits for the actor itself to be
 # scheduled and constructed (Ray starts a worker process: seconds; more means no free CPUs).
 ACTOR_MARGIN = 60.0
+# Whole CPUs per node left to the rest of a pipeline by default: Ray Data's file listing, read
+# and write tasks ask for one CPU each unless told otherwise, and the steps' actors for a share
+# (they mostly wait on the socket: num_cpus=0.25). With one CPU left, a 2-CPU node never ran
+# read_parquet's listing task beside two Embed actors (measured: the job waited forever).
+PIPELINE_CPUS = 2.0
 # Ray's way of saying "restart (or retry) without limit".
 UNLIMITED = -1
 
@@ -49,12 +54,10 @@ class Daemons:
     - `socket`: use the daemon the node already runs there (an OS service); None (default):
       run one per node, supervised, with `config` (the daemon's TOML config as text, paths in
       it absolute; None: the bundled model).
-    - `cpus`: logical CPUs each node's actor reserves (default: half of the node's). The
-      daemon computes on every core that is free (its thread policy gives way to other
-      work), so the reservation only keeps Ray from packing the node with CPU-heavy tasks; it
-      must leave room for the rest of the pipeline: reads, the steps (which mostly wait on the
-      socket: `num_cpus=0.25` is plenty) and writes. A task that asks for more CPUs than are
-      left waits forever, so on small nodes give those fractions too.
+    - `cpus`: logical CPUs each node's actor reserves for its daemon (default: all of the
+      node's but PIPELINE_CPUS). The daemon computes on every core that is free (its thread
+      policy gives way to other work); the reservation keeps Ray from packing the node with
+      other CPU-heavy tasks, and must leave room for the rest of the pipeline.
     - `name`: the actors' name prefix; two jobs, or two configs, at once need two names.
     - `trust_uids`: another user's daemon to trust (`Client`'s argument), with `socket`.
     """
@@ -122,18 +125,28 @@ def _node_cpus(node_id: str) -> float:
     raise DaemonStartError(f"Ray knows no node {node_id}")
 
 
-def node_actor(daemons: Daemons, node_id: str) -> Any:
-    """The node's actor: the one already running under its name, else a new one pinned there."""
-    cpus = daemons.cpus if daemons.cpus is not None else _node_cpus(node_id) / 2
-    return _RemoteNodeActor.options(
-        name=daemons.actor_name(node_id),
-        get_if_exists=True,
+def node_actor(daemons: Daemons, node_id: str) -> tuple[Any, bool]:
+    """The node's actor, and whether this call started it: the one already running under its
+    name (started by the driver, another step or another `NodeDaemons`), else a new one
+    pinned there."""
+    name = daemons.actor_name(node_id)
+    try:
+        return ray.get_actor(name), False
+    except ValueError:  # none by that name yet
+        pass
+    cpus = daemons.cpus
+    if cpus is None:
+        cpus = max(0.0, _node_cpus(node_id) - PIPELINE_CPUS)
+    handle = _RemoteNodeActor.options(
+        name=name,
+        get_if_exists=True,  # another caller may have started it since
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         num_cpus=cpus,
         max_restarts=UNLIMITED,
         max_task_retries=UNLIMITED,
         max_concurrency=ACTOR_CONCURRENCY,
     ).remote(daemons)
+    return handle, True
 
 
 def _get(ref: Any, timeout: float, what: str, cpus: float | None) -> Any:
@@ -154,7 +167,7 @@ class NodeLink:
     def __init__(self, daemons: Daemons, node_id: str | None = None) -> None:
         self.daemons = daemons
         self.node_id = node_id or ray.get_runtime_context().get_node_id()
-        self.actor = node_actor(daemons, self.node_id)
+        self.actor, self.started = node_actor(daemons, self.node_id)
 
     def wait(self, timeout: float = START_TIMEOUT) -> tuple[str, int]:
         socket, pid = _get(
@@ -185,9 +198,9 @@ def alive_nodes() -> list[str]:
 
 class NodeDaemons:
     """The driver's handle on every node's daemon: `start` one actor per node (or use as a
-    context manager, which stops them at the end), then hand `daemons` to the steps. Also the
-    model's fingerprint (checked equal on every node: the same file everywhere), every
-    node's `stats` and pid, and a progress reporter."""
+    context manager, which stops at the end those it started), then hand `daemons` to the
+    steps. Also the model's fingerprint (checked equal on every node: the same file
+    everywhere), every node's `stats` and pid, and a progress reporter."""
 
     def __init__(self, daemons: Daemons | None = None) -> None:
         self.daemons = daemons or Daemons()
@@ -243,8 +256,10 @@ class NodeDaemons:
         return DaemonProgress(self, every=every)
 
     def stop(self) -> None:
-        """Stop every node's daemon (they drain first) and their actors."""
+        """Stop the node daemons this object started (they drain first) and their actors;
+        those it found running stay, for whoever started them."""
         links, self.links = self.links, {}
-        ray.get([link.actor.stop.remote() for link in links.values()])
-        for link in links.values():
+        owned = [link for link in links.values() if link.started]
+        ray.get([link.actor.stop.remote() for link in owned])
+        for link in owned:
             ray.kill(link.actor)
