@@ -41,6 +41,9 @@ BLOCK = 50
 # Seconds a run may take before the test calls it hung: a bound on a wait, never a speed check.
 RUN_TIMEOUT = 300.0
 POLL = 0.05
+# Rows of a run that is interrupted halfway (a multiple of 2 * BLOCK: the gate holds whole
+# blocks, and the first half must fill whole Embed batches).
+KILLED_RUN = 400
 # Tasks that only move rows (the gate, Parquet writes) take a tenth of a CPU: the cluster has two,
 # one of them reserved by the node daemon's actor and half of the other by the two Embed actors.
 LIGHT = {"num_cpus": 0.1}
@@ -76,13 +79,15 @@ def _rows(texts: list[str]) -> Any:
     )
 
 
-def _embed(ds: Any, daemons: Daemons, settings: EmbedSettings | None = None) -> Any:
+def _embed(ds: Any, daemons: Daemons, *, actors: int = 1) -> Any:
+    """`ds` through Embed actors (one by default: each is a process to start, seconds of CPU
+    on this machine; the 2,000-row run has two, sharing the node's daemon)."""
     return ds.map_batches(
         Embed,
-        fn_constructor_args=(daemons, settings or EmbedSettings()),
+        fn_constructor_args=(daemons, EmbedSettings()),
         batch_format="pyarrow",
         batch_size=BLOCK,
-        compute=ray.data.ActorPoolStrategy(size=2),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0.25,
     )
 
@@ -128,7 +133,9 @@ def test_2000_rows_come_out_once_each_as_fixed_size_vectors_equal_to_the_clients
     nodes: NodeDaemons, daemon: Daemon, tmp_path: Path
 ) -> None:
     texts = _texts(2000, "bulk")
-    _embed(_rows(texts), nodes.daemons).write_parquet(str(tmp_path), ray_remote_args=LIGHT)
+    _embed(_rows(texts), nodes.daemons, actors=2).write_parquet(
+        str(tmp_path), ray_remote_args=LIGHT
+    )
     out = pq.read_table(tmp_path)
     fingerprint = nodes.fingerprint()
     expected = chunk_ids(pa.table({"text": texts}), fingerprint, EmbedSettings().id_options())
@@ -145,9 +152,9 @@ def test_2000_rows_come_out_once_each_as_fixed_size_vectors_equal_to_the_clients
 def test_a_node_daemon_killed_mid_run_is_restarted_and_every_row_comes_out_once(
     nodes: NodeDaemons,
 ) -> None:
-    texts = _texts(600, "kill")
+    texts = _texts(KILLED_RUN, "kill")
     gate = Gate.remote()  # type: ignore[attr-defined]
-    held = functools.partial(_hold_from, first_held=300, gate=gate)
+    held = functools.partial(_hold_from, first_held=KILLED_RUN // 2, gate=gate)
     ds = _embed(_rows(texts).map_batches(held, batch_format="pyarrow", **LIGHT),
                 nodes.daemons)  # fmt: skip
     before = _model_stats(nodes).get("inputs", 0)
@@ -155,7 +162,7 @@ def test_a_node_daemon_killed_mid_run_is_restarted_and_every_row_comes_out_once(
     run = threading.Thread(target=lambda: rows.append(ds.take_all()))
     run.start()
     try:
-        _wait(lambda: _model_stats(nodes).get("inputs", 0) >= before + 300,
+        _wait(lambda: _model_stats(nodes).get("inputs", 0) >= before + KILLED_RUN // 2,
               "the rows before the gate embedded")  # fmt: skip
         pid = nodes.pids()[_node()]
         assert pid is not None
@@ -165,7 +172,7 @@ def test_a_node_daemon_killed_mid_run_is_restarted_and_every_row_comes_out_once(
         run.join(RUN_TIMEOUT)
     assert rows, "the run did not finish"
     assert sorted(r["text"] for r in rows[0]) == sorted(texts)
-    assert len({r["id"] for r in rows[0]}) == 600
+    assert len({r["id"] for r in rows[0]}) == KILLED_RUN
     supervisor = nodes.stats()[_node()]["supervisor"]
     assert supervisor["restarts"] >= 1 and supervisor["pid"] != pid
 
@@ -175,7 +182,7 @@ def test_a_tiny_queue_answers_busy_and_the_job_still_completes(cluster: None) ->
     # `busy`): every batch is refused whole at first, then sent in parts.
     config = f"[models.default]\npath = '{BUNDLED}'\nmax_queue_tokens = 100\n"
     daemons = Daemons(name="busy", config=config, cpus=0.1)
-    texts = _texts(300, "busy")
+    texts = _texts(KILLED_RUN // 2, "busy")
     with NodeDaemons(daemons) as busy:
         rows = _embed(_rows(texts), daemons).take_all()
         stats = busy.stats()[_node()]
@@ -183,8 +190,8 @@ def test_a_tiny_queue_answers_busy_and_the_job_still_completes(cluster: None) ->
     assert stats["requests"]["errors"].get("busy", 0) > 0
 
 
-# A driver the test kills: embeds the texts into OUT with the node daemons attached to the
-# test's daemon at SOCKET, skipping what OUT holds; with a GATE, holding rows from 300 on.
+# A driver the test kills: embeds COUNT texts into OUT with the node daemons attached to the
+# test's daemon at SOCKET, skipping what OUT holds; with a GATE, holding the second half.
 DRIVER = """
 import functools, sys
 import ray
@@ -196,7 +203,7 @@ daemons = Daemons(socket=socket, name="driven", cpus=0.1)
 settings = EmbedSettings()
 
 def hold(batch, gate):
-    if gate is not None and min(batch["n"].to_pylist()) >= 300:
+    if gate is not None and min(batch["n"].to_pylist()) >= int(count) // 2:
         ray.get(gate.wait.remote())
     return batch
 
@@ -243,13 +250,13 @@ def test_a_rerun_after_the_driver_was_killed_embeds_only_the_missing_rows(
         with log.open("ab") as sink:
             return subprocess.Popen(
                 [sys.executable, "-c", DRIVER, address, str(daemon.socket), str(out), gate_name,
-                 "600"],
+                 str(KILLED_RUN)],
                 stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
     try:
         first = driver("driver-gate")
-        _wait(lambda: first.poll() is not None or len(_readable_ids(out)) >= 300,
+        _wait(lambda: first.poll() is not None or len(_readable_ids(out)) >= KILLED_RUN // 2,
               "the first driver's files before the gate",
               lambda: log.read_text()[-3000:])  # fmt: skip
         assert first.poll() is None, log.read_text()
@@ -264,9 +271,9 @@ def test_a_rerun_after_the_driver_was_killed_embeds_only_the_missing_rows(
         ray.kill(gate)
         daemon.stop()
     ids = _readable_ids(out)
-    assert len(written) == 300
-    assert embedded_again == 600 - len(written)
-    assert len(ids) == len(set(ids)) == 600
+    assert len(written) == KILLED_RUN // 2
+    assert embedded_again == KILLED_RUN - len(written)
+    assert len(ids) == len(set(ids)) == KILLED_RUN
 
 
 def test_the_output_loads_into_lancedb_and_the_known_nearest_chunk_comes_first(

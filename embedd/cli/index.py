@@ -664,11 +664,14 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
                 "UPDATE files SET chunks = (SELECT count(*) FROM chunks WHERE file = path) "
                 "WHERE sha256 = ''"
             )
+            now = str(time.time())
+            db.executemany(  # roots are left alone: they belong to the folders indexed here
+                "INSERT OR IGNORE INTO meta VALUES (?, ?)", [("created", now), ("roots", "[]")]
+            )
             db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [("roots", json.dumps([])), ("updated", str(time.time())),
-                 ("source", str(root.resolve()))],
-            )  # fmt: skip
+                [("updated", now), ("parquet", str(root.resolve()))],
+            )
             counts.files_indexed = counts.files_seen = len(seen)
     except sqlite3.Error as exc:
         raise IndexUsageError(f"{display(str(target))}: {exc}") from None

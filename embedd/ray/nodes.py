@@ -243,12 +243,21 @@ class NodeDaemons:
         return next(iter(prints.values()))
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Each node's daemon `stats`, with `supervisor` (pid, socket, restarts)."""
+        """Each node's daemon `stats`, with `supervisor` (pid, socket, restarts); `error`
+        for a node whose actor does not answer in time (restarting, or its node gone), so
+        that a progress line never waits on one node."""
         refs = {node: link.actor.stats.remote() for node, link in self.links.items()}
-        return {node: dict(ray.get(ref)) for node, ref in refs.items()}
+        out: dict[str, dict[str, Any]] = {}
+        for node, ref in refs.items():
+            try:
+                out[node] = dict(ray.get(ref, timeout=HELLO_TIMEOUT + ACTOR_MARGIN))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+                out[node] = {"error": f"its actor did not answer ({type(exc).__name__})",
+                             "supervisor": {}}  # fmt: skip
+        return out
 
     def pids(self) -> dict[str, int | None]:
-        return {node: s["supervisor"]["pid"] for node, s in self.stats().items()}
+        return {node: s["supervisor"].get("pid") for node, s in self.stats().items()}
 
     def progress(self, every: float = 10.0) -> DaemonProgress:
         """A reporter that logs each node daemon's throughput, queue and busy answers every
