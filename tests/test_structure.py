@@ -15,12 +15,14 @@ A module may import its own layer and any layer below it, never one above.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "embedd"
 # The package root's own modules: `__init__` (the version) sits below everything, `__main__`
 # (the `python -m embedd` entry point) above everything.
-LAYERS = ("__init__", "wire", "config", "inference", "transport", "http", "daemon", "cli")
+LAYERS = ("__init__", "wire", "config", "inference", "transport", "http", "daemon", "cli", "ray")
 TOP = "__main__"
 # Modules whose rules must run without sockets, asyncio, threads or llama.cpp.
 PURE = (
@@ -203,3 +205,47 @@ def test_the_readme_layout_table_is_the_tree() -> None:
     assert listed == tree
     folders = {row.rstrip("/") for row in rows if row.endswith("/")}
     assert folders == {f"embedd/{layer}" for layer in LAYERS if layer not in ("__init__", "config")}
+
+
+# The optional extra: only its own package may import Ray (README, *A corpus on a Ray cluster*).
+OPTIONAL = "ray"
+
+
+def _core_modules() -> list[str]:
+    return sorted(
+        "embedd" if name == "__init__" else f"embedd.{name}"
+        for name in _imports()
+        if name != TOP and name.split(".")[0] != OPTIONAL
+    )
+
+
+def test_no_core_module_names_ray_in_an_import() -> None:
+    """Statically: no `import ray` / `from ray ...` outside embedd/ray/, at any level."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if _module_name(path).split(".")[0] == OPTIONAL:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            offenders += [f"{_module_name(path)}: {n}" for n in names if n.split(".")[0] == "ray"]
+    assert offenders == []
+
+
+def test_importing_every_core_module_loads_no_ray() -> None:
+    """At run time, through every dependency: the core works where Ray is not installed."""
+    code = (
+        "import importlib, sys\n"
+        f"for name in {_core_modules()!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"

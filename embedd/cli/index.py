@@ -31,13 +31,23 @@ import sqlite3
 import stat
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import embedd_client
 import numpy as np
+
+from embedd.cli.chunks import (
+    COLUMNS,
+    META_FINGERPRINT,
+    NAMES,
+    chunk_id,
+    model_fingerprint,
+    start_lines,
+    vector_options,
+)
 
 PDF_SUFFIX = ".pdf"
 # Files larger than this are skipped with a message: a notes folder's odd 2 GB log is not
@@ -53,25 +63,30 @@ SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv"}
 # and accents do not split words (SQLite's documented `porter unicode61` combination).
 FTS_TOKENIZE = "porter unicode61 remove_diacritics 2"
 
-SCHEMA = """
+# The chunk table is the shared chunk record (embedd/cli/chunks.py) with SQLite's keys: a file's
+# chunks go with it, and (file, idx) is unique.
+_CHUNK_CONSTRAINTS = {
+    "file": "NOT NULL REFERENCES files(path) ON DELETE CASCADE",
+    "line": "NOT NULL DEFAULT 0",
+}
+_CHUNK_COLUMNS = ",\n    ".join(
+    f"{c.name} {c.sqlite} {_CHUNK_CONSTRAINTS.get(c.name, 'NOT NULL')}" for c in COLUMNS
+)
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, chunks INTEGER NOT NULL, indexed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS chunks (
-    file TEXT NOT NULL REFERENCES files(path) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    start INTEGER NOT NULL,
-    end INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    model TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    line INTEGER NOT NULL DEFAULT 0,
+    {_CHUNK_COLUMNS},
     PRIMARY KEY (file, idx)
 );
 """
+# Rows go in by column name: an index upgraded in place has its columns in another order.
+INSERT_CHUNK = f"INSERT INTO chunks ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})"
+# What `embedd index` embeds with (truncate=True: chunks fit the model, a longer word is cut),
+# as it goes into each chunk's id.
+INDEX_OPTIONS = vector_options(long="truncate")
 # The keyword index: its own copy of each chunk's text with the chunk's key. Its rowid is a
 # hash of (file, idx) (`_fts_rowid`), not the chunks table's rowid, which VACUUM may renumber.
 FTS_SCHEMA = f"""
@@ -200,12 +215,23 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 
 
 def _upgrade(db: sqlite3.Connection, tables: set[str]) -> None:
-    """An index written before hybrid search gains what search needs, without re-embedding:
-    the `line` column (0 until `_fill_lines` computes it from the unchanged file) and the FTS5
-    table, filled from the stored chunk texts."""
+    """An index written by an older version gains what this one reads, without re-embedding:
+    the `line` column (0 until `_fill_lines` computes it from the unchanged file), the FTS5
+    table filled from the stored chunk texts, and the shared chunk record's names (the
+    fingerprint column is `model_fingerprint`) and ids, computed from the stored rows."""
     with db:
-        if "line" not in _columns(db, "chunks"):
+        columns = _columns(db, "chunks")
+        if "line" not in columns:
             db.execute("ALTER TABLE chunks ADD COLUMN line INTEGER NOT NULL DEFAULT 0")
+        if "fingerprint" in columns and "model_fingerprint" not in columns:
+            db.execute("ALTER TABLE chunks RENAME COLUMN fingerprint TO model_fingerprint")
+        if "id" not in columns:
+            db.execute("ALTER TABLE chunks ADD COLUMN id TEXT NOT NULL DEFAULT ''")
+            stored = db.execute("SELECT file, idx, text, model_fingerprint FROM chunks")
+            db.executemany(
+                "UPDATE chunks SET id = ? WHERE file = ? AND idx = ?",
+                [(chunk_id(t, fp, INDEX_OPTIONS, file=f, idx=i), f, i) for f, i, t, fp in stored],
+            )
         if FTS_TABLE not in tables:
             db.execute(FTS_SCHEMA)
             rows = db.execute("SELECT file, idx, text FROM chunks")
@@ -522,14 +548,6 @@ def _model_card(client: embedd_client.Client, model: str) -> dict[str, Any]:
     raise IndexUsageError(f"the daemon has no model {model!r}")
 
 
-def _fingerprint(card: dict[str, Any]) -> str:
-    """What an index's vectors depend on: the model file's content and the tokenizer that made
-    its ids, so an index built before a tokenizer fix is reported stale, never mixed."""
-    file_print = str(card.get("fingerprint") or "")
-    tokenizer = card.get("tokenizer")
-    return f"{file_print}+{tokenizer}" if tokenizer else file_print
-
-
 def _mismatch(stored: str, current: str, built_with: str, model: str) -> IndexUsageError | None:
     """Why vectors of an index built with `stored` cannot meet the daemon's `current`."""
     if stored == current:
@@ -599,7 +617,7 @@ def index_paths(
             )  # fmt: skip
     chunking = Chunking(chunk_tokens, overlap)
     card = _model_card(client, model)
-    fingerprint = _fingerprint(card)
+    fingerprint = model_fingerprint(card)
     _check_chunking(client, model, chunking)
     target = Path(out)
     try:
@@ -609,6 +627,111 @@ def index_paths(
         )  # fmt: skip
     except sqlite3.Error as exc:
         raise IndexUsageError(f"{display(str(target))}: {exc}") from None
+
+
+# Parquet rows read and stored at a time: bounded memory whatever the size of the output.
+PARQUET_BATCH = 4096
+
+
+def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> Counts:
+    """Add the chunks of a Parquet output (the shared chunk record, as `embedd.ray` writes
+    it: every `*.parquet` under `source`) to the index `out`, with their keyword rows, so
+    that `search` serves them; no daemon is needed, the vectors are the output's. A document
+    (`file`) in the output replaces that document's rows in the index; rows without `file`
+    and `idx` (texts embedded without a Chunk step) are each their own document, named by
+    their id. Every row must share one model fingerprint, and it must be the index's.
+    Needs pyarrow (the `ray` extra). Raises IndexUsageError naming what is wrong."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise IndexUsageError(
+            "--from-parquet needs pyarrow: pip install pyarrow (or embedd's ray extra: "
+            "pip install '.[ray]')"
+        ) from None
+    root = Path(source)
+    files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
+    if not files or not files[0].is_file():
+        raise IndexUsageError(f"no Parquet files under {display(str(root))}")
+    target = Path(out)
+    counts = Counts()
+    db = _open(target)
+    try:
+        with db:
+            seen: set[str] = set()
+            for path in files:
+                counts.chunks += _import_parquet_file(db, pq.ParquetFile(path), path, seen)
+            db.execute(
+                "UPDATE files SET chunks = (SELECT count(*) FROM chunks WHERE file = path) "
+                "WHERE sha256 = ''"
+            )
+            now = str(time.time())
+            db.executemany(  # roots are left alone: they belong to the folders indexed here
+                "INSERT OR IGNORE INTO meta VALUES (?, ?)", [("created", now), ("roots", "[]")]
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [("updated", now), ("parquet", str(root.resolve()))],
+            )
+            counts.files_indexed = counts.files_seen = len(seen)
+    except sqlite3.Error as exc:
+        raise IndexUsageError(f"{display(str(target))}: {exc}") from None
+    finally:
+        db.close()
+    return counts
+
+
+def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen: set[str]) -> int:
+    """One Parquet file's rows into the index; returns how many. A document met for the first
+    time in this import has its old rows dropped first (`seen` holds those met)."""
+    shown = display(str(path))
+    schema = parquet.schema_arrow
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    missing = [c.name for c in COLUMNS if c.required and c.name not in schema.names]
+    if missing:
+        raise IndexUsageError(
+            f"{shown} is not embedd's chunk output: it lacks {', '.join(missing)}"
+        )
+    named = [name for name in NAMES if name in schema.names]
+    total = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=named):
+        columns = {name: batch.column(name) for name in named}
+        if not batch.num_rows:
+            continue
+        fingerprints = set(columns["model_fingerprint"].to_pylist())
+        models = set(columns["model"].to_pylist())
+        if len(fingerprints) != 1 or len(models) != 1:
+            raise IndexUsageError(f"{shown} mixes models; an index holds one model's vectors")
+        fingerprint = meta.get(META_FINGERPRINT) or fingerprints.pop()
+        _check_model(db, models.pop(), fingerprint)
+        vectors = _vector_rows(columns["vector"], shown)
+        scalars = [n for n in named if n != "vector"]
+        rows = [
+            dict(zip(scalars, values, strict=True))
+            for values in zip(*(columns[n].to_pylist() for n in scalars), strict=True)
+        ]
+        for row, vector in zip(rows, vectors, strict=True):
+            row["vector"] = vector
+            if row.get("file") is None or row.get("idx") is None:
+                row["file"] = f"{row['file']}#{row['id']}" if row.get("file") else row["id"]
+                row["idx"] = 0
+            for name in ("start", "end", "line"):
+                row[name] = row.get(name) or 0
+            if row["file"] not in seen:
+                seen.add(row["file"])
+                _drop_file(db, row["file"])
+                db.execute("INSERT INTO files VALUES (?, '', 0, ?)", (row["file"], time.time()))
+        _insert_chunks(db, rows)
+        total += len(rows)
+    return total
+
+
+def _vector_rows(column: Any, shown: str) -> list[bytes]:
+    """Each row's vector as little-endian float32 bytes: from `fixed_size_list<float32>[dim]`
+    (what embedd.ray writes), or any list column of equal-length float lists."""
+    matrix = np.asarray(column.to_pylist(), dtype="<f4")
+    if matrix.ndim != 2:
+        raise IndexUsageError(f"{shown}: the vector column does not hold vectors of one length")
+    return [row.tobytes() for row in matrix]
 
 
 def _check_chunking(client: embedd_client.Client, model: str, chunking: Chunking) -> None:
@@ -724,23 +847,11 @@ def _under(path: str, roots: Sequence[Path]) -> bool:
     return any(p == r.resolve() or r.resolve() in p.parents for r in roots)
 
 
-def _start_lines(text: str, starts: Sequence[int]) -> list[int]:
-    """The 1-based line on which each character offset in `starts` lies (one pass over the
-    text, whatever the order of `starts`)."""
-    out = [0] * len(starts)
-    line, pos = 1, 0
-    for i in sorted(range(len(starts)), key=starts.__getitem__):
-        line += text.count("\n", pos, starts[i])
-        pos = max(pos, starts[i])
-        out[i] = line
-    return out
-
-
 def _fill_lines(db: sqlite3.Connection, name: str, text: str) -> None:
     """Line numbers for the chunks of a file indexed before they were stored, from the file
     as it is now (its hash is unchanged, so the offsets still hold)."""
     rows = db.execute("SELECT idx, start FROM chunks WHERE file = ?", (name,)).fetchall()
-    lines = _start_lines(text, [start for _, start in rows])
+    lines = start_lines(text, [start for _, start in rows])
     db.executemany(
         "UPDATE chunks SET line = ? WHERE file = ? AND idx = ?",
         [(line, name, idx) for (idx, _), line in zip(rows, lines, strict=True)],
@@ -763,7 +874,7 @@ def _index_file(
     """One file, in one transaction: all its chunks or none (Ctrl-C rolls it back). Text the
     daemon refuses as a bad request (say, only control or private-use characters, for which the
     model has no tokens) skips this file, not the run: the next run would meet it again."""
-    rows: list[tuple[Any, ...]] = []
+    rows: list[dict[str, Any]] = []
     total = done = 0
     try:
         chunks = (
@@ -773,7 +884,7 @@ def _index_file(
         )
         total = sum(int(c["tokens"]) for c in chunks)
         progress.chunked(display(name), size, total)
-        lines = _start_lines(text, [c["span"][0] for c in chunks])
+        lines = start_lines(text, [c["span"][0] for c in chunks])
         for first in range(0, len(chunks), EMBED_BATCH):
             batch = chunks[first : first + EMBED_BATCH]
             progress.batch_started()
@@ -781,9 +892,13 @@ def _index_file(
                 [c["text"] for c in batch], model, truncate=True, priority="bulk"
             )
             for j, (c, vec) in enumerate(zip(batch, vectors, strict=True)):
+                idx = first + j
                 rows.append(
-                    (name, first + j, c["span"][0], c["span"][1], c["text"], c["tokens"], model,
-                     fingerprint, np.asarray(vec, dtype="<f4").tobytes(), lines[first + j])
+                    {"id": chunk_id(c["text"], fingerprint, INDEX_OPTIONS, file=name, idx=idx),
+                     "file": name, "idx": idx, "start": c["span"][0], "end": c["span"][1],
+                     "line": lines[idx], "text": c["text"], "tokens": c["tokens"],
+                     "model": model, "model_fingerprint": fingerprint,
+                     "vector": np.asarray(vec, dtype="<f4").tobytes()}
                 )  # fmt: skip
             tokens = sum(int(c["tokens"]) for c in batch)
             done += tokens
@@ -798,13 +913,18 @@ def _index_file(
         db.execute(
             "INSERT INTO files VALUES (?, ?, ?, ?)", (name, digest, len(chunks), time.time())
         )
-        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        db.executemany(
-            f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
-            ((_fts_rowid(name, r[1]), r[4], name, r[1]) for r in rows),
-        )
+        _insert_chunks(db, rows)
     counts.chunks += len(rows)
     counts.tokens += total
+
+
+def _insert_chunks(db: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Store chunk records (maps by the shared column names) and their keyword rows."""
+    db.executemany(INSERT_CHUNK, ([r[name] for name in NAMES] for r in rows))
+    db.executemany(
+        f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
+        ((_fts_rowid(r["file"], r["idx"]), r["text"], r["file"], r["idx"]) for r in rows),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -956,7 +1076,7 @@ def _query_vector(
 ) -> np.ndarray[Any, np.dtype[np.float32]]:
     model = meta.get("model", "default")
     card = _model_card(client, model)
-    error = _mismatch(str(meta.get("fingerprint", "")), _fingerprint(card), model, model)
+    error = _mismatch(str(meta.get("fingerprint", "")), model_fingerprint(card), model, model)
     if error is not None:
         raise error
     prompt = "query" if "query" in (card.get("prompts") or []) else None

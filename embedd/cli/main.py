@@ -846,6 +846,11 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument(
+        "--from-parquet",
+        metavar="DIR",
+        help="add the chunks of an embedd.ray Parquet output to --out INDEX (no daemon)",
+    )
+    what.add_argument(
         "--list", metavar="INDEX", help="show INDEX: model, files, chunks, when (no daemon)"
     )
     what.add_argument(
@@ -863,11 +868,13 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         "line, text, tokens, model, vector) and a keyword (BM25) index in INDEX. Re-running\n"
         "updates only changed files and drops deleted ones; an interrupted run resumes where\n"
         "it stopped. Progress is in tokens, with an ETA from the measured speed. PDFs need the\n"
-        "optional pdf extra (pypdf). --list and --drop show or delete an index."
+        "optional pdf extra (pypdf). --list and --drop show or delete an index;\n"
+        "--from-parquet adds the chunks an embedd.ray job wrote (needs pyarrow)."
     ),
     examples=(
         "  embedd index ~/notes --out notes.db --exclude '*.tmp' --exclude drafts\n"
         "  embedd index ~/notes --out notes.db --chunk-tokens 128 --overlap 16\n"
+        "  embedd index --from-parquet vectors/ --out corpus.db   # embedd.ray's output\n"
         "  embedd index --list notes.db\n"
         "  embedd index --drop notes.db"
     ),
@@ -887,6 +894,19 @@ def _cmd_index(args: argparse.Namespace) -> int:
         except index.IndexUsageError as exc:
             _err(str(exc))
             return 1
+        return 0
+    if args.from_parquet:
+        if args.paths or not args.out:
+            raise _UsageError("--from-parquet DIR takes --out INDEX and no PATH")
+        try:
+            counts = index.index_parquet(args.from_parquet, args.out)
+        except index.IndexUsageError as exc:
+            _err(str(exc))
+            return 1
+        _err(
+            f"imported {counts.chunks} chunks of {counts.files_indexed} documents from "
+            f"{args.from_parquet} -> {args.out}"
+        )
         return 0
     if not args.paths or not args.out:
         raise _UsageError("give the files or folders to index and --out INDEX")

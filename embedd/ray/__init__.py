@@ -1,0 +1,32 @@
+"""embedd on a Ray cluster: one daemon per node, Ray Data steps that chunk and embed through it,
+and outputs a rerun can resume. An optional extra (`pip install 'embedd-daemon[ray]'`): the
+rest of the package never imports Ray.
+
+    from embedd.ray import Embed, EmbedSettings, NodeDaemons, unembedded
+
+The vectors are the desktop daemon's: the same GGUF, tokenizer and llama.cpp compute them, and
+each row says which (`model_fingerprint`). README, *A corpus on a Ray cluster*, has the example.
+"""
+
+from embedd.ray.columns import EmbedSettings
+from embedd.ray.nodes import Daemons, NodeDaemons
+from embedd.ray.progress import DaemonProgress
+from embedd.ray.resume import OutputMismatch, done_ids, unembedded
+from embedd.ray.retry import GaveUp, Patience
+from embedd.ray.steps import Chunk, Embed
+from embedd.ray.supervisor import DaemonStartError
+
+__all__ = [
+    "Chunk",
+    "DaemonProgress",
+    "DaemonStartError",
+    "Daemons",
+    "Embed",
+    "EmbedSettings",
+    "GaveUp",
+    "NodeDaemons",
+    "OutputMismatch",
+    "Patience",
+    "done_ids",
+    "unembedded",
+]

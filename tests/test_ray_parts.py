@@ -1,0 +1,274 @@
+"""embedd.ray's parts without a Ray cluster: the chunk record's id and Arrow columns, the
+resume filter, the progress line, and the node supervisor and patient client against real
+daemons (the pieces the Ray steps are made of; tests/test_ray.py runs them on a cluster)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import embedd_client
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedd.cli import index
+from embedd.cli.chunks import (
+    META_FINGERPRINT,
+    NAMES,
+    chunk_id,
+    vector_options,
+)
+from embedd.ray.columns import EmbedSettings, arrow_type, chunk_ids, chunked, embedded
+from embedd.ray.progress import node_line
+from embedd.ray.resume import done_ids, missing_mask
+from embedd.ray.retry import Patience, PatientClient
+from embedd.ray.supervisor import DaemonSupervisor
+from tests.conftest import BUNDLED, Daemon, Reference, cosines
+from tests.wire import RawConnection
+
+FINGERPRINT = "f" * 64 + "+wordpiece-hf-1"
+# Seconds between polls of a state the test waits for (an interval, not a bound).
+POLL = 0.02
+
+
+# --- the chunk record --------------------------------------------------------------------------
+
+
+def test_a_chunk_id_is_the_same_for_the_same_chunk() -> None:
+    options = vector_options(long="split")
+    assert chunk_id("a text", FINGERPRINT, options, file="a.md", idx=3) == chunk_id(
+        "a text", FINGERPRINT, dict(reversed(options.items())), file="a.md", idx=3
+    )
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"text": "another text"},
+        {"fingerprint": "0" * 64},
+        {"options": vector_options(long="truncate")},
+        {"file": "b.md"},
+        {"idx": 4},
+    ],
+)
+def test_a_chunk_id_changes_with_what_its_vector_and_place_depend_on(
+    changed: dict[str, Any],
+) -> None:
+    base: dict[str, Any] = {
+        "text": "a text", "fingerprint": FINGERPRINT, "options": vector_options(long="split"),
+        "file": "a.md", "idx": 3,
+    }  # fmt: skip
+    other = {**base, **changed}
+
+    def of(a: dict[str, Any]) -> str:
+        return chunk_id(a["text"], a["fingerprint"], a["options"], file=a["file"], idx=a["idx"])
+
+    assert of(other) != of(base)
+
+
+def test_the_index_truncate_option_and_long_truncate_hash_alike() -> None:
+    assert EmbedSettings(long="truncate").id_options() == index.INDEX_OPTIONS
+
+
+def test_a_new_index_has_exactly_the_shared_chunk_columns(tmp_path: Path) -> None:
+    db = index._open(tmp_path / "new.db")
+    try:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(chunks)")]
+    finally:
+        db.close()
+    assert columns == list(NAMES)
+
+
+def test_an_old_index_gains_the_shared_names_and_the_ids_of_its_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # the chunk table as versions before the shared record
+        old.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "CREATE TABLE files (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
+            "chunks INTEGER NOT NULL, indexed_at REAL NOT NULL);"
+            "CREATE TABLE chunks (file TEXT NOT NULL, idx INTEGER NOT NULL, start INTEGER NOT "
+            "NULL, end INTEGER NOT NULL, text TEXT NOT NULL, tokens INTEGER NOT NULL, model TEXT "
+            "NOT NULL, fingerprint TEXT NOT NULL, vector BLOB NOT NULL, line INTEGER NOT NULL "
+            "DEFAULT 0, PRIMARY KEY (file, idx));"
+        )
+        old.execute("INSERT INTO files VALUES ('/n/a.md', 'x', 1, 0)")
+        old.execute(
+            "INSERT INTO chunks VALUES ('/n/a.md', 0, 0, 6, 'a text', 4, 'default', ?, ?, 1)",
+            (FINGERPRINT, b"\0" * 16),
+        )
+    index._open(path).close()
+    with sqlite3.connect(path) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+        (stored,) = db.execute("SELECT id FROM chunks").fetchone()
+    assert columns == set(NAMES)
+    assert stored == chunk_id("a text", FINGERPRINT, index.INDEX_OPTIONS, file="/n/a.md", idx=0)
+
+
+def test_the_vector_column_is_a_fixed_size_list_of_float32() -> None:
+    assert arrow_type("vector", 384) == pa.list_(pa.float32(), 384)
+    assert str(arrow_type("vector", 384)) == "fixed_size_list<item: float>[384]"
+
+
+def _answer(daemon: Daemon, texts: list[str], settings: EmbedSettings) -> dict[str, Any]:
+    with embedd_client.Client(daemon.socket) as client:
+        return client.request("embed", input=texts, **settings.request())
+
+
+def test_embedded_rows_carry_the_shared_record_and_the_fingerprint_as_metadata(
+    daemon: Daemon,
+) -> None:
+    settings = EmbedSettings()
+    batch = pa.table({"text": ["first text", "second text"], "source_id": [7, 8]})
+    table = embedded(batch, _answer(daemon, batch["text"].to_pylist(), settings),
+                     fingerprint=FINGERPRINT, settings=settings)  # fmt: skip
+    shared = [n for n in NAMES if n in table.column_names]
+    assert table.column_names == [*shared, "source_id", "windows"]
+    assert shared == ["id", "text", "tokens", "model", "model_fingerprint", "vector"]
+    assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
+    assert table.schema.metadata[META_FINGERPRINT.encode()] == FINGERPRINT.encode()
+    assert (
+        table["id"].to_pylist() == chunk_ids(batch, FINGERPRINT, settings.id_options()).to_pylist()
+    )
+    assert table["windows"].to_pylist() == [1, 1]
+
+
+def test_embedded_rows_of_truncated_inputs_say_which_were_cut(daemon: Daemon) -> None:
+    settings = EmbedSettings(long="truncate")
+    batch = pa.table({"text": ["short", "word " * 400]})
+    table = embedded(batch, _answer(daemon, batch["text"].to_pylist(), settings),
+                     fingerprint=FINGERPRINT, settings=settings)  # fmt: skip
+    assert table["truncated"].to_pylist() == [False, True]
+    assert table["tokens"].to_pylist()[1] == 256
+
+
+def test_chunked_rows_are_one_per_chunk_with_place_line_and_the_document_columns(
+    daemon: Daemon,
+) -> None:
+    text = "Title\n\n" + "A sentence about keys. " * 60 + "\n\nThe end."
+    with embedd_client.Client(daemon.socket) as client:
+        chunks = client.chunk(text, max_tokens=64)
+    batch = pa.table({"file": ["a.md", "empty.md"], "text": [text, " "], "lang": ["en", "en"]})
+    table = chunked(batch, [chunks, []])
+    assert table.num_rows == len(chunks) > 2
+    assert table["file"].to_pylist() == ["a.md"] * len(chunks)
+    assert table["lang"].to_pylist() == ["en"] * len(chunks)
+    assert table["idx"].to_pylist() == list(range(len(chunks)))
+    assert table["text"].to_pylist() == [text[s:e] for s, e in zip(
+        table["start"].to_pylist(), table["end"].to_pylist(), strict=True)]  # fmt: skip
+    assert table["line"].to_pylist()[-1] == text.count("\n", 0, chunks[-1]["span"][0]) + 1
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+
+def test_missing_mask_keeps_exactly_the_ids_not_done() -> None:
+    ids = [chunk_id(f"t{i}", FINGERPRINT, vector_options()) for i in range(10)]
+    done = np.unique(np.array([bytes.fromhex(i) for i in ids[::2]], dtype="S16"))
+    assert missing_mask(done, ids).tolist() == [i % 2 == 1 for i in range(10)]
+
+
+def test_done_ids_deletes_a_parquet_file_a_crash_cut_short(tmp_path: Path) -> None:
+    ids = [chunk_id(f"t{i}", FINGERPRINT, vector_options()) for i in range(4)]
+    pq.write_table(pa.table({"id": ids[:2]}), tmp_path / "whole.parquet")
+    pq.write_table(pa.table({"id": ids[2:]}), tmp_path / "cut.parquet")
+    cut = (tmp_path / "cut.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(cut[: len(cut) // 2])
+    done = done_ids(tmp_path)
+    assert sorted(done.tolist()) == sorted(bytes.fromhex(i) for i in ids[:2])
+    assert not (tmp_path / "cut.parquet").exists()
+
+
+# --- the progress line -------------------------------------------------------------------------
+
+
+def test_the_progress_line_shows_rates_queue_busy_answers_and_restarts() -> None:
+    def stats(inputs: int, tokens: int) -> dict[str, Any]:
+        model = {"inputs": inputs, "tokens": tokens, "queue_inputs": 5, "queue_tokens": 60,
+                 "busy_fraction": 0.5}  # fmt: skip
+        return {"models": {"default": model}, "requests": {"errors": {"busy": 3}},
+                "supervisor": {"pid": 42, "restarts": 1}}  # fmt: skip
+
+    line = node_line("abcdef0123", stats(300, 3000), stats(100, 1000), 10.0)
+    assert line == (
+        "embedd node abcdef01 (pid 42, 1 restarts): 20.0 chunks/s, 200 tok/s, 300 chunks done, "
+        "queue 5 inputs / 60 tokens, computing 50% of the time, 3 busy answers"
+    )
+
+
+# --- the node supervisor and the patient client, on real daemons --------------------------------
+
+
+@pytest.fixture
+def supervised() -> Iterator[DaemonSupervisor]:
+    supervisor = DaemonSupervisor()
+    yield supervisor
+    supervisor.stop()
+
+
+def test_the_supervisor_starts_a_daemon_again_after_sigkill(supervised: DaemonSupervisor) -> None:
+    socket, pid = supervised.wait()
+    os.kill(pid, signal.SIGKILL)
+    again, new = supervised.replace(pid)
+    assert (again, supervised.restarts) == (socket, 1) and new != pid
+    with embedd_client.Client(again) as client:
+        assert client.hello()["pid"] == new
+
+
+def test_the_supervisor_does_not_kill_a_daemon_that_still_answers(
+    supervised: DaemonSupervisor,
+) -> None:
+    _, pid = supervised.wait()
+    assert supervised.replace(pid)[1] == pid and supervised.restarts == 0
+
+
+def test_the_supervisor_stop_leaves_no_daemon(supervised: DaemonSupervisor) -> None:
+    _, pid = supervised.wait()
+    supervised.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_patient_client_resends_what_a_killed_daemon_was_computing(
+    supervised: DaemonSupervisor, reference: Reference
+) -> None:
+    texts = reference.chunks[:48]
+    patient = PatientClient(supervised)
+    got: list[Any] = []
+    worker = threading.Thread(target=lambda: got.append(patient.run("test", lambda c, left: c.embed(
+        texts, priority="bulk", cache=False, timeout=left))))  # fmt: skip
+    worker.start()
+    _, pid = supervised.wait()
+    with embedd_client.Client(supervised.socket) as watcher:
+        while not (s := watcher.stats()["models"].get("default", {})).get("queue_inputs"):
+            assert worker.is_alive(), "the request finished before the daemon was seen working"
+            time.sleep(POLL)
+        assert s["requests"] >= 1
+    os.kill(pid, signal.SIGKILL)
+    worker.join(120)
+    assert patient.replacements == 1 and patient.pid != pid
+    assert cosines(got[0], reference.c_vecs[:48]).min() >= 0.9999
+
+
+def test_a_patient_client_waits_out_busy_after_retry_after(workdir: Path) -> None:
+    supervisor = DaemonSupervisor(f"max_connections = 1\n[models.default]\npath = '{BUNDLED}'\n")
+    try:
+        supervisor.wait()
+        patient = PatientClient(supervisor, Patience(seconds=120))
+        with RawConnection(supervisor.socket):  # holds the only connection
+            worker = threading.Thread(target=lambda: patient.run("test", lambda c, _: c.hello()))
+            worker.start()
+            while patient.busy_answers == 0:
+                assert worker.is_alive(), "answered although the only connection was taken"
+                time.sleep(POLL)
+        worker.join(60)
+        assert not worker.is_alive() and patient.busy_answers >= 1
+    finally:
+        supervisor.stop()
