@@ -38,7 +38,7 @@ _MODEL = [
     ("queue_inputs", "embedd_model_queue_inputs", "gauge", "Inputs waiting for the model"),
     ("queue_tokens", "embedd_model_queue_tokens", "gauge", "Tokens waiting for the model"),
     ("busy_fraction", "embedd_model_busy_fraction", "gauge",
-     "Share of the last minute the model thread spent computing"),
+     "Share of the last minute the model's replicas spent computing (their mean)"),
     ("loads", "embedd_model_loads_total", "counter", "Times the model was loaded"),
     ("unloads", "embedd_model_unloads_total", "counter", "Times the model was unloaded"),
 ]  # fmt: skip

@@ -1,8 +1,8 @@
 """What a model's threads have done: counts, throughput and recent timings, which `stats`,
 `embedd status` and `/metrics` report and admission's `retry_after` is estimated from.
 
-Written by the model thread, read by the event loop: deque appends and copies are atomic under
-the GIL, so a reader sees a consistent list without a lock.
+Written by the model's coordinating thread, read by the event loop: deque appends and copies
+are atomic under the GIL, so a reader sees a consistent list without a lock.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 # Recent requests whose latency percentiles `stats` reports (a bounded reservoir: the newest).
 _LATENCY_SAMPLES = 2048
-# The window (seconds) of the model thread's busy fraction.
+# The window (seconds) of the busy fractions.
 _BUSY_WINDOW = 60
 # Before the first batch has been timed, assume the throughput measured on a 2-core machine
 # (MiniLM-L6 f16, 2 threads: ~5,000 tokens/s).
