@@ -544,7 +544,7 @@ def _status_text(
         f"connections: {conns.get('open', 0)} open, {conns.get('total', 0)} total, "
         f"{conns.get('refused', 0)} refused, {conns.get('timed_out', 0)} timed out",
         f"memory:      {_mb(stats.get('rss_bytes'))} MB resident",
-        f"cores:       {cores.get('in_use', 0)} of {cores.get('usable', '?')} computing now, "
+        f"cores:       {cores.get('in_use', 0)} of {cores.get('usable', '?')} in use now, "
         f"at most {cores.get('peak_in_use', 0)} at once",
         textwrap.fill(
             f"requests:    {reqs.get('total', 0)} total, {reqs.get('ok', 0)} ok, {n_errors} "
