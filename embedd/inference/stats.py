@@ -40,7 +40,7 @@ class ReplicaStats:
         _add_busy(self.busy, now, seconds)
 
     def busy_fraction(self, now: float) -> float:
-        return _fraction(self.busy, now, 1)
+        return _fraction(self.busy, now)
 
 
 @dataclass
@@ -71,12 +71,6 @@ class WorkerStats:
     latencies: deque[tuple[float, float, float]] = field(
         default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
     )
-    # Seconds spent computing, per whole second of the clock, for the last minute: the model
-    # thread's busy fraction in constant memory however many batches run.
-    busy: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=_BUSY_WINDOW))
-
-    def record_busy(self, now: float, seconds: float) -> None:
-        _add_busy(self.busy, now, seconds)
 
     def latency_ms(self) -> dict[str, dict[str, float]]:
         rows = list(self.latencies)
@@ -92,7 +86,8 @@ class WorkerStats:
 
     def busy_fraction(self, now: float) -> float:
         """The model's contexts' mean busy fraction (1.0: every replica computing all minute)."""
-        return _fraction(self.busy, now, max(1, len(self.replicas)))
+        fractions = [r.busy_fraction(now) for r in self.replicas]
+        return round(sum(fractions) / len(fractions), 4) if fractions else 0.0
 
     def replica(self, index: int) -> ReplicaStats:
         while len(self.replicas) <= index:
@@ -108,7 +103,7 @@ def _add_busy(busy: deque[tuple[int, float]], now: float, seconds: float) -> Non
         busy.append((second, seconds))
 
 
-def _fraction(busy: deque[tuple[int, float]], now: float, lanes: int) -> float:
+def _fraction(busy: deque[tuple[int, float]], now: float) -> float:
     since = int(now) - _BUSY_WINDOW
     seconds = sum(s for second, s in list(busy) if second > since)
-    return round(min(1.0, seconds / (_BUSY_WINDOW * lanes)), 4)
+    return round(min(1.0, seconds / _BUSY_WINDOW), 4)

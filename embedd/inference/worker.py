@@ -463,7 +463,6 @@ class ModelWorker:
         elapsed = batch.finished - batch.started
         n_tokens = sum(len(s) for s in batch.seqs)
         replica.stats.record(time.monotonic(), elapsed, batch.threads)
-        st.record_busy(time.monotonic(), elapsed)
         st.inputs += len(batch.items)
         st.tokens += n_tokens
         st.last_threads = batch.threads
