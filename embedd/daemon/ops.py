@@ -111,7 +111,7 @@ class Daemon:
                 return {"models": [s.describe() for s in self.models.slots.values()]}
             case Load():
                 slot = self.models.get(args.model)
-                await slot.load(self.config.request_timeout)
+                await slot.load(self.config.request_timeout, explicit=True)
                 slot.touch()
                 return slot.describe()
             case Unload():
@@ -176,7 +176,7 @@ class Daemon:
 
     async def preload(self, name: str) -> None:
         """Load a model before the daemon reports ready (the service manager's preload)."""
-        await self.models.get(name).load(self.config.request_timeout)
+        await self.models.get(name).load(self.config.request_timeout, explicit=True)
 
     def _hello(self) -> dict[str, Any]:
         cfg = self.config
@@ -254,6 +254,7 @@ class Daemon:
                     "pid": w.pid if w else None,
                     "rss_bytes": w.process_rss() if w else None,
                     "starts": st.process_starts,
+                    "canaries": st.canaries,
                     "crashes": st.crashes,
                     "restarts": st.restarts,
                     "poison_inputs_found": st.poison_found,

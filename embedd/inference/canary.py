@@ -106,3 +106,77 @@ class Verdicts:
             _log.warning("cannot keep the canary's verdict in %s: %s", self.path, exc)
             with contextlib.suppress(OSError, UnboundLocalError):
                 os.unlink(tmp)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Load the model with `repack` as given, and run the canary when `canary`."""
+
+    repack: bool
+    canary: bool
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+class LoadPlan:
+    """How a model is loaded, from the verdict kept for it and what happens on the way: pure,
+    so each path is tested without a CPU that has it.
+
+    No verdict: load with repacking and run the canary. A death by SIGILL (while loading or in
+    the canary) with repacking on: load again with it off, canary again. A SIGILL with it off,
+    or any other death: refused, with the signal named. A verdict: load as it says, no canary.
+    """
+
+    def __init__(self, known: Verdict | None) -> None:
+        self.known = known
+        self.repack = known.repack if known is not None else True
+        self.fell_back = False
+
+    def first(self) -> Attempt | Refused:
+        if self.known is not None and self.known.refused:
+            return Refused(self.known.reason)
+        return Attempt(self.repack, canary=self.known is None)
+
+    def died(self, how: str, phase: str, path: str) -> Attempt | Refused:
+        """The model process died (`how`: a signal's name or an exit status) `phase`."""
+        if how == "SIGILL" and self.repack:
+            self.repack = False
+            self.fell_back = True
+            return Attempt(False, canary=True)
+        reason = f"the model process died by {how} {phase} {path}"
+        if self.fell_back:
+            reason += " with weight repacking off as well"
+        if how == "SIGILL":
+            reason += (
+                ": this llama.cpp build uses an instruction this CPU lacks (rebuild "
+                "llama-cpp-python on this machine)"
+            )
+        return Refused(reason)
+
+    def passed(self) -> Verdict:
+        """The canary passed: the verdict to keep."""
+        if self.repack:
+            return Verdict(True, False, "passed the canary")
+        return Verdict(False, False, REPACK_OFF_REASON)
+
+    def refusal_to_keep(self, refused: Refused, how: str) -> Verdict | None:
+        """A refusal worth remembering: only SIGILL says something about the CPU and build
+        (other deaths may be the moment's: memory, a signal from outside)."""
+        return Verdict(False, True, refused.reason) if how == "SIGILL" else None
+
+    @property
+    def repacking(self) -> str:
+        """What the model card says about weight repacking."""
+        if self.repack:
+            return "on"
+        reason = self.known.reason if self.known is not None and not self.fell_back else None
+        return f"off: {reason or REPACK_OFF_REASON}"
+
+
+REPACK_OFF_REASON = (
+    "llama.cpp died by SIGILL computing with weight repacking on this CPU (canary); loaded "
+    "with it off"
+)

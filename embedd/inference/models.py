@@ -178,8 +178,11 @@ class ModelSlot:
         else:
             self.last_error = worker.error
 
-    async def load(self, timeout: float) -> ModelInfo:
-        w = self._ensure_worker(now=True)
+    async def load(self, timeout: float, *, explicit: bool = False) -> ModelInfo:
+        """The loaded model's description, loading it first if need be. An `explicit` load
+        (the `load` op, preloading) tries a model that kept crashing again at once; a request
+        waits out its back-off."""
+        w = self._ensure_worker(now=explicit)
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(w.loaded)

@@ -70,6 +70,8 @@ class WorkerStats:
     # The model process: how often one started, died, and was started again after dying; inputs
     # found to kill it, and inputs refused because they had.
     process_starts: int = 0
+    # Canary batches computed (once per file, llama.cpp build and CPU: `canary.py`).
+    canaries: int = 0
     crashes: int = 0
     restarts: int = 0
     poison_found: int = 0

@@ -34,7 +34,15 @@ import numpy as np
 from ..config import ModelConfig
 from ..wire.errors import Code, EmbeddError
 from .budget import CoreBudget
-from .canary import CANARY_TEXT, Verdict, Verdicts, cpu_flags, verdict_key
+from .canary import (
+    CANARY_TEXT,
+    Attempt,
+    LoadPlan,
+    Refused,
+    Verdicts,
+    cpu_flags,
+    verdict_key,
+)
 from .crashes import (
     CRASH_STREAK_LIMIT,
     FAILED_RETRY_AFTER,
@@ -346,62 +354,43 @@ class ModelWorker:
 
     def _start(self, identity: ModelFile) -> ModelInfo:
         """A model process with the model loaded, the canary computed where no verdict says
-        how this file behaves on this build and CPU."""
+        how this file behaves on this build and CPU (`canary.LoadPlan` decides)."""
         cfg = self.config
-        repack = True
-        tried_without = False
+        plan: LoadPlan | None = None
+        step: Attempt | Refused | None = None
         while True:
             process = self._spawn()
             hello = self._await(process, Hello)
             key = verdict_key(identity.sha256, hello.build, hello.system_info, cpu_flags())
-            verdict = self._verdicts.get(key)
-            if verdict is not None and verdict.refused:
+            if plan is None:
+                plan = LoadPlan(self._verdicts.get(key))
+                step = plan.first()
+            if isinstance(step, Refused):
                 process.close()
-                raise _Failed(verdict.reason)
-            if verdict is not None and not tried_without:
-                repack = verdict.repack
-            if not repack:
-                self.repacking = f"off: {verdict.reason if verdict else 'SIGILL with it on'}"
+                raise _Failed(step.reason)
+            assert step is not None
+            self.repacking = plan.repacking
             try:
-                loaded = self._load_in(process, repack)
-                if verdict is None:
+                loaded = self._load_in(process, step.repack)
+                if step.canary:
                     self._canary(process, loaded)
-                    self._verdicts.put(
-                        key,
-                        Verdict(
-                            repack,
-                            False,
-                            "passed the canary"
-                            if repack
-                            else "llama.cpp died by SIGILL computing with weight repacking on "
-                            "this CPU (canary); loaded with it off",
-                        ),
-                    )
+                    self._verdicts.put(key, plan.passed())
+                return loaded
             except _Died as died:
-                if died.exit.signal == "SIGILL" and repack:
-                    _log.warning(
-                        "model %s: llama.cpp died by SIGILL %s with weight repacking on; "
-                        "loading it again with repacking off",
-                        cfg.name,
-                        died.phase,
-                    )
-                    repack = False
-                    tried_without = True
-                    self.repacking = (
-                        "off: llama.cpp died by SIGILL computing with it on this CPU (canary)"
-                    )
-                    continue
-                reason = f"the model process died by {died.exit.how} {died.phase} {cfg.path}" + (
-                    " with weight repacking off as well" if tried_without else ""
+                how = died.exit.how
+                step = plan.died(how, died.phase, str(cfg.path))
+                if isinstance(step, Refused):
+                    keep = plan.refusal_to_keep(step, how)
+                    if keep is not None:
+                        self._verdicts.put(key, keep)
+                    raise _Failed(step.reason) from None
+                _log.warning(
+                    "model %s: llama.cpp died by %s %s with weight repacking on; loading it "
+                    "again with repacking off",
+                    cfg.name,
+                    how,
+                    died.phase,
                 )
-                if died.exit.signal == "SIGILL":
-                    reason += (
-                        ": this llama.cpp build uses an instruction this CPU lacks (rebuild "
-                        "llama-cpp-python on this machine)"
-                    )
-                    self._verdicts.put(key, Verdict(False, True, reason))
-                raise _Failed(reason) from None
-            return loaded
 
     def _spawn(self) -> ModelProcess:
         process = ModelProcess(self.config.name, self._on_message, self._on_exit)
@@ -462,6 +451,7 @@ class ModelWorker:
         """One small batch before any traffic: a native path that kills the process does it
         here, where the coordinator can still choose another."""
         assert self._tokenizer is not None
+        self.stats.canaries += 1
         ids, _ = self._tokenizer.tokenize(CANARY_TEXT, truncate_to=info.max_tokens)
         canary = _Batch(_CANARY_BATCH, [], [ids], 1, False, self._replicas[0])
         with self._cond:
