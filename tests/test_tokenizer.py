@@ -254,7 +254,7 @@ def test_the_gguf_spelling_of_a_vocabulary_is_read_back_as_vocab_txt() -> None:
     ]  # fmt: skip
 
 
-def test_the_tokenizer_module_needs_only_the_standard_library() -> None:
+def test_the_tokenizer_module_needs_only_the_standard_library_and_numpy() -> None:
     tree = ast.parse(Path(tokenizer_module.__file__).read_text())
     imported = {
         alias.name.split(".")[0]
@@ -266,7 +266,7 @@ def test_the_tokenizer_module_needs_only_the_standard_library() -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.level == 0
     }
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__", "numpy"}
 
 
 # --- pure: truncation ------------------------------------------------------------------------
@@ -459,7 +459,7 @@ def _embed_packed(
 
 
 def test_the_engine_reads_the_vocabulary_the_gguf_holds(engine: Any) -> None:
-    assert engine._wordpiece.vocab == bundled_tokenizer().vocab
+    assert engine.tokenizer._wordpiece.vocab == bundled_tokenizer().vocab
     assert engine.card["tokenizer"] == tokenizer_module.TOKENIZER_VERSION
 
 

@@ -134,11 +134,13 @@ async def serve(config: Config) -> int:
             sum(listener.inflight for listener in listeners),
             config.shutdown_grace,
         )
-        # Both fronts answer what they accepted, within the one grace (issue 16, defect 5).
+        # Both fronts answer what they accepted, within the one grace; the models' remaining
+        # work (a tokenization in progress) gets what is left of it, and no more.
+        grace_ends = loop.time() + config.shutdown_grace
         await asyncio.gather(*(listener.drain(config.shutdown_grace) for listener in listeners))
         for task in background:
             task.cancel()
-        await daemon.models.close()
+        await daemon.models.close(max(0.0, grace_ends - loop.time()))
         for listener in listeners:
             await listener.close()
     finally:

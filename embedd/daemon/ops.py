@@ -464,16 +464,12 @@ class Daemon:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.input]
-        result = await slot.tokenize(texts, self.config.request_timeout)
-        size = sum(result.counts) * _BYTES_PER_TOKEN_ID
-        if size > self.config.max_response:
-            raise EmbeddError(
-                Code.BAD_REQUEST,
-                f"the token ids would take about {size} bytes, more than max_response = "
-                f"{self.config.max_response} bytes; send less text per request",
-                key="input",
-                limit=self.config.max_response,
-            )
+        # The model's coordinator stops tokenizing once the ids would not fit the answer.
+        result = await slot.tokenize(
+            texts,
+            self.config.request_timeout,
+            max_ids=self.config.max_response // _BYTES_PER_TOKEN_ID,
+        )
         info = slot.last_info
         return {
             "model": args.model,

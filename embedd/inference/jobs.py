@@ -115,7 +115,11 @@ class EmbedJob(Job[EmbedResult]):
 
 @dataclass(eq=False)
 class TokenizeJob(Job[TokenizeResult]):
-    """`texts` with the prompt already prepended (a count is of what the model would see)."""
+    """`texts` with the prompt already prepended (a count is of what the model would see).
+    More than `max_ids` ids in all (what `max_response` holds) is refused as soon as it is
+    known, without tokenizing the rest."""
+
+    max_ids: int | None = None
 
 
 @dataclass(eq=False)

@@ -249,8 +249,10 @@ class ModelSlot:
         )
         return await self._run(job, timeout, timeout_reported=timeout_reported)
 
-    async def tokenize(self, texts: list[str], timeout: float) -> TokenizeResult:
-        job = TokenizeJob(texts, self._loop.create_future(), self._loop)
+    async def tokenize(
+        self, texts: list[str], timeout: float, max_ids: int | None = None
+    ) -> TokenizeResult:
+        job = TokenizeJob(texts, self._loop.create_future(), self._loop, max_ids=max_ids)
         return await self._run(job, timeout)
 
     async def chunk(
@@ -272,6 +274,8 @@ class ModelSlot:
             prefix = job.prefix
             if job.request.long == "split":
                 cap = None  # every window is computed: the whole text counts
+        else:
+            cap = None  # tokenize and chunk go through the whole text
         estimate = sum(estimate_tokens(prefix + t, cap) for t in job.texts)
         bulk = job.bulk
         err = self.admission.check(
@@ -355,5 +359,19 @@ class ModelRegistry:
                 )
                 await slot.unload()
 
-    async def close(self) -> None:
-        await asyncio.gather(*(slot.unload() for slot in self.slots.values()))
+    async def close(self, timeout: float | None = None) -> None:
+        """Unload every model, waiting at most `timeout` for the work they hold (a long
+        tokenization among it): after that the daemon exits without them, and their model
+        processes end with it (EOF on their pipes, and the parent-death signal)."""
+        unloads = {
+            name: asyncio.ensure_future(slot.unload()) for name, slot in self.slots.items()
+        }
+        if not unloads:
+            return
+        _, pending = await asyncio.wait(unloads.values(), timeout=timeout)
+        if pending:
+            busy = sorted(name for name, task in unloads.items() if task in pending)
+            _log.warning(
+                "models still working after the shutdown grace, left to end with the daemon: %s",
+                ", ".join(busy),
+            )

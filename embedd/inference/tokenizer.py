@@ -1,4 +1,4 @@
-"""WordPiece tokenizing exactly as the reference implementation does (issue 17).
+"""WordPiece tokenizing exactly as the reference implementation does.
 
 The vectors a BERT model was trained for come from Hugging Face's BERT tokenizer (the
 `tokenizers` package's BertNormalizer + BertPreTokenizer + WordPiece, which sentence-transformers
@@ -19,9 +19,13 @@ The steps, in the reference's order:
 4. each word is cut greedily into the longest vocabulary pieces, continuations spelled with
    `##`; a word with a character no piece covers, or over 100 characters, is one `[UNK]`.
 
-Pure Python on the standard library: the tokenizer is built from a plain list of token strings
-plus a `WordPieceConfig`, so it is testable without llama.cpp; `engine.py` builds one from a
-loaded model's vocabulary.
+Pure Python (the standard library, and numpy to find the end of a long word in one step): the
+tokenizer is built from a plain list of token strings plus a `WordPieceConfig`, so it is
+testable without llama.cpp; the daemon builds one from the vocabulary a model process reports.
+
+However long the text, no single call here is handed more than `MAX_SLICE` characters: a text
+is tokenized only as far as its use needs (`grow_prefix`), and a word without end in sight is
+measured a slice at a time, so the coordinating thread never holds the GIL for long.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 # Goes into vector-cache keys and `embedd index` fingerprints: bump it whenever some text's ids
 # change, so vectors computed with the old ids are never served or mixed with new ones.
@@ -54,6 +61,13 @@ _WORD_CACHE_SIZE = 1 << 17
 _PREFIX_CHARS_PER_TOKEN = 6
 # Characters searched back at first for a separator to cut at (then four times more, and so on).
 _CUT_WINDOW = 256
+# The most characters one regular-expression or normalisation call is given: each such call
+# holds the GIL from start to end (the event loop and every other model's coordinator wait), and
+# 64 K characters take well under a millisecond; a longer text is worked through in such slices.
+MAX_SLICE = 1 << 16
+# Characters normalised at a time while measuring a word without separators: a word is [UNK]
+# once its normalised form passes max_input_chars_per_word, usually within the first slice.
+_RUN_SLICE = 4096
 
 # The Unicode White_Space property (what the reference's Rust `char::is_whitespace` tests).
 # VT, FF and NEL are in it, but they are "other" (Cc) characters, deleted before words are split.
@@ -135,6 +149,8 @@ class _Tables:
     nonspacing: re.Pattern[str]  # Mn, removed when stripping accents
     words: re.Pattern[str]  # a word, a punctuation character or a CJK ideograph
     separators: re.Pattern[str]  # where a text can be cut without changing its words
+    # The same separators as a table by code point, to find one in a long text vectorised.
+    separator_table: npt.NDArray[np.bool_]
 
 
 @functools.cache
@@ -169,7 +185,15 @@ def _tables() -> _Tables:
         words=re.compile(f"[{single}]|[^{single}{space}]+"),
         # Whitespace that cleaning keeps, punctuation and ideographs: each ends the word before it.
         separators=re.compile(f"[{single}{_char_class(_KEPT_SPACE)}]"),
+        separator_table=_table([*_ranges(punct), *_CJK_IDEOGRAPHS, *_KEPT_SPACE]),
     )
+
+
+def _table(ranges: Iterable[tuple[int, int]]) -> npt.NDArray[np.bool_]:
+    table = np.zeros(0x110000, dtype=np.bool_)
+    for lo, hi in ranges:
+        table[lo : hi + 1] = True
+    return table
 
 
 # ASCII text skips the Unicode steps: deleting its control characters is all cleaning does.
@@ -216,6 +240,11 @@ class WordPieceTokenizer:
         self._special_longest = max((len(t) for t in specials), default=0)
         self._words: dict[str, tuple[int, ...]] = {}
         self._tables = _tables()
+        # Where a stretch without separators may end: a separator, or a special token's start.
+        self._run_ends = self._tables.separator_table
+        if specials:
+            self._run_ends = self._run_ends.copy()
+            self._run_ends[[ord(t[0]) for t in specials]] = True
 
     # --- the pipeline -----------------------------------------------------------------------
 
@@ -311,7 +340,7 @@ class WordPieceTokenizer:
                 k = bisect.bisect_left(starts, p) - 1
                 if k < 0 or spans[k][1] <= p:
                     return p
-            hi, window = w_lo, window * 4
+            hi, window = w_lo, min(window * 4, MAX_SLICE)
         return best
 
     def grow_prefix(self, text: str, n: int) -> tuple[int, list[int]]:
@@ -322,15 +351,64 @@ class WordPieceTokenizer:
         may span a whole word, and marks and control characters give no tokens at all."""
         ids: list[int] = []
         done = 0
-        want = max(1, n) * _PREFIX_CHARS_PER_TOKEN
+        want = min(MAX_SLICE, max(1, n) * _PREFIX_CHARS_PER_TOKEN)
         while done < len(text) and len(ids) < n:
             cut = self.safe_cut(text, done, done + want)
-            want *= 2
             if cut > done:
                 # Safe cuts concatenate: the next stretch's ids follow this one's.
                 ids.extend(self.encode(text[done:cut]))
                 done = cut
+                want = min(MAX_SLICE, want * 2)
+            else:
+                # No separator in reach: one word without end in sight (Hangul syllables,
+                # letters joined by ZWJ, a megabyte of "a"), taken in bounded slices.
+                done, run = self._run(text, done)
+                ids.extend(run)
         return done, ids
+
+    def _run(self, text: str, start: int) -> tuple[int, list[int]]:
+        """Where the stretch without separators that starts at `start` ends (a safe cut), and
+        its ids, found without ever handing a whole long stretch to one C call: it is one word
+        of the reference, [UNK] once its normalised form is longer than max_input_chars_per_word
+        (normalising deletes control and format characters and strips marks, so the raw length
+        alone does not say)."""
+        if self._run_ends[ord(text[start])]:
+            # A cut sits right before a separator: that one character (or the special token
+            # starting there) is a word of its own, and a safe cut follows it.
+            special = self._special.match(text, start) if self._special is not None else None
+            cut = special.end() if special is not None else start + 1
+            return cut, self.encode(text[start:cut])
+        end = self._run_end(text, start)
+        parts: list[str] = []
+        length = 0
+        for lo in range(start, end, _RUN_SLICE):
+            part = self.normalize(text[lo : min(end, lo + _RUN_SLICE)])
+            length += len(part)
+            if length > self._max_word:
+                return end, [self.unk_id]
+            parts.append(part)
+        ids: list[int] = []
+        for word in self._tables.words.findall("".join(parts)):
+            ids.extend(self._word_ids(word))
+        return end, ids
+
+    def _run_end(self, text: str, start: int) -> int:
+        """The first separator or special token after `start`, or the text's end: a slice at
+        a time, looked up by code point in one vectorised step (matching the separator class
+        character by character took seconds over 20 MB)."""
+        table = self._run_ends
+        pos = start + 1
+        while pos < len(text):
+            hi = min(len(text), pos + MAX_SLICE)
+            codes = np.frombuffer(text[pos:hi].encode("utf-32-le", "surrogatepass"), "<u4")
+            for i in np.flatnonzero(table[codes]).tolist():
+                at = pos + i
+                if self._tables.separators.match(text, at) is not None:
+                    return at
+                if self._special is not None and self._special.match(text, at) is not None:
+                    return at
+            pos = hi
+        return len(text)
 
     def first_tokens(self, text: str, n: int) -> list[int]:
         """Exactly the first `n` ids of `encode(text)` (all of them if it has fewer)."""

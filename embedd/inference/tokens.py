@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from .chunking import Chunk, iter_chunks
 from .pipe import TokenizerSpec
-from .tokenizer import WordPieceConfig, WordPieceTokenizer
+from .tokenizer import MAX_SLICE, WordPieceConfig, WordPieceTokenizer
 
 # llama.cpp's ids of a text without the special frame.
 RawTokenizer = Callable[[str], list[int]]
@@ -89,14 +89,16 @@ class ModelTokenizer:
             return False
         return self._raw(f"a{tail}a") == self.spec.space_probe
 
-    def usable_prefix(self, text: str) -> tuple[str, bool]:
-        """The part of `text` that can matter for an input of at most `max_tokens` tokens, and
-        whether that is less than all of it: a prefix with more tokens than fit whose tokens
-        are the whole text's first ones. The prefix grows until it has them, so a text whose
-        tokens span many characters each ([UNK] words, marks) is never under-read."""
-        wanted = self.max_tokens - self.frame_size + 1
+    def usable_prefix(self, text: str, limit: int | None = None) -> tuple[str, bool]:
+        """The part of `text` that can matter for an input of at most `limit` tokens (the
+        model's `max_tokens` by default), and whether that is less than all of it: a prefix
+        with more tokens than fit whose tokens are the whole text's first ones. The prefix
+        grows until it has them, so a text whose tokens span many characters each ([UNK]
+        words, marks) is never under-read, and a long text is never read further."""
+        limit = self.max_tokens if limit is None else limit
+        wanted = limit - self.frame_size + 1
         if self._wordpiece is not None:
-            if len(text) <= self.max_tokens * _WHOLE_TEXT_CHARS_PER_TOKEN:
+            if len(text) <= min(limit * _WHOLE_TEXT_CHARS_PER_TOKEN, MAX_SLICE):
                 # Cheap enough whole, and then an over-long input's error gives its exact count.
                 end, ids = len(text), self._wordpiece.encode(text)
             else:
@@ -106,7 +108,7 @@ class ModelTokenizer:
             return prefix, prefix is not text
         # llama.cpp's tokenizers: cut a margin of whole tokens beyond the last one that could
         # be kept, so the kept tokens are the whole text's; grow the cut while it has too few.
-        budget = (self.max_tokens + _PREFIX_MARGIN_TOKENS) * self._longest_piece
+        budget = (limit + _PREFIX_MARGIN_TOKENS) * self._longest_piece
         if len(text) <= budget // 4:
             return text, False
         data = text.encode("utf-8", "surrogatepass")

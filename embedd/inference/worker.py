@@ -877,6 +877,10 @@ class ModelWorker:
                 job.cursor = tok.chunk(text, max_tokens=limit, overlap=job.overlap)
             until = time.perf_counter() + CHUNK_SLICE
             for piece in job.cursor:
+                if piece.tokens == 0:
+                    # Only characters the tokenizer deletes (ZWJ, soft hyphens, marks): nothing
+                    # to embed, and a vector of the bare special frame would mean nothing.
+                    continue
                 job.pieces.append(
                     ChunkPiece(
                         text[piece.start : piece.end],
@@ -908,7 +912,7 @@ class ModelWorker:
             return
         try:
             if isinstance(job, TokenizeJob):
-                job.resolve(TokenizeResult([tok.tokenize(t)[0] for t in job.texts]))
+                job.resolve(TokenizeResult(_tokenize_within(tok, job)))
                 return
             if isinstance(job, ChunkJob):
                 self._chunking.append(job)
@@ -1041,13 +1045,17 @@ class ModelWorker:
                     max_tokens=limit - _prompt_tokens(tok, job),
                     overlap=job.request.overlap,
                 )
+        # A window of only the frame and the prompt (its text was characters the tokenizer
+        # deletes) is never embedded: averaged in, it pulls the vector towards the empty one.
+        empty = tok.frame_size + _prompt_tokens(tok, job)
         for c in job.split_cursor:
             toks = tok.tokenize(job.prefix + text[c.start : c.end])[0][:limit]
-            job.split_windows.append((c.start, c.end, toks))
+            if len(toks) > empty:
+                job.split_windows.append((c.start, c.end, toks))
             if time.perf_counter() > until:
                 return False
         windows = job.split_windows
-        if not windows or len(windows[0][2]) <= tok.frame_size + _prompt_tokens(tok, job):
+        if not windows or len(windows[0][2]) <= empty:
             index = job.index(i)
             raise EmbeddError(
                 Code.BAD_REQUEST,
@@ -1107,6 +1115,29 @@ def _crashed_error(model: str, index: int, how: str, *, again: bool) -> EmbeddEr
             "it were answered)"
         )
     return EmbeddError(Code.MODEL_CRASHED, message, index=index, signal=how, model=model)
+
+
+def _tokenize_within(tok: ModelTokenizer, job: TokenizeJob) -> list[list[int]]:
+    """Each text's ids, refused as soon as they pass `max_ids` in all: a text is tokenized
+    only as far as the ids left room for, never whole first."""
+    left = job.max_ids
+    out: list[list[int]] = []
+    for i, text in enumerate(job.texts):
+        usable, partial = tok.usable_prefix(text, limit=left)
+        ids = tok.tokenize(usable)[0]
+        if left is not None:
+            if partial or len(ids) > left:
+                raise EmbeddError(
+                    Code.BAD_REQUEST,
+                    f"the token ids of input[{i}] and those before it would not fit in "
+                    f"max_response ({job.max_ids} ids at most); send less text per request",
+                    key="input",
+                    index=i,
+                    limit=job.max_ids,
+                )
+            left -= len(ids)
+        out.append(ids)
+    return out
 
 
 def _prompt_tokens(tok: ModelTokenizer, job: EmbedJob) -> int:
