@@ -363,9 +363,7 @@ class ModelRegistry:
         """Unload every model, waiting at most `timeout` for the work they hold (a long
         tokenization among it): after that the daemon exits without them, and their model
         processes end with it (EOF on their pipes, and the parent-death signal)."""
-        unloads = {
-            name: asyncio.ensure_future(slot.unload()) for name, slot in self.slots.items()
-        }
+        unloads = {name: asyncio.ensure_future(slot.unload()) for name, slot in self.slots.items()}
         if not unloads:
             return
         _, pending = await asyncio.wait(unloads.values(), timeout=timeout)
