@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -602,3 +603,117 @@ def test_an_index_built_with_an_older_tokenizer_is_reported_stale(
         out = _cli(daemon, *args)
         assert out.returncode == 1
         assert "stale" in out.stderr and "tokenizer" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Importing a Parquet output: vectors are checked before they can break or steer search
+
+
+def _parquet(path: Path, db: Path, vectors: Any, **columns: Any) -> Path:
+    """A Parquet file of the shared chunk record, one row per vector, with the model and
+    fingerprint of the index `db` (so only the vectors, or what `columns` replaces, differ)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with sqlite3.connect(db) as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    n = len(vectors)
+    table = {
+        "id": [f"{i:032x}" for i in range(n)],
+        "file": [f"/elsewhere/imported{i}.txt" for i in range(n)],
+        "idx": [0] * n,
+        "text": [f"imported note {i}" for i in range(n)],
+        "tokens": [5] * n,
+        "model": [meta["model"]] * n,
+        "model_fingerprint": [meta["fingerprint"]] * n,
+        "vector": vectors,
+        **columns,
+    }
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def _unit(dim: int = 384) -> list[float]:
+    return [1 / dim**0.5] * dim
+
+
+def test_an_import_of_vectors_of_another_dimension_is_refused_and_search_still_works(
+    daemon: Daemon, story: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "s.db"
+    shutil.copy(story, db)
+    parquet = _parquet(tmp_path / "five.parquet", db, [_unit(), [0.1] * 5])
+    line = _one_line_error(_cli(daemon, "index", "--from-parquet", str(parquet), "--out", str(db)))
+    assert f"{parquet}: row 1 has a vector of 5 dimensions, the index's have 384" in line, line
+    hit = _search(daemon, db, "where is the spare key hidden", "-k", "1")[0]
+    assert hit["path"] == "diary.txt"
+
+
+def _bad_vectors() -> dict[str, tuple[list[Any], dict[str, Any], str]]:
+    """Vectors search cannot rank, each with the columns it comes with and the refusal."""
+    nan, inf = _unit(), _unit()
+    nan[7], inf[7] = float("nan"), float("inf")
+    other = {"model_fingerprint": ["0" * 64] * 2}
+    return {
+        "nan": ([_unit(), nan], {}, "row 1 has a vector holding NaN or infinity"),
+        "inf": ([inf, _unit()], {}, "row 0 has a vector holding NaN or infinity"),
+        "zeros": ([_unit(), [0.0] * 384], {}, "row 1 has a vector of zeros"),
+        "null": ([_unit(), None], {}, "row 1 has no vector"),
+        "ragged": ([_unit(), _unit(383)], {}, "row 1 has a vector of 383 dimensions"),
+        "strings": (["0.1, 0.2", "0.3"], {}, "holds string, not lists of floats"),
+        "another model": ([_unit(), _unit()], other, "built with model"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["nan", "inf", "zeros", "null", "ragged", "strings", "another model"]
+)
+def test_an_import_of_a_vector_search_cannot_rank_is_refused_and_nothing_is_written(
+    story: Path, tmp_path: Path, case: str
+) -> None:
+    from embedd.cli import index
+
+    db = tmp_path / "s.db"
+    shutil.copy(story, db)
+    vectors, columns, what = _bad_vectors()[case]
+    parquet = _parquet(tmp_path / "bad.parquet", db, vectors, **columns)
+    with pytest.raises(index.IndexUsageError, match=re.escape(what)):
+        index.index_parquet(parquet, db)
+    assert db.read_bytes() == story.read_bytes()
+
+
+def test_a_refused_import_into_a_new_index_leaves_no_file(story: Path, tmp_path: Path) -> None:
+    from embedd.cli import index
+
+    parquet = _parquet(tmp_path / "bad.parquet", story, [[0.0] * 384])
+    with pytest.raises(index.IndexUsageError, match="vector of zeros"):
+        index.index_parquet(parquet, tmp_path / "new.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]
+
+
+def test_an_imported_vector_is_stored_at_unit_length_so_its_norm_cannot_win_search(
+    daemon: Daemon, story: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    db = tmp_path / "s.db"
+    shutil.copy(story, db)
+    query = "where is the spare key hidden"
+    q = np.asarray(daemon.call("embed", input=query, encoding="list")["embeddings"][0])
+    with sqlite3.connect(db) as conn:
+        stored = [np.frombuffer(v, "<f4") for (v,) in conn.execute("SELECT vector FROM chunks")]
+    best = max(float(v @ q) for v in stored)
+    # A direction half as close to the query as the best chunk, at a norm of 1e30.
+    r = np.random.default_rng(0).standard_normal(q.size)
+    r -= (r @ q) * q
+    u = best / 2 * q + np.sqrt(1 - (best / 2) ** 2) * r / np.linalg.norm(r)
+    parquet = _parquet(tmp_path / "huge.parquet", db, [(u * 1e30).tolist()])
+    out = _cli(daemon, "index", "--from-parquet", str(parquet), "--out", str(db))
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(db) as conn:
+        (vector,) = conn.execute(
+            "SELECT vector FROM chunks WHERE file LIKE '/elsewhere/%'"
+        ).fetchone()
+    assert abs(float(np.linalg.norm(np.frombuffer(vector, "<f4"))) - 1) < 1e-5
+    for mode in ("vector", "hybrid"):
+        assert _search(daemon, db, query, "-k", "1", "--mode", mode)[0]["path"] == "diary.txt"

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 import embedd_client
 import numpy as np
+import numpy.typing as npt
 
 from embedd.cli.chunks import (
     COLUMNS,
@@ -639,8 +640,12 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
     that `search` serves them; no daemon is needed, the vectors are the output's. A document
     (`file`) in the output replaces that document's rows in the index; rows without `file`
     and `idx` (texts embedded without a Chunk step) are each their own document, named by
-    their id. Every row must share one model fingerprint, and it must be the index's.
-    Needs pyarrow (the `ray` extra). Raises IndexUsageError naming what is wrong."""
+    their id. Every row must share one model fingerprint, and it must be the index's; every
+    vector must be a list of finite floats, not all zero, of the index's dimension (that of
+    the vectors it holds, or for a new index, of the first vector imported), and is stored at
+    unit length, as search's cosine expects. One row that fails refuses the whole import: the
+    index is left as it was (a new one is not created). Needs pyarrow (the `ray` extra).
+    Raises IndexUsageError naming the file, the row and what is wrong."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -654,12 +659,23 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
         raise IndexUsageError(f"no Parquet files under {display(str(root))}")
     target = Path(out)
     counts = Counts()
+    new = not target.exists()
     db = _open(target)
+    done = False
     try:
         with db:
             seen: set[str] = set()
+            dim = _stored_dim(db)
             for path in files:
-                counts.chunks += _import_parquet_file(db, pq.ParquetFile(path), path, seen)
+                try:
+                    parquet = pq.ParquetFile(path)
+                except (OSError, ValueError) as exc:  # pyarrow's errors are one or the other
+                    shown = display(str(path))
+                    raise IndexUsageError(
+                        f"{shown} is not a readable Parquet file ({exc})"
+                    ) from None
+                added, dim = _import_parquet_file(db, parquet, path, seen, dim)
+                counts.chunks += added
             db.execute(
                 "UPDATE files SET chunks = (SELECT count(*) FROM chunks WHERE file = path) "
                 "WHERE sha256 = ''"
@@ -673,16 +689,29 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
                 [("updated", now), ("parquet", str(root.resolve()))],
             )
             counts.files_indexed = counts.files_seen = len(seen)
+        done = True
     except sqlite3.Error as exc:
         raise IndexUsageError(f"{display(str(target))}: {exc}") from None
     finally:
         db.close()
+        if new and not done:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                target.with_name(target.name + suffix).unlink(missing_ok=True)
     return counts
 
 
-def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen: set[str]) -> int:
-    """One Parquet file's rows into the index; returns how many. A document met for the first
-    time in this import has its old rows dropped first (`seen` holds those met)."""
+def _stored_dim(db: sqlite3.Connection) -> int | None:
+    """The dimension of the vectors an index holds (None while it holds none)."""
+    row = db.execute("SELECT length(vector) FROM chunks LIMIT 1").fetchone()
+    return None if row is None else int(row[0]) // VECTOR_ITEM_BYTES
+
+
+def _import_parquet_file(
+    db: sqlite3.Connection, parquet: Any, path: Path, seen: set[str], dim: int | None
+) -> tuple[int, int | None]:
+    """One Parquet file's rows into the index; returns how many, and the dimension of the
+    vectors (`dim`: the index's so far, None if it holds none yet). A document met for the
+    first time in this import has its old rows dropped first (`seen` holds those met)."""
     shown = display(str(path))
     schema = parquet.schema_arrow
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
@@ -701,9 +730,14 @@ def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen:
         models = set(columns["model"].to_pylist())
         if len(fingerprints) != 1 or len(models) != 1:
             raise IndexUsageError(f"{shown} mixes models; an index holds one model's vectors")
-        fingerprint = meta.get(META_FINGERPRINT) or fingerprints.pop()
+        fingerprint = fingerprints.pop()
+        if meta.get(META_FINGERPRINT, fingerprint) != fingerprint:
+            raise IndexUsageError(
+                f"{shown}: its rows say model fingerprint {str(fingerprint)[:12]}, its metadata "
+                f"{meta[META_FINGERPRINT][:12]}: not one model's output"
+            )
         _check_model(db, models.pop(), fingerprint)
-        vectors = _vector_rows(columns["vector"], shown)
+        vectors, dim = _vector_rows(columns["vector"], shown, total, dim)
         scalars = [n for n in named if n != "vector"]
         rows = [
             dict(zip(scalars, values, strict=True))
@@ -722,16 +756,57 @@ def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen:
                 db.execute("INSERT INTO files VALUES (?, '', 0, ?)", (row["file"], time.time()))
         _insert_chunks(db, rows)
         total += len(rows)
-    return total
+    return total, dim
 
 
-def _vector_rows(column: Any, shown: str) -> list[bytes]:
-    """Each row's vector as little-endian float32 bytes: from `fixed_size_list<float32>[dim]`
-    (what embedd.ray writes), or any list column of equal-length float lists."""
-    matrix = np.asarray(column.to_pylist(), dtype="<f4")
-    if matrix.ndim != 2:
-        raise IndexUsageError(f"{shown}: the vector column does not hold vectors of one length")
-    return [row.tobytes() for row in matrix]
+def _vector_rows(column: Any, shown: str, first: int, dim: int | None) -> tuple[list[bytes], int]:
+    """Each row's vector as unit-length little-endian float32 bytes, from any list column of
+    floats (embedd.ray writes `fixed_size_list<float32>[dim]`), and their dimension. Refused,
+    naming the row (`first` is this batch's first row in its file): a vector of another
+    dimension than `dim` (it would make every search of the index fail), a missing one, one
+    holding NaN or infinity, one of zeros (no direction). Stored at unit length: search
+    ranks by a dot product with the unit query, so a vector of norm 1e30 would otherwise be
+    the top hit of any query it leans towards."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if not (is_list or pa.types.is_fixed_size_list(kind)) or not pa.types.is_floating(
+        kind.value_type
+    ):
+        raise IndexUsageError(f"{shown}: the vector column holds {kind}, not lists of floats")
+
+    def refuse(rows: npt.NDArray[Any], what: str) -> IndexUsageError:
+        return IndexUsageError(f"{shown}: row {first + int(rows[0])} {what}; nothing imported")
+
+    if column.null_count:
+        raise refuse(
+            np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)), "has no vector"
+        )
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if dim is None:
+        dim = int(lengths[0])
+    if (wrong := np.flatnonzero(lengths != dim)).size:
+        raise refuse(
+            wrong, f"has a vector of {int(lengths[wrong[0]])} dimensions, the index's have {dim}"
+        )
+    if dim < 1:
+        raise refuse(np.zeros(1), "has a vector of no dimensions")
+    values = column.flatten()
+    if values.null_count:
+        nulls = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False)) // dim
+        raise refuse(nulls, "has a vector with a missing component")
+    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
+    if (bad := np.flatnonzero(~np.isfinite(matrix).all(axis=1))).size:
+        raise refuse(bad, "has a vector holding NaN or infinity")
+    # Scaled by its largest component first: the norm of a float64 vector of 1e300s overflows.
+    peaks = np.abs(matrix).max(axis=1)
+    if (zero := np.flatnonzero(peaks == 0)).size:
+        raise refuse(zero, "has a vector of zeros, which points nowhere")
+    scaled = matrix / peaks[:, None]
+    unit = (scaled / np.linalg.norm(scaled, axis=1)[:, None]).astype("<f4")
+    return [row.tobytes() for row in unit], dim
 
 
 def _check_chunking(client: embedd_client.Client, model: str, chunking: Chunking) -> None:
