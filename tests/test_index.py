@@ -226,6 +226,46 @@ def test_the_summary_counts_skips_by_reason(daemon: Daemon, tmp_path: Path) -> N
     )
 
 
+def test_a_link_to_a_file_outside_the_folder_is_indexed_by_its_name_and_removed_with_it(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "target.md").write_text("Backups run every night at two.")
+    (folder / "link.md").symlink_to(tmp_path / "elsewhere" / "target.md")
+    db = tmp_path / "n.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    assert sorted(_files(db)) == [str(folder / "good.md"), str(folder / "link.md")]
+    (folder / "link.md").unlink()
+    out = _cli(daemon, "index", str(folder), "--out", str(db))
+    assert out.returncode == 0, out.stderr
+    assert "1 unchanged, 1 removed" in out.stderr
+    assert sorted(_files(db)) == [str(folder / "good.md")]
+
+
+def test_a_link_to_proc_self_status_stays_one_row_however_many_runs(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # Its target is another process's file on every run (/proc/<pid>/status).
+    folder = _one_good_file(tmp_path)
+    (folder / "status.txt").symlink_to("/proc/self/status")
+    db = tmp_path / "n.db"
+    for _ in range(2):
+        out = _cli(daemon, "index", str(folder), "--out", str(db))
+        assert out.returncode == 0, out.stderr
+    assert sorted(_files(db)) == [str(folder / "good.md"), str(folder / "status.txt")]
+
+
+def test_a_link_to_a_file_inside_the_folder_is_indexed_once_by_the_files_name(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (folder / "again.md").symlink_to(folder / "good.md")
+    db = tmp_path / "n.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    assert sorted(_files(db)) == [str(folder / "good.md")]
+
+
 # A file this far over MAX_FILE_BYTES (32 MiB) shows at once whether it was read.
 _HUGE_FILE_BYTES = 500 * 10**6
 # What skipping it may cost the indexer's peak RSS at most: far under the file's size.

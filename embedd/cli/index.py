@@ -275,18 +275,27 @@ def walk(
     pattern matches the relative path or any of its components). Every regular file is a
     candidate whatever its name (README, LICENSE, .html, .json): whether it is text is decided
     by its content (`decode`). `skip` are files never offered (the index itself and SQLite's
-    journal next to it, when the index lies inside the folder)."""
+    journal next to it, when the index lies inside the folder).
+
+    A file is named by its real path, so one reached by several names is indexed once; a
+    symbolic link to a file outside every folder walked is named by the link's own path in
+    its folder: its row is then removed when the link goes, and a link whose target's path
+    changes between runs (`/proc/self/status`) stays one row instead of adding one a run."""
     never = {p.resolve() for p in skip}
+    folders = [p.resolve() for p in paths if p.is_dir()]
     for root in paths:
         if root.is_file():
             yield root.resolve()
             continue
+        base = root.resolve()
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root).as_posix()
             if any(part in SKIP_DIRS for part in path.relative_to(root).parts):
                 continue
-            if path.is_file() and not _excluded(rel, excludes) and path.resolve() not in never:
-                yield path.resolve()
+            real = path.resolve()
+            if path.is_file() and not _excluded(rel, excludes) and real not in never:
+                inside = any(real == f or f in real.parents for f in folders)
+                yield real if inside else base / rel
 
 
 def read_file(path: Path) -> bytes:
