@@ -526,6 +526,17 @@ def test_the_snippet_is_the_passage_that_matches_not_the_chunks_start(
     assert not hit["text"].startswith(hit["passage"])
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "vector"])
+def test_a_paragraph_longer_than_the_model_takes_is_a_query_like_any_other(
+    daemon: Daemon, story: Path, mode: str
+) -> None:
+    paragraph = "I had the spare key this morning and now I cannot find where it is hidden. " * 25
+    tokens = daemon.call("tokenize", input=paragraph)["ids"][0]
+    assert len(tokens) > 256  # over the bundled model's limit
+    hit = _search(daemon, story, paragraph, "-k", "1", "--mode", mode)[0]
+    assert (hit["path"], hit["line"]) == ("diary.txt", 23), hit
+
+
 def test_search_text_output_is_path_colon_line_then_the_passage(
     daemon: Daemon, story: Path
 ) -> None:

@@ -1163,8 +1163,12 @@ def _query_vector(
     error = _mismatch(str(meta.get("fingerprint", "")), model_fingerprint(card), model, model)
     if error is not None:
         raise error
-    prompt = "query" if "query" in (card.get("prompts") or []) else None
-    q = np.asarray(client.embed_query(query, model, prompt=prompt), dtype=np.float32)
+    # A query longer than the model's limit (a pasted paragraph) is split into windows and
+    # pooled, as the daemon does for any input: the whole paragraph is what is sought.
+    options: embedd_client.EmbedOptions = {"priority": "interactive", "long": "split"}
+    if "query" in (card.get("prompts") or []):
+        options["prompt"] = "query"
+    q = np.asarray(client.embed(query, model, **options), dtype=np.float32)
     return q / np.linalg.norm(q)
 
 
