@@ -553,6 +553,32 @@ def test_the_path_filter_keeps_only_matching_files(
     assert hits and all(h["path"].endswith(".md") for h in hits), hits
 
 
+@pytest.fixture(scope="module")
+def nested(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An index of a folder with a file in it and one in its `sub` folder."""
+    tmp = tmp_path_factory.mktemp("nested")
+    folder = _one_good_file(tmp)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "renewal.md").write_text("The certificate renewal is due in May.")
+    db = tmp / "n.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    return folder, db
+
+
+@pytest.mark.parametrize(("where", "glob"), [("", "./sub"), ("sub", "."), ("sub", "../sub")])
+def test_a_path_filter_from_the_current_directory_keeps_the_files_under_it(
+    daemon: Daemon, nested: tuple[Path, Path], where: str, glob: str
+) -> None:
+    folder, db = nested
+    out = subprocess.run(
+        [sys.executable, "-m", "embedd", "search", str(db), "certificate", "--path", glob,
+         "--json", "--socket", str(daemon.socket)],
+        capture_output=True, text=True, timeout=60, cwd=folder / where,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert [h["path"] for h in json.loads(out.stdout)] == ["sub/renewal.md"]
+
+
 def test_bm25_mode_finds_an_exact_identifier(daemon: Daemon, built: tuple[Path, Path]) -> None:
     hits = _search(daemon, built[1], "JSONDecodeError", "--mode", "bm25", "-k", "1")
     assert hits[0]["path"] == "decoder.py" and "JSONDecodeError" in hits[0]["passage"], hits

@@ -1057,7 +1057,8 @@ def search(
 ) -> list[Hit]:
     """The `k` chunks of `index` that best answer `query`, best first: by `mode` ("hybrid":
     vector and BM25 rankings fused; "vector"; "bm25", which needs no daemon), among files whose
-    path relative to the indexed folder matches one of the globs `paths` (all when empty).
+    path relative to the indexed folder matches one of the globs `paths` (all when empty; a
+    glob starting with `/`, `./` or `../` is a path from the current directory).
     `note` receives a one-line remark when an old index limits what can be done (no keyword
     table yet: hybrid falls back to vectors). Raises IndexUsageError, naming the file, for
     anything wrong with `index` (missing, a directory, not SQLite, truncated, another
@@ -1124,7 +1125,7 @@ def _search(
             mode = MODE_VECTOR
         files = [row[0] for row in db.execute("SELECT path FROM files")]
         rel = _relative_paths(files, json.loads(meta.get("roots", "[]")))
-        allowed = {f for f in files if _path_matches(rel[f], globs)} if globs else None
+        allowed = {f for f in files if _path_matches(rel[f], globs, f)} if globs else None
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
         rankings: list[list[tuple[Key, float]]] = []
         if mode != MODE_BM25:
@@ -1260,12 +1261,24 @@ def _relative_paths(files: Sequence[str], roots: Sequence[str]) -> dict[str, str
     return out
 
 
-def _path_matches(rel: str, globs: Sequence[str]) -> bool:
+def _from_here(glob: str) -> bool:
+    """Whether a --path GLOB is a path from the current directory, as a shell reads one."""
+    return glob in (".", "..") or glob.startswith(("/", "./", "../"))
+
+
+def _path_matches(rel: str, globs: Sequence[str], full: str = "") -> bool:
     """Whether `rel` matches one of the globs: against the whole relative path (`*` spans
     folders), a pattern without `/` also against the file name, and a folder name against
-    everything under it (`docs` or `docs/`)."""
+    everything under it (`docs` or `docs/`). A glob starting with `/`, `./` or `../` is a
+    path from the current directory, matched the same way against the file's `full` path
+    (so `--path ./sub`, typed in the indexed folder, means its `sub`)."""
     name = rel.rsplit("/", 1)[-1]
     for glob in globs:
+        if _from_here(glob):
+            here = os.path.realpath(glob)
+            if full and (fnmatch.fnmatchcase(full, here) or fnmatch.fnmatchcase(full, here + "/*")):
+                return True
+            continue
         pattern = glob.strip("/") if glob.strip("/") else glob
         if (
             fnmatch.fnmatchcase(rel, pattern)

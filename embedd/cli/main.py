@@ -959,7 +959,8 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="GLOB",
         help="only files whose path (relative to the indexed folder) matches GLOB; a GLOB "
-        "without / also matches the file name, a folder name all under it (repeatable)",
+        "without / also matches the file name, a folder name all under it; one starting with "
+        "/, ./ or ../ is a path from the current directory (repeatable)",
     )
     p.add_argument(
         "--json",
