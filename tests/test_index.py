@@ -3,6 +3,7 @@ folder of real text (this repository's docs and the standard library's json pack
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -489,6 +490,33 @@ def test_progress_when_not_a_terminal_is_plain_lines(daemon: Daemon, tmp_path: P
     assert out.returncode == 0, out.stderr
     assert "\r" not in out.stderr and "\x1b" not in out.stderr
     assert out.stderr.splitlines()[-2].startswith("100% ")
+
+
+def test_index_reports_finding_and_checking_the_files_before_embedding_any(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # A folder of 100,000 files took 9 s to find and check here before the first line.
+    folder = _one_good_file(tmp_path)
+    (folder / "second.md").write_text("A second note.")
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[:2] == ["finding files: 0 so far", "checking 1/2 files for changes"], lines
+    assert lines[2].startswith("100% "), lines
+
+
+def test_while_checking_files_a_plain_progress_line_comes_every_plain_every_seconds() -> None:
+    from embedd.cli import index
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = index.Progress(stream, tty=False, files=100_000, bytes_ahead=0, clock=lambda: now[0])
+    for checked in range(1, 100_001):
+        now[0] = checked * 1.05e-4  # 10.5 s in all: a line at once, then after 5 s and 10 s
+        progress.checking(checked)
+    lines = stream.getvalue().splitlines()
+    assert index.PLAIN_EVERY == 5.0
+    assert lines[0] == "checking 1/100,000 files for changes" and len(lines) == 3, lines
 
 
 @pytest.fixture(scope="module")

@@ -269,33 +269,70 @@ def _excluded(rel: str, patterns: Sequence[str]) -> bool:
 
 
 def walk(
-    paths: Sequence[Path], excludes: Sequence[str], skip: Sequence[Path] = ()
+    paths: Sequence[Path],
+    excludes: Sequence[str],
+    skip: Sequence[Path] = (),
+    found: Callable[[int], None] | None = None,
 ) -> Iterator[Path]:
     """Files to index under `paths`, in a stable order, gitignore-style excludes applied (a
     pattern matches the relative path or any of its components). Every regular file is a
     candidate whatever its name (README, LICENSE, .html, .json): whether it is text is decided
     by its content (`decode`). `skip` are files never offered (the index itself and SQLite's
-    journal next to it, when the index lies inside the folder).
+    journal next to it, when the index lies inside the folder). `found` is told the count of
+    files found so far, as they are found (a folder is listed whole before its files come, so
+    that they come sorted).
 
     A file is named by its real path, so one reached by several names is indexed once; a
     symbolic link to a file outside every folder walked is named by the link's own path in
     its folder: its row is then removed when the link goes, and a link whose target's path
-    changes between runs (`/proc/self/status`) stays one row instead of adding one a run."""
+    changes between runs (`/proc/self/status`) stays one row instead of adding one a run.
+    Links to folders are not followed, and SKIP_DIRS are never entered."""
     never = {p.resolve() for p in skip}
     folders = [p.resolve() for p in paths if p.is_dir()]
+    count = 0
     for root in paths:
         if root.is_file():
             yield root.resolve()
             continue
         base = root.resolve()
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if any(part in SKIP_DIRS for part in path.relative_to(root).parts):
+        files: list[tuple[list[str], Path]] = []
+        for rel, entry in _entries(base):
+            if not entry.is_file() or _excluded(rel, excludes):
                 continue
-            real = path.resolve()
-            if path.is_file() and not _excluded(rel, excludes) and real not in never:
-                inside = any(real == f or f in real.parents for f in folders)
-                yield real if inside else base / rel
+            # Only a link can lead elsewhere: the folders above are real (walked from `base`,
+            # links to folders not followed), which saves a realpath per file.
+            real = Path(os.path.realpath(entry.path)) if entry.is_symlink() else base / rel
+            if real in never:
+                continue
+            inside = real == base / rel or any(real == f or f in real.parents for f in folders)
+            files.append((rel.split("/"), real if inside else base / rel))
+            count += 1
+            if found is not None:
+                found(count)
+        files.sort(key=lambda item: item[0])  # as the paths sort, by their components
+        yield from (path for _, path in files)
+
+
+def _entries(base: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry under the folder `base` that is not a folder, with its path relative to
+    it: SKIP_DIRS are neither entered nor offered, links to folders are not followed, and a
+    folder that cannot be read is left out (as `Path.rglob` does)."""
+    pending = [""]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(base / folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name in SKIP_DIRS:
+                continue
+            rel = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(rel)
+            else:
+                yield rel, entry
 
 
 def read_file(path: Path) -> bytes:
@@ -374,6 +411,9 @@ PLAIN_EVERY = 5.0
 TTY_EVERY = 0.1
 # Erase from the cursor to the end of the line (ECMA-48 EL, "CSI K").
 CLEAR_EOL = "\x1b[K"
+# The progress line's stages before embedding (`Progress.stage`).
+FINDING = "finding"
+CHECKING = "checking"
 
 
 def _terminal_width(stream: TextIO) -> int:
@@ -438,6 +478,32 @@ class Progress:
         self.embed_started: float | None = None
         self.last_draw = -float("inf")
         self.drawn = False
+        # Before any embedding, the run finds the files (FINDING) and reads each to see whether
+        # it changed (CHECKING): 100,000 files take seconds of each, which the line must show.
+        self.stage: str | None = None
+        self.found = 0
+        self.checked = 0
+
+    # -- the stages before embedding ---------------------------------------------------------
+
+    def finding(self, found: int) -> None:
+        """`found` files found so far (drawn at once when the stage begins)."""
+        self.found = found
+        self._stage(FINDING)
+
+    def checking(self, checked: int) -> None:
+        """`checked` of the files found read and compared with the index so far."""
+        self.checked = checked
+        self._stage(CHECKING)
+
+    def embedding(self) -> None:
+        """The files that changed are chunked and embedded from here on."""
+        self.stage = None
+
+    def _stage(self, stage: str) -> None:
+        begins = self.stage != stage
+        self.stage = stage
+        self.draw(force=begins)
 
     # -- what happened -----------------------------------------------------------------------
 
@@ -489,6 +555,10 @@ class Progress:
         return self.tokens_done / max(self.clock() - self.embed_started, 1e-6)
 
     def line(self, width: int) -> str:
+        if self.stage == FINDING:
+            return f"finding files: {self.found:,} so far"[:width]
+        if self.stage == CHECKING:
+            return f"checking {self.checked:,}/{self.files:,} files for changes"[:width]
         ahead = self.tokens_ahead()
         total = self.tokens_done + ahead
         pct = 100 * self.tokens_done // total if total else 100
@@ -849,16 +919,19 @@ def _build(
         rechunk = _record_run(db, paths, chunking)
         db.commit()
         skip = [out] + [out.with_name(out.name + s) for s in ("-journal", "-wal", "-shm")]
-        files = list(walk(paths, excludes, skip))
+        progress = Progress(stream, tty=tty, files=0, bytes_ahead=0)
+        progress.finding(0)
+        files = list(walk(paths, excludes, skip, found=progress.finding))
+        progress.files = len(files)
         known = dict(db.execute("SELECT path, sha256 FROM files").fetchall())
         unlined = {r[0] for r in db.execute("SELECT DISTINCT file FROM chunks WHERE line = 0")}
-        progress = Progress(stream, tty=tty, files=len(files), bytes_ahead=0)
         if rechunk and known:
             progress.note("the chunk settings changed: every file is chunked and embedded again")
         # First pass: what changed (the bytes ahead give the first estimate of the work).
         todo: list[tuple[Path, int]] = []
         for path in files:
             counts.files_seen += 1
+            progress.checking(counts.files_seen)
             name = str(path)
             try:
                 _utf8_name(name)
@@ -876,6 +949,7 @@ def _build(
                 _skipped(counts, progress, name, skipped)
                 progress.files_done += 1
         db.commit()
+        progress.embedding()
         progress.bytes_ahead = sum(size for _, size in todo)
         # Second pass: chunk and embed what changed, a file per transaction.
         for path, size in todo:
