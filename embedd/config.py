@@ -132,18 +132,24 @@ def fit_to_cores(config: Config, cores: int) -> tuple[Config, list[str]]:
     least one core of the budget, and holds its compute buffers for nothing (256 replicas of
     the bundled model on 2 cores: 2.3 GB)."""
     notes: list[str] = []
-    models: dict[str, ModelConfig] = {}
-    for name, model in config.models.items():
-        cut: dict[str, int] = {}
-        for key in ("threads", "replicas"):
-            value = getattr(model, key)
-            if value is not None and value > cores:
-                cut[key] = cores
-                notes.append(
-                    f"model {name!r}: {key} = {value} is more than the {cores} usable cores "
-                    f"(the affinity mask and the cgroup quota); using {cores}"
-                )
-        models[name] = replace(model, **cut) if cut else model
+
+    def fit(name: str, key: str, value: int | None) -> int | None:
+        if value is None or value <= cores:
+            return value
+        notes.append(
+            f"model {name!r}: {key} = {value} is more than the {cores} usable cores "
+            f"(the affinity mask and the cgroup quota); using {cores}"
+        )
+        return cores
+
+    models = {
+        name: replace(
+            model,
+            threads=fit(name, "threads", model.threads),
+            replicas=fit(name, "replicas", model.replicas),
+        )
+        for name, model in config.models.items()
+    }
     return replace(config, models=models), notes
 
 
