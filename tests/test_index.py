@@ -3,6 +3,7 @@ folder of real text (this repository's docs and the standard library's json pack
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -117,8 +118,9 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_files(
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if db.exists() and len(_files(db)) >= 2:
-            break
+        with contextlib.suppress(sqlite3.OperationalError):  # the schema may not be there yet
+            if db.exists() and len(_files(db)) >= 2:
+                break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

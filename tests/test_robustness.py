@@ -119,19 +119,6 @@ def test_the_live_daemon_answers_any_request_map_exactly_once(
         assert conn.call("health")["status"] == "ok"  # the connection still works
 
 
-def test_an_exception_in_the_model_thread_fails_only_that_batch(
-    workdir: Path, own_daemon: list[Daemon], reference: Reference
-) -> None:
-    d = start_daemon(workdir, env={"EMBEDD_TEST_FAULT_BATCHES": "2"})
-    own_daemon.append(d)
-    first = d.call("embed", input=reference.queries[0])
-    assert first["ok"]
-    failed = d.call("embed", input=reference.queries[1])["error"]
-    assert failed["code"] == "internal" and "fault injected" in failed["message"]
-    r = d.call("embed", input=reference.queries[:3])
-    assert cosines(vectors(r), reference.q_vecs[:3]).min() >= 0.9999
-
-
 def _soak(d: Daemon, reference: Reference, total: int, clients: int) -> dict[str, int]:
     """`clients` threads send `total` mixed requests; every answer is checked."""
     counts = {"ok": 0, "errors": 0, "wrong": 0, "lost": 0}

@@ -247,6 +247,18 @@ def test_a_refused_model_is_woken_when_cores_come_free() -> None:
     assert woken == ["b"]
 
 
+def test_two_workers_of_one_model_refused_at_once_are_both_woken() -> None:
+    """While a model reloads, its old worker and its new one share the model's name: each
+    wake-up is its worker's own, so neither is lost."""
+    b = budget()
+    woken: list[str] = []
+    assert b.acquire("a", QUERY, lambda: None) == 2
+    assert b.acquire("m", QUERY, lambda: woken.append("old worker")) == 0
+    assert b.acquire("m", QUERY, lambda: woken.append("new worker")) == 0
+    b.release("a", 2)
+    assert sorted(woken) == ["new worker", "old worker"]
+
+
 def test_two_models_computing_at_once_are_the_peak_the_budget_reports() -> None:
     b = budget()
     b.acquire("a", Launch(False, share=2), lambda: None)

@@ -496,7 +496,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print("\n".join(cards))
     for m in models:
         if m.get("error"):
-            print(_wrap(f"{m.get('name')}: failed to load: {m['error']}"))
+            print(_wrap(f"{m.get('name')}: failed: {m['error']}"))
         if m.get("aliases"):
             print(_wrap(f"  aliases of {m.get('name')}: {', '.join(m['aliases'])}"))
     return 0
@@ -604,6 +604,19 @@ def _status_text(
                 timings,
             )
         )
+    for name, m in model_stats.items():
+        process = m.get("process") or {}
+        if process.get("crashes"):
+            lines.append(
+                _wrap(
+                    f"  {name}: its model process died {process['crashes']} time(s), restarted "
+                    f"{process.get('restarts', 0)}, inputs found to kill it "
+                    f"{process.get('poison_inputs_found', 0)}, refused "
+                    f"{process.get('poison_inputs_refused', 0)}"
+                )
+            )
+        if m.get("error"):
+            lines.append(_wrap(f"  {name}: failed: {m['error']}"))
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ class Daemon:
                 return {"models": [s.describe() for s in self.models.slots.values()]}
             case Load():
                 slot = self.models.get(args.model)
-                await slot.load(self.config.request_timeout)
+                await slot.load(self.config.request_timeout, explicit=True)
                 slot.touch()
                 return slot.describe()
             case Unload():
@@ -176,7 +176,7 @@ class Daemon:
 
     async def preload(self, name: str) -> None:
         """Load a model before the daemon reports ready (the service manager's preload)."""
-        await self.models.get(name).load(self.config.request_timeout)
+        await self.models.get(name).load(self.config.request_timeout, explicit=True)
 
     def _hello(self) -> dict[str, Any]:
         cfg = self.config
@@ -207,6 +207,10 @@ class Daemon:
             "status": "shutting_down" if self.draining else "ok",
             "uptime": round(time.monotonic() - self.started, 3),
             "models_ready": sum(1 for s in self.models.slots.values() if s.state == "ready"),
+            # Models that cannot serve now, and why (a failed load, or one that kept crashing).
+            "models_failed": {
+                name: s.error for name, s in self.models.slots.items() if s.state == "failed"
+            },
         }
 
     def stats(self) -> dict[str, Any]:
@@ -245,7 +249,22 @@ class Daemon:
                 "latency_ms": st.latency_ms(),
                 "loads": slot.loads,
                 "unloads": slot.unloads,
+                # The model process: llama.cpp runs there, never in the daemon.
+                "process": {
+                    "pid": w.pid if w else None,
+                    "rss_bytes": w.process_rss() if w else None,
+                    "starts": st.process_starts,
+                    "canaries": st.canaries,
+                    "crashes": st.crashes,
+                    "restarts": st.restarts,
+                    "poison_inputs_found": st.poison_found,
+                    "poison_inputs_refused": st.poison_refused,
+                    "poison_inputs_known": len(slot.poison),
+                    "boundary_us": st.boundary_us(),
+                },
             }
+            if slot.state == "failed":
+                models[name]["error"] = slot.error
         return {
             "uptime": round(time.monotonic() - self.started, 3),
             "rss_bytes": _rss_bytes(),

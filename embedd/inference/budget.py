@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from .modelprocess import children_cpu_seconds
 from .threads import (
     INTERACTIVE_RECENT,
     Launch,
@@ -38,15 +39,19 @@ class CoreBudget:
         # What the machine looks like before each batch; the event loop runs on the main
         # thread, and its load counts as competition. (The tests give a machine by hand.)
         if sample is None:
-            sample = Sampler(service_tid=threading.main_thread().native_id).sample
+            sample = Sampler(
+                service_tid=threading.main_thread().native_id, children=children_cpu_seconds
+            ).sample
         self._sample = sample
         first = sample()
         self.usable = usable_cpus(first.affinity, first.quota)
         self._lock = threading.Lock()
         self.in_use = 0
         self._interactive_at = -INTERACTIVE_RECENT
-        # Models refused cores, woken when some come free (name -> its wake-up).
-        self._waiting: dict[str, Callable[[], None]] = {}
+        # Wake-ups of the workers refused cores, called once when some come free. Keyed by the
+        # wake-up itself, not the model's name: a model being reloaded has two workers, and
+        # each must hear (one overwriting the other's left requests waiting forever).
+        self._waiting: dict[Callable[[], None], None] = {}
         # Decodes running per model, and the high-water marks `stats` shows.
         self._computing: dict[str, int] = {}
         self.peak_in_use = 0
@@ -83,7 +88,7 @@ class CoreBudget:
                 threads,
             )
             if threads == 0:
-                self._waiting[model] = wake
+                self._waiting[wake] = None
                 self.refusals += 1
                 return 0
             self.in_use += threads
@@ -100,7 +105,7 @@ class CoreBudget:
                 self._computing[model] = left
             else:
                 self._computing.pop(model, None)
-            waiting = list(self._waiting.values())
+            waiting = list(self._waiting)
             self._waiting.clear()
         for wake in waiting:
             wake()

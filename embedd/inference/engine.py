@@ -1,11 +1,11 @@
-"""One loaded GGUF embedding model, driven through llama.cpp's C API: its weights and tokenizer
+"""One loaded GGUF embedding model, driven through llama.cpp's C API: its weights and vocabulary
 (`Model`, loaded once) and the llama contexts that compute with them (`Context`, one per
 replica: llama.cpp lets many contexts share one model's weights, each adding only its own
 compute buffers).
 
-A `Model` is used by the model's coordinating thread (tokenizing keeps a memo); each `Context`
-by exactly the one replica thread that created it (llama.cpp contexts are not thread-safe);
-`worker.py` guarantees both. The C API is used directly rather than
+Only a model process imports this module (`runner.py`): the daemon never loads llama.cpp. There
+each `Context` is used by exactly the one replica thread that created it (llama.cpp contexts
+are not thread-safe). The C API is used directly rather than
 `llama_cpp.Llama` because `Llama.embed` truncates by cutting the token list (dropping the final
 SEP, which moves vectors away from the reference), and because `Llama(verbose=False)` redirects
 the process's stdout/stderr file descriptors while loading, which would swallow the daemon's own
@@ -17,9 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,10 @@ import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
-from .chunking import Chunk, iter_chunks
-from .tokenizer import (
-    TOKENIZER_VERSION,
-    WordPieceConfig,
-    WordPieceTokenizer,
-    vocabulary_from_gguf,
-)
+from .chunking import Chunk
+from .pipe import ModelInfo, TokenizerSpec, WordPieceSpec
+from .tokenizer import TOKENIZER_VERSION, vocabulary_from_gguf
+from .tokens import ModelTokenizer
 
 _llama_log = logging.getLogger("embedd.llama")
 
@@ -89,10 +84,15 @@ def gpu_layers_for(configured: int | None, *, supports_gpu: bool) -> int:
     return ALL_LAYERS if supports_gpu else 0
 
 
-def model_params(gpu_layers: int) -> Any:
+def model_params(gpu_layers: int, *, repack: bool = True) -> Any:
     """llama.cpp's model parameters as embedd sets them (separate so a test can read them)."""
     mparams = lc.llama_model_default_params()
     mparams.n_gpu_layers = gpu_layers
+    # Extra buffer types hold weights repacked for the CPU's matrix instructions. On CPUs with
+    # AMX, llama.cpp's repacked path for quantized weights (q8_0, q4) dies with SIGILL; without
+    # it (llama-server's --no-repack) the same file computes the reference's vectors. The
+    # canary (`canary.py`) decides, per file, build and CPU.
+    mparams.use_extra_bufts = repack
     # Read the weights into memory rather than mapping the file: a mapped file that is
     # overwritten in place (`cp new.gguf model.gguf`) kills the process with SIGBUS on the
     # next page it touches. The cost is the page cache's sharing, nothing else.
@@ -100,13 +100,6 @@ def model_params(gpu_layers: int) -> Any:
     return mparams
 
 
-# Whole tokens of margin between the last token that could be kept and where a long text is
-# cut before tokenizing: word-level pre-tokenizers see the words near the cut differently.
-# (llama.cpp's tokenizers only: embedd's WordPiece cuts where words provably end.)
-_PREFIX_MARGIN_TOKENS = 16
-# Texts up to this many characters per token of the limit are tokenized whole by embedd's
-# WordPiece (4 KB for 256 tokens: under a millisecond), longer ones only as far as needed.
-_WHOLE_TEXT_CHARS_PER_TOKEN = 16
 # Byte-level BPE pre-tokenizers (`tokenizer.ggml.pre`) whose reference tokenizer composes the
 # text to NFC first, which llama.cpp skips: Qwen2/Qwen3's tokenizer.json declares an NFC
 # normalizer. Measured on a byte-level vocabulary trained here on faker text: 12 % of Hindi and
@@ -118,8 +111,6 @@ _NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
 # SentencePiece itself) drops. Measured on a Unigram vocabulary trained here on faker text:
 # every Thai text (faker ends them with a space) differed from the reference without it.
 _TRAILING_SPACE_PIECE = "\u2581"
-# Unicode categories a normalisation map may turn into a space (or delete): control, format.
-_BLANK = frozenset({"Cc", "Cf"})
 # Token attributes that make a token's text a literal special token (llama.h llama_token_attr).
 _LITERAL_ATTRS = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
 # What the vocabulary's special roles are called in the GGUF (gguf's constants spell
@@ -189,24 +180,6 @@ def install_llama_log() -> None:
 # --- the model ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    dim: int
-    pooling: str
-    n_ctx_train: int
-    memory: int
-    max_tokens: int
-    batch_tokens: int
-    max_seqs: int
-    # Content fingerprint of the model file (cache keys); filled in by the worker.
-    fingerprint: str = ""
-    # What the file says about itself, its size and sha256 (`models`); filled in by the worker.
-    card: Mapping[str, Any] = field(default_factory=dict)
-    # Which tokenizer made the ids (cache keys, index fingerprints): vectors from another
-    # tokenizer's ids are different vectors.
-    tokenizer: str = ""
-
-
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
@@ -222,7 +195,8 @@ def _check_file(path: Path) -> None:
 
 
 class Model:
-    """A GGUF model's weights, vocabulary and tokenizer, and the limits its contexts share."""
+    """A GGUF model's weights and vocabulary, the limits its contexts share, and what the
+    daemon needs to tokenize for it (`tokenizer_spec`)."""
 
     def __init__(
         self,
@@ -232,14 +206,18 @@ class Model:
         max_tokens: int | None,
         gpu_layers: int | None = None,
         dim: int | None = None,
+        repack: bool = True,
     ) -> None:
         install_llama_log()
         _check_file(path)
         self.path = path
+        self.repack = repack
         self.gpu_layers = gpu_layers_for(
             gpu_layers, supports_gpu=bool(lc.llama_supports_gpu_offload())
         )
-        model = lc.llama_model_load_from_file(str(path).encode(), model_params(self.gpu_layers))
+        model = lc.llama_model_load_from_file(
+            str(path).encode(), model_params(self.gpu_layers, repack=repack)
+        )
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (unsupported or corrupt GGUF)")
         self._model = model
@@ -259,12 +237,6 @@ class Model:
     def _init_vocab(self, batch_tokens: int, max_tokens: int | None) -> None:
         model = self._model
         self._vocab = lc.llama_model_get_vocab(model)
-        self._wordpiece = self._wordpiece_tokenizer()
-        self._nfc = self._composes_nfc()
-        self._trailing_space = self._trailing_space_token()
-        self._space_probe = self._tokenize_raw("a a", add_special=False)
-        # The last usable prefix and its ids: the worker tokenizes that prefix right after.
-        self._prefix_memo: tuple[str, list[int]] | None = None
         self.dim = int(lc.llama_model_n_embd(model))
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
         if max_tokens is None:
@@ -280,14 +252,27 @@ class Model:
         self.max_seqs = int(min(self.batch_tokens, lc.llama_max_parallel_sequences(), 64))
         self.memory = int(lc.llama_model_size(model))
         self._head, self._tail = self._special_frame()
-        # No token spans more bytes than this: a text longer than max_tokens times it cannot
-        # fit, so only that much of it is ever tokenized (a 50 MB text took 4 s whole).
-        self._longest_piece = self._longest_token_bytes()
         if len(self._head) + len(self._tail) >= max_tokens:
             raise ModelLoadError(f"max_tokens {max_tokens} leaves no room for text")
+        self.tokenizer_spec = TokenizerSpec(
+            head=self._head,
+            tail=self._tail,
+            max_tokens=max_tokens,
+            # No token spans more bytes than this: a text longer than max_tokens times it
+            # cannot fit, so only that much of it is ever tokenized.
+            longest_piece=self._longest_token_bytes(),
+            nfc=self._composes_nfc(),
+            trailing_space=self._trailing_space_token(),
+            space_probe=self.tokenize_bare("a a"),
+            wordpiece=self._wordpiece_spec(),
+        )
+        try:
+            self.tokenizer = ModelTokenizer(self.tokenizer_spec, self.tokenize_bare)
+        except ValueError as exc:
+            raise ModelLoadError(f"unusable WordPiece vocabulary: {exc}") from exc
 
     def info(self, pooling: str) -> ModelInfo:
-        """What `models` and the worker report, once a context has said how it pools."""
+        """What `models` and the coordinator are told, once a context has said how it pools."""
         return ModelInfo(
             dim=self.dim,
             pooling=pooling,
@@ -296,6 +281,7 @@ class Model:
             max_tokens=self.max_tokens,
             batch_tokens=self.batch_tokens,
             max_seqs=self.max_seqs,
+            card=self.card,
             tokenizer=self.card["tokenizer"],
         )
 
@@ -386,25 +372,23 @@ class Model:
                 ids.add(int(value))
         return ids
 
-    def _wordpiece_tokenizer(self) -> WordPieceTokenizer | None:
+    def _wordpiece_spec(self) -> WordPieceSpec | None:
         """The reference's WordPiece over this model's vocabulary, for BERT vocabularies (the
-        only type embedd tokenizes itself: llama.cpp's WordPiece deviates, issue 17)."""
+        only type embedd tokenizes itself: llama.cpp's WordPiece deviates from the reference
+        on accents, Hangul and long words)."""
         if lc.llama_vocab_type(self._vocab) != lc.LLAMA_VOCAB_TYPE_WPM:
             return None
         literal = self._literal_token_ids()
         tokens = vocabulary_from_gguf(self.vocabulary(), literal)
         unk = self._meta("tokenizer.ggml.unknown_token_id")
         lowercase = self._meta("tokenizer.ggml.normalizer.lowercase")
-        config = WordPieceConfig(
+        return WordPieceSpec(
+            tokens=tokens,
             # llama.cpp lower-cases every BERT vocabulary that does not say otherwise.
             lowercase=lowercase is None or lowercase.lower() == "true",
             unk_token=tokens[int(unk)] if unk is not None and unk.isdigit() else "[UNK]",
-            special_tokens=tuple(tokens[i] for i in sorted(literal)),
+            special_tokens=[tokens[i] for i in sorted(literal)],
         )
-        try:
-            return WordPieceTokenizer(tokens, config)
-        except ValueError as exc:
-            raise ModelLoadError(f"unusable WordPiece vocabulary: {exc}") from exc
 
     def _special_frame(self) -> tuple[list[int], list[int]]:
         """The special tokens the model wraps every input in (BERT: [CLS] ... [SEP]).
@@ -429,34 +413,6 @@ class Model:
 
     # --- tokenizing -------------------------------------------------------------------------
 
-    def _bare_ids(self, text: str) -> list[int]:
-        """The ids of `text` without the special frame, from the reference's tokenizer where
-        embedd has one (WordPiece), else from llama.cpp's."""
-        if self._wordpiece is None:
-            if self._nfc:
-                text = unicodedata.normalize("NFC", text)
-            ids = self._tokenize_raw(text, add_special=False)
-            if self._trailing_space is not None and self._ends_in_space(text):
-                ids.append(self._trailing_space)
-            return ids
-        memo = self._prefix_memo
-        if memo is not None and memo[0] is text:
-            return list(memo[1])
-        return self._wordpiece.encode(text)
-
-    def _ends_in_space(self, text: str) -> bool:
-        """Whether `text` ends in characters that the vocabulary's own normalisation map turns
-        into spaces (not into nothing): whitespace, control and format characters (the map
-        may turn a zero-width space or a BOM into a space), asked of llama.cpp, which collapses
-        them into the one space between two letters."""
-        end = len(text)
-        while end and (text[end - 1].isspace() or unicodedata.category(text[end - 1]) in _BLANK):
-            end -= 1
-        tail = text[end:]
-        if not tail:
-            return False
-        return self._tokenize_raw(f"a{tail}a", add_special=False) == self._space_probe
-
     def _tokenize_raw(self, text: str, *, add_special: bool) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
@@ -467,63 +423,26 @@ class Model:
                 return list(buf[:n])
             n_max = -n
 
+    def tokenize_bare(self, text: str) -> list[int]:
+        """llama.cpp's ids of `text` without the special frame (what the daemon asks the model
+        process for, for vocabularies embedd does not tokenize itself)."""
+        return self._tokenize_raw(text, add_special=False)
+
+    # In-process tokenizing, for tests that drive llama.cpp directly; the daemon tokenizes
+    # with its own ModelTokenizer over the same spec.
+
     @property
     def frame_size(self) -> int:
-        """How many special tokens wrap every input ([CLS] and [SEP] for BERT)."""
-        return len(self._head) + len(self._tail)
+        return self.tokenizer.frame_size
 
     def usable_prefix(self, text: str) -> tuple[str, bool]:
-        """The part of `text` that can matter for an input of at most `max_tokens` tokens, and
-        whether that is less than all of it: a prefix with more tokens than fit whose tokens
-        are the whole text's first ones. The prefix grows until it has them, so a text whose
-        tokens span many characters each ([UNK] words, marks) is never under-read."""
-        wanted = self.max_tokens - self.frame_size + 1
-        if self._wordpiece is not None:
-            if len(text) <= self.max_tokens * _WHOLE_TEXT_CHARS_PER_TOKEN:
-                # Cheap enough whole, and then an over-long input's error gives its exact count.
-                end, ids = len(text), self._wordpiece.encode(text)
-            else:
-                end, ids = self._wordpiece.grow_prefix(text, wanted)
-            prefix = text if end == len(text) else text[:end]
-            self._prefix_memo = (prefix, ids)
-            return prefix, prefix is not text
-        # llama.cpp's tokenizers: cut a margin of whole tokens beyond the last one that could
-        # be kept, so the kept tokens are the whole text's; grow the cut while it has too few.
-        budget = (self.max_tokens + _PREFIX_MARGIN_TOKENS) * self._longest_piece
-        if len(text) <= budget // 4:
-            return text, False
-        data = text.encode("utf-8", "surrogatepass")
-        while True:
-            if len(data) <= budget:
-                return text, False
-            prefix = data[:budget].decode("utf-8", "ignore")
-            if len(self._bare_ids(prefix)) >= wanted + _PREFIX_MARGIN_TOKENS:
-                return prefix, True
-            budget *= 2
+        return self.tokenizer.usable_prefix(text)
 
     def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
-        """`text` in chunks of at most `max_tokens` tokens, special frame included (a
-        generator: the model thread consumes it a slice at a time)."""
-        budget = max_tokens - self.frame_size
-        if budget < 1:
-            raise ValueError(f"max_tokens {max_tokens} leaves no room for text")
-
-        def count(piece: str) -> int:
-            return len(self._bare_ids(piece))
-
-        return iter_chunks(
-            text, count, budget, overlap=overlap, chars_per_token=self._longest_piece
-        )
+        return self.tokenizer.chunk(text, max_tokens=max_tokens, overlap=overlap)
 
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
-        """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""
-        bare = self._bare_ids(text)
-        n_special = len(self._head) + len(self._tail)
-        truncated = False
-        if truncate_to is not None and len(bare) + n_special > truncate_to:
-            bare = bare[: truncate_to - n_special]
-            truncated = True
-        return self._head + bare + self._tail, truncated
+        return self.tokenizer.tokenize(text, truncate_to=truncate_to)
 
     def close(self) -> None:
         """Free the weights; every context over them must be closed first."""

@@ -1,8 +1,10 @@
 """The configured models and their lifecycle: unloaded -> loading -> ready (or failed).
 
-Runs on the event loop. A model's worker thread is created on first use or on `load`, replaced
-after a failed load (so fixing the file and retrying works without a restart), stopped on
-`unload`, and stopped by the idle sweep after `keep_alive` seconds without work.
+Runs on the event loop. A model's worker (its coordinating thread and model process) is created
+on first use or on `load`, replaced after a failed load (so fixing the file and retrying works
+without a restart) and after it gave up on a model that kept crashing (at the next `load`, or
+at the next request once its back-off has passed), stopped on `unload`, and stopped by the idle
+sweep after `keep_alive` seconds without work.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed
 from .admission import Admission, estimate_tokens
 from .budget import CoreBudget
-from .engine import ModelInfo
+from .canary import Verdicts
+from .crashes import PoisonMemory
 from .jobs import (
     ChunkJob,
     ChunkResult,
@@ -30,6 +33,7 @@ from .jobs import (
     TokenizeResult,
 )
 from .modelfile import version_of
+from .pipe import ModelInfo
 from .stats import WorkerStats
 from .threads import replicas_for
 from .worker import ModelWorker
@@ -68,12 +72,18 @@ class ModelSlot:
         self.loads = 0
         self.unloads = 0
         self.admission = Admission(config.max_queue_tokens)
+        # Inputs known to kill this model, kept across restarts and reloads of the same file.
+        self.poison = PoisonMemory()
+        self._poison_file = version_of(config.path)
+        self.verdicts = Verdicts()
 
     @property
     def state(self) -> str:
         w = self.worker
         if w is None:
             return "failed" if self.last_error else "unloaded"
+        if w.crashed_out is not None:
+            return "failed"
         if not w.loaded.done():
             return "loading"
         if w.loaded.exception() is not None:
@@ -108,13 +118,29 @@ class ModelSlot:
             "n_ctx_train": info.n_ctx_train if info else None,
             "dim_expected": self.config.dim,
             "aliases": list(self.config.aliases),
+            # The model process that runs llama.cpp for it, while loaded.
+            "pid": self.worker.pid if self.worker is not None else None,
         }
         if state == "failed":
-            out["error"] = self.last_error
+            out["error"] = self.error
         return out
 
-    def _ensure_worker(self) -> ModelWorker:
+    @property
+    def error(self) -> str | None:
+        """Why the model is failed: it kept crashing, or its last load failed."""
         w = self.worker
+        if w is not None and w.crashed_out is not None:
+            return w.crashed_out
+        return self.last_error
+
+    def _ensure_worker(self, *, now: bool = False) -> ModelWorker:
+        w = self.worker
+        if w is not None and w.crashed_out is not None:
+            if not now and time.monotonic() < w.retry_at:
+                raise EmbeddError(Code.MODEL_CRASHED, w.crashed_out, model=self.config.name)
+            _log.info("model %s: trying it again after it kept crashing", self.config.name)
+            self.worker = None
+            w = None
         if w is not None and (not w.loaded.done() or w.loaded.exception() is None):
             if not w.loaded.done() or version_of(self.config.path) == w.file_version:
                 return w
@@ -128,7 +154,14 @@ class ModelSlot:
             self.worker = None
             w.stop()
         _log.info("loading model %s from %s", self.config.name, self.config.path)
-        w = ModelWorker(self.config, self._loop, self.stats, self.budget)
+        version = version_of(self.config.path)
+        if version != self._poison_file:
+            # Another file: what killed the old one says nothing about it.
+            self.poison = PoisonMemory()
+            self._poison_file = version
+        w = ModelWorker(
+            self.config, self._loop, self.stats, self.budget, self.poison, self.verdicts
+        )
         w.loaded.add_done_callback(functools.partial(self._on_loaded, w))
         self.worker = w
         w.start()
@@ -145,8 +178,11 @@ class ModelSlot:
         else:
             self.last_error = worker.error
 
-    async def load(self, timeout: float) -> ModelInfo:
-        w = self._ensure_worker()
+    async def load(self, timeout: float, *, explicit: bool = False) -> ModelInfo:
+        """The loaded model's description, loading it first if need be. An `explicit` load
+        (the `load` op, preloading) tries a model that kept crashing again at once; a request
+        waits out its back-off."""
+        w = self._ensure_worker(now=explicit)
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(w.loaded)

@@ -58,7 +58,7 @@ class WorkerStats:
     throughput_measured: bool = False
     # Compute threads the last batch ran with.
     last_threads: int = 0
-    # Batches started (they end in `batches`); the fault injection of the tests numbers them.
+    # Batches started (they end in `batches`).
     launched: int = 0
     # One entry per llama context of the loaded model.
     replicas: list[ReplicaStats] = field(default_factory=list)
@@ -67,6 +67,18 @@ class WorkerStats:
     # arrived while bulk was computing (how often that promise was put to the test).
     bulk_overtook_queries: int = 0
     queries_during_bulk: int = 0
+    # The model process: how often one started, died, and was started again after dying; inputs
+    # found to kill it, and inputs refused because they had.
+    process_starts: int = 0
+    # Canary batches computed (once per file, llama.cpp build and CPU: `canary.py`).
+    canaries: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    poison_found: int = 0
+    poison_refused: int = 0
+    # Seconds per recent batch that the process boundary itself cost: from the batch's send to
+    # its vectors' arrival, less the decode's own time inside the process.
+    boundary: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES))
     # (queue wait, compute, total) seconds of recent embed requests.
     latencies: deque[tuple[float, float, float]] = field(
         default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES)
@@ -83,6 +95,16 @@ class WorkerStats:
                     for q in (50, 95, 99)
                 }
         return out
+
+    def boundary_us(self) -> dict[str, float]:
+        """Percentiles of the process boundary's cost per batch, in microseconds."""
+        values = sorted(self.boundary)
+        if not values:
+            return {}
+        return {
+            f"p{q}": round(1e6 * values[min(len(values) - 1, len(values) * q // 100)], 1)
+            for q in (50, 99)
+        }
 
     def busy_fraction(self, now: float) -> float:
         """The model's contexts' mean busy fraction (1.0: every replica computing all minute)."""

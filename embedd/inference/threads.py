@@ -35,7 +35,8 @@ batch; a lone query on an idle machine is still faster with both cores (2.8 vs 4
 - the user's `threads` setting always wins, within the budget and never above the cores.
 
 What counts as competition, averaged over the last `SAMPLE_WINDOW`: the CPU time of other
-processes (the machine's, from /proc/stat, less this process's own: llama.cpp's OpenMP workers
+processes (the machine's, from /proc/stat, less this process's own and its model processes':
+llama.cpp's OpenMP workers
 spinning after a batch are not competition, and counting them made the daemon halve its own
 threads, W1 0.75x), in whole cores; plus our event loop when it was busy more than half the
 window (a cache-hit flood keeps it on a core for seconds: counting it as idle gave queries two
@@ -51,6 +52,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,9 +226,15 @@ class Sampler:
     gave every lone query one thread instead of two (idle p50 4.1 vs 2.9 ms in-process).
     """
 
-    def __init__(self, service_tid: int | None = None) -> None:
+    def __init__(
+        self,
+        service_tid: int | None = None,
+        children: Callable[[], float] | None = None,
+    ) -> None:
         self.affinity = read_affinity()
         self.quota = read_quota()
+        # CPU seconds of our model processes (they compute our batches: not competition).
+        self._children = children
         # The event loop's thread id (None: not measured).
         self._service_tid = service_tid
         self._mark: tuple[float, float | None, float, int | None] | None = None
@@ -238,7 +246,7 @@ class Sampler:
         if mark is not None and now - mark[0] < SAMPLE_WINDOW:
             return Machine(self.affinity, self.quota, self._others)
         busy = read_busy_cpu_seconds()
-        own = own_cpu_seconds()
+        own = own_cpu_seconds() + (self._children() if self._children is not None else 0.0)
         service = None if self._service_tid is None else read_thread_cpu_ns(self._service_tid)
         if mark is not None:
             wall = now - mark[0]

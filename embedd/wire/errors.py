@@ -11,6 +11,9 @@ class Code(StrEnum):
     UNKNOWN_OP = "unknown_op"
     UNKNOWN_MODEL = "unknown_model"
     MODEL_LOAD_FAILED = "model_load_failed"
+    # llama.cpp died computing an input (a native fault in the model process): the input that
+    # kills it, or a model that keeps dying.
+    MODEL_CRASHED = "model_crashed"
     INPUT_TOO_LONG = "input_too_long"
     BUSY = "busy"
     TIMEOUT = "timeout"
