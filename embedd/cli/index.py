@@ -1350,7 +1350,8 @@ def _path_matches(rel: str, globs: Sequence[str], full: str = "") -> bool:
     for glob in globs:
         if _from_here(glob):
             here = os.path.realpath(glob)
-            if full and (fnmatch.fnmatchcase(full, here) or fnmatch.fnmatchcase(full, here + "/*")):
+            under = here.rstrip("/") + "/*"
+            if full and (fnmatch.fnmatchcase(full, here) or fnmatch.fnmatchcase(full, under)):
                 return True
             continue
         pattern = glob.strip("/") if glob.strip("/") else glob
