@@ -128,6 +128,18 @@ def test_embedds_options_in_extra_body_are_honoured(front: Front, long_text: str
     assert json.loads(raw.text)["embedd"]["windows"] == {"0": split["windows"][0]}
 
 
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/api/embed"])
+@pytest.mark.parametrize("key", ["long", "truncate"])
+def test_a_null_long_or_truncate_means_the_models_http_long(
+    front: Front, long_text: str, path: str, key: str
+) -> None:
+    # Clients that serialise unset options as null must get what sending nothing gets.
+    body = {"model": "cutter", "input": [long_text], key: None}
+    status, headers, answer = front.request("POST", path, body, front.authed())
+    assert status == 200, answer
+    assert headers["x-embedd-truncated"] == "1" and answer["embedd"]["truncated"] == [0]
+
+
 def test_an_unknown_body_key_is_refused_naming_it(front: Front) -> None:
     with pytest.raises(openai.BadRequestError, match="unknown key 'normalise'"):
         front.openai.embeddings.create(
@@ -151,6 +163,17 @@ def test_a_401_on_the_ollama_api_has_ollamas_shape(front: Front) -> None:
     assert status == 401 and isinstance(body["error"], str) and "OLLAMA_API_KEY" in body["error"]
     status, _, body = front.request("POST", "/v1/embeddings", {"model": "default", "input": "x"})
     assert status == 401 and body["error"]["type"] == "authentication_error"
+
+
+def test_a_401_to_a_page_of_an_allowed_origin_carries_its_cors_header(front: Front) -> None:
+    # Without it the page sees a network error, not "wrong key".
+    body = {"model": "default", "input": "x"}
+    status, headers, _ = front.request("POST", "/v1/embeddings", body, {"Origin": ORIGIN})
+    assert status == 401 and headers["access-control-allow-origin"] == ORIGIN
+    status, headers, _ = front.request(
+        "POST", "/v1/embeddings", body, {"Origin": "https://evil.example"}
+    )
+    assert status == 401 and "access-control-allow-origin" not in headers
 
 
 def test_aliases_are_listed_where_apps_look_for_models(front: Front) -> None:

@@ -110,6 +110,38 @@ def test_the_right_key_and_the_health_probe_pass() -> None:
     assert dispatches(conv.receive_data(get("/health")))
 
 
+@pytest.mark.parametrize("key", [KEY, None])
+@pytest.mark.parametrize("line", ["GET /health", "OPTIONS /v1/embeddings", "OPTIONS /x"])
+@pytest.mark.parametrize("framing", ["Content-Length: 1000000000", "Transfer-Encoding: chunked"])
+def test_a_request_that_needs_no_key_takes_no_body(
+    key: str | None, line: str, framing: str
+) -> None:
+    conv = HttpConversation(HttpLimits(max_body=1 << 30, api_key=key))
+    actions = conv.receive_data(f"{line} HTTP/1.1\r\n{framing}\r\n\r\n".encode())
+    assert statuses(actions) == [413] and isinstance(actions[-1], Close)
+    assert b"takes no body" in b"".join(a.data for a in actions if isinstance(a, Send))
+    assert conv.reading_done and not dispatches(actions)
+
+
+def test_a_request_that_needs_no_key_with_an_empty_body_is_served() -> None:
+    conv = HttpConversation(HttpLimits(max_body=1 << 20, api_key=KEY))
+    assert dispatches(conv.receive_data(get("/health", "Content-Length: 0\r\n")))
+
+
+def test_a_401_carries_the_cors_headers_for_an_allowed_origin_only() -> None:
+    limits = HttpLimits(max_body=1 << 20, api_key=KEY, cors_origins=("http://app.example",))
+    allowed = HttpConversation(limits).receive_data(
+        post("/v1/embeddings", b"{}", extra="Origin: http://app.example\r\n")
+    )
+    assert statuses(allowed) == [401]
+    assert b"Access-Control-Allow-Origin: http://app.example\r\n" in allowed[0].data  # type: ignore[union-attr]
+    other = HttpConversation(limits).receive_data(
+        post("/v1/embeddings", b"{}", extra="Origin: https://evil.example\r\n")
+    )
+    assert statuses(other) == [401]
+    assert b"Access-Control-Allow-Origin" not in other[0].data  # type: ignore[union-attr]
+
+
 def test_expect_100_continue_is_answered_after_the_head() -> None:
     conv = HttpConversation(LIMITS)
     head = b"POST /api/embed HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"

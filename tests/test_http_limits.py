@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,6 +147,61 @@ def test_a_request_without_the_key_is_refused_401_before_its_body(front: Front) 
             except OSError:
                 pass
     assert rss_mb(pid) < base_rss + RSS_SLACK_MB
+
+
+@pytest.mark.parametrize("line", ["OPTIONS /v1/embeddings", "GET /health"])
+@pytest.mark.parametrize("framing", ["Content-Length: 60000000", "Transfer-Encoding: chunked"])
+def test_a_request_needing_no_key_that_announces_a_body_gets_413_before_it(
+    front: Front, line: str, framing: str
+) -> None:
+    with front.tcp() as s:
+        s.sendall(f"{line} HTTP/1.1\r\n{framing}\r\n\r\n".encode())
+        s.shutdown(socket.SHUT_WR)  # not one body byte
+        reply = read_until_closed(s)
+    assert reply.startswith(b"HTTP/1.1 413") and b"takes no body" in reply
+
+
+def test_keyless_connections_pushing_bodies_at_the_probes_cost_no_memory(front: Front) -> None:
+    # The attack measured: 64 keyless connections sending 60 MB bodies to OPTIONS and
+    # /health took the daemon from 131 to 3,984 MiB. Here CAP - 2 of them at once (the cap
+    # is per door; the rest stay free for connections the previous test may still hold),
+    # 48 MiB each: 288 MiB if any were buffered.
+    pid = front.daemon.proc.pid
+    base_rss = rss_mb(pid)
+    replies: list[bytes] = []
+
+    def push(line: str) -> None:
+        with front.tcp() as s:
+            s.sendall(f"{line} HTTP/1.1\r\nContent-Length: 60000000\r\n\r\n".encode())
+            try:
+                for _ in range(48):
+                    s.sendall(b"x" * (1 << 20))
+            except OSError:
+                pass  # closed by the daemon once its answer was out: what is wanted
+            replies.append(read_until_closed(s))
+
+    lines = ["OPTIONS /v1/embeddings", "GET /health"] * ((CAP - 2) // 2)
+    threads = [threading.Thread(target=push, args=(line,)) for line in lines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert rss_mb(pid) < base_rss + RSS_SLACK_MB
+    assert len(replies) == len(lines)
+    assert all(r.startswith(b"HTTP/1.1 413") for r in replies if r), replies
+
+
+def test_tcp_connections_at_the_cap_leave_the_unix_socket_its_own_cap(front: Front) -> None:
+    held = [front.tcp(timeout=10) for _ in range(CAP)]
+    try:
+        with front.tcp(timeout=10) as extra:  # the TCP door is full...
+            assert read_until_closed(extra).startswith(b"HTTP/1.1 503")
+        with front.unix() as u:  # ...and the Unix one still serves
+            u.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(u).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
 
 
 # --- defect 2: backpressure, a write deadline, answers sized before work ---------------------

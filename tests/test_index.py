@@ -4,9 +4,11 @@ folder of real text (this repository's docs and the standard library's json pack
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -225,6 +227,46 @@ def test_the_summary_counts_skips_by_reason(daemon: Daemon, tmp_path: Path) -> N
         f"embedd: indexed 1 files (1 chunks), 0 unchanged, 0 removed, "
         f"3 skipped (2 binary, 1 not UTF-8 text) -> {tmp_path / 'n.db'}"
     )
+
+
+def test_a_link_to_a_file_outside_the_folder_is_indexed_by_its_name_and_removed_with_it(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "target.md").write_text("Backups run every night at two.")
+    (folder / "link.md").symlink_to(tmp_path / "elsewhere" / "target.md")
+    db = tmp_path / "n.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    assert sorted(_files(db)) == [str(folder / "good.md"), str(folder / "link.md")]
+    (folder / "link.md").unlink()
+    out = _cli(daemon, "index", str(folder), "--out", str(db))
+    assert out.returncode == 0, out.stderr
+    assert "1 unchanged, 1 removed" in out.stderr
+    assert sorted(_files(db)) == [str(folder / "good.md")]
+
+
+def test_a_link_to_proc_self_status_stays_one_row_however_many_runs(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # Its target is another process's file on every run (/proc/<pid>/status).
+    folder = _one_good_file(tmp_path)
+    (folder / "status.txt").symlink_to("/proc/self/status")
+    db = tmp_path / "n.db"
+    for _ in range(2):
+        out = _cli(daemon, "index", str(folder), "--out", str(db))
+        assert out.returncode == 0, out.stderr
+    assert sorted(_files(db)) == [str(folder / "good.md"), str(folder / "status.txt")]
+
+
+def test_a_link_to_a_file_inside_the_folder_is_indexed_once_by_the_files_name(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = _one_good_file(tmp_path)
+    (folder / "again.md").symlink_to(folder / "good.md")
+    db = tmp_path / "n.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    assert sorted(_files(db)) == [str(folder / "good.md")]
 
 
 # A file this far over MAX_FILE_BYTES (32 MiB) shows at once whether it was read.
@@ -452,6 +494,33 @@ def test_progress_when_not_a_terminal_is_plain_lines(daemon: Daemon, tmp_path: P
     assert out.stderr.splitlines()[-2].startswith("100% ")
 
 
+def test_index_reports_finding_and_checking_the_files_before_embedding_any(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # A folder of 100,000 files took 9 s to find and check here before the first line.
+    folder = _one_good_file(tmp_path)
+    (folder / "second.md").write_text("A second note.")
+    out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[:2] == ["finding files: 0 so far", "checking 1/2 files for changes"], lines
+    assert lines[2].startswith("100% "), lines
+
+
+def test_while_checking_files_a_plain_progress_line_comes_every_plain_every_seconds() -> None:
+    from embedd.cli import index
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = index.Progress(stream, tty=False, files=100_000, bytes_ahead=0, clock=lambda: now[0])
+    for checked in range(1, 100_001):
+        now[0] = checked * 1.05e-4  # 10.5 s in all: a line at once, then after 5 s and 10 s
+        progress.checking(checked)
+    lines = stream.getvalue().splitlines()
+    assert index.PLAIN_EVERY == 5.0
+    assert lines[0] == "checking 1/100,000 files for changes" and len(lines) == 3, lines
+
+
 @pytest.fixture(scope="module")
 def story(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("story")
@@ -487,6 +556,17 @@ def test_the_snippet_is_the_passage_that_matches_not_the_chunks_start(
     assert not hit["text"].startswith(hit["passage"])
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "vector"])
+def test_a_paragraph_longer_than_the_model_takes_is_a_query_like_any_other(
+    daemon: Daemon, story: Path, mode: str
+) -> None:
+    paragraph = "I had the spare key this morning and now I cannot find where it is hidden. " * 25
+    tokens = daemon.call("tokenize", input=paragraph)["ids"][0]
+    assert len(tokens) > 256  # over the bundled model's limit
+    hit = _search(daemon, story, paragraph, "-k", "1", "--mode", mode)[0]
+    assert (hit["path"], hit["line"]) == ("diary.txt", 23), hit
+
+
 def test_search_text_output_is_path_colon_line_then_the_passage(
     daemon: Daemon, story: Path
 ) -> None:
@@ -501,6 +581,32 @@ def test_the_path_filter_keeps_only_matching_files(
 ) -> None:
     hits = _search(daemon, built[1], "parse a JSON document", "--path", "*.md", "-k", "5")
     assert hits and all(h["path"].endswith(".md") for h in hits), hits
+
+
+@pytest.fixture(scope="module")
+def nested(daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An index of a folder with a file in it and one in its `sub` folder."""
+    tmp = tmp_path_factory.mktemp("nested")
+    folder = _one_good_file(tmp)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "renewal.md").write_text("The certificate renewal is due in May.")
+    db = tmp / "n.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    return folder, db
+
+
+@pytest.mark.parametrize(("where", "glob"), [("", "./sub"), ("sub", "."), ("sub", "../sub")])
+def test_a_path_filter_from_the_current_directory_keeps_the_files_under_it(
+    daemon: Daemon, nested: tuple[Path, Path], where: str, glob: str
+) -> None:
+    folder, db = nested
+    out = subprocess.run(
+        [sys.executable, "-m", "embedd", "search", str(db), "certificate", "--path", glob,
+         "--json", "--socket", str(daemon.socket)],
+        capture_output=True, text=True, timeout=60, cwd=folder / where,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert [h["path"] for h in json.loads(out.stdout)] == ["sub/renewal.md"]
 
 
 def test_bm25_mode_finds_an_exact_identifier(daemon: Daemon, built: tuple[Path, Path]) -> None:
@@ -604,3 +710,117 @@ def test_an_index_built_with_an_older_tokenizer_is_reported_stale(
         out = _cli(daemon, *args)
         assert out.returncode == 1
         assert "stale" in out.stderr and "tokenizer" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Importing a Parquet output: vectors are checked before they can break or steer search
+
+
+def _parquet(path: Path, db: Path, vectors: Any, **columns: Any) -> Path:
+    """A Parquet file of the shared chunk record, one row per vector, with the model and
+    fingerprint of the index `db` (so only the vectors, or what `columns` replaces, differ)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with sqlite3.connect(db) as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    n = len(vectors)
+    table = {
+        "id": [f"{i:032x}" for i in range(n)],
+        "file": [f"/elsewhere/imported{i}.txt" for i in range(n)],
+        "idx": [0] * n,
+        "text": [f"imported note {i}" for i in range(n)],
+        "tokens": [5] * n,
+        "model": [meta["model"]] * n,
+        "model_fingerprint": [meta["fingerprint"]] * n,
+        "vector": vectors,
+        **columns,
+    }
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def _unit(dim: int = 384) -> list[float]:
+    return [1 / dim**0.5] * dim
+
+
+def test_an_import_of_vectors_of_another_dimension_is_refused_and_search_still_works(
+    daemon: Daemon, story: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "s.db"
+    shutil.copy(story, db)
+    parquet = _parquet(tmp_path / "five.parquet", db, [_unit(), [0.1] * 5])
+    line = _one_line_error(_cli(daemon, "index", "--from-parquet", str(parquet), "--out", str(db)))
+    assert f"{parquet}: row 1 has a vector of 5 dimensions, the index's have 384" in line, line
+    hit = _search(daemon, db, "where is the spare key hidden", "-k", "1")[0]
+    assert hit["path"] == "diary.txt"
+
+
+def _bad_vectors() -> dict[str, tuple[list[Any], dict[str, Any], str]]:
+    """Vectors search cannot rank, each with the columns it comes with and the refusal."""
+    nan, inf = _unit(), _unit()
+    nan[7], inf[7] = float("nan"), float("inf")
+    other = {"model_fingerprint": ["0" * 64] * 2}
+    return {
+        "nan": ([_unit(), nan], {}, "row 1 has a vector holding NaN or infinity"),
+        "inf": ([inf, _unit()], {}, "row 0 has a vector holding NaN or infinity"),
+        "zeros": ([_unit(), [0.0] * 384], {}, "row 1 has a vector of zeros"),
+        "null": ([_unit(), None], {}, "row 1 has no vector"),
+        "ragged": ([_unit(), _unit(383)], {}, "row 1 has a vector of 383 dimensions"),
+        "strings": (["0.1, 0.2", "0.3"], {}, "holds string, not lists of floats"),
+        "another model": ([_unit(), _unit()], other, "built with model"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["nan", "inf", "zeros", "null", "ragged", "strings", "another model"]
+)
+def test_an_import_of_a_vector_search_cannot_rank_is_refused_and_nothing_is_written(
+    story: Path, tmp_path: Path, case: str
+) -> None:
+    from embedd.cli import index
+
+    db = tmp_path / "s.db"
+    shutil.copy(story, db)
+    vectors, columns, what = _bad_vectors()[case]
+    parquet = _parquet(tmp_path / "bad.parquet", db, vectors, **columns)
+    with pytest.raises(index.IndexUsageError, match=re.escape(what)):
+        index.index_parquet(parquet, db)
+    assert db.read_bytes() == story.read_bytes()
+
+
+def test_a_refused_import_into_a_new_index_leaves_no_file(story: Path, tmp_path: Path) -> None:
+    from embedd.cli import index
+
+    parquet = _parquet(tmp_path / "bad.parquet", story, [[0.0] * 384])
+    with pytest.raises(index.IndexUsageError, match="vector of zeros"):
+        index.index_parquet(parquet, tmp_path / "new.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]
+
+
+def test_an_imported_vector_is_stored_at_unit_length_so_its_norm_cannot_win_search(
+    daemon: Daemon, story: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    db = tmp_path / "s.db"
+    shutil.copy(story, db)
+    query = "where is the spare key hidden"
+    q = np.asarray(daemon.call("embed", input=query, encoding="list")["embeddings"][0])
+    with sqlite3.connect(db) as conn:
+        stored = [np.frombuffer(v, "<f4") for (v,) in conn.execute("SELECT vector FROM chunks")]
+    best = max(float(v @ q) for v in stored)
+    # A direction half as close to the query as the best chunk, at a norm of 1e30.
+    r = np.random.default_rng(0).standard_normal(q.size)
+    r -= (r @ q) * q
+    u = best / 2 * q + np.sqrt(1 - (best / 2) ** 2) * r / np.linalg.norm(r)
+    parquet = _parquet(tmp_path / "huge.parquet", db, [(u * 1e30).tolist()])
+    out = _cli(daemon, "index", "--from-parquet", str(parquet), "--out", str(db))
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(db) as conn:
+        (vector,) = conn.execute(
+            "SELECT vector FROM chunks WHERE file LIKE '/elsewhere/%'"
+        ).fetchone()
+    assert abs(float(np.linalg.norm(np.frombuffer(vector, "<f4"))) - 1) < 1e-5
+    for mode in ("vector", "hybrid"):
+        assert _search(daemon, db, query, "-k", "1", "--mode", mode)[0]["path"] == "diary.txt"

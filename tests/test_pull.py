@@ -19,7 +19,7 @@ import pytest
 
 from embedd.cli import pull
 from embedd.config import load_config
-from tests.conftest import BUNDLED
+from tests.conftest import BUNDLED, Daemon, start_daemon
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
@@ -228,6 +228,44 @@ def test_a_name_already_in_the_config_is_refused_before_downloading(
         pull.pull(f"{server}/m/taken.gguf", name=None, sha256=None, config=config, env=env)
     assert _Files.requests == []
     assert not (tmp_path / "data").exists()
+
+
+def test_a_name_that_is_an_alias_of_the_bundled_model_is_refused_before_downloading(
+    server: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    # The file's name makes the model's: `all-minilm` is an alias of the bundled model, and a
+    # [models.all-minilm] would stop `embedd serve` (one name, one model).
+    _Files.files["/m/all-minilm.gguf"] = BUNDLED.read_bytes()
+    _Files.requests.clear()
+    config = tmp_path / "config.toml"
+    with pytest.raises(pull.PullError, match="alias of model 'default' \\(the bundled model\\)"):
+        pull.pull(f"{server}/m/all-minilm.gguf", name=None, sha256=None, config=config, env=env)
+    assert _Files.requests == [] and not config.exists()
+
+
+def test_a_name_that_is_an_alias_in_the_config_is_refused_before_downloading(
+    server: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    _Files.files["/m/mine.gguf"] = BUNDLED.read_bytes()
+    _Files.requests.clear()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[models.other]\npath = "{BUNDLED}"\naliases = ["mine"]\n')
+    with pytest.raises(pull.PullError, match="alias of model 'other'"):
+        pull.pull(f"{server}/m/mine.gguf", name=None, sha256=None, config=config, env=env)
+    assert _Files.requests == []
+
+
+def test_the_config_a_pull_writes_starts_the_daemon_and_serves_the_model(
+    server: str, env: dict[str, str], workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    _Files.files["/m/all-minilm.gguf"] = BUNDLED.read_bytes()
+    config = workdir / "pulled.toml"
+    pull.pull(f"{server}/m/all-minilm.gguf", name="minilm", sha256=None, config=config, env=env)
+    d = start_daemon(workdir, config.read_text().replace("{", "{{").replace("}", "}}"))
+    own_daemon.append(d)
+    same = d.call("embed", model="all-minilm", input="one name, one model")
+    pulled = d.call("embed", model="minilm", input="one name, one model")
+    assert pulled["embeddings"] == same["embeddings"]
 
 
 def test_a_declared_length_over_max_size_is_refused_before_downloading(

@@ -28,7 +28,7 @@ from embedd.cli.chunks import (
 )
 from embedd.ray.columns import EmbedSettings, arrow_type, chunk_ids, chunked, embedded
 from embedd.ray.progress import node_line
-from embedd.ray.resume import done_ids, missing_mask
+from embedd.ray.resume import OutputMismatch, done_ids, missing_mask
 from embedd.ray.retry import Patience, PatientClient
 from embedd.ray.supervisor import DaemonSupervisor
 from tests.conftest import BUNDLED, Daemon, Reference, cosines
@@ -184,6 +184,26 @@ def test_done_ids_deletes_a_parquet_file_a_crash_cut_short(tmp_path: Path) -> No
     done = done_ids(tmp_path)
     assert sorted(done.tolist()) == sorted(bytes.fromhex(i) for i in ids[:2])
     assert not (tmp_path / "cut.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        pa.table({"name": ["a foreign table"]}),  # no id column
+        pa.table({"id": [1, 2]}),  # ids of another type
+        pa.table({"id": ["not hex at all"]}),
+        pa.table({"id": ["ab" * 32]}),  # 32 bytes: numpy would cut it to 16 and match
+        pa.table({"id": pa.array([None], pa.string())}),
+    ],
+    ids=["no id", "int ids", "not hex", "too long", "null"],
+)
+def test_resuming_over_a_foreign_parquet_file_names_it(tmp_path: Path, ids: pa.Table) -> None:
+    ours = [chunk_id("t", FINGERPRINT, vector_options())]
+    pq.write_table(pa.table({"id": ours}), tmp_path / "ours.parquet")
+    pq.write_table(ids, tmp_path / "theirs.parquet")
+    with pytest.raises(OutputMismatch, match=f"{tmp_path / 'theirs.parquet'} is not embedd's"):
+        done_ids(tmp_path)
+    assert (tmp_path / "theirs.parquet").exists()  # someone else's: never deleted
 
 
 # --- the progress line -------------------------------------------------------------------------

@@ -4,11 +4,14 @@ traffic; then the budget shared by threads, and the daemon running with it."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from embedd.config import Config, ModelConfig, fit_to_cores
 from embedd.inference.budget import CoreBudget
 from embedd.inference.threads import (
     INTERACTIVE_RECENT,
@@ -16,6 +19,7 @@ from embedd.inference.threads import (
     MAX_AUTO_THREADS,
     Launch,
     Machine,
+    machine_cpus,
     read_busy_cpu_seconds,
     read_quota,
     read_thread_cpu_ns,
@@ -24,7 +28,7 @@ from embedd.inference.threads import (
     usable_cpus,
     whole_cores,
 )
-from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
+from tests.conftest import Daemon, Reference, cosines, short_tmpdir, start_daemon, vectors
 
 IDLE_2 = Machine(affinity=2, quota=None, others=0)
 QUERY = Launch(interactive=True)
@@ -132,6 +136,28 @@ def test_the_users_threads_setting_wins_within_the_budget() -> None:
     assert launch(Machine(2, None, 8), 0, fixed) == 2
     assert launch(IDLE_2, 1, fixed) == 0
     assert launch(IDLE_2, 1, Launch(interactive=True, configured=1)) == 1
+
+
+def test_a_threads_setting_above_the_cores_runs_on_the_cores() -> None:
+    assert launch(IDLE_2, 0, Launch(interactive=True, configured=1024)) == 2
+    assert launch(Machine(8, 2.5, 0), 0, Launch(interactive=False, configured=4)) == 2
+
+
+def test_threads_and_replicas_above_the_cores_are_cut_to_them_each_with_a_note() -> None:
+    models = {
+        "big": ModelConfig("big", Path("m.gguf"), threads=1024, replicas=256),
+        "fits": ModelConfig("fits", Path("m.gguf"), threads=2, replicas=2),
+        "auto": ModelConfig("auto", Path("m.gguf")),
+    }
+    fitted, notes = fit_to_cores(Config(socket=Path("s"), models=models), cores=2)
+    assert fitted.models["big"].threads == fitted.models["big"].replicas == 2
+    assert fitted.models["fits"] == models["fits"] and fitted.models["auto"] == models["auto"]
+    assert notes == [
+        "model 'big': threads = 1024 is more than the 2 usable cores (the affinity mask and "
+        "the cgroup quota); using 2",
+        "model 'big': replicas = 256 is more than the 2 usable cores (the affinity mask and "
+        "the cgroup quota); using 2",
+    ]
 
 
 def test_only_the_wide_thread_borrows_cores() -> None:
@@ -304,6 +330,41 @@ def test_a_configured_thread_count_is_what_the_batches_run_with(
     assert stats["threads"] == 1
     model = d.call("models")["models"][0]
     assert (model["threads"], model["threads_auto"]) == (1, False)
+
+
+@pytest.fixture(scope="module")
+def oversized() -> Iterator[Daemon]:
+    """A daemon told to run 1,024 threads and 256 replicas, on this machine's cores."""
+    workdir = short_tmpdir()
+    d = start_daemon(
+        workdir, "[models.default]\npath = '{bundled}'\nthreads = 1024\nreplicas = 256\n"
+    )
+    d.call("embed", input="count my threads")
+    yield d
+    d.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _cores() -> int:
+    return machine_cpus(len(os.sched_getaffinity(0)), read_quota())
+
+
+def test_a_threads_setting_above_the_cores_computes_on_the_cores_and_the_log_says_so(
+    oversized: Daemon,
+) -> None:
+    cores = _cores()
+    assert oversized.call("stats")["models"]["default"]["threads"] == cores
+    assert oversized.call("models")["models"][0]["threads"] == cores
+    assert f"threads = 1024 is more than the {cores} usable cores" in oversized.log()
+
+
+def test_a_replicas_setting_above_the_cores_starts_one_per_core_and_the_log_says_so(
+    oversized: Daemon,
+) -> None:
+    cores = _cores()
+    assert oversized.call("models")["models"][0]["replicas"] == cores
+    assert len(oversized.call("stats")["models"]["default"]["replicas"]) == cores
+    assert f"replicas = 256 is more than the {cores} usable cores" in oversized.log()
 
 
 def test_two_models_compute_at_once_within_the_core_budget(

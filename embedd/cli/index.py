@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 import embedd_client
 import numpy as np
+import numpy.typing as npt
 
 from embedd.cli.chunks import (
     COLUMNS,
@@ -268,24 +269,70 @@ def _excluded(rel: str, patterns: Sequence[str]) -> bool:
 
 
 def walk(
-    paths: Sequence[Path], excludes: Sequence[str], skip: Sequence[Path] = ()
+    paths: Sequence[Path],
+    excludes: Sequence[str],
+    skip: Sequence[Path] = (),
+    found: Callable[[int], None] | None = None,
 ) -> Iterator[Path]:
     """Files to index under `paths`, in a stable order, gitignore-style excludes applied (a
     pattern matches the relative path or any of its components). Every regular file is a
     candidate whatever its name (README, LICENSE, .html, .json): whether it is text is decided
     by its content (`decode`). `skip` are files never offered (the index itself and SQLite's
-    journal next to it, when the index lies inside the folder)."""
+    journal next to it, when the index lies inside the folder). `found` is told the count of
+    files found so far, as they are found (a folder is listed whole before its files come, so
+    that they come sorted).
+
+    A file is named by its real path, so one reached by several names is indexed once; a
+    symbolic link to a file outside every folder walked is named by the link's own path in
+    its folder: its row is then removed when the link goes, and a link whose target's path
+    changes between runs (`/proc/self/status`) stays one row instead of adding one a run.
+    Links to folders are not followed, and SKIP_DIRS are never entered."""
     never = {p.resolve() for p in skip}
+    folders = [p.resolve() for p in paths if p.is_dir()]
+    count = 0
     for root in paths:
         if root.is_file():
             yield root.resolve()
             continue
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if any(part in SKIP_DIRS for part in path.relative_to(root).parts):
+        base = root.resolve()
+        files: list[tuple[list[str], Path]] = []
+        for rel, entry in _entries(base):
+            if not entry.is_file() or _excluded(rel, excludes):
                 continue
-            if path.is_file() and not _excluded(rel, excludes) and path.resolve() not in never:
-                yield path.resolve()
+            # Only a link can lead elsewhere: the folders above are real (walked from `base`,
+            # links to folders not followed), which saves a realpath per file.
+            real = Path(os.path.realpath(entry.path)) if entry.is_symlink() else base / rel
+            if real in never:
+                continue
+            inside = real == base / rel or any(real == f or f in real.parents for f in folders)
+            files.append((rel.split("/"), real if inside else base / rel))
+            count += 1
+            if found is not None:
+                found(count)
+        files.sort(key=lambda item: item[0])  # as the paths sort, by their components
+        yield from (path for _, path in files)
+
+
+def _entries(base: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry under the folder `base` that is not a folder, with its path relative to
+    it: SKIP_DIRS are neither entered nor offered, links to folders are not followed, and a
+    folder that cannot be read is left out (as `Path.rglob` does)."""
+    pending = [""]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(base / folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name in SKIP_DIRS:
+                continue
+            rel = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(rel)
+            else:
+                yield rel, entry
 
 
 def read_file(path: Path) -> bytes:
@@ -364,6 +411,9 @@ PLAIN_EVERY = 5.0
 TTY_EVERY = 0.1
 # Erase from the cursor to the end of the line (ECMA-48 EL, "CSI K").
 CLEAR_EOL = "\x1b[K"
+# The progress line's stages before embedding (`Progress.stage`).
+FINDING = "finding"
+CHECKING = "checking"
 
 
 def _terminal_width(stream: TextIO) -> int:
@@ -428,6 +478,32 @@ class Progress:
         self.embed_started: float | None = None
         self.last_draw = -float("inf")
         self.drawn = False
+        # Before any embedding, the run finds the files (FINDING) and reads each to see whether
+        # it changed (CHECKING): 100,000 files take seconds of each, which the line must show.
+        self.stage: str | None = None
+        self.found = 0
+        self.checked = 0
+
+    # -- the stages before embedding ---------------------------------------------------------
+
+    def finding(self, found: int) -> None:
+        """`found` files found so far (drawn at once when the stage begins)."""
+        self.found = found
+        self._stage(FINDING)
+
+    def checking(self, checked: int) -> None:
+        """`checked` of the files found read and compared with the index so far."""
+        self.checked = checked
+        self._stage(CHECKING)
+
+    def embedding(self) -> None:
+        """The files that changed are chunked and embedded from here on."""
+        self.stage = None
+
+    def _stage(self, stage: str) -> None:
+        begins = self.stage != stage
+        self.stage = stage
+        self.draw(force=begins)
 
     # -- what happened -----------------------------------------------------------------------
 
@@ -479,6 +555,10 @@ class Progress:
         return self.tokens_done / max(self.clock() - self.embed_started, 1e-6)
 
     def line(self, width: int) -> str:
+        if self.stage == FINDING:
+            return f"finding files: {self.found:,} so far"[:width]
+        if self.stage == CHECKING:
+            return f"checking {self.checked:,}/{self.files:,} files for changes"[:width]
         ahead = self.tokens_ahead()
         total = self.tokens_done + ahead
         pct = 100 * self.tokens_done // total if total else 100
@@ -639,8 +719,12 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
     that `search` serves them; no daemon is needed, the vectors are the output's. A document
     (`file`) in the output replaces that document's rows in the index; rows without `file`
     and `idx` (texts embedded without a Chunk step) are each their own document, named by
-    their id. Every row must share one model fingerprint, and it must be the index's.
-    Needs pyarrow (the `ray` extra). Raises IndexUsageError naming what is wrong."""
+    their id. Every row must share one model fingerprint, and it must be the index's; every
+    vector must be a list of finite floats, not all zero, of the index's dimension (that of
+    the vectors it holds, or for a new index, of the first vector imported), and is stored at
+    unit length, as search's cosine expects. One row that fails refuses the whole import: the
+    index is left as it was (a new one is not created). Needs pyarrow (the `ray` extra).
+    Raises IndexUsageError naming the file, the row and what is wrong."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -654,12 +738,23 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
         raise IndexUsageError(f"no Parquet files under {display(str(root))}")
     target = Path(out)
     counts = Counts()
+    new = not target.exists()
     db = _open(target)
+    done = False
     try:
         with db:
             seen: set[str] = set()
+            dim = _stored_dim(db)
             for path in files:
-                counts.chunks += _import_parquet_file(db, pq.ParquetFile(path), path, seen)
+                try:
+                    parquet = pq.ParquetFile(path)
+                except (OSError, ValueError) as exc:  # pyarrow's errors are one or the other
+                    shown = display(str(path))
+                    raise IndexUsageError(
+                        f"{shown} is not a readable Parquet file ({exc})"
+                    ) from None
+                added, dim = _import_parquet_file(db, parquet, path, seen, dim)
+                counts.chunks += added
             db.execute(
                 "UPDATE files SET chunks = (SELECT count(*) FROM chunks WHERE file = path) "
                 "WHERE sha256 = ''"
@@ -673,16 +768,29 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
                 [("updated", now), ("parquet", str(root.resolve()))],
             )
             counts.files_indexed = counts.files_seen = len(seen)
+        done = True
     except sqlite3.Error as exc:
         raise IndexUsageError(f"{display(str(target))}: {exc}") from None
     finally:
         db.close()
+        if new and not done:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                target.with_name(target.name + suffix).unlink(missing_ok=True)
     return counts
 
 
-def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen: set[str]) -> int:
-    """One Parquet file's rows into the index; returns how many. A document met for the first
-    time in this import has its old rows dropped first (`seen` holds those met)."""
+def _stored_dim(db: sqlite3.Connection) -> int | None:
+    """The dimension of the vectors an index holds (None while it holds none)."""
+    row = db.execute("SELECT length(vector) FROM chunks LIMIT 1").fetchone()
+    return None if row is None else int(row[0]) // VECTOR_ITEM_BYTES
+
+
+def _import_parquet_file(
+    db: sqlite3.Connection, parquet: Any, path: Path, seen: set[str], dim: int | None
+) -> tuple[int, int | None]:
+    """One Parquet file's rows into the index; returns how many, and the dimension of the
+    vectors (`dim`: the index's so far, None if it holds none yet). A document met for the
+    first time in this import has its old rows dropped first (`seen` holds those met)."""
     shown = display(str(path))
     schema = parquet.schema_arrow
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
@@ -701,9 +809,14 @@ def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen:
         models = set(columns["model"].to_pylist())
         if len(fingerprints) != 1 or len(models) != 1:
             raise IndexUsageError(f"{shown} mixes models; an index holds one model's vectors")
-        fingerprint = meta.get(META_FINGERPRINT) or fingerprints.pop()
+        fingerprint = fingerprints.pop()
+        if meta.get(META_FINGERPRINT, fingerprint) != fingerprint:
+            raise IndexUsageError(
+                f"{shown}: its rows say model fingerprint {str(fingerprint)[:12]}, its metadata "
+                f"{meta[META_FINGERPRINT][:12]}: not one model's output"
+            )
         _check_model(db, models.pop(), fingerprint)
-        vectors = _vector_rows(columns["vector"], shown)
+        vectors, dim = _vector_rows(columns["vector"], shown, total, dim)
         scalars = [n for n in named if n != "vector"]
         rows = [
             dict(zip(scalars, values, strict=True))
@@ -722,16 +835,57 @@ def _import_parquet_file(db: sqlite3.Connection, parquet: Any, path: Path, seen:
                 db.execute("INSERT INTO files VALUES (?, '', 0, ?)", (row["file"], time.time()))
         _insert_chunks(db, rows)
         total += len(rows)
-    return total
+    return total, dim
 
 
-def _vector_rows(column: Any, shown: str) -> list[bytes]:
-    """Each row's vector as little-endian float32 bytes: from `fixed_size_list<float32>[dim]`
-    (what embedd.ray writes), or any list column of equal-length float lists."""
-    matrix = np.asarray(column.to_pylist(), dtype="<f4")
-    if matrix.ndim != 2:
-        raise IndexUsageError(f"{shown}: the vector column does not hold vectors of one length")
-    return [row.tobytes() for row in matrix]
+def _vector_rows(column: Any, shown: str, first: int, dim: int | None) -> tuple[list[bytes], int]:
+    """Each row's vector as unit-length little-endian float32 bytes, from any list column of
+    floats (embedd.ray writes `fixed_size_list<float32>[dim]`), and their dimension. Refused,
+    naming the row (`first` is this batch's first row in its file): a vector of another
+    dimension than `dim` (it would make every search of the index fail), a missing one, one
+    holding NaN or infinity, one of zeros (no direction). Stored at unit length: search
+    ranks by a dot product with the unit query, so a vector of norm 1e30 would otherwise be
+    the top hit of any query it leans towards."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if not (is_list or pa.types.is_fixed_size_list(kind)) or not pa.types.is_floating(
+        kind.value_type
+    ):
+        raise IndexUsageError(f"{shown}: the vector column holds {kind}, not lists of floats")
+
+    def refuse(rows: npt.NDArray[Any], what: str) -> IndexUsageError:
+        return IndexUsageError(f"{shown}: row {first + int(rows[0])} {what}; nothing imported")
+
+    if column.null_count:
+        raise refuse(
+            np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)), "has no vector"
+        )
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if dim is None:
+        dim = int(lengths[0])
+    if (wrong := np.flatnonzero(lengths != dim)).size:
+        raise refuse(
+            wrong, f"has a vector of {int(lengths[wrong[0]])} dimensions, the index's have {dim}"
+        )
+    if dim < 1:
+        raise refuse(np.zeros(1), "has a vector of no dimensions")
+    values = column.flatten()
+    if values.null_count:
+        nulls = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False)) // dim
+        raise refuse(nulls, "has a vector with a missing component")
+    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
+    if (bad := np.flatnonzero(~np.isfinite(matrix).all(axis=1))).size:
+        raise refuse(bad, "has a vector holding NaN or infinity")
+    # Scaled by its largest component first: the norm of a float64 vector of 1e300s overflows.
+    peaks = np.abs(matrix).max(axis=1)
+    if (zero := np.flatnonzero(peaks == 0)).size:
+        raise refuse(zero, "has a vector of zeros, which points nowhere")
+    scaled = matrix / peaks[:, None]
+    unit = (scaled / np.linalg.norm(scaled, axis=1)[:, None]).astype("<f4")
+    return [row.tobytes() for row in unit], dim
 
 
 def _check_chunking(client: embedd_client.Client, model: str, chunking: Chunking) -> None:
@@ -765,16 +919,19 @@ def _build(
         rechunk = _record_run(db, paths, chunking)
         db.commit()
         skip = [out] + [out.with_name(out.name + s) for s in ("-journal", "-wal", "-shm")]
-        files = list(walk(paths, excludes, skip))
+        progress = Progress(stream, tty=tty, files=0, bytes_ahead=0)
+        progress.finding(0)
+        files = list(walk(paths, excludes, skip, found=progress.finding))
+        progress.files = len(files)
         known = dict(db.execute("SELECT path, sha256 FROM files").fetchall())
         unlined = {r[0] for r in db.execute("SELECT DISTINCT file FROM chunks WHERE line = 0")}
-        progress = Progress(stream, tty=tty, files=len(files), bytes_ahead=0)
         if rechunk and known:
             progress.note("the chunk settings changed: every file is chunked and embedded again")
         # First pass: what changed (the bytes ahead give the first estimate of the work).
         todo: list[tuple[Path, int]] = []
         for path in files:
             counts.files_seen += 1
+            progress.checking(counts.files_seen)
             name = str(path)
             try:
                 _utf8_name(name)
@@ -792,6 +949,7 @@ def _build(
                 _skipped(counts, progress, name, skipped)
                 progress.files_done += 1
         db.commit()
+        progress.embedding()
         progress.bytes_ahead = sum(size for _, size in todo)
         # Second pass: chunk and embed what changed, a file per transaction.
         for path, size in todo:
@@ -973,7 +1131,8 @@ def search(
 ) -> list[Hit]:
     """The `k` chunks of `index` that best answer `query`, best first: by `mode` ("hybrid":
     vector and BM25 rankings fused; "vector"; "bm25", which needs no daemon), among files whose
-    path relative to the indexed folder matches one of the globs `paths` (all when empty).
+    path relative to the indexed folder matches one of the globs `paths` (all when empty; a
+    glob starting with `/`, `./` or `../` is a path from the current directory).
     `note` receives a one-line remark when an old index limits what can be done (no keyword
     table yet: hybrid falls back to vectors). Raises IndexUsageError, naming the file, for
     anything wrong with `index` (missing, a directory, not SQLite, truncated, another
@@ -1040,7 +1199,7 @@ def _search(
             mode = MODE_VECTOR
         files = [row[0] for row in db.execute("SELECT path FROM files")]
         rel = _relative_paths(files, json.loads(meta.get("roots", "[]")))
-        allowed = {f for f in files if _path_matches(rel[f], globs)} if globs else None
+        allowed = {f for f in files if _path_matches(rel[f], globs, f)} if globs else None
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
         rankings: list[list[tuple[Key, float]]] = []
         if mode != MODE_BM25:
@@ -1079,8 +1238,12 @@ def _query_vector(
     error = _mismatch(str(meta.get("fingerprint", "")), model_fingerprint(card), model, model)
     if error is not None:
         raise error
-    prompt = "query" if "query" in (card.get("prompts") or []) else None
-    q = np.asarray(client.embed_query(query, model, prompt=prompt), dtype=np.float32)
+    # A query longer than the model's limit (a pasted paragraph) is split into windows and
+    # pooled, as the daemon does for any input: the whole paragraph is what is sought.
+    options: embedd_client.EmbedOptions = {"priority": "interactive", "long": "split"}
+    if "query" in (card.get("prompts") or []):
+        options["prompt"] = "query"
+    q = np.asarray(client.embed(query, model, **options), dtype=np.float32)
     return q / np.linalg.norm(q)
 
 
@@ -1172,12 +1335,25 @@ def _relative_paths(files: Sequence[str], roots: Sequence[str]) -> dict[str, str
     return out
 
 
-def _path_matches(rel: str, globs: Sequence[str]) -> bool:
+def _from_here(glob: str) -> bool:
+    """Whether a --path GLOB is a path from the current directory, as a shell reads one."""
+    return glob in (".", "..") or glob.startswith(("/", "./", "../"))
+
+
+def _path_matches(rel: str, globs: Sequence[str], full: str = "") -> bool:
     """Whether `rel` matches one of the globs: against the whole relative path (`*` spans
     folders), a pattern without `/` also against the file name, and a folder name against
-    everything under it (`docs` or `docs/`)."""
+    everything under it (`docs` or `docs/`). A glob starting with `/`, `./` or `../` is a
+    path from the current directory, matched the same way against the file's `full` path
+    (so `--path ./sub`, typed in the indexed folder, means its `sub`)."""
     name = rel.rsplit("/", 1)[-1]
     for glob in globs:
+        if _from_here(glob):
+            here = os.path.realpath(glob)
+            under = here.rstrip("/") + "/*"
+            if full and (fnmatch.fnmatchcase(full, here) or fnmatch.fnmatchcase(full, under)):
+                return True
+            continue
         pattern = glob.strip("/") if glob.strip("/") else glob
         if (
             fnmatch.fnmatchcase(rel, pattern)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ import embedd_client
 import numpy as np
 
 from embedd import __version__
-from embedd.config import Config, ConfigError, load_config, parse_model_option
+from embedd.config import Config, ConfigError, fit_to_cores, load_config, parse_model_option
 
 PROG = "embedd"
 # Seconds `stop` waits for the daemon to go away: it drains the requests it accepted first.
@@ -204,7 +205,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     from embedd.daemon import app
+    from embedd.inference.threads import machine_cpus, read_affinity, read_quota
 
+    app.setup_logging(args.verbose, config.log_format)  # for the notes below; run sets it again
+    config, notes = fit_to_cores(config, machine_cpus(read_affinity(), read_quota()))
+    for note in notes:
+        logging.getLogger("embedd.config").warning("%s", note)
     return app.run(config, verbose=args.verbose)
 
 
@@ -972,7 +978,8 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="GLOB",
         help="only files whose path (relative to the indexed folder) matches GLOB; a GLOB "
-        "without / also matches the file name, a folder name all under it (repeatable)",
+        "without / also matches the file name, a folder name all under it; one starting with "
+        "/, ./ or ../ is a path from the current directory (repeatable)",
     )
     p.add_argument(
         "--json",

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..config import ConfigError, bundled_model, load_config
+from ..wire.messages import DEFAULT_MODEL
+
 # Bytes read per network read (and hashed per file read).
 _BLOCK = 1 << 20
 # Seconds a connection may stay silent before the download counts as interrupted.
@@ -490,8 +493,10 @@ def check_model(path: Path, shown: str | None = None) -> str:
 
 
 def check_config(config: Path, name: str) -> str:
-    """The config's text, if it is valid TOML without a `[models.NAME]`; else PullError. Run
-    before the download as well as before the write: a name already taken is known at once."""
+    """The config's text, if it is valid TOML without a `[models.NAME]` and the daemon would
+    take it with NAME added; else PullError. Run before the download as well as before the
+    write: a name already taken is known at once, and a pull never leaves a config that stops
+    `embedd serve` (a model named after an alias of another, `all-minilm` say, would)."""
     import tomllib
 
     text = config.read_text() if config.exists() else ""
@@ -502,6 +507,18 @@ def check_config(config: Path, name: str) -> str:
             raise PullError(f"{config} is not valid TOML ({exc}); fix it first") from None
         if name in existing.get("models", {}):
             raise PullError(f"{config} already has [models.{name}]; choose another --name")
+    try:
+        models = load_config(config).models if text else {DEFAULT_MODEL: bundled_model()}
+    except ConfigError as exc:
+        raise PullError(f"the daemon refuses the config as it is ({exc}); fix it first") from None
+    for model in models.values():
+        if name == model.name or name in model.aliases:
+            what = "the name" if name == model.name else "an alias"
+            bundled = " (the bundled model)" if model.path == bundled_model().path else ""
+            raise PullError(
+                f"{name!r} is already {what} of model {model.name!r}{bundled}, and one name "
+                "means one model; choose another --name"
+            )
     return text
 
 

@@ -199,11 +199,13 @@ def _check_keys(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
 
 def _long_args(body: Mapping[str, Any], default: str) -> dict[str, Any]:
     """How an over-long input is handled: what the body says (`long`, or `truncate`), else
-    the model's `http_long`."""
-    if "long" in body or "truncate" in body:
-        return {k: body[k] for k in ("long", "truncate", "overlap") if body.get(k) is not None}
-    if "overlap" in body:
-        return {"long": "split", "overlap": body["overlap"]} if default == "split" else {}
+    the model's `http_long`. A JSON null is no answer, as for every other key here: clients
+    that serialise unset options as null (`"truncate": null`) get the model's default."""
+    given = {k: body[k] for k in ("long", "truncate", "overlap") if body.get(k) is not None}
+    if "long" in given or "truncate" in given:
+        return given
+    if "overlap" in given:
+        return {"long": "split", "overlap": given["overlap"]} if default == "split" else {}
     return {"truncate": True} if default == "truncate" else {"long": default}
 
 

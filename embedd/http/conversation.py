@@ -6,6 +6,8 @@ is HTTP's own:
 - which route a request names, and whether it needs the API key;
 - the key, checked on the head, before any of the body is parsed: a request without it is
   answered 401 at once and the connection closed, so a body nobody asked for is never buffered;
+  the requests that need no key (the health probe, CORS preflights) take no body at all, so
+  a keyless caller can make the daemon buffer nothing;
 - one request in flight: while it is answered, further bytes are read only up to
   `PIPELINE_BUFFER` and stay unparsed, so pipelined requests wait in the kernel, not in memory;
 - keep-alive, `Connection: close`, and what a malformed request, a stalled one, a half-close
@@ -17,7 +19,7 @@ Nothing here does I/O or knows about asyncio, so the tests drive it with bytes a
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -213,13 +215,7 @@ class HttpConversation:
         _, request, route = self._current
         self._current = None
         response = route.errors(result) if isinstance(result, EmbeddError) else result
-        origin = self._allowed_origin(request)
-        if origin is not None:
-            response = Response(
-                response.status,
-                response.body,
-                {**response.headers, "Access-Control-Allow-Origin": origin, "Vary": "Origin"},
-            )
+        response = self._cors(response, request.headers)
         return self._respond(response, keep_alive=request.keep_alive) + self._advance()
 
     def abandon(self, rid: int, error: EmbeddError) -> list[Action]:
@@ -247,7 +243,11 @@ class HttpConversation:
             if isinstance(event, HttpHead):
                 if not self._key_ok(event):
                     self._frames += 1
-                    return actions + self._last(unauthorized(event.path))
+                    response = self._cors(unauthorized(event.path), event.headers)
+                    return actions + self._last(response)
+                if _keyless(event) and _announces_body(event):
+                    self._frames += 1
+                    return actions + self._last(_no_body(event))
                 if event.headers.get("expect", "").lower() == "100-continue":
                     actions.append(Send(_CONTINUE))
                 continue
@@ -271,26 +271,35 @@ class HttpConversation:
         """Every request but the unauthenticated probes needs the key where one is set: an
         unknown path too, else its body would be read without one."""
         key = self.limits.api_key
-        route = ROUTES.get((head.method, head.path))
-        if key is None or (route is not None and not route.authenticated):
+        if key is None or _keyless(head):
             return True
-        if head.method == "OPTIONS":
-            return True  # a CORS preflight never carries credentials (Fetch standard)
         scheme, _, token = head.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), key.encode()
         )
 
-    def _allowed_origin(self, request: HttpRequest) -> str | None:
-        origin = request.headers.get("origin")
+    def _allowed_origin(self, headers: Mapping[str, str]) -> str | None:
+        origin = headers.get("origin")
         allowed = self.limits.cors_origins
         if origin is None or not (origin in allowed or "*" in allowed):
             return None
         return origin
 
+    def _cors(self, response: Response, headers: Mapping[str, str]) -> Response:
+        """`response` with the CORS headers a page of an allowed origin needs to read it: a
+        401 too, or the page sees a network error where it could say the key is wrong."""
+        origin = self._allowed_origin(headers)
+        if origin is None:
+            return response
+        return Response(
+            response.status,
+            response.body,
+            {**response.headers, "Access-Control-Allow-Origin": origin, "Vary": "Origin"},
+        )
+
     def _preflight(self, request: HttpRequest) -> Response:
         """A browser asking whether a page of `Origin` may call us (CORS preflight)."""
-        origin = self._allowed_origin(request)
+        origin = self._allowed_origin(request.headers)
         if origin is None:
             return http_api.http_error(
                 HTTPStatus.FORBIDDEN,
@@ -324,6 +333,28 @@ class HttpConversation:
             self._close_sent = True
             return [Close()]
         return []
+
+
+def _keyless(head: HttpHead) -> bool:
+    """Requests anyone may make without the key: the probes, and CORS preflights (a browser
+    never sends credentials with a preflight: the Fetch standard)."""
+    route = ROUTES.get((head.method, head.path))
+    return head.method == "OPTIONS" or (route is not None and not route.authenticated)
+
+
+def _announces_body(head: HttpHead) -> bool:
+    """Whether a body follows the head (the parser has checked Content-Length is digits)."""
+    length = head.headers.get("content-length", "0")
+    return "transfer-encoding" in head.headers or (length.isdigit() and int(length) > 0)
+
+
+def _no_body(head: HttpHead) -> Response:
+    """What a keyless request announcing a body gets: any body it took would be buffered for
+    a caller who showed no key, up to max_frame per connection."""
+    return http_api.http_error(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        f"{head.method} {head.path[:100]} takes no body (the limit is 0 bytes)",
+    )
 
 
 def _no_route(request: HttpRequest) -> Response:

@@ -205,6 +205,12 @@ class HttpServer(Listener):
             )
         )
 
+    def door(self, writer: asyncio.StreamWriter) -> str:
+        # The Unix socket's peers are checked at the door; TCP's are anyone on the machine,
+        # and without caps of their own, keyless TCP connections could fill the Unix one's.
+        sock = writer.get_extra_info("socket")
+        return "unix" if sock is not None and sock.family == socket.AF_UNIX else "tcp"
+
     def start_job(self, conn: Connection, action: object) -> Job:
         assert isinstance(action, Dispatch), action
         return Job(action.rid, functools.partial(self._serve, action))

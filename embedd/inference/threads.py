@@ -32,7 +32,7 @@ batch; a lone query on an idle machine is still faster with both cores (2.8 vs 4
   becomes the master of a team of its own). Measured here: after a bulk run in which both
   replicas had borrowed a core, every later lone query took p50 9.5-10.4 ms instead of 3.8-4.5
   (worse than one thread, 6.8-7.6), in 3 of 7 runs;
-- the user's `threads` setting always wins, within the budget.
+- the user's `threads` setting always wins, within the budget and never above the cores.
 
 What counts as competition, averaged over the last `SAMPLE_WINDOW`: the CPU time of other
 processes (the machine's, from /proc/stat, less this process's own and its model processes':
@@ -86,11 +86,17 @@ class Machine:
     others: int  # runnable threads of other processes right now
 
 
-def usable_cpus(affinity: int, quota: float | None) -> int:
+def machine_cpus(affinity: int, quota: float | None) -> int:
     """Whole CPUs this process may use: its affinity, cut by a cgroup quota (floored: 1.5 CPUs
-    of quota cannot keep two threads busy), at least 1, at most MAX_AUTO_THREADS."""
+    of quota cannot keep two threads busy), at least 1. No `threads` or `replicas` setting
+    goes above it (config.fit_to_cores)."""
     cpus = affinity if quota is None else min(affinity, math.floor(quota))
-    return max(1, min(cpus, MAX_AUTO_THREADS))
+    return max(1, cpus)
+
+
+def usable_cpus(affinity: int, quota: float | None) -> int:
+    """The cores the budget hands out: `machine_cpus`, at most MAX_AUTO_THREADS."""
+    return min(machine_cpus(affinity, quota), MAX_AUTO_THREADS)
 
 
 def replicas_for(
@@ -136,8 +142,10 @@ def threads_for_launch(
     if launch.gpu_offloaded:
         return 1 if in_use + reserve < usable or in_use == 0 else 0
     if launch.configured is not None:
-        fits = in_use + launch.configured + reserve <= usable
-        return launch.configured if fits or in_use == 0 else 0
+        # More threads than cores only wait for each other at llama.cpp's barriers.
+        wanted = min(launch.configured, machine_cpus(machine.affinity, machine.quota))
+        fits = in_use + wanted + reserve <= usable
+        return wanted if fits or in_use == 0 else 0
     free = usable - in_use - machine.others - reserve
     if free < 1:
         # A query starts on any core our own decodes leave; bulk only when none of ours run.

@@ -43,22 +43,36 @@ class OutputMismatch(ValueError):
 
 
 def _as_keys(ids: list[str]) -> IdArray:
-    return np.array([bytes.fromhex(i) for i in ids], dtype=_ID_DTYPE)
+    """Ids (hex) as fixed-width bytes; ValueError for one that is not an id: numpy would cut
+    a longer one to the width without a word, and it would match another chunk's."""
+    keys = [bytes.fromhex(i) for i in ids]
+    if any(len(k) != ID_BYTES for k in keys):
+        raise ValueError(f"an id is not {ID_BYTES} bytes")
+    return np.array(keys, dtype=_ID_DTYPE)
 
 
 def done_ids(out: str | Path, fingerprint: str | None = None) -> IdArray:
     """The chunk ids in the Parquet files under `out` (none if it does not exist), sorted.
     Files a crash left unreadable are deleted (with a warning). With `fingerprint`, every
     file must have been written with it (OutputMismatch otherwise): an output holds one
-    model's vectors."""
+    model's vectors. A readable file that is not embedd's output (no `id` column of chunk
+    ids) is OutputMismatch naming it: it is someone else's, not ours to delete or skip."""
     root = Path(out)
     if not root.exists():
         return np.array([], dtype=_ID_DTYPE)
     keys: list[IdArray] = []
     for path in sorted(root.rglob("*.parquet")):
+        foreign = OutputMismatch(
+            f"{path} is not embedd's output (no id column of {2 * ID_BYTES}-hex-digit chunk "
+            "ids): write to another directory, or move the file out of this one"
+        )
         try:
             parquet = pq.ParquetFile(path)
-            metadata = parquet.schema_arrow.metadata or {}
+            schema = parquet.schema_arrow
+            kind = schema.field("id").type if "id" in schema.names else None
+            if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise foreign
+            metadata = schema.metadata or {}
             ids = parquet.read(columns=["id"]).column("id").to_pylist()
         except (pa.ArrowInvalid, OSError) as exc:
             log.warning("deleting %s: unreadable, a write cut short (%s)", path, exc)
@@ -70,7 +84,10 @@ def done_ids(out: str | Path, fingerprint: str | None = None) -> IdArray:
                 f"{path} holds vectors of model fingerprint {written[:16]}, this run's is "
                 f"{fingerprint[:16]}: write to another directory"
             )
-        keys.append(_as_keys(ids))
+        try:
+            keys.append(_as_keys(ids))
+        except (TypeError, ValueError):  # TypeError: a null id
+            raise foreign from None
     if not keys:
         return np.array([], dtype=_ID_DTYPE)
     return np.unique(np.concatenate(keys))

@@ -3,8 +3,9 @@
 The msgpack socket (`server.py`) and the HTTP front (`http/server.py`) each hand this module a
 conversation (a pure object: bytes in, actions out) and a way to start the work a dispatch
 names. Everything else about a connection is decided here, once, for both:
-- the door: peer credentials, draining, and the connection cap (`max_connections` per
-  listener), with refusals that linger only while few are lingering, so fds stay bounded;
+- the door: peer credentials, draining, and the connection cap (`max_connections` per door:
+  a listener serving both a Unix socket and TCP counts each apart), with refusals that linger
+  only while few are lingering, so fds stay bounded;
 - reading: `idle_timeout` while nothing is in flight, and `frame_timeout` as a deadline from a
   frame's first byte (not from the last read: a client trickling a byte every few seconds must
   not hold a partial frame forever);
@@ -232,6 +233,8 @@ class Connection:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     budget: AnswerBudget | None = None
     clock: FrameClock = field(default_factory=FrameClock)
+    # Which of its listener's doors it came in by (`Listener.door`): the cap is per door.
+    door: str = ""
     write_watch: asyncio.Task[None] | None = None
 
     @property
@@ -419,6 +422,8 @@ class Listener:
         # Monotonic seconds, for `last_activity` (a test's fake clock; see supervise.py).
         self.clock = clock
         self.open: set[Connection] = set()
+        # Open connections per door (`door`), each held to max_connections.
+        self._per_door: dict[str, int] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.policy = AccessPolicy.for_daemon(config.allow_uids, config.allow_gid)
         # Refusals still lingering (CLOSE_GRACE) so their last bytes arrive: bounded like the
@@ -439,6 +444,12 @@ class Listener:
         """The bytes sent to a connection refused at the door (busy, forbidden, draining)."""
         raise NotImplementedError
 
+    def door(self, writer: asyncio.StreamWriter) -> str:
+        """Which door a connection came in by, when a listener has several whose callers must
+        not crowd each other out (HTTP: the Unix socket, whose peers are checked, and TCP,
+        which anyone on the machine reaches). One door by default."""
+        return ""
+
     # --- shared ------------------------------------------------------------------------------
 
     @property
@@ -454,7 +465,8 @@ class Listener:
         refused = self._refused_peer(writer)
         if refused is None and self.handler.draining:
             refused = EmbeddError(Code.SHUTTING_DOWN, "the daemon is shutting down")
-        if refused is None and len(self.open) >= self.config.max_connections:
+        door = self.door(writer)
+        if refused is None and self._per_door.get(door, 0) >= self.config.max_connections:
             refused = EmbeddError(
                 Code.BUSY,
                 f"too many connections (limit max_connections = {self.config.max_connections})",
@@ -464,8 +476,9 @@ class Listener:
         if refused is not None:
             await self._refuse(reader, writer, refused)
             return
-        conn = Connection(self, reader, writer, self.new_conversation(writer))
+        conn = Connection(self, reader, writer, self.new_conversation(writer), door=door)
         self.open.add(conn)
+        self._per_door[door] = self._per_door.get(door, 0) + 1
         self.connections.open += 1
         self.connections.total += 1
         self.last_activity = self.clock()
@@ -473,6 +486,7 @@ class Listener:
             await conn.run()
         finally:
             self.open.discard(conn)
+            self._per_door[door] -= 1
             self.connections.open -= 1
             self.last_activity = self.clock()
 
