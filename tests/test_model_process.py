@@ -231,3 +231,42 @@ def test_on_an_amx_cpu_the_q8_0_model_falls_back_to_unrepacked_weights(
     assert card["weight_repacking"].startswith("off: llama.cpp died by SIGILL")
     assert "SIGILL" in d.log()
     assert d.call("health")["status"] == "ok"
+
+
+def test_reloading_under_load_leaves_no_request_or_unload_unanswered(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference
+) -> None:
+    """Old and new workers of one model wait for cores at once while it reloads: each
+    wake-up is its own worker's, so none waits until its timeout."""
+    d = start_daemon(workdir, "cache_bytes = 0\nrequest_timeout = 120\n")
+    own_daemon.append(d)
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def embedder(k: int) -> None:
+        with d.connect() as conn:
+            while not stop.is_set():
+                texts = reference.chunks[k * 8 : k * 8 + 8]
+                answer = conn.call("embed", input=texts, priority="bulk")
+                good = (
+                    answer["ok"]
+                    and cosines(vectors(answer), reference.c_vecs[k * 8 : k * 8 + 8]).min()
+                    >= 0.9999
+                )
+                with lock:
+                    answers.append({"ok": good, "answer": answer if not good else None})
+
+    clients = [threading.Thread(target=embedder, args=(k,)) for k in range(3)]
+    for t in clients:
+        t.start()
+    try:
+        for _ in range(8):
+            assert d.call("unload")["ok"]
+            assert d.call("load")["ok"]
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    assert answers and all(a["ok"] for a in answers), [a for a in answers if not a["ok"]][:3]
+    assert d.model_stats()["unloads"] >= 8
