@@ -19,6 +19,7 @@ from .. import __version__
 from ..config import Config
 from ..http import metrics
 from ..http.server import HttpServer, HttpSetupError
+from ..inference.modelprocess import start_spare
 from ..transport.activation import ActivationError, inherited_sockets
 from ..transport.server import Server
 from ..transport.sockets import SocketInUseError
@@ -102,6 +103,9 @@ async def serve(config: Config) -> int:
         _log.error("%s", exc)
         await server.close()
         return 1
+    if config.models:
+        # A model process imports while the first client's request is on its way.
+        start_spare()
     # Windows has no signal handlers in asyncio: Ctrl-C ends the process there.
     signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
     for sig in signals:

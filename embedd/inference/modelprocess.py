@@ -77,19 +77,26 @@ def _describe(pid: int, returncode: int) -> ProcessExit:
     return ProcessExit(pid, None, returncode)
 
 
+OnMessage = Callable[["ModelProcess", Message], None]
+OnExit = Callable[["ModelProcess", ProcessExit], None]
+
+
 class ModelProcess:
     """One running model process. `on_message` and `on_exit` are called on its reader thread;
-    `on_exit` exactly once, after every message the process sent."""
+    `on_exit` exactly once, after every message the process sent. A spare process (started
+    before any model needs it) holds what it hears until `adopt` says who listens."""
 
     def __init__(
         self,
         name: str,
-        on_message: Callable[[ModelProcess, Message], None],
-        on_exit: Callable[[ModelProcess, ProcessExit], None],
+        on_message: OnMessage | None = None,
+        on_exit: OnExit | None = None,
     ) -> None:
         self.name = name
         self._on_message = on_message
         self._on_exit = on_exit
+        # What a spare heard before it was adopted (its Hello, or its end).
+        self._held: list[Message | ProcessExit] = []
         self._write_lock = threading.Lock()
         self._state = threading.Condition()
         self._tokenized: dict[int, bytes] = {}
@@ -191,7 +198,28 @@ class ModelProcess:
         with self._state:
             self.exit = exit
             self._state.notify_all()
-        self._on_exit(self, exit)
+        self._deliver(exit)
+
+    def adopt(self, name: str, on_message: OnMessage, on_exit: OnExit) -> None:
+        """A spare becomes `name`'s: what it heard so far is delivered now, in order."""
+        with self._state:
+            self.name = name
+            self._on_message = on_message
+            self._on_exit = on_exit
+            held, self._held = self._held, []
+        for item in held:
+            self._deliver(item)
+
+    def _deliver(self, item: Message | ProcessExit) -> None:
+        with self._state:
+            if self._on_message is None or self._on_exit is None:
+                self._held.append(item)
+                return
+            on_message, on_exit = self._on_message, self._on_exit
+        if isinstance(item, ProcessExit):
+            on_exit(self, item)
+        else:
+            on_message(self, item)
 
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, Tokenized):
@@ -205,7 +233,34 @@ class ModelProcess:
         else:
             if isinstance(message, Hello):
                 self.hello = message
-            self._on_message(self, message)
+            self._deliver(message)
+
+
+# One model process started before any model asked for it (`start_spare`): Python, numpy and
+# llama.cpp take about 0.3 s to import, which the first model's first answer would otherwise
+# wait for. Only one, and not replaced once taken: an idle one holds about 40 MB.
+_spare: ModelProcess | None = None
+_spare_lock = threading.Lock()
+
+
+def start_spare() -> None:
+    """Start the spare; call from a thread that lives as long as the daemon (the parent-death
+    signal is tied to the thread that starts a process)."""
+    global _spare
+    with _spare_lock:
+        if _spare is None:
+            _spare = ModelProcess("spare")
+
+
+def take_process(name: str, on_message: OnMessage, on_exit: OnExit) -> ModelProcess:
+    """The spare if one is still alive, else a new process, listened to by `name`'s worker."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None and spare.exit is None:
+        spare.adopt(name, on_message, on_exit)
+        return spare
+    return ModelProcess(name, on_message, on_exit)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -63,7 +63,7 @@ from .jobs import (
     settle_failed,
 )
 from .modelfile import ModelFile, identify, version_of
-from .modelprocess import ModelProcess, ProcessExit, ProcessGone, read_rss_bytes
+from .modelprocess import ModelProcess, ProcessExit, ProcessGone, read_rss_bytes, take_process
 from .pipe import (
     Compute,
     Computed,
@@ -393,7 +393,7 @@ class ModelWorker:
                 )
 
     def _spawn(self) -> ModelProcess:
-        process = ModelProcess(self.config.name, self._on_message, self._on_exit)
+        process = take_process(self.config.name, self._on_message, self._on_exit)
         self._process = process
         self.stats.process_starts += 1
         return process
@@ -555,13 +555,13 @@ class ModelWorker:
                 job.resolve(err)
 
     def _launchable(self) -> bool:
-        return (
-            bool(self._idle)
-            and self._process is not None
-            and self._search.running is None
-            and (self._scheduler.has_work() or bool(self._retry) or bool(self._search))
-            and (self._refused_at is None or self._refused_at != self._cores_freed)
-        )
+        if not self._idle or self._process is None or self._search.running is not None:
+            return False  # a culprit search's group computes alone
+        if self._refused_at is not None and self._refused_at == self._cores_freed:
+            return False  # the budget said no, and no cores came free since
+        if self._search and self._search_turn:
+            return not self._flying  # the search's next group waits for quiet
+        return self._scheduler.has_work() or bool(self._retry) or bool(self._search)
 
     def _serve(self) -> None:
         while True:
@@ -682,20 +682,18 @@ class ModelWorker:
         """Start batches on free replicas for as long as the core budget grants threads: a
         culprit search's group alone, the batches a dead process was computing, then the
         queue."""
-        if self._search and self._search.running is None:
-            if self._search_turn:
-                if self._flying:
-                    return  # a suspect group runs with nothing else computing
-                group = self._search.next_group()
-                if group is not None:
-                    live = [item for item in group if not item.job.answered]
-                    if not live:
-                        self._search.passed()
-                        return
-                    if not self._send_batch(live, suspect=True):
-                        self._search.put_back(group)
-                    return
-            self._search_turn = True
+        if not self._launchable():
+            return
+        if self._search and self._search_turn:
+            # Nothing computes (`_launchable` saw to it): the next group runs alone.
+            group = self._search.next_group()
+            if group is not None:
+                live = [item for item in group if not item.job.answered]
+                if not live:
+                    self._search.passed()
+                elif not self._send_batch(live, suspect=True):
+                    self._search.put_back(group)
+            return
         while self._retry and self._launchable():
             batch = self._retry[0]
             live = [item for item in batch.items if not item.job.answered]
@@ -705,13 +703,11 @@ class ModelWorker:
             if not self._send_batch(live, crashes=batch.crashes):
                 return
             self._retry.popleft()
-        while (
-            self._launchable()
-            and self._scheduler.has_work()
-            and not (self._search and self._search_turn and self._flying)
-        ):
+        while self._launchable() and self._scheduler.has_work():
             if not self._send_batch(None):
-                return
+                break
+        # Normal work had its turn: the search's next group goes once the replicas are quiet.
+        self._search_turn = True
 
     def _send_batch(
         self, items: list[Item[EmbedJob]] | None, *, crashes: int = 0, suspect: bool = False
