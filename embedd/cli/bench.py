@@ -564,9 +564,14 @@ def _table(report: dict[str, Any]) -> str:
 
 # What the picture compares: where a desktop feels the difference, a query's wait.
 SVG_SITUATIONS = (
-    ("idle", "idle", "idle_p50_ms", "idle_p99_ms"),
-    ("during bulk", "W3: a query every 10 ms while W1 runs", "mixed_p50_ms", "mixed_p99_ms"),
-    ("busy core", "W5: another process keeps a core busy", "busy_core_p50_ms", "busy_core_p99_ms"),
+    ("idle", "one query at a time, nothing else running", "idle_p50_ms", "idle_p99_ms"),
+    ("during bulk", "W3: a query every 10 ms while W1 indexes", "mixed_p50_ms", "mixed_p99_ms"),
+    (
+        "busy core",
+        "W5: one query at a time while another process keeps a core busy",
+        "busy_core_p50_ms",
+        "busy_core_p99_ms",
+    ),
 )
 SVG_SIDES = (
     ("daemon", "embedd daemon", "#9ecae1", "#2171b5"),
@@ -661,7 +666,7 @@ def svg(report: dict[str, Any], *, cpu: str, date: str) -> str:
     for short, title, p50_key, p99_key in SVG_SITUATIONS:
         out.append(
             f'<text x="16" y="{y + 12}"><tspan font-weight="bold">{escape(short)}</tspan>'
-            f'<tspan fill="#666666">  ({escape(title)})</tspan></text>'
+            f'<tspan dx="8" fill="#666666">{escape(title)}</tspan></text>'
         )
         y += 18
         for key, label, light, dark in sides:
