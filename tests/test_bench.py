@@ -172,3 +172,11 @@ def test_the_svg_without_a_baseline_draws_only_the_daemon() -> None:
 
     bars = _bars(svg(_figures_report(baseline=False), cpu="cpu", date="2026-12-05"))
     assert len(bars) == 6 and all(title.startswith("embedd daemon,") for title in bars)
+
+
+def test_the_svg_gives_the_load_average_the_run_started_with() -> None:
+    from embedd.cli.bench import svg
+
+    report = {**_figures_report(), "load_average": 1.25}
+    root = ElementTree.fromstring(svg(report, cpu="cpu", date="2026-12-05"))
+    assert any("load average 1.2" in (t.text or "") for t in root.iter(f"{SVG}text"))

@@ -410,6 +410,8 @@ def run(
     svg_path: Path | None = None,
 ) -> int:
     chunks, queries = _load_corpus(quick)
+    # What else the machine was doing when the run began: figures mean little without it.
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     idle_queries = queries[: 20 if quick else 200]
     progress = _Progress(enabled=sys.stderr.isatty() and not as_json)
     with embedd_client.Client(socket, timeout=600.0) as client:
@@ -463,6 +465,7 @@ def run(
         del llm
 
     report = _report(daemon, base, model=model, path=path, threads=threads, quick=quick)
+    report["load_average"] = load_average
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -609,6 +612,10 @@ def _decades(values: Sequence[float]) -> tuple[int, int]:
     return first, last
 
 
+def _load_note(load: Any) -> str:
+    return f", load average {load:.1f} at the start" if isinstance(load, int | float) else ""
+
+
 def _ms(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -642,7 +649,8 @@ def svg(report: dict[str, Any], *, cpu: str, date: str) -> str:
         f'<rect width="{_WIDTH}" height="{height}" fill="#ffffff"/>',
         '<text x="16" y="26" font-size="16" font-weight="bold">Query latency: embedd against '
         "llama-cpp-python in the client's own process</text>",
-        f'<text x="16" y="46" fill="#444444">embedd bench, {escape(date)}, {escape(cpu)}</text>',
+        f'<text x="16" y="46" fill="#444444">embedd bench, {escape(date)}, {escape(cpu)}'
+        f"{_load_note(report.get('load_average'))}</text>",
         f'<text x="16" y="64" fill="#444444">model {escape(str(report["model"]))}, '
         f"{report['threads']} threads{' (quick)' if report.get('quick') else ''}; "
         "bar: 99th percentile, dark part: median; milliseconds, log scale</text>",
