@@ -39,7 +39,7 @@ import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import CoroutineType, TracebackType
+from types import CoroutineType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 import msgpack  # type: ignore[import-untyped]
@@ -682,12 +682,7 @@ class Client(_Base):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -818,11 +813,7 @@ class _AsyncConnection:
         self.task = asyncio.get_running_loop().create_task(self._read_loop(reader, path))
 
     async def _read_loop(self, reader: asyncio.StreamReader, path: Path) -> None:
-        # Builds the error for each request in flight once the stream ends: a fresh instance
-        # each, so that their tracebacks do not pile up on one shared object.
-        fail: Callable[[], EmbeddError] = functools.partial(
-            _unavailable, path, "lost the connection to", "the daemon closed the connection"
-        )
+        what, reason, refused = "lost the connection to", "the daemon closed the connection", None
         try:
             while data := await reader.read(_READ_SIZE):
                 for rid, message in self.session.receive(data):
@@ -830,23 +821,20 @@ class _AsyncConnection:
                     if future is not None and not future.done():
                         future.set_result(message)
         except asyncio.CancelledError:
-            fail = functools.partial(
-                _unavailable, path, "closed the connection to", "the client was closed"
-            )
+            what, reason = "closed the connection to", "the client was closed"
             raise
         except EmbeddError as exc:
-            # The daemon refused the stream, or sent one we cannot read.
-            fail = functools.partial(_error_from_map, exc.details)
+            refused = exc.details  # the daemon refused the stream, or sent one we cannot read
         except OSError as exc:
-            fail = functools.partial(
-                _unavailable, path, "lost the connection to", str(exc) or type(exc).__name__
-            )
+            reason = str(exc) or type(exc).__name__
         finally:
             self.abort()
             waiting, self.waiting = self.waiting, {}
             for future in waiting.values():
                 if not future.done():
-                    future.set_exception(fail())
+                    # A fresh error each, so that their tracebacks do not pile up on one object.
+                    fail = _unavailable(path, what, reason) if refused is None else None
+                    future.set_exception(fail or _error_from_map(refused))
 
     @property
     def alive(self) -> bool:
@@ -892,12 +880,7 @@ class AsyncClient(_Base):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
