@@ -15,8 +15,8 @@ Workloads (the corpus is the bundled sample of real text: Python standard-librar
 - W5 busy core: a separate process keeps one core busy (an app working beside the daemon):
   one query at a time (p50, p99), then W1's throughput under that load.
 - idle: one query at a time: p50, p99.
-Plus the daemon's resident memory, and (daemon only) two models driven together against one,
-each replica's busy fraction during each workload (from the daemon's `stats`: its busy seconds
+Plus the resident memory of the daemon and its model processes, and (daemon only) two models
+driven together against one, each replica's busy fraction during each workload (from the daemon's `stats`: its busy seconds
 over the workload's wall time), and W1's throughput while W3's queries run (what leaving a core
 to queries costs bulk).
 
@@ -434,8 +434,11 @@ def run(
         "daemon",
         replica_busy,
     )
+    # The daemon and its model processes, where llama.cpp and the weights live.
+    processes = [m.get("process", {}).get("pid") for m in stats_client.stats()["models"].values()]
     stats_client.close()
-    daemon.rss_mb = _rss_mb(pid)
+    sizes = [_rss_mb(p) for p in [pid, *processes] if isinstance(p, int)]
+    daemon.rss_mb = sum(s for s in sizes if s is not None) if sizes else None
     daemon.extra.update(
         server=hello["server"], pid=pid, replicas=info.get("replicas"), settings=_settings(info)
     )
