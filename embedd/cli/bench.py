@@ -16,9 +16,9 @@ Workloads (the corpus is the bundled sample of real text: Python standard-librar
   one query at a time (p50, p99), then W1's throughput under that load.
 - idle: one query at a time: p50, p99.
 Plus the resident memory of the daemon and its model processes, and (daemon only) two models
-driven together against one, each replica's busy fraction during each workload (from the daemon's `stats`: its busy seconds
-over the workload's wall time), and W1's throughput while W3's queries run (what leaving a core
-to queries costs bulk).
+driven together against one, each replica's busy fraction during each workload (from the
+daemon's `stats`: its busy seconds over the workload's wall time), and W1's throughput while
+W3's queries run (what leaving a core to queries costs bulk).
 
 `--svg FILE` also draws the query latencies (idle, W3, W5; p50 and p99 of both sides) as one
 SVG picture, written with the standard library only (`svg()`, a pure function of the report).
