@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ..config import Config, ModelConfig
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed
-from .admission import Admission, estimate_tokens
+from .admission import TOKENIZED_PER_COMPUTED, Admission, estimate_tokens
 from .budget import CoreBudget
 from .canary import Verdicts
 from .crashes import PoisonMemory
@@ -274,9 +274,11 @@ class ModelSlot:
             prefix = job.prefix
             if job.request.long == "split":
                 cap = None  # every window is computed: the whole text counts
-        else:
-            cap = None  # tokenize and chunk go through the whole text
         estimate = sum(estimate_tokens(prefix + t, cap) for t in job.texts)
+        if not isinstance(job, EmbedJob):
+            # Tokenize and chunk go through the whole text, but only tokenize it.
+            whole = sum(estimate_tokens(t, None) for t in job.texts)
+            estimate = max(1, whole // TOKENIZED_PER_COMPUTED)
         bulk = job.bulk
         err = self.admission.check(
             estimate, bulk=bulk, owner=job.owner, tokens_per_second=self.stats.tokens_per_second
