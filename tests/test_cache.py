@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from embedd.inference.cache import vector_key
+from embedd.wire.options import VectorOptions
 from tests.conftest import Daemon, cosines, short_tmpdir, start_daemon, vectors
 
 CONFIG = """
@@ -151,7 +152,7 @@ def test_vectors_from_another_tokenizer_are_other_entries() -> None:
         tokenizer: str = "llama.cpp-0.3.36"
 
     def key(model: Model) -> object:
-        return vector_key(model, "한국어", truncate=False, normalize=True, dimensions=None)
+        return vector_key(model, "한국어", VectorOptions())
 
     assert key(Model()) != key(Model(tokenizer="wordpiece-hf-1"))
     assert key(Model()) == key(Model())
