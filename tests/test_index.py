@@ -687,7 +687,7 @@ def test_index_drop_refuses_a_database_that_is_not_an_index(tmp_path: Path) -> N
 
 
 def test_the_python_api_indexes_and_searches(daemon: Daemon, tmp_path: Path) -> None:
-    from embedd.cli import index
+    from embedd import index
 
     db = tmp_path / "api.db"
     counts = index.index_paths([_story(tmp_path / "notes")], db, socket=daemon.socket)
@@ -778,7 +778,7 @@ def _bad_vectors() -> dict[str, tuple[list[Any], dict[str, Any], str]]:
 def test_an_import_of_a_vector_search_cannot_rank_is_refused_and_nothing_is_written(
     story: Path, tmp_path: Path, case: str
 ) -> None:
-    from embedd.cli import index
+    from embedd import index
 
     db = tmp_path / "s.db"
     shutil.copy(story, db)
@@ -790,7 +790,7 @@ def test_an_import_of_a_vector_search_cannot_rank_is_refused_and_nothing_is_writ
 
 
 def test_a_refused_import_into_a_new_index_leaves_no_file(story: Path, tmp_path: Path) -> None:
-    from embedd.cli import index
+    from embedd import index
 
     parquet = _parquet(tmp_path / "bad.parquet", story, [[0.0] * 384])
     with pytest.raises(index.IndexUsageError, match="vector of zeros"):
