@@ -27,8 +27,8 @@ from embedd.wire.options import VectorOptions
 # The FTS5 tokenizer: Porter stemming over Unicode word splitting, so "renewed" finds "renew"
 # and accents do not split words (SQLite's documented `porter unicode61` combination).
 FTS_TOKENIZE = "porter unicode61 remove_diacritics 2"
-# The chunk table is the shared chunk record (embedd/index/records.py) with SQLite's keys: a file's
-# chunks go with it, and (file, idx) is unique.
+# The chunk table is the shared chunk record (embedd/index/records.py) with SQLite's keys: a
+# file's chunks go with it, and (file, idx) is unique.
 _CHUNK_CONSTRAINTS = {
     "file": "NOT NULL REFERENCES files(path) ON DELETE CASCADE",
     "line": "NOT NULL DEFAULT 0",
