@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from embedd.http.parser import HttpError, HttpHead, HttpParser, HttpRequest
 from tests.wire import RawConnection
 
 DATA = Path(__file__).parent / "data"
@@ -244,6 +245,16 @@ def cosines(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArr
         np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
     )
     return result
+
+
+def parse_all(parser: HttpParser, data: bytes) -> list[HttpRequest | HttpError]:
+    """Every request (or the error) `data` completes in `parser`; heads are not reported."""
+    parser.receive(data)
+    out: list[HttpRequest | HttpError] = []
+    while (event := parser.next_event()) is not None:
+        if not isinstance(event, HttpHead):
+            out.append(event)
+    return out
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ from tests.conftest import (
     Reference,
     cosines,
     free_port,
+    parse_all,
     short_tmpdir,
     start_daemon,
     vectors,
@@ -46,7 +47,7 @@ def test_a_request_split_at_every_byte_boundary_parses_the_same() -> None:
     data = _request() + _request(b'{"input":"y"}')
     for cut in range(len(data) + 1):
         parser = HttpParser(max_body=1 << 20)
-        events = parser.feed(data[:cut]) + parser.feed(data[cut:])
+        events = parse_all(parser, data[:cut]) + parse_all(parser, data[cut:])
         assert [e.body for e in events if isinstance(e, HttpRequest)] == [
             b'{"input":"x"}',
             b'{"input":"y"}',
@@ -56,13 +57,13 @@ def test_a_request_split_at_every_byte_boundary_parses_the_same() -> None:
 def test_a_chunked_body_is_reassembled() -> None:
     head = b"POST /api/embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
-    [request] = HttpParser(max_body=100).feed(head + body)
+    [request] = parse_all(HttpParser(max_body=100), head + body)
     assert isinstance(request, HttpRequest) and request.body == b"hello world"
 
 
 def test_connection_close_and_http_1_0_end_keep_alive() -> None:
-    [a] = HttpParser(max_body=10).feed(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
-    [b] = HttpParser(max_body=10).feed(b"GET /health HTTP/1.0\r\n\r\n")
+    [a] = parse_all(HttpParser(max_body=10), b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    [b] = parse_all(HttpParser(max_body=10), b"GET /health HTTP/1.0\r\n\r\n")
     assert isinstance(a, HttpRequest) and not a.keep_alive
     assert isinstance(b, HttpRequest) and not b.keep_alive
 
@@ -91,9 +92,9 @@ def test_connection_close_and_http_1_0_end_keep_alive() -> None:
 )
 def test_malformed_requests_get_their_status_and_close(data: bytes, status: HTTPStatus) -> None:
     parser = HttpParser(max_body=100)
-    events = parser.feed(data)
+    events = parse_all(parser, data)
     assert isinstance(events[-1], HttpError) and events[-1].status == status
-    assert parser.closed and parser.feed(_request()) == []
+    assert parser.closed and parse_all(parser, _request()) == []
 
 
 # --- the daemon ------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def test_the_http_parser_survives_any_bytes_in_any_pieces(data: bytes, piece: in
     parser = HttpParser(max_body=512)
     events: list[HttpRequest | HttpError] = []
     for i in range(0, len(data), piece):
-        events += parser.feed(data[i : i + piece])
+        events += parse_all(parser, data[i : i + piece])
     errors = [e for e in events if isinstance(e, HttpError)]
     assert len(errors) <= 1 and (not errors or events[-1] is errors[0])
     assert all(len(e.body) <= 512 for e in events if isinstance(e, HttpRequest))

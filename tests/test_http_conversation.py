@@ -24,6 +24,7 @@ from embedd.http.parser import HttpError, HttpParser
 from embedd.wire.conversation import CancelTask, Close, Send
 from embedd.wire.errors import Code, EmbeddError
 from embedd.wire.messages import Limits
+from tests.conftest import parse_all
 
 KEY = "s3cret"
 LIMITS = HttpLimits(max_body=1 << 20)
@@ -206,7 +207,7 @@ def test_a_refusal_at_the_door_for_too_many_connections_is_503() -> None:
 def test_a_chunk_size_that_is_not_hex_digits_is_refused(size: bytes) -> None:
     head = b"POST /api/embed HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = size + b"\r\n" + b"x" * 28 + b"\r\n0\r\n\r\n"
-    [event] = HttpParser(max_body=1 << 20).feed(head + body)
+    [event] = parse_all(HttpParser(max_body=1 << 20), head + body)
     assert isinstance(event, HttpError) and event.status == HTTPStatus.BAD_REQUEST
 
 

@@ -3,7 +3,7 @@
 Each endpoint turns a JSON body into the same typed request the msgpack socket produces
 (`messages.Embed`, checked by the same rules, so both doors refuse the same things) and turns
 the daemon's result or `EmbeddError` into the JSON shape and status that API's clients expect.
-No I/O here: `http_server.py` moves the bytes and calls the daemon.
+No I/O here: `http/server.py` moves the bytes and calls the daemon.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise ApiError(error) from exc
     except RecursionError as exc:
         # json's C scanner counts its depth against the recursion limit and stops cleanly:
-        # 100,000 nested "[" is a malformed request, not a crash (issue 16, defect 7).
+        # 100,000 nested "[" is a malformed request, not a crash.
         error = http_error(HTTPStatus.BAD_REQUEST, "body is not valid JSON: nested too deeply")
         raise ApiError(error) from exc
     if not isinstance(value, dict):
@@ -123,8 +123,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
 # The longest JSON text of one vector component: a float32 widened to float64 prints up to 17
 # significant digits with sign, point and exponent ("-1.2345678442978859e-05", 23 characters),
 # plus its comma. The bundled model's unit vectors measured 21-23 bytes per float on average,
-# against 4 in the msgpack answer: sizing JSON answers at 4 let a 0.6 MB request build a
-# 323 MB answer (issue 16, defect 2).
+# against 4 in the msgpack answer: sized at 4 bytes, a 0.6 MB request could ask for a
+# 323 MB answer.
 JSON_FLOAT_BYTES = 24
 # Each row's own keys ({"object":"embedding","index":99999,"embedding":...}) with room to spare.
 _ROW_BYTES = 64

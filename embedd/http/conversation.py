@@ -180,10 +180,6 @@ class HttpConversation:
             return False
         return self._current is None or self._parser.buffered < PIPELINE_BUFFER
 
-    @property
-    def finished(self) -> bool:
-        return self._close_sent
-
     # --- events in -----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Action]:

@@ -105,15 +105,6 @@ class HttpParser:
             self._chunks = None
         return event
 
-    def feed(self, data: bytes) -> list[HttpRequest | HttpError]:
-        """Every request (or the error) the bytes so far hold; heads are not reported."""
-        self.receive(data)
-        out: list[HttpRequest | HttpError] = []
-        while (event := self.next_event()) is not None:
-            if not isinstance(event, HttpHead):
-                out.append(event)
-        return out
-
     def _next(self) -> HttpHead | HttpRequest | HttpError | None:
         if self._head is not None and not self._head_reported:
             self._head_reported = True
@@ -134,11 +125,6 @@ class HttpParser:
             self._head_reported = True
             return self._head
         return self._body()
-
-    @property
-    def has_complete_request(self) -> bool:
-        """Whether an event is ready without more bytes (a head was reported: its body)."""
-        return self._head is not None or b"\r\n\r\n" in self._buf
 
     def _parse_head(self, head: bytes) -> HttpError | None:
         try:
@@ -264,20 +250,6 @@ def encode_head(
         f"{k}: {v}\r\n" for k, v in headers.items()
     )
     return head.encode("latin-1") + b"\r\n"
-
-
-def encode_response(
-    status: HTTPStatus | int,
-    body: bytes,
-    *,
-    content_type: str = "application/json",
-    keep_alive: bool = True,
-    extra: dict[str, str] | None = None,
-) -> bytes:
-    head = encode_head(
-        status, len(body), content_type=content_type, keep_alive=keep_alive, extra=extra
-    )
-    return head + body
 
 
 def json_body(value: Any) -> bytes:

@@ -1,6 +1,6 @@
 """Whether a model's queue takes a request now: pure bookkeeping, no I/O, no clock.
 
-Rules (issue: one big request made every search `busy`):
+Rules (so that one big request cannot make every search `busy`):
 - a request is counted by what it can really cost: each text at most the model's `max_tokens`
   (a longer one is cut, or refused with `input_too_long`, never computed whole), so one giant
   text cannot inflate the count; but a text split into windows (`long="split"`) is computed

@@ -1,7 +1,7 @@
 """How many llama contexts (replicas) a model gets, and how many compute threads each decode
 gets: a pure policy over what the machine can give.
 
-Why it matters (NOTES.md and issue 19, measured here, 2 cores, MiniLM f16): llama.cpp's compute
+Why it matters (measured on 2 cores with the bundled MiniLM f16 model): llama.cpp's compute
 threads meet at a barrier many times per batch, so with as many threads as cores, any other
 runnable thread (the app, the indexer's client, our own busy event loop) stalls every barrier.
 A query took p50 94 ms (max 292 ms) with 2 threads while one unrelated process kept one core
@@ -40,7 +40,7 @@ llama.cpp's OpenMP workers
 spinning after a batch are not competition, and counting them made the daemon halve its own
 threads, W1 0.75x), in whole cores; plus our event loop when it was busy more than half the
 window (a cache-hit flood keeps it on a core for seconds: counting it as idle gave queries two
-threads against it and p99 540 ms, issue 19's W4).
+threads against it and a query p99 of 540 ms during a cache-hit flood).
 
 OpenMP's spin-waiting is left at its default: the previous measurements found
 `OMP_WAIT_POLICY=PASSIVE` 20% slower in bulk and short spin counts slower everywhere, and with

@@ -591,7 +591,7 @@ class ModelWorker:
                 self._exits.clear()
                 self._control.clear()  # nothing but a load waits for those
             for batch in done:
-                self._finish(batch)
+                self._batch_done(batch)
             for process, exit in exits:
                 if process is self._process:
                     try:
@@ -782,7 +782,7 @@ class ModelWorker:
             )
         return True
 
-    def _finish(self, batch: _Batch) -> None:
+    def _batch_done(self, batch: _Batch) -> None:
         """A replica's batch came back: account for it, fill in its jobs, answer the done."""
         model = self.info
         assert model is not None
@@ -842,7 +842,7 @@ class ModelWorker:
                         batch.finished - job.submitted,
                     )
                 )
-                job.resolve(_finish(job))
+                job.resolve(_embed_result(job))
 
     def _count_overtaken(self, batch: _Batch) -> None:
         """A batch ended: if bulk, did it start after a query that is still waiting? (And
@@ -1141,7 +1141,7 @@ def _prompt_tokens(tok: ModelTokenizer, job: EmbedJob) -> int:
     return len(tok.tokenize(job.prefix)[0]) - tok.frame_size if job.prefix else 0
 
 
-def _finish(job: EmbedJob) -> EmbedResult:
+def _embed_result(job: EmbedJob) -> EmbedResult:
     """Post-process on this thread, so the event loop only assembles and sends: windows pooled
     (token-weighted mean) or kept, then dimensions cut, then normalized."""
     assert job.vectors is not None

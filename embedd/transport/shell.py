@@ -168,7 +168,7 @@ class Job:
 
 class FrameClock:
     """When the frame being read began. Its deadline runs from its first byte, whatever
-    arrives after it (issue 16, defect 4: a per-read timeout let a trickle hold it forever)."""
+    arrives after it (a timeout per read would let a byte-a-second trickle hold it forever)."""
 
     def __init__(self) -> None:
         self.started: float | None = None
@@ -322,8 +322,8 @@ class Connection:
 
     def _watch_writes(self) -> None:
         """Once more than `max_unsent` waits to be read, the client has `idle_timeout` to take
-        some of it, whatever the read loop is doing (issue 16, defect 2: a client that never
-        read its answer held 1.9 GB past idle_timeout)."""
+        some of it, whatever the read loop is doing (else a client that never reads its
+        answers holds their memory, 1.9 GB of it in one hostile test, past idle_timeout)."""
         over = self.writer.transport.get_write_buffer_size() > self.listener.config.max_unsent
         if over and (self.write_watch is None or self.write_watch.done()):
             self.write_watch = asyncio.create_task(self._write_deadline())

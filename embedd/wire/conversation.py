@@ -112,10 +112,6 @@ class Conversation:
         what they hold."""
         return not self.reading_done
 
-    @property
-    def finished(self) -> bool:
-        return self._close_sent
-
     # --- events in -----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Action]:
@@ -260,7 +256,7 @@ class Conversation:
 
 
 # A client at its in-flight limit can retry as soon as one of its answers arrives; a tenth of a
-# second is a few batches' time (NOTES.md: a query batch takes ~4 ms, a chunk batch ~90 ms).
+# second is a few batches' time (on 2 cores a query batch takes ~4 ms, a chunk batch ~90 ms).
 _INFLIGHT_RETRY_AFTER = 0.1
 
 

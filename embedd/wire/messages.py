@@ -23,7 +23,7 @@ MAX_ID = 2**64 - 1
 ENCODINGS = ("f32", "list")
 PRIORITIES = ("interactive", "bulk")
 # The longest `timeout` a request may ask for. An hour is far beyond any embedding request
-# (100,000 long chunks take ~1 hour at the 2-core throughput in NOTES.md), and a finite cap
+# (100,000 long chunks take about an hour on 2 cores with the bundled model), and a finite cap
 # keeps every wait in the daemon and the client bounded (1e10 overflowed the client's clock).
 MAX_TIMEOUT = 3600.0
 # Echoed client values (ids, keys, op names) are cut to this many characters in error
