@@ -695,6 +695,22 @@ def test_the_python_api_indexes_and_searches(daemon: Daemon, tmp_path: Path) -> 
     assert counts.files_indexed == 1 and hits[0].path == "diary.txt" and hits[0].line == 23
 
 
+def test_the_python_api_tells_its_progress_as_events(daemon: Daemon, tmp_path: Path) -> None:
+    from embedd.index import ingest
+
+    notes = _story(tmp_path / "notes")
+    diary = str((notes / "diary.txt").resolve())
+    size = (notes / "diary.txt").stat().st_size
+    events: list[ingest.ProgressEvent] = []
+    ingest.index_paths([notes], tmp_path / "e.db", socket=daemon.socket, progress=events.append)
+    assert events[:3] == [ingest.Finding(0), ingest.Finding(1), ingest.Checking(1, 1)]
+    assert events[3] == ingest.Embedding(files=1, done=0, bytes_ahead=size)
+    assert events[-2:] == [ingest.FileDone(diary, size, chunked=True), ingest.Finished()]
+    (chunked,) = [e for e in events if isinstance(e, ingest.Chunked)]
+    embedded = [e for e in events if isinstance(e, ingest.Embedded)]
+    assert sum(e.tokens for e in embedded) == chunked.tokens > 0
+
+
 def test_an_index_built_with_an_older_tokenizer_is_reported_stale(
     daemon: Daemon, built: tuple[Path, Path], tmp_path: Path
 ) -> None:
