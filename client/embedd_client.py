@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import math
 import os
@@ -34,11 +35,12 @@ import reprlib
 import socket
 import struct
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypedDict, TypeVar, Unpack
+from types import CoroutineType
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
@@ -92,6 +94,7 @@ _UCRED = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
 PathArg = str | os.PathLike[str]
 Vectors = npt.NDArray[np.float32]
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def default_socket_path() -> Path:
@@ -426,27 +429,8 @@ class _Call(Generic[T]):
 
 
 def _plain(op: str, **args: Any) -> _Call[dict[str, Any]]:
+    """Send one request and return its result (the response without `id` and `ok`)."""
     return _Call(op, args, lambda result: result)
-
-
-def _models() -> _Call[list[dict[str, Any]]]:
-    return _Call("models", {}, lambda r: list(r["models"]))
-
-
-def _shutdown() -> _Call[None]:
-    return _Call("shutdown", {}, lambda r: None, resend=False)
-
-
-def _tokenize(texts: str | Sequence[str], model: str, prompt: str | None) -> _Call[list[list[int]]]:
-    args = _given(input=_texts(texts), model=model, prompt=prompt)
-    return _Call("tokenize", args, lambda r: list(r["ids"]))
-
-
-def _chunk(
-    text: str, model: str, max_tokens: int | None, overlap: int
-) -> _Call[list[dict[str, Any]]]:
-    args = _given(input=text, model=model, overlap=overlap, max_tokens=max_tokens)
-    return _Call("chunk", args, lambda r: list(r["chunks"]))
 
 
 def _embed(texts: str | Sequence[str], model: str, options: EmbedOptions) -> _Call[Vectors]:
@@ -521,11 +505,39 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _query_options(prompt: str | None) -> EmbedOptions:
-    options: EmbedOptions = {"priority": "interactive"}
-    if prompt is not None:
-        options["prompt"] = prompt
-    return options
+class _Op(Generic[P, T]):
+    """One operation of both clients, from the method that builds its `_Call` (whose
+    parameters and docstring it keeps): `Client`'s returns the answer, `AsyncClient`'s is a
+    coroutine. Each client gets a real method of its own (`_Base.__init_subclass__`), so that
+    `help`, `inspect` and `iscoroutinefunction` see hand-written ones; the overloads say the
+    same to a type checker."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], _Call[T]]) -> None:
+        self.build = build
+
+    @typing.overload
+    def __get__(self, client: Client, owner: Any) -> Callable[P, T]: ...
+    @typing.overload
+    def __get__(
+        self, client: AsyncClient, owner: Any
+    ) -> Callable[P, CoroutineType[Any, Any, T]]: ...
+    def __get__(self, client: Any, owner: Any) -> Any:
+        return self  # only `_Base` holds the descriptor: each client holds its method
+
+    def method(self, asynchronous: bool) -> Callable[..., Any]:
+        build = self.build
+
+        async def coroutine(client: Any, /, *args: Any, **kwargs: Any) -> Any:
+            return await client._run(build(client, *args, **kwargs))
+
+        def blocking(client: Any, /, *args: Any, **kwargs: Any) -> Any:
+            return client._run(build(client, *args, **kwargs))
+
+        method = functools.wraps(build)(coroutine if asynchronous else blocking)
+        signature = inspect.signature(build)  # returns "_Call[X]": the method returns "X"
+        returns = str(signature.return_annotation).removeprefix("_Call[").removesuffix("]")
+        method.__signature__ = signature.replace(return_annotation=returns)  # type: ignore[attr-defined]
+        return method
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +563,14 @@ class _Base:
         self._ids: Iterator[int] = itertools.count(1)
         self._setup()
 
+    # Whether the operations are coroutines (each client says).
+    _asynchronous = False
+
+    def __init_subclass__(cls) -> None:
+        for name, op in vars(_Base).items():
+            if isinstance(op, _Op):
+                setattr(cls, name, op.method(cls._asynchronous))
+
     def _setup(self) -> None:
         """Each shell's own connection state."""
 
@@ -564,6 +584,87 @@ class _Base:
         trusted = _trusted_uids(self._trust)
         _check_path(self.path, trusted)
         return trusted
+
+    # -- the operations, each defined once by the `_Call` it sends (see `_Op`) -----------------
+
+    @_Op
+    def request(self, /, op: str, **args: Any) -> _Call[dict[str, Any]]:
+        """Send one request and return its result (the response without `id` and `ok`)."""
+        return _plain(op, **args)
+
+    @_Op
+    def hello(self) -> _Call[dict[str, Any]]:
+        return _plain("hello")
+
+    @_Op
+    def health(self) -> _Call[dict[str, Any]]:
+        return _plain("health")
+
+    @_Op
+    def models(self) -> _Call[list[dict[str, Any]]]:
+        return _Call("models", {}, lambda r: list(r["models"]))
+
+    @_Op
+    def stats(self) -> _Call[dict[str, Any]]:
+        return _plain("stats")
+
+    @_Op
+    def load(self, model: str = "default") -> _Call[dict[str, Any]]:
+        return _plain("load", model=model)
+
+    @_Op
+    def unload(self, model: str = "default") -> _Call[dict[str, Any]]:
+        return _plain("unload", model=model)
+
+    @_Op
+    def shutdown(self) -> _Call[None]:
+        """Ask the daemon to drain and exit (refused with `forbidden` unless its config allows)."""
+        return _Call("shutdown", {}, lambda r: None, resend=False)
+
+    @_Op
+    def tokenize(
+        self, texts: str | Sequence[str], model: str = "default", prompt: str | None = None
+    ) -> _Call[list[list[int]]]:
+        """Token ids per input, special tokens included (one list per input, even for a str)."""
+        args = _given(input=_texts(texts), model=model, prompt=prompt)
+        return _Call("tokenize", args, lambda r: list(r["ids"]))
+
+    @_Op
+    def chunk(
+        self, text: str, model: str = "default", max_tokens: int | None = None, overlap: int = 0
+    ) -> _Call[list[dict[str, Any]]]:
+        """`text` cut into chunks of at most `max_tokens` tokens (default: the model's limit)
+        at paragraph, sentence or word boundaries: each with `text`, `span`, `tokens`."""
+        args = _given(input=text, model=model, overlap=overlap, max_tokens=max_tokens)
+        return _Call("chunk", args, lambda r: list(r["chunks"]))
+
+    @_Op
+    def embed(
+        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
+    ) -> _Call[Vectors]:
+        """Vectors of shape (n, dim), or (dim,) for a single str; with `pool="none"`, one row
+        per window (`embed_windows` says which input and span each is). `timeout` is the
+        daemon-side limit (default: its `request_timeout`); we wait a little longer ourselves."""
+        return _embed(texts, model, options)
+
+    @_Op
+    def embed_windows(
+        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[WindowOptions]
+    ) -> _Call[list[Window]]:
+        """Each input split into windows that fit the model (`overlap` tokens shared between
+        neighbours), each window with its vector, span and text, in input order."""
+        return _embed_windows(texts, model, options)
+
+    @_Op
+    def embed_query(
+        self, text: str, model: str = "default", prompt: str | None = None
+    ) -> _Call[Vectors]:
+        """One query's vector, at interactive priority (`prompt`: e.g. "query", if the model
+        has one configured)."""
+        options: EmbedOptions = {"priority": "interactive"}
+        if prompt is not None:
+            options["prompt"] = prompt
+        return _embed(text, model, options)
 
 
 class Client(_Base):
@@ -581,12 +682,7 @@ class Client(_Base):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -685,67 +781,6 @@ class Client(_Base):
             raise _client_timeout(wait)
         sock.settimeout(remaining)
 
-    # -- operations: one line each, defined in the `_Call` builders above ---------------------
-
-    def request(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request and return its result (the response without `id` and `ok`)."""
-        return self._run(_plain(op, **args))
-
-    def hello(self) -> dict[str, Any]:
-        return self._run(_plain("hello"))
-
-    def health(self) -> dict[str, Any]:
-        return self._run(_plain("health"))
-
-    def models(self) -> list[dict[str, Any]]:
-        return self._run(_models())
-
-    def stats(self) -> dict[str, Any]:
-        return self._run(_plain("stats"))
-
-    def load(self, model: str = "default") -> dict[str, Any]:
-        return self._run(_plain("load", model=model))
-
-    def unload(self, model: str = "default") -> dict[str, Any]:
-        return self._run(_plain("unload", model=model))
-
-    def shutdown(self) -> None:
-        """Ask the daemon to drain and exit (refused with `forbidden` unless its config allows)."""
-        self._run(_shutdown())
-
-    def tokenize(
-        self, texts: str | Sequence[str], model: str = "default", prompt: str | None = None
-    ) -> list[list[int]]:
-        """Token ids per input, special tokens included (one list per input, even for a str)."""
-        return self._run(_tokenize(texts, model, prompt))
-
-    def chunk(
-        self, text: str, model: str = "default", max_tokens: int | None = None, overlap: int = 0
-    ) -> list[dict[str, Any]]:
-        """`text` cut into chunks of at most `max_tokens` tokens (default: the model's limit)
-        at paragraph, sentence or word boundaries: each with `text`, `span`, `tokens`."""
-        return self._run(_chunk(text, model, max_tokens, overlap))
-
-    def embed(
-        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
-    ) -> Vectors:
-        """Vectors of shape (n, dim), or (dim,) for a single str; with `pool="none"`, one row
-        per window (`embed_windows` says which input and span each is). `timeout` is the
-        daemon-side limit (default: its `request_timeout`); we wait a little longer ourselves."""
-        return self._run(_embed(texts, model, options))
-
-    def embed_windows(
-        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[WindowOptions]
-    ) -> list[Window]:
-        """Each input split into windows that fit the model (`overlap` tokens shared between
-        neighbours), each window with its vector, span and text, in input order."""
-        return self._run(_embed_windows(texts, model, options))
-
-    def embed_query(self, text: str, model: str = "default", prompt: str | None = None) -> Vectors:
-        """One query's vector, at interactive priority (`prompt`: e.g. "query", if the model
-        has one configured)."""
-        return self._run(_embed(text, model, _query_options(prompt)))
-
     def embed_documents(
         self,
         texts: Iterable[str],
@@ -778,11 +813,7 @@ class _AsyncConnection:
         self.task = asyncio.get_running_loop().create_task(self._read_loop(reader, path))
 
     async def _read_loop(self, reader: asyncio.StreamReader, path: Path) -> None:
-        # Builds the error for each request in flight once the stream ends: a fresh instance
-        # each, so that their tracebacks do not pile up on one shared object.
-        fail: Callable[[], EmbeddError] = functools.partial(
-            _unavailable, path, "lost the connection to", "the daemon closed the connection"
-        )
+        what, reason, refused = "lost the connection to", "the daemon closed the connection", None
         try:
             while data := await reader.read(_READ_SIZE):
                 for rid, message in self.session.receive(data):
@@ -790,23 +821,20 @@ class _AsyncConnection:
                     if future is not None and not future.done():
                         future.set_result(message)
         except asyncio.CancelledError:
-            fail = functools.partial(
-                _unavailable, path, "closed the connection to", "the client was closed"
-            )
+            what, reason = "closed the connection to", "the client was closed"
             raise
         except EmbeddError as exc:
-            # The daemon refused the stream, or sent one we cannot read.
-            fail = functools.partial(_error_from_map, exc.details)
+            refused = exc.details  # the daemon refused the stream, or sent one we cannot read
         except OSError as exc:
-            fail = functools.partial(
-                _unavailable, path, "lost the connection to", str(exc) or type(exc).__name__
-            )
+            reason = str(exc) or type(exc).__name__
         finally:
             self.abort()
             waiting, self.waiting = self.waiting, {}
             for future in waiting.values():
                 if not future.done():
-                    future.set_exception(fail())
+                    # A fresh error each, so that their tracebacks do not pile up on one object.
+                    fail = _unavailable(path, what, reason) if refused is None else None
+                    future.set_exception(fail or _error_from_map(refused))
 
     @property
     def alive(self) -> bool:
@@ -843,6 +871,8 @@ class AsyncClient(_Base):
     call reconnects.
     """
 
+    _asynchronous = True
+
     def _setup(self) -> None:
         self._conn: _AsyncConnection | None = None
         self._connecting: asyncio.Lock | None = None
@@ -850,12 +880,7 @@ class AsyncClient(_Base):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -932,57 +957,6 @@ class AsyncClient(_Base):
         frame = conn.session.abandon(rid)
         if frame is not None and conn.alive:
             conn.writer.write(frame)
-
-    # -- operations: as `Client`'s, one line each ---------------------------------------------
-
-    async def request(self, op: str, **args: Any) -> dict[str, Any]:
-        return await self._run(_plain(op, **args))
-
-    async def hello(self) -> dict[str, Any]:
-        return await self._run(_plain("hello"))
-
-    async def health(self) -> dict[str, Any]:
-        return await self._run(_plain("health"))
-
-    async def models(self) -> list[dict[str, Any]]:
-        return await self._run(_models())
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._run(_plain("stats"))
-
-    async def load(self, model: str = "default") -> dict[str, Any]:
-        return await self._run(_plain("load", model=model))
-
-    async def unload(self, model: str = "default") -> dict[str, Any]:
-        return await self._run(_plain("unload", model=model))
-
-    async def shutdown(self) -> None:
-        await self._run(_shutdown())
-
-    async def tokenize(
-        self, texts: str | Sequence[str], model: str = "default", prompt: str | None = None
-    ) -> list[list[int]]:
-        return await self._run(_tokenize(texts, model, prompt))
-
-    async def chunk(
-        self, text: str, model: str = "default", max_tokens: int | None = None, overlap: int = 0
-    ) -> list[dict[str, Any]]:
-        return await self._run(_chunk(text, model, max_tokens, overlap))
-
-    async def embed(
-        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
-    ) -> Vectors:
-        return await self._run(_embed(texts, model, options))
-
-    async def embed_windows(
-        self, texts: str | Sequence[str], model: str = "default", **options: Unpack[WindowOptions]
-    ) -> list[Window]:
-        return await self._run(_embed_windows(texts, model, options))
-
-    async def embed_query(
-        self, text: str, model: str = "default", prompt: str | None = None
-    ) -> Vectors:
-        return await self._run(_embed(text, model, _query_options(prompt)))
 
     async def embed_documents(
         self,

@@ -260,7 +260,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "idle_exit": (0, 7 * 86400.0),
     "max_tokens": (4, 1 << 20),
     "threads": (1, 1024),
-    # Each replica holds its own compute buffers (~26 MB for MiniLM at 256 tokens: README).
+    # Each replica holds its own compute buffers (docs/performance.md, "Memory").
     "replicas": (1, 256),
     "batch_tokens": (4, 1 << 20),
     "max_queue_tokens": (1, 1 << 40),
@@ -397,7 +397,7 @@ def _check_aliases(models: Mapping[str, ModelConfig], where: str) -> None:
 # What apps and libraries send when they assume the bundled model (all-MiniLM-L6-v2): Ollama's
 # tag for it, Chroma's default ONNX model, and its Hugging Face names. OpenAI's own model names
 # are not among them: their vectors live in another space, so answering them is the user's
-# choice (README, "Model aliases").
+# choice (docs/models.md, "Aliases").
 BUNDLED_ALIASES = (
     "all-minilm",
     "all-minilm:l6-v2",

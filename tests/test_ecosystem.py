@@ -33,7 +33,7 @@ from tests.conftest import (
 )
 
 # What Chroma's OpenAIEmbeddingFunction and LlamaIndex's OpenAIEmbedding send by default: the
-# README shows this alias as the user's explicit choice.
+# docs/models.md shows this alias as the user's explicit choice.
 OPENAI_DEFAULT = "text-embedding-ada-002"
 
 

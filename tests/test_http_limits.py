@@ -276,31 +276,7 @@ def test_pipelined_requests_are_answered_in_order(front: Front) -> None:
     assert b'"status":"ok"' in replies[2]
 
 
-# --- defect 4: frame_timeout from the frame's first byte, on both sockets --------------------
-
-
-@pytest.mark.parametrize("which", ["http", "msgpack"])
-def test_a_client_trickling_a_frame_is_closed_after_frame_timeout(front: Front, which: str) -> None:
-    if which == "http":
-        s, first, drip = front.unix(), b"POST /api/embed HTTP/1.1\r\n", b"X"
-    else:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(front.daemon.socket))
-        first, drip = b"\x00\x00\x10\x00", b"\x00"
-    with s:
-        s.sendall(first)
-        # A byte every 0.25 s, well within frame_timeout (1 s) of the one before: a per-read
-        # timeout never fires; a deadline from the first byte does.
-        for _ in range(40):
-            time.sleep(0.25)
-            if closed_by_peer(s):
-                break
-            try:
-                s.sendall(drip)
-            except OSError:
-                break
-        else:
-            pytest.fail("a trickled frame held its connection for 10 s")
+# frame_timeout from a frame's first byte, on both sockets: tests/test_deadlines.py
 
 
 # --- defect 5: SIGTERM answers what it accepted ----------------------------------------------

@@ -108,8 +108,10 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_files(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     notes = _folder(tmp_path)
-    for i in range(6):  # more work, so the interrupt lands mid-run
-        shutil.copy(REPO / "README.md", notes / f"readme{i}.md")
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for i in range(5):  # more work, so the interrupt lands mid-run
+        for page in pages:
+            shutil.copy(page, notes / f"{page.stem}-{i}.md")
     db = tmp_path / "notes.db"
     proc = subprocess.Popen(
         [sys.executable, "-m", "embedd", "index", str(notes), "--out", str(db),

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from embedd.daemon.app import FORCED_EXIT
 from tests.conftest import Daemon, Reference, start_daemon, wait_until_serving
 from tests.wire import RawConnection
 
@@ -48,6 +49,31 @@ def test_sigint_drains_and_exits_0_too(workdir: Path, own_daemon: list[Daemon]) 
         assert conn.recv_for(rid)["ok"]
     assert d.proc.wait(60) == 0
     assert not d.socket.exists()
+
+
+def test_a_second_signal_while_draining_exits_at_once_with_status_1(
+    workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    # A long grace and work that would fill it: only the second signal ends the wait.
+    d = start_daemon(workdir, "shutdown_grace = 600\n")
+    own_daemon.append(d)
+    conn = d.connect()
+    conn.send({"op": "chunk", "id": 1, "input": "word " * 12_000_000})
+    d.wait_for(lambda s: s["chunking_inputs"] > 0, "the chunking under way")
+    d.proc.send_signal(signal.SIGTERM)
+    _wait_for_log(d, "shutdown: waiting for answers")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=30) == FORCED_EXIT == 1
+    assert "SIGTERM again while shutting down: exiting at once (status 1)" in d.log()
+
+
+def _wait_for_log(d: Daemon, line: str, timeout: float = 60.0) -> None:
+    """Wait until the daemon logs `line` (its own account of where it is, never a guess)."""
+    deadline = time.monotonic() + timeout
+    while line not in d.log():
+        assert d.proc.poll() is None, d.log()
+        assert time.monotonic() < deadline, f"never logged {line!r}:\n{d.log()}"
+        time.sleep(0.05)
 
 
 def test_no_new_connections_are_accepted_while_draining(

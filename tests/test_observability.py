@@ -68,3 +68,14 @@ def test_the_cache_counts_bytes_not_characters() -> None:
     key = CacheKey("f", 256, "mean", "", "é" * 1000, VectorOptions())
     cache.put(key, Entry(vec, 3, False))
     assert cache.bytes >= 2000 + vec.nbytes  # 1,000 characters, 2,000 bytes of UTF-8
+
+
+def test_the_model_process_figures_are_metrics() -> None:
+    from embedd.http import metrics
+
+    text = metrics.render(
+        {"models": {"q8": {"process": {"crashes": 2, "restarts": 2, "rss_bytes": 1024}}}}
+    )
+    assert 'embedd_model_process_crashes_total{model="q8"} 2' in text
+    assert 'embedd_model_process_restarts_total{model="q8"} 2' in text
+    assert 'embedd_model_process_resident_bytes{model="q8"} 1024' in text

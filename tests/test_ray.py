@@ -345,12 +345,11 @@ def test_a_step_on_a_node_with_another_model_file_refuses_to_start(nodes: NodeDa
         Embed(nodes.daemons, fingerprint="0" * 64)
 
 
-def test_the_readme_example_embeds_a_parquet_of_texts_into_parquet(
+def test_the_docs_example_embeds_a_parquet_of_texts_into_parquet(
     nodes: NodeDaemons, tmp_path: Path
 ) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## A corpus on a Ray cluster\n", 1)[1]
-    example = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    page = (Path(__file__).parent.parent / "docs" / "ray.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", page, re.S)[0]
     assert len(example.strip().splitlines()) <= 12
     texts = _texts(100, "readme")
     (tmp_path / "texts").mkdir()

@@ -1,6 +1,6 @@
 """The relevance set and its measurement (tests/relevance.py): the set is well formed, the
 metrics are what they say, and they can be computed for every mode against the real daemon.
-The figures themselves are in the README, from `python -m tests.relevance`."""
+The figures themselves are in docs/search.md, from `python -m tests.relevance`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The package's layering, checked from the source: layers import downward only, and no module
 imports itself in a circle.
 
-The layers, lowest first (README, Layout):
+The layers, lowest first (CONTRIBUTING.md, Layout):
 - `wire`: the msgpack protocol as pure objects;
 - `config`: settings from defaults, the TOML file and the command line;
 - `inference`: everything that touches a model;
@@ -218,10 +218,10 @@ def test_pure_modules_import_no_io_threads_or_llama() -> None:
         assert not names & {"asyncio", "socket", "llama_cpp", "threading"}, module
 
 
-def test_the_readme_layout_table_is_the_tree() -> None:
-    """Every module has a row in the README's Layout table, and every row is a module."""
-    readme = (PACKAGE.parent / "README.md").read_text()
-    section = readme.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+def test_the_contributing_layout_table_is_the_tree() -> None:
+    """Every module has a row in CONTRIBUTING.md's Layout table, and every row is a module."""
+    contributing = (PACKAGE.parent / "CONTRIBUTING.md").read_text()
+    section = contributing.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
     rows = {
         cell.strip("`*")
         for line in section.splitlines()
@@ -239,7 +239,7 @@ def test_the_readme_layout_table_is_the_tree() -> None:
     assert folders == {f"embedd/{layer}" for layer in LAYERS if layer not in ("__init__", "config")}
 
 
-# The optional extra: only its own package may import Ray (README, *A corpus on a Ray cluster*).
+# The optional extra: only its own package may import Ray (docs/ray.md).
 OPTIONAL = "ray"
 
 

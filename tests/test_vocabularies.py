@@ -10,7 +10,7 @@ trained on faker text, so that the comparison exercises real segmentations:
 The reference is Hugging Face's `tokenizers` (what sentence-transformers runs), built from the
 same GGUF's vocabulary as each model's tokenizer.json declares it. embedd's ids are
 `Model.tokenize`'s. Where they cannot agree, the texts are named here with the reason
-(KNOWN_DEVIATIONS, `two_part_vowel_sign`), and the README's "Languages" section gives the
+(KNOWN_DEVIATIONS, `two_part_vowel_sign`), and docs/languages.md gives the
 figures.
 """
 
@@ -107,7 +107,8 @@ def two_part_vowel_sign(text: str) -> bool:
     applies the map wherever an entry matches; the reference's `Precompiled` normaliser applies
     it one grapheme cluster at a time and matches a longer entry only at a cluster's start, so
     after a consonant it leaves the two marks apart and the pieces differ. Fixing this in embedd
-    would mean tokenizing Unigram vocabularies in Python; the README gives the share of texts.
+    would mean tokenizing Unigram vocabularies in Python; docs/languages.md gives the share of
+    texts.
     """
     return any(
         unicodedata.category(a).startswith("M") and len(unicodedata.normalize("NFC", a + b)) == 1
@@ -334,7 +335,7 @@ def test_each_known_deviation_still_deviates(
     kind: str,
 ) -> None:
     """A listed deviation that stops deviating (a newer llama.cpp, a fix here) must leave the
-    list and the README, not linger as an excuse."""
+    list and docs/languages.md, not linger as an excuse."""
     known = list(KNOWN_DEVIATIONS[kind])
     assert differing(engines[kind], references[kind], known) == known
 

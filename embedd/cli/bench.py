@@ -15,16 +15,22 @@ Workloads (the corpus is the bundled sample of real text: Python standard-librar
 - W5 busy core: a separate process keeps one core busy (an app working beside the daemon):
   one query at a time (p50, p99), then W1's throughput under that load.
 - idle: one query at a time: p50, p99.
-Plus the daemon's resident memory, and (daemon only) two models driven together against one,
-each replica's busy fraction during each workload (from the daemon's `stats`: its busy seconds
-over the workload's wall time), and W1's throughput while W3's queries run (what leaving a core
-to queries costs bulk).
+Plus the resident memory of the daemon and its model processes, and (daemon only) two models
+driven together against one, each replica's busy fraction during each workload (from the
+daemon's `stats`: its busy seconds over the workload's wall time), and W1's throughput while
+W3's queries run (what leaving a core to queries costs bulk).
+
+`--svg FILE` also draws the query latencies (idle, W3, W5; p50 and p99 of both sides) as one
+SVG picture, written with the standard library only (`svg()`, a pure function of the report).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
+import platform
 import statistics
 import sys
 import threading
@@ -33,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from xml.sax.saxutils import escape
 
 import embedd_client
 
@@ -400,8 +407,11 @@ def run(
     baseline: bool = True,
     as_json: bool = False,
     second: str | None = None,
+    svg_path: Path | None = None,
 ) -> int:
     chunks, queries = _load_corpus(quick)
+    # What else the machine was doing when the run began: figures mean little without it.
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     idle_queries = queries[: 20 if quick else 200]
     progress = _Progress(enabled=sys.stderr.isatty() and not as_json)
     with embedd_client.Client(socket, timeout=600.0) as client:
@@ -424,8 +434,11 @@ def run(
         "daemon",
         replica_busy,
     )
+    # The daemon and its model processes, where llama.cpp and the weights live.
+    processes = [m.get("process", {}).get("pid") for m in stats_client.stats()["models"].values()]
     stats_client.close()
-    daemon.rss_mb = _rss_mb(pid)
+    sizes = [_rss_mb(p) for p in [pid, *processes] if isinstance(p, int)]
+    daemon.rss_mb = sum(s for s in sizes if s is not None) if sizes else None
     daemon.extra.update(
         server=hello["server"], pid=pid, replicas=info.get("replicas"), settings=_settings(info)
     )
@@ -455,10 +468,15 @@ def run(
         del llm
 
     report = _report(daemon, base, model=model, path=path, threads=threads, quick=quick)
+    report["load_average"] = load_average
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(_table(report))
+    if svg_path is not None:
+        picture = svg(report, cpu=cpu_description(), date=datetime.date.today().isoformat())
+        svg_path.write_text(picture)
+        print(f"embedd bench: wrote the query latencies to {svg_path}", file=sys.stderr)
     return 0
 
 
@@ -546,3 +564,146 @@ def _table(report: dict[str, Any]) -> str:
             f"one alone: {two['one_model_chunks_per_s']:.1f} chunks/s"
         )
     return "\n".join(lines)
+
+
+# --- the picture ----------------------------------------------------------------------------
+
+# What the picture compares: where a desktop feels the difference, a query's wait.
+SVG_SITUATIONS = (
+    ("idle", "one query at a time, nothing else running", "idle_p50_ms", "idle_p99_ms"),
+    ("during bulk", "W3: a query every 10 ms while W1 indexes", "mixed_p50_ms", "mixed_p99_ms"),
+    (
+        "busy core",
+        "W5: one query at a time while another process keeps a core busy",
+        "busy_core_p50_ms",
+        "busy_core_p99_ms",
+    ),
+)
+SVG_SIDES = (
+    ("daemon", "embedd daemon", "#9ecae1", "#2171b5"),
+    ("baseline", "in-process llama-cpp-python", "#fdae6b", "#d94801"),
+)
+_WIDTH = 820
+_PLOT_LEFT = 230  # room for the row labels
+_PLOT_RIGHT = 660  # room for the value labels after the longest bar
+_ROW = 22
+_BAR = 14
+
+
+def cpu_description() -> str:
+    """The CPU the bench ran on, for the picture's caption: model name and usable cores."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores usable"
+
+
+def _decades(values: Sequence[float]) -> tuple[int, int]:
+    """The powers of ten around the values: a log axis, since the sides differ by up to 1000x."""
+    low = min(values)
+    high = max(values)
+    first = math.floor(math.log10(low))
+    last = max(math.ceil(math.log10(high)), first + 1)
+    return first, last
+
+
+def _load_note(load: Any) -> str:
+    return f", load average {load:.1f} at the start" if isinstance(load, int | float) else ""
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def svg(report: dict[str, Any], *, cpu: str, date: str) -> str:
+    """The query latencies of `report` (what `_report` returns) as an SVG document: for each
+    situation in SVG_SITUATIONS a bar per side, its length the p99 and its dark part the p50,
+    on a logarithmic axis in milliseconds. Sides without figures (no baseline) are left out."""
+    rows = {r["key"]: r for r in report["rows"]}
+    sides = [side for side in SVG_SIDES if rows["idle_p50_ms"].get(side[0]) is not None]
+    values = [
+        float(rows[key][side[0]])
+        for _s, _t, p50, p99 in SVG_SITUATIONS
+        for key in (p50, p99)
+        for side in sides
+    ]
+    first, last = _decades([v for v in values if v > 0] or [1.0])
+
+    def x(value: float) -> float:
+        span = _PLOT_RIGHT - _PLOT_LEFT
+        clamped = min(max(value, 10.0**first), 10.0**last)
+        return _PLOT_LEFT + span * (math.log10(clamped) - first) / (last - first)
+
+    top = 96
+    group_height = _ROW * len(sides) + 26
+    bottom = top + group_height * len(SVG_SITUATIONS)
+    height = bottom + 44
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
+        f'viewBox="0 0 {_WIDTH} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{_WIDTH}" height="{height}" fill="#ffffff"/>',
+        '<text x="16" y="26" font-size="16" font-weight="bold">Query latency: embedd against '
+        "llama-cpp-python in the client's own process</text>",
+        f'<text x="16" y="46" fill="#444444">embedd bench, {escape(date)}, {escape(cpu)}'
+        f"{_load_note(report.get('load_average'))}</text>",
+        f'<text x="16" y="64" fill="#444444">model {escape(str(report["model"]))}, '
+        f"{report['threads']} threads{' (quick)' if report.get('quick') else ''}; "
+        "bar: 99th percentile, dark part: median; milliseconds, log scale</text>",
+    ]
+    legend_x = 16
+    for _key, label, light, dark in sides:
+        out.append(f'<rect x="{legend_x}" y="74" width="10" height="10" fill="{dark}"/>')
+        out.append(f'<rect x="{legend_x + 10}" y="74" width="10" height="10" fill="{light}"/>')
+        out.append(f'<text x="{legend_x + 26}" y="83">{escape(label)}</text>')
+        legend_x += 40 + 7 * len(label)
+    for exponent in range(first, last + 1):
+        tick = x(10.0**exponent)
+        out.append(
+            f'<line x1="{tick:.1f}" y1="{top - 4}" x2="{tick:.1f}" y2="{bottom}" stroke="#dddddd"/>'
+        )
+        out.append(
+            f'<text x="{tick:.1f}" y="{bottom + 16}" text-anchor="middle" fill="#444444">'
+            f"{_ms(10.0**exponent)} ms</text>"
+        )
+    y = top
+    for short, title, p50_key, p99_key in SVG_SITUATIONS:
+        out.append(
+            f'<text x="16" y="{y + 12}"><tspan font-weight="bold">{escape(short)}</tspan>'
+            f'<tspan dx="8" fill="#666666">{escape(title)}</tspan></text>'
+        )
+        y += 18
+        for key, label, light, dark in sides:
+            p50 = float(rows[p50_key][key])
+            p99 = float(rows[p99_key][key])
+            for value, colour, which in ((p99, light, "p99"), (p50, dark, "p50")):
+                width = max(x(value) - _PLOT_LEFT, 1.0)
+                out.append(
+                    f'<rect x="{_PLOT_LEFT}" y="{y + (_ROW - _BAR) / 2:.1f}" '
+                    f'width="{width:.1f}" height="{_BAR}" fill="{colour}">'
+                    f"<title>{escape(label)}, {escape(short)}: {which} {_ms(value)} ms</title>"
+                    "</rect>"
+                )
+            out.append(
+                f'<text x="{_PLOT_LEFT - 8}" y="{y + 15}" text-anchor="end">{escape(label)}</text>'
+            )
+            out.append(
+                f'<text x="{x(p99) + 6:.1f}" y="{y + 15}" fill="#333333">'
+                f"{_ms(p50)} / {_ms(p99)} ms</text>"
+            )
+            y += _ROW
+        y += group_height - 18 - _ROW * len(sides)
+    out.append(
+        f'<text x="16" y="{height - 10}" font-size="10" fill="#666666">'
+        "labels: median / 99th percentile. Same model file, threads and texts on both sides; "
+        "in-process: one Llama behind a lock.</text>"
+    )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

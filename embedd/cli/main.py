@@ -278,7 +278,7 @@ def _service_arguments(p: argparse.ArgumentParser) -> None:
         "(sys.executable) and the given config, and print the commands that enable them:\n"
         "systemd's embedd.socket + embedd.service (socket activation, Type=notify, watchdog),\n"
         "or on macOS a LaunchAgent. uninstall: remove them. --dry-run prints instead.\n"
-        "See README, 'Running as a service'."
+        "See docs/service.md."
     ),
     examples=(
         "  embedd service install --dry-run\n"
@@ -1043,6 +1043,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="also drive MODEL together with --model: throughput of two models against one",
     )
+    p.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="also draw the query latencies (idle, during bulk, with a busy core; daemon and "
+        "baseline) as an SVG picture in FILE",
+    )
 
 
 @_command(
@@ -1061,7 +1067,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "Takes about two minutes on 2 cores; --quick (a small slice) about fifteen seconds."
     ),
     examples=(
-        "  embedd bench\n  embedd bench --json > bench.json\n  embedd bench --quick --no-baseline"
+        "  embedd bench\n  embedd bench --json > bench.json\n  embedd bench --quick --no-baseline\n"
+        "  embedd bench --svg bench.svg"
     ),
 )
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -1076,6 +1083,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             baseline=not args.no_baseline,
             as_json=args.json,
             second=args.second_model,
+            svg_path=Path(args.svg) if args.svg else None,
         )
     except embedd_client.DaemonUnavailableError:
         _err(_not_running(path))

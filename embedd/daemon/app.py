@@ -34,6 +34,8 @@ _log = logging.getLogger("embedd.app")
 _SIGNAL_SETTLE = 0.2
 # How often idle models are looked at for `keep_alive`.
 _SWEEP_EVERY = 1.0
+# The exit status when a second SIGTERM/SIGINT cuts the shutdown short (README, Logs and signals).
+FORCED_EXIT = 1
 
 
 class _JsonFormatter(logging.Formatter):
@@ -83,6 +85,78 @@ async def _write_metrics(daemon: Daemon, path: Path, every: float) -> None:
         await asyncio.sleep(every)
 
 
+class _Shutdown:
+    """The way out, one named phase at a time (as uvicorn's), each logged as it begins: stop
+    accepting, ask connections to finish, wait for their answers (within `shutdown_grace`),
+    wait for model work (within what is left of it), release the models and the listeners."""
+
+    def __init__(
+        self,
+        config: Config,
+        daemon: Daemon,
+        listeners: list[Server | HttpServer],
+        background: list[asyncio.Task[None]],
+    ) -> None:
+        self.config = config
+        self.daemon = daemon
+        self.listeners = listeners
+        self.background = background
+        self.loop = asyncio.get_running_loop()
+        self.grace_ends = 0.0
+
+    async def run(self) -> None:
+        await self.stop_accepting()
+        await self.ask_connections_to_finish()
+        await self.wait_for_answers()
+        await self.wait_for_model_work()
+        await self.release()
+
+    async def stop_accepting(self) -> None:
+        _log.info("shutdown: stop accepting connections")
+        for listener in self.listeners:
+            await listener.stop_accepting()
+
+    async def ask_connections_to_finish(self) -> None:
+        _log.info("shutdown: asking connections to finish")
+        # Requests a client sent just before the signal may still sit in socket buffers: they
+        # are read and served, not refused.
+        await asyncio.sleep(_SIGNAL_SETTLE)
+        self.daemon.draining = True
+
+    async def wait_for_answers(self) -> None:
+        grace = self.config.shutdown_grace
+        _log.info(
+            "shutdown: waiting for answers: finishing %d requests in flight (at most %gs)",
+            sum(listener.inflight for listener in self.listeners),
+            grace,
+        )
+        # Both fronts answer what they accepted within the one grace; the models' remaining
+        # work (a tokenization in progress) gets what is left of it, and no more.
+        self.grace_ends = self.loop.time() + grace
+        await asyncio.gather(*(listener.drain(grace) for listener in self.listeners))
+
+    async def wait_for_model_work(self) -> None:
+        left = max(0.0, self.grace_ends - self.loop.time())
+        _log.info("shutdown: waiting for model work (at most %gs)", left)
+        for task in self.background:
+            task.cancel()
+        await self.daemon.models.close(left)
+
+    async def release(self) -> None:
+        _log.info("shutdown: releasing the listeners")
+        for listener in self.listeners:
+            await listener.close()
+
+
+def _force_exit(sig: signal.Signals) -> None:
+    """A second signal while shutting down: exit now, without waiting for anything. Model
+    processes die with the daemon (PR_SET_PDEATHSIG); a socket file left behind is replaced at
+    the next start."""
+    _log.warning("%s again while shutting down: exiting at once (status %d)", sig.name, FORCED_EXIT)
+    logging.shutdown()
+    os._exit(FORCED_EXIT)
+
+
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     tally = Tally()
@@ -108,8 +182,14 @@ async def serve(config: Config) -> int:
         start_spare()
     # Windows has no signal handlers in asyncio: Ctrl-C ends the process there.
     signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if daemon.stop_requested.is_set():
+            _force_exit(sig)
+        daemon.stop_requested.set()
+
     for sig in signals:
-        loop.add_signal_handler(sig, daemon.stop_requested.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     sweeper = asyncio.create_task(_sweep(daemon))
     background = [sweeper]
     if config.metrics_file is not None:
@@ -129,24 +209,7 @@ async def serve(config: Config) -> int:
         await daemon.stop_requested.wait()
         supervisor.stopping()
         listeners: list[Server | HttpServer] = [server] if http is None else [server, http]
-        for listener in listeners:
-            await listener.stop_accepting()
-        await asyncio.sleep(_SIGNAL_SETTLE)
-        daemon.draining = True
-        _log.info(
-            "stopping: no new connections or work; finishing %d requests in flight (at most %gs)",
-            sum(listener.inflight for listener in listeners),
-            config.shutdown_grace,
-        )
-        # Both fronts answer what they accepted, within the one grace; the models' remaining
-        # work (a tokenization in progress) gets what is left of it, and no more.
-        grace_ends = loop.time() + config.shutdown_grace
-        await asyncio.gather(*(listener.drain(config.shutdown_grace) for listener in listeners))
-        for task in background:
-            task.cancel()
-        await daemon.models.close(max(0.0, grace_ends - loop.time()))
-        for listener in listeners:
-            await listener.close()
+        await _Shutdown(config, daemon, listeners, background).run()
     finally:
         await supervisor.close()
         for sig in signals:

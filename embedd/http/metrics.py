@@ -28,7 +28,7 @@ _DAEMON = [
     (("cache", "misses"), "embedd_cache_misses_total", "counter", "Vector cache misses"),
     (("cache", "bytes"), "embedd_cache_bytes", "gauge", "Bytes held by the vector cache"),
 ]  # fmt: skip
-_MODEL = [
+_MODEL: list[tuple[str | tuple[str, ...], str, str, str]] = [
     ("requests", "embedd_model_requests_total", "counter", "Embed requests that reached the model"),
     ("inputs", "embedd_model_inputs_total", "counter", "Inputs computed"),
     ("tokens", "embedd_model_tokens_total", "counter", "Tokens computed"),
@@ -41,6 +41,16 @@ _MODEL = [
      "Share of the last minute the model's replicas spent computing (their mean)"),
     ("loads", "embedd_model_loads_total", "counter", "Times the model was loaded"),
     ("unloads", "embedd_model_unloads_total", "counter", "Times the model was unloaded"),
+    (("process", "crashes"), "embedd_model_process_crashes_total", "counter",
+     "Times the model's process (where llama.cpp runs) died"),
+    (("process", "restarts"), "embedd_model_process_restarts_total", "counter",
+     "Times the model's process was started again after dying"),
+    (("process", "poison_inputs_found"), "embedd_model_poison_inputs_found_total", "counter",
+     "Inputs found to kill the model (answered model_crashed)"),
+    (("process", "poison_inputs_refused"), "embedd_model_poison_inputs_refused_total", "counter",
+     "Inputs refused at once because they had killed the model"),
+    (("process", "rss_bytes"), "embedd_model_process_resident_bytes", "gauge",
+     "Resident memory of the model's process"),
 ]  # fmt: skip
 _LATENCY = [
     ("queue_wait", "embedd_model_queue_wait_seconds", "Time from arrival to computing, recent"),
@@ -82,7 +92,7 @@ def _lines(stats: Mapping[str, Any]) -> Iterator[str]:
     for key, name, kind, text in _MODEL:
         yield f"# HELP {name} {text}\n# TYPE {name} {kind}"
         for model, figures in sorted(models.items()):
-            value = _number(figures.get(key))
+            value = _number(_get(figures, key if isinstance(key, tuple) else (key,)))
             if value is not None:
                 yield f'{name}{{model="{_label(model)}"}} {value:g}'
     for key, name, text in _LATENCY:

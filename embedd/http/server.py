@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Config
-from ..transport.shell import Connection, Handler, Job, Listener, Reservation
+from ..transport.shell import Connection, Handler, Job, Listener, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
 from ..wire.counters import ConnectionCounts
 from ..wire.errors import EmbeddError
@@ -124,8 +124,9 @@ class HttpServer(Listener):
         handler: HttpHandler,
         stats: Callable[[], dict[str, Any]],
         connections: ConnectionCounts,
+        timer: Timer | None = None,
     ) -> None:
-        super().__init__(config, handler, connections)
+        super().__init__(config, handler, connections, timer=timer)
         self.daemon = handler
         self.stats = stats
         self.limits = Limits(max_inputs=config.max_inputs)

@@ -1,11 +1,12 @@
 """embedd on a Ray cluster: one daemon per node, Ray Data steps that chunk and embed through it,
-and outputs a rerun can resume. An optional extra (`pip install 'embedd-daemon[ray]'`): the
-rest of the package never imports Ray.
+and outputs a rerun can resume. An optional extra, installed from a clone of embedd with
+`pip install '.[ray]'` (the distribution is not published): the rest of the package never
+imports Ray.
 
     from embedd.ray import Embed, EmbedSettings, NodeDaemons, unembedded
 
 The vectors are the desktop daemon's: the same GGUF, tokenizer and llama.cpp compute them, and
-each row says which (`model_fingerprint`). README, *A corpus on a Ray cluster*, has the example.
+each row says which (`model_fingerprint`). docs/ray.md has the example.
 """
 
 from embedd.ray.columns import EmbedSettings

@@ -24,7 +24,7 @@ from ..wire.counters import ConnectionCounts, Tally
 from ..wire.errors import EmbeddError
 from ..wire.messages import Request
 from .activation import Inherited
-from .shell import Connection, Handler, Job, Listener, Reservation
+from .shell import Connection, Handler, Job, Listener, Reservation, Timer
 from .sockets import bind_unix_socket, remove_if_ours
 
 __all__ = ["Handler", "Server"]
@@ -39,12 +39,14 @@ class Server(Listener):
         tally: Tally | None = None,
         connections: ConnectionCounts | None = None,
         clock: Callable[[], float] = time.monotonic,
+        timer: Timer | None = None,
     ) -> None:
         super().__init__(
             config,
             handler,
             connections if connections is not None else ConnectionCounts(),
             clock,
+            timer,
         )
         self.tally = tally if tally is not None else Tally()
         self._server: asyncio.AbstractServer | None = None

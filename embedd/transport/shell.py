@@ -158,6 +158,19 @@ class Reservation:
         self.held = 0
 
 
+class Timer:
+    """What a connection's deadlines (`idle_timeout`, `frame_timeout`, the write deadline) are
+    measured and enforced by: the event loop's clock. A test hands the shell one that moves only
+    when the test advances it, so that deadlines are checked without waiting for them."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def deadline(self, when: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+        """The block is interrupted with TimeoutError once `now()` reaches `when` (None: never)."""
+        return asyncio.timeout_at(when)
+
+
 @dataclass(frozen=True)
 class Job:
     """The work a dispatch names: `work(reservation)` returns what `finish` is given."""
@@ -246,7 +259,7 @@ class Connection:
         transport = self.writer.transport
         transport.set_write_buffer_limits(high=config.max_unsent)
         self.budget = AnswerBudget(config.max_unsent, transport.get_write_buffer_size)
-        loop = asyncio.get_running_loop()
+        timer = self.listener.timer
         try:
             while True:
                 deadline: float | None = None
@@ -259,7 +272,7 @@ class Connection:
                         self.wake.clear()
                         await self.wake.wait()
                         continue
-                    now = loop.time()
+                    now = timer.now()
                     self.clock.observe(self.conv.mid_frame, self.conv.frames, now)
                     if self.clock.started is not None:
                         deadline = self.clock.started + config.frame_timeout
@@ -269,7 +282,7 @@ class Connection:
                 # until `_close` closes the transport: a close with unread input would reset
                 # the connection and lose the last bytes written.
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with timer.deadline(deadline):
                         data = await self.reader.read(_READ_SIZE)
                 except TimeoutError:
                     self._timed_out()
@@ -296,11 +309,11 @@ class Connection:
     async def _drain(self) -> bool:
         """Wait while the client holds more than the high-water mark unread. False when it took
         none of it for `idle_timeout` (the write deadline)."""
-        transport = self.writer.transport
+        transport, timer = self.writer.transport, self.listener.timer
         while True:
             before = transport.get_write_buffer_size()
             try:
-                async with asyncio.timeout(self.listener.config.idle_timeout):
+                async with timer.deadline(timer.now() + self.listener.config.idle_timeout):
                     await self.writer.drain()
                 return True
             except TimeoutError:
@@ -415,12 +428,14 @@ class Listener:
         handler: Handler,
         connections: ConnectionCounts,
         clock: Callable[[], float] = time.monotonic,
+        timer: Timer | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
         self.connections = connections
         # Monotonic seconds, for `last_activity` (a test's fake clock; see supervise.py).
         self.clock = clock
+        self.timer = timer if timer is not None else Timer()
         self.open: set[Connection] = set()
         # Open connections per door (`door`), each held to max_connections.
         self._per_door: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """Windows: serve the protocol on the named pipe \\\\.\\pipe\\embedd-<user>.
 
-NOT TESTED ON WINDOWS (see README): this is type-checked for win32 (mypy --platform win32, run
-by tests/test_service.py) but has never run. It is kept small on purpose.
+NOT TESTED ON WINDOWS (see the README's Platform status): this is type-checked for win32 (mypy
+--platform win32, run by tests/test_service.py) but has never run. It is kept small on purpose.
 
 asyncio's own `start_serving_pipe` creates its pipes with the default security descriptor and
 accepts remote clients, so the pipes are created here instead, each instance with:
