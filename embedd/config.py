@@ -16,6 +16,7 @@ from typing import Any
 
 from .wire.framing import DEFAULT_MAX_FRAME
 from .wire.messages import DEFAULT_MODEL
+from .wire.options import LONG_MODES
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-f16.gguf"
 # The bundled model was trained with max_seq_length 256 (sentence-transformers'
@@ -23,8 +24,9 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "all-MiniLM-L6-v2-
 # reference implementation never produces.
 BUNDLED_MAX_TOKENS = 256
 
-# What the HTTP APIs may do with an over-long input a request says nothing about.
-HTTP_LONG_MODES = ("error", "truncate", "split")
+# What the HTTP APIs may do with an over-long input a request says nothing about: any of the
+# modes a request may name.
+HTTP_LONG_MODES = LONG_MODES
 # What the engine can serve: "none" gives per-token vectors and "rank" a reranker's score.
 POOLING_NAMES = ("mean", "cls", "last")
 

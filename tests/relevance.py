@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedd.cli import index as idx
+from embedd import index as idx
+from embedd.cli.index import Progress
 
 SET = Path(__file__).parent / "data" / "relevance" / "debian-docs.json"
 # Results read per question: the first 5 distinct files for recall@5, and for MRR enough
@@ -158,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             socket=socket,
             chunk_tokens=args.chunk_tokens,
             overlap=args.overlap,
-            progress=sys.stderr,
-            tty=sys.stderr.isatty(),
+            progress=Progress(sys.stderr, tty=sys.stderr.isatty()),
         )
         print(table(measure(rset, db, socket), rset))
     finally:

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from embedd.inference.cache import vector_key
+from embedd.wire.messages import Embed, Limits, parse_request
+from embedd.wire.options import VectorOptions
 from tests.conftest import Daemon, cosines, short_tmpdir, start_daemon, vectors
 
 CONFIG = """
@@ -151,7 +153,33 @@ def test_vectors_from_another_tokenizer_are_other_entries() -> None:
         tokenizer: str = "llama.cpp-0.3.36"
 
     def key(model: Model) -> object:
-        return vector_key(model, "한국어", truncate=False, normalize=True, dimensions=None)
+        return vector_key(model, "한국어", VectorOptions())
 
     assert key(Model()) != key(Model(tokenizer="wordpiece-hf-1"))
     assert key(Model()) == key(Model())
+
+
+def _options(**args: Any) -> VectorOptions:
+    request = parse_request({"id": 1, "op": "embed", "input": "a", **args}, Limits())
+    assert isinstance(request.args, Embed)
+    return request.args.options
+
+
+def test_two_ways_of_asking_for_one_vector_are_one_set_of_options() -> None:
+    assert _options(truncate=True) == _options(long="truncate") == VectorOptions(long="truncate")
+    assert _options(long="split", overlap=4) != _options(long="split")
+    assert _options(long="split", pool="none") != _options(long="split")
+    assert _options(prompt="query") != _options()
+
+
+def test_the_cache_key_holds_the_prompts_text_not_its_name() -> None:
+    @dataclass(frozen=True)
+    class Model:
+        fingerprint: str = "f00d"
+        max_tokens: int = 256
+        pooling: str = "mean"
+        tokenizer: str = "wordpiece-hf-1"
+
+    named = vector_key(Model(), "query: a", _options(prompt="query"))
+    assert named == vector_key(Model(), "query: a", _options())
+    assert named != vector_key(Model(), "query: a", _options(truncate=True))

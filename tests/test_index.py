@@ -689,12 +689,28 @@ def test_index_drop_refuses_a_database_that_is_not_an_index(tmp_path: Path) -> N
 
 
 def test_the_python_api_indexes_and_searches(daemon: Daemon, tmp_path: Path) -> None:
-    from embedd.cli import index
+    from embedd import index
 
     db = tmp_path / "api.db"
     counts = index.index_paths([_story(tmp_path / "notes")], db, socket=daemon.socket)
     hits = index.search(db, "where is the spare key hidden", k=1, socket=daemon.socket)
     assert counts.files_indexed == 1 and hits[0].path == "diary.txt" and hits[0].line == 23
+
+
+def test_the_python_api_tells_its_progress_as_events(daemon: Daemon, tmp_path: Path) -> None:
+    from embedd.index import ingest
+
+    notes = _story(tmp_path / "notes")
+    diary = str((notes / "diary.txt").resolve())
+    size = (notes / "diary.txt").stat().st_size
+    events: list[ingest.ProgressEvent] = []
+    ingest.index_paths([notes], tmp_path / "e.db", socket=daemon.socket, progress=events.append)
+    assert events[:3] == [ingest.Finding(0), ingest.Finding(1), ingest.Checking(1, 1)]
+    assert events[3] == ingest.Embedding(files=1, done=0, bytes_ahead=size)
+    assert events[-2:] == [ingest.FileDone(diary, size, chunked=True), ingest.Finished()]
+    (chunked,) = [e for e in events if isinstance(e, ingest.Chunked)]
+    embedded = [e for e in events if isinstance(e, ingest.Embedded)]
+    assert sum(e.tokens for e in embedded) == chunked.tokens > 0
 
 
 def test_an_index_built_with_an_older_tokenizer_is_reported_stale(
@@ -780,7 +796,7 @@ def _bad_vectors() -> dict[str, tuple[list[Any], dict[str, Any], str]]:
 def test_an_import_of_a_vector_search_cannot_rank_is_refused_and_nothing_is_written(
     story: Path, tmp_path: Path, case: str
 ) -> None:
-    from embedd.cli import index
+    from embedd import index
 
     db = tmp_path / "s.db"
     shutil.copy(story, db)
@@ -792,7 +808,7 @@ def test_an_import_of_a_vector_search_cannot_rank_is_refused_and_nothing_is_writ
 
 
 def test_a_refused_import_into_a_new_index_leaves_no_file(story: Path, tmp_path: Path) -> None:
-    from embedd.cli import index
+    from embedd import index
 
     parquet = _parquet(tmp_path / "bad.parquet", story, [[0.0] * 384])
     with pytest.raises(index.IndexUsageError, match="vector of zeros"):

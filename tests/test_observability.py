@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from embedd.inference.cache import CacheKey, Entry, VectorCache
+from embedd.wire.options import VectorOptions
 from tests.conftest import Daemon, start_daemon
 
 
@@ -64,7 +65,7 @@ def test_json_logs_are_one_object_per_line(workdir: Path, own_daemon: list[Daemo
 def test_the_cache_counts_bytes_not_characters() -> None:
     cache = VectorCache(max_bytes=10_000)
     vec = __import__("numpy").zeros(4, "float32")
-    key = CacheKey("f", 256, "mean", "é" * 1000, False, True, None)
+    key = CacheKey("f", 256, "mean", "", "é" * 1000, VectorOptions())
     cache.put(key, Entry(vec, 3, False))
     assert cache.bytes >= 2000 + vec.nbytes  # 1,000 characters, 2,000 bytes of UTF-8
 

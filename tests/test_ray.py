@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from embedd.cli.chunks import META_FINGERPRINT
+from embedd.index.records import META_FINGERPRINT
 from embedd.ray import Chunk, DaemonProgress, Daemons, Embed, EmbedSettings, NodeDaemons
 from embedd.ray.columns import chunk_ids
 from tests.conftest import BUNDLED, Daemon, Reference, cosines, start_daemon
@@ -138,7 +138,7 @@ def test_2000_rows_come_out_once_each_as_fixed_size_vectors_equal_to_the_clients
     )
     out = pq.read_table(tmp_path)
     fingerprint = nodes.fingerprint()
-    expected = chunk_ids(pa.table({"text": texts}), fingerprint, EmbedSettings().id_options())
+    expected = chunk_ids(pa.table({"text": texts}), fingerprint, EmbedSettings().options)
     assert sorted(_ids(out)) == sorted(expected.to_pylist())  # each id exactly once
     assert out.schema.field("vector").type == pa.list_(pa.float32(), 384)
     assert out.schema.metadata[META_FINGERPRINT.encode()] == fingerprint.encode()

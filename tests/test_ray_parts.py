@@ -19,18 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedd.cli import index
-from embedd.cli.chunks import (
-    META_FINGERPRINT,
-    NAMES,
-    chunk_id,
-    vector_options,
-)
+from embedd.index import store
+from embedd.index.records import META_FINGERPRINT, NAMES, chunk_id
 from embedd.ray.columns import EmbedSettings, arrow_type, chunk_ids, chunked, embedded
 from embedd.ray.progress import node_line
 from embedd.ray.resume import OutputMismatch, done_ids, missing_mask
 from embedd.ray.retry import Patience, PatientClient
 from embedd.ray.supervisor import DaemonSupervisor
+from embedd.wire.messages import Embed, Limits, parse_request
+from embedd.wire.options import VectorOptions
 from tests.conftest import BUNDLED, Daemon, Reference, cosines
 from tests.wire import RawConnection
 
@@ -43,9 +40,27 @@ POLL = 0.02
 
 
 def test_a_chunk_id_is_the_same_for_the_same_chunk() -> None:
-    options = vector_options(long="split")
+    options = VectorOptions(long="split")
     assert chunk_id("a text", FINGERPRINT, options, file="a.md", idx=3) == chunk_id(
-        "a text", FINGERPRINT, dict(reversed(options.items())), file="a.md", idx=3
+        "a text", FINGERPRINT, VectorOptions(long="split"), file="a.md", idx=3
+    )
+
+
+def test_options_that_cannot_matter_do_not_change_a_chunk_id() -> None:
+    """Overlap and pooling apply to split inputs only."""
+    plain = chunk_id("a text", FINGERPRINT, VectorOptions(long="truncate"))
+    assert chunk_id("a text", FINGERPRINT, VectorOptions(long="truncate", overlap=8)) == plain
+    assert chunk_id("a text", FINGERPRINT, VectorOptions(long="truncate", pool="none")) == plain
+
+
+def test_a_chunk_id_is_the_hash_it_has_always_been() -> None:
+    """Ids are stored in indexes and outputs: the same chunk must keep its id."""
+    options = VectorOptions(long="truncate")
+    assert options.id_fields() == {
+        "long": "truncate", "overlap": 0, "prompt": None, "normalize": True, "dimensions": None
+    }  # fmt: skip
+    assert chunk_id("a text", FINGERPRINT, options, file="a.md", idx=3) == (
+        "6b7dc6e7e14457a447208972b9780857"
     )
 
 
@@ -54,7 +69,7 @@ def test_a_chunk_id_is_the_same_for_the_same_chunk() -> None:
     [
         {"text": "another text"},
         {"fingerprint": "0" * 64},
-        {"options": vector_options(long="truncate")},
+        {"options": VectorOptions(long="truncate")},
         {"file": "b.md"},
         {"idx": 4},
     ],
@@ -63,7 +78,7 @@ def test_a_chunk_id_changes_with_what_its_vector_and_place_depend_on(
     changed: dict[str, Any],
 ) -> None:
     base: dict[str, Any] = {
-        "text": "a text", "fingerprint": FINGERPRINT, "options": vector_options(long="split"),
+        "text": "a text", "fingerprint": FINGERPRINT, "options": VectorOptions(long="split"),
         "file": "a.md", "idx": 3,
     }  # fmt: skip
     other = {**base, **changed}
@@ -75,11 +90,17 @@ def test_a_chunk_id_changes_with_what_its_vector_and_place_depend_on(
 
 
 def test_the_index_truncate_option_and_long_truncate_hash_alike() -> None:
-    assert EmbedSettings(long="truncate").id_options() == index.INDEX_OPTIONS
+    assert EmbedSettings(long="truncate").options == store.INDEX_OPTIONS
+
+
+def test_the_index_sends_exactly_the_options_its_chunk_ids_hash() -> None:
+    request = store.INDEX_OPTIONS.request()
+    sent = parse_request({"id": 1, "op": "embed", "input": "a", **request}, Limits())
+    assert isinstance(sent.args, Embed) and sent.args.options == store.INDEX_OPTIONS
 
 
 def test_a_new_index_has_exactly_the_shared_chunk_columns(tmp_path: Path) -> None:
-    db = index._open(tmp_path / "new.db")
+    db = store.open_index(tmp_path / "new.db")
     try:
         columns = [row[1] for row in db.execute("PRAGMA table_info(chunks)")]
     finally:
@@ -104,12 +125,12 @@ def test_an_old_index_gains_the_shared_names_and_the_ids_of_its_chunks(tmp_path:
             "INSERT INTO chunks VALUES ('/n/a.md', 0, 0, 6, 'a text', 4, 'default', ?, ?, 1)",
             (FINGERPRINT, b"\0" * 16),
         )
-    index._open(path).close()
+    store.open_index(path).close()
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
         (stored,) = db.execute("SELECT id FROM chunks").fetchone()
     assert columns == set(NAMES)
-    assert stored == chunk_id("a text", FINGERPRINT, index.INDEX_OPTIONS, file="/n/a.md", idx=0)
+    assert stored == chunk_id("a text", FINGERPRINT, store.INDEX_OPTIONS, file="/n/a.md", idx=0)
 
 
 def test_the_vector_column_is_a_fixed_size_list_of_float32() -> None:
@@ -134,9 +155,7 @@ def test_embedded_rows_carry_the_shared_record_and_the_fingerprint_as_metadata(
     assert shared == ["id", "text", "tokens", "model", "model_fingerprint", "vector"]
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 384)
     assert table.schema.metadata[META_FINGERPRINT.encode()] == FINGERPRINT.encode()
-    assert (
-        table["id"].to_pylist() == chunk_ids(batch, FINGERPRINT, settings.id_options()).to_pylist()
-    )
+    assert table["id"].to_pylist() == chunk_ids(batch, FINGERPRINT, settings.options).to_pylist()
     assert table["windows"].to_pylist() == [1, 1]
 
 
@@ -170,13 +189,13 @@ def test_chunked_rows_are_one_per_chunk_with_place_line_and_the_document_columns
 
 
 def test_missing_mask_keeps_exactly_the_ids_not_done() -> None:
-    ids = [chunk_id(f"t{i}", FINGERPRINT, vector_options()) for i in range(10)]
+    ids = [chunk_id(f"t{i}", FINGERPRINT, VectorOptions()) for i in range(10)]
     done = np.unique(np.array([bytes.fromhex(i) for i in ids[::2]], dtype="S16"))
     assert missing_mask(done, ids).tolist() == [i % 2 == 1 for i in range(10)]
 
 
 def test_done_ids_deletes_a_parquet_file_a_crash_cut_short(tmp_path: Path) -> None:
-    ids = [chunk_id(f"t{i}", FINGERPRINT, vector_options()) for i in range(4)]
+    ids = [chunk_id(f"t{i}", FINGERPRINT, VectorOptions()) for i in range(4)]
     pq.write_table(pa.table({"id": ids[:2]}), tmp_path / "whole.parquet")
     pq.write_table(pa.table({"id": ids[2:]}), tmp_path / "cut.parquet")
     cut = (tmp_path / "cut.parquet").read_bytes()
@@ -198,7 +217,7 @@ def test_done_ids_deletes_a_parquet_file_a_crash_cut_short(tmp_path: Path) -> No
     ids=["no id", "int ids", "not hex", "too long", "null"],
 )
 def test_resuming_over_a_foreign_parquet_file_names_it(tmp_path: Path, ids: pa.Table) -> None:
-    ours = [chunk_id("t", FINGERPRINT, vector_options())]
+    ours = [chunk_id("t", FINGERPRINT, VectorOptions())]
     pq.write_table(pa.table({"id": ours}), tmp_path / "ours.parquet")
     pq.write_table(ids, tmp_path / "theirs.parquet")
     with pytest.raises(OutputMismatch, match=f"{tmp_path / 'theirs.parquet'} is not embedd's"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from embedd.cli import index
+from embedd import index
 from tests import relevance
 from tests.conftest import Daemon
 

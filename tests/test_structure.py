@@ -8,8 +8,11 @@ The layers, lowest first (CONTRIBUTING.md, Layout):
 - `transport`: sockets and the asyncio shell around msgpack conversations;
 - `http`: the HTTP front;
 - `daemon`: what each op does, the composition root, the service manager's contract;
-- `cli`: the command and the tools that are clients of the daemon.
-A module may import its own layer and any layer below it, never one above.
+- `index`: the search index as a library, a client of the daemon;
+- `cli`: the command and the tools that are clients of the daemon;
+- `ray`: the optional extra that runs daemons on a Ray cluster.
+A module may import its own layer and any layer below it, never one above; some layers are
+further kept apart from layers below them (SEPARATE).
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "embedd"
 # The package root's own modules: `__init__` (the version) sits below everything, `__main__`
 # (the `python -m embedd` entry point) above everything.
-LAYERS = ("__init__", "wire", "config", "inference", "transport", "http", "daemon", "cli", "ray")
+LAYERS = (
+    "__init__", "wire", "config", "inference", "transport", "http", "daemon", "index", "cli", "ray"
+)  # fmt: skip
+# Layers that must not import some layers below them: the index is a client of the daemon (it
+# talks to it through `embedd_client`, never through its insides), and Ray's steps are built on
+# the index's library, not on the command that prints.
+SEPARATE = {
+    "index": {"inference", "transport", "http", "daemon", "cli"},
+    "ray": {"cli"},
+}
 TOP = "__main__"
 # Modules whose rules must run without sockets, asyncio, threads or llama.cpp.
 PURE = (
@@ -31,6 +43,8 @@ PURE = (
     "wire.conversation",
     "wire.counters",
     "wire.errors",
+    "wire.options",
+    "index.records",
     "inference.scheduler",
     "inference.cache",
     "inference.admission",
@@ -149,6 +163,24 @@ def test_the_package_has_no_import_cycles() -> None:
 
 def test_imports_go_only_downward_between_layers() -> None:
     assert _upward(_imports()) == []
+
+
+def _crossings(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        for dep in deps
+        if dep.split(".")[0] in SEPARATE.get(module.split(".")[0], set())
+    )
+
+
+def test_layers_kept_apart_never_import_each_other() -> None:
+    assert _crossings(_imports()) == []
+
+
+def test_the_separation_check_finds_ray_importing_the_cli() -> None:
+    graph = {"ray.steps": {"cli.index", "index.records"}, "index.ingest": {"daemon.ops"}}
+    assert _crossings(graph) == ["index.ingest -> daemon.ops", "ray.steps -> cli.index"]
 
 
 def test_the_cycle_check_finds_a_cycle() -> None:

@@ -899,14 +899,15 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     ),
 )
 def _cmd_index(args: argparse.Namespace) -> int:
-    from embedd.cli import index
+    from embedd import index
+    from embedd.cli import index as shown
 
     if args.list or args.drop:
         if args.paths or args.out:
             raise _UsageError("--list and --drop take only the INDEX")
         try:
             if args.list:
-                print(index.describe_text(index.describe(args.list)))
+                print(shown.describe_text(index.describe(args.list)))
             else:
                 index.drop(args.drop)
                 _err(f"deleted {args.drop}")
@@ -943,8 +944,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                 chunk_tokens=args.chunk_tokens,
                 overlap=args.overlap,
                 client=client,
-                progress=sys.stderr,
-                tty=sys.stderr.isatty(),
+                progress=shown.Progress(sys.stderr, tty=sys.stderr.isatty()),
             )
     except embedd_client.DaemonUnavailableError:
         _err(_not_running(path))
@@ -955,12 +955,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("interrupted: finished files are saved; run the same command to go on")
         return 130
-    _err(index.summary(counts, args.out))
+    _err(shown.summary(counts, args.out))
     return 0
 
 
 def _search_arguments(p: argparse.ArgumentParser) -> None:
-    from embedd.cli.index import DEFAULT_MODE, MODES
+    from embedd.index import DEFAULT_MODE, MODES
 
     p.add_argument("index", metavar="INDEX", help="the SQLite file `embedd index` wrote")
     p.add_argument("query", metavar="QUERY", help="what to look for")
@@ -1005,7 +1005,8 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     ),
 )
 def _cmd_search(args: argparse.Namespace) -> int:
-    from embedd.cli import index
+    from embedd import index
+    from embedd.cli import index as shown
 
     path = _socket_path(args)
     try:
@@ -1026,7 +1027,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 1
     width = shutil.get_terminal_size().columns
-    print(index.hits_json(hits) if args.json else index.hits_text(hits, width))
+    print(shown.hits_json(hits) if args.json else shown.hits_text(hits, width))
     return 0
 
 

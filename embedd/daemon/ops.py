@@ -18,7 +18,7 @@ import numpy.typing as npt
 from .. import __version__
 from ..config import Config
 from ..inference.admission import estimate_tokens, estimate_windows
-from ..inference.cache import Entry, VectorCache, vector_key
+from ..inference.cache import Entry, VectorCache, vector_keys
 from ..inference.jobs import EmbedResult
 from ..inference.models import Clock, ModelRegistry
 from ..wire.counters import ConnectionCounts, Tally
@@ -348,17 +348,7 @@ class Daemon:
         # Cache hits skip the model; identical texts within the request are computed once.
         rows: list[Entry | None] = [None] * len(args.input)
         todo: dict[str, list[int]] = {}
-        keys = [
-            vector_key(
-                info,
-                prefix + text,
-                truncate=args.cuts,
-                normalize=args.normalize,
-                dimensions=args.dimensions,
-                long=f"split:{args.overlap}" if split else "",
-            )
-            for text in args.input
-        ]
+        keys = vector_keys(info, [prefix + text for text in args.input], args.options)
         use_cache = args.cache and self.cache.max_bytes > 0
         for i, key in enumerate(keys):
             entry = self.cache.get(key) if use_cache else None

@@ -5,18 +5,22 @@ query typed twice); a hit skips the model entirely. The key holds everything tha
 vector: the model file's content fingerprint (so replacing the file under the same name can
 never serve stale vectors), the tokenizer that made its ids (a fixed tokenizer must not serve the
 vectors of the old one), the exact text sent to the model (the prompt prefix included), and
-the truncate / normalize / dimensions options. `vector_key` is the one place that says what a
-key holds: two models on the same file with different pooling or `max_tokens` never share.
+the request's `VectorOptions`. `vector_key` is the one place that says what a key holds: two
+models on the same file with different pooling or `max_tokens` never share.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from ..wire.options import VectorOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,36 +30,24 @@ class CacheKey:
     fingerprint: str
     max_tokens: int
     pooling: str
-    text: str
-    truncate: bool
-    normalize: bool
-    dimensions: int | None
-    # How over-long inputs are handled beyond truncate: "" or "split:OVERLAP" (mean-pooled).
-    long: str = ""
     # Which tokenizer made the ids (engine.ModelInfo.tokenizer, e.g. "wordpiece-hf-1").
-    tokenizer: str = ""
+    tokenizer: str
+    text: str
+    # Without the prompt's name: its prefix is in `text`, which is what the model reads.
+    options: VectorOptions
 
 
-def vector_key(
-    model: ModelIdentity,
-    text: str,
-    *,
-    truncate: bool,
-    normalize: bool,
-    dimensions: int | None,
-    long: str = "",
-) -> CacheKey:
-    return CacheKey(
-        model.fingerprint,
-        model.max_tokens,
-        model.pooling,
-        text,
-        truncate,
-        normalize,
-        dimensions,
-        long,
-        model.tokenizer,
-    )
+def vector_keys(
+    model: ModelIdentity, texts: Sequence[str], options: VectorOptions
+) -> list[CacheKey]:
+    """The key of each text's vector, the texts as the model sees them (prompt included)."""
+    unnamed = dataclasses.replace(options, prompt=None)
+    identity = (model.fingerprint, model.max_tokens, model.pooling, model.tokenizer)
+    return [CacheKey(*identity, text, unnamed) for text in texts]
+
+
+def vector_key(model: ModelIdentity, text: str, options: VectorOptions) -> CacheKey:
+    return vector_keys(model, [text], options)[0]
 
 
 class ModelIdentity(Protocol):

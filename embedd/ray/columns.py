@@ -1,4 +1,4 @@
-"""Arrow tables in and out of the Ray steps: the shared chunk record (embedd/cli/chunks.py) as
+"""Arrow tables in and out of the Ray steps: the shared chunk record (embedd/index/records.py) as
 Arrow columns, built from the daemon's answers. Pure: pyarrow and numpy, no Ray, no I/O.
 
 The vector column is `fixed_size_list<float32>[dim]`: Lance takes only that as a vector column,
@@ -9,6 +9,7 @@ metadata (a reader can check a file without reading rows).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,17 +19,16 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from embedd.cli.chunks import (
+from embedd.index.records import (
     COLUMNS,
     META_FINGERPRINT,
     META_MODEL,
     META_OPTIONS,
     NAMES,
-    Long,
     chunk_id,
     start_lines,
-    vector_options,
 )
+from embedd.wire.options import Long, VectorOptions
 
 # The input columns the steps read: a document's (or a chunk's) text and, when the rows are
 # chunks of documents, which document and where in it.
@@ -54,49 +54,41 @@ def arrow_type(name: str, dim: int | None = None) -> Any:
     return _SCALAR_TYPES[column.arrow]
 
 
-@dataclass(frozen=True)
-class EmbedSettings:
+@dataclass(frozen=True, kw_only=True)
+class EmbedSettings(VectorOptions):
     """What the vectors depend on besides the model file: the daemon's model name and the
-    embed options (PROTOCOL.md, `embed`). The same settings give the same chunk ids, which is
-    how a rerun finds what is already done. `long="split"` (the default) embeds an input over
-    the model's limit as the token-weighted mean of its windows instead of failing the job;
-    `overlap` is the tokens windows share."""
+    vector options (PROTOCOL.md, `embed`). The same settings give the same chunk ids, which is
+    how a rerun finds what is already done. `long="split"` (the default here) embeds an input
+    over the model's limit as the token-weighted mean of its windows instead of failing the
+    job; `overlap` is the tokens windows share. A chunk record holds one vector per chunk, so
+    `pool` stays "mean"."""
 
     model: str = "default"
     long: Long = "split"
-    overlap: int = 0
-    prompt: str | None = None
-    normalize: bool = True
-    dimensions: int | None = None
 
-    def id_options(self) -> dict[str, Any]:
-        return vector_options(
-            long=self.long,
-            overlap=self.overlap,
-            prompt=self.prompt,
-            normalize=self.normalize,
-            dimensions=self.dimensions,
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool != "mean":
+            raise ValueError('a chunk record holds one vector per chunk: pool must be "mean"')
+
+    @property
+    def options(self) -> VectorOptions:
+        """The vector options alone, as a chunk id hashes them."""
+        return VectorOptions(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(VectorOptions)}
         )
 
     def request(self) -> dict[str, Any]:
         """The embed request's arguments besides the input (bulk priority: a corpus job must
         never delay a desktop's searches on a shared node; the cache is skipped: every text
         of a corpus is new, and caching them would only evict the desktop's)."""
-        args: dict[str, Any] = {
+        return {
             "model": self.model,
-            "long": self.long,
-            "normalize": self.normalize,
+            **self.options.request(),
             "priority": "bulk",
             "cache": False,
             "encoding": "f32",
         }
-        if self.long == "split" and self.overlap:
-            args["overlap"] = self.overlap
-        if self.prompt is not None:
-            args["prompt"] = self.prompt
-        if self.dimensions is not None:
-            args["dimensions"] = self.dimensions
-        return args
 
 
 def _optional(batch: pa.Table, name: str) -> list[Any]:
@@ -106,7 +98,7 @@ def _optional(batch: pa.Table, name: str) -> list[Any]:
     return [None] * batch.num_rows
 
 
-def chunk_ids(batch: pa.Table, fingerprint: str, options: Mapping[str, Any]) -> pa.Array:
+def chunk_ids(batch: pa.Table, fingerprint: str, options: VectorOptions) -> pa.Array:
     """The stable id of each row (`chunk_id`): of its text, and of its document and place
     when the batch has `file` and `idx` columns."""
     texts = batch.column(TEXT).to_pylist()
@@ -160,7 +152,7 @@ def embedded(
     if len(vectors) != n:
         raise ValueError(f"{len(vectors)} vectors for {n} rows")
     added: dict[str, Any] = {
-        "id": chunk_ids(batch, fingerprint, settings.id_options()),
+        "id": chunk_ids(batch, fingerprint, settings.options),
         "vector": vector_array(vectors),
         "model": pa.array([settings.model] * n, pa.string()),
         "model_fingerprint": pa.array([fingerprint] * n, pa.string()),
@@ -175,7 +167,7 @@ def embedded(
     metadata = {
         META_FINGERPRINT: fingerprint,
         META_MODEL: settings.model,
-        META_OPTIONS: json.dumps(settings.id_options(), sort_keys=True),
+        META_OPTIONS: json.dumps(settings.options.id_fields(), sort_keys=True),
     }
     return _ordered(columns, metadata)
 

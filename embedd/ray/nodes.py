@@ -21,7 +21,7 @@ import embedd_client
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from embedd.cli.chunks import model_fingerprint
+from embedd.index.records import model_fingerprint
 from embedd.ray.progress import DaemonProgress
 from embedd.ray.supervisor import (
     HELLO_TIMEOUT,
@@ -226,7 +226,7 @@ class NodeDaemons:
         self.stop()
 
     def fingerprint(self, model: str = "default") -> str:
-        """The model's fingerprint (embedd/cli/chunks.py), the same on every node; a node
+        """The model's fingerprint (embedd/index/records.py), the same on every node; a node
         whose file differs fails here, before any vector is computed, naming both."""
         cards = ray.get([link.actor.card.remote(model) for link in self.links.values()])
         prints = {

@@ -1,7 +1,7 @@
 """Exactly once across reruns: which chunks an output directory already holds, and the input
 rows still to embed.
 
-Each output row carries its chunk id (embedd/cli/chunks.py: a hash of its text, document,
+Each output row carries its chunk id (embedd/index/records.py: a hash of its text, document,
 place, model fingerprint and options), so a rerun after a crash computes the ids of its input
 and drops those the output has; writing in Ray's default append mode then adds only the rest.
 A Parquet file that a killed job left half-written has no footer and holds no readable row: it
@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 
-from embedd.cli.chunks import ID_BYTES, META_FINGERPRINT
+from embedd.index.records import ID_BYTES, META_FINGERPRINT
 from embedd.ray.columns import EmbedSettings, chunk_ids
+from embedd.wire.options import VectorOptions
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,7 @@ def missing_mask(done: IdArray, ids: list[str]) -> npt.NDArray[np.bool_]:
 _FETCHED: dict[str, IdArray] = {}
 
 
-def _keep_missing(
-    batch: pa.Table, done: Any, fingerprint: str, options: dict[str, Any]
-) -> pa.Table:
+def _keep_missing(batch: pa.Table, done: Any, fingerprint: str, options: VectorOptions) -> pa.Table:
     key = done.hex()
     if key not in _FETCHED:
         _FETCHED.clear()
@@ -135,6 +134,6 @@ def unembedded(
     if not len(done):
         return ds
     keep = functools.partial(
-        _keep_missing, done=ray.put(done), fingerprint=fingerprint, options=settings.id_options()
+        _keep_missing, done=ray.put(done), fingerprint=fingerprint, options=settings.options
     )
     return ds.map_batches(keep, batch_format="pyarrow", num_cpus=num_cpus)

@@ -12,7 +12,7 @@ from typing import Any
 import embedd_client
 import pyarrow as pa
 
-from embedd.cli.chunks import model_fingerprint
+from embedd.index.records import model_fingerprint
 from embedd.ray.columns import FILE, TEXT, EmbedSettings, chunked, embedded
 from embedd.ray.nodes import Daemons, NodeLink
 from embedd.ray.retry import DEFAULT_PATIENCE, GaveUp, Patience, PatientClient

@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import Code, EmbeddError
+from .options import LONG_MODES, POOLS, Long, Pool, VectorOptions
 
 # The model a request names when it names none (the bundled one unless the config replaces it).
 DEFAULT_MODEL = "default"
 MAX_ID = 2**64 - 1
 ENCODINGS = ("f32", "list")
 PRIORITIES = ("interactive", "bulk")
-# What happens to an input longer than the model's limit: refused, cut, or split in windows.
-LONG_MODES = ("error", "truncate", "split")
-POOLS = ("mean", "none")
 # The longest `timeout` a request may ask for. An hour is far beyond any embedding request
 # (100,000 long chunks take about an hour on 2 cores with the bundled model), and a finite cap
 # keeps every wait in the daemon and the client bounded (1e10 overflowed the client's clock).
@@ -252,9 +250,9 @@ class Embed(Op):
     timeout: float | None = None
     priority: str | None = None
     cache: bool = True
-    long: str = "error"
+    long: Long = "error"
     overlap: int = 0
-    pool: str = "mean"
+    pool: Pool = "mean"
     # Whether `input` was one string (the answer then describes one vector).
     single: bool = _derived(False)
 
@@ -262,6 +260,18 @@ class Embed(Op):
     def cuts(self) -> bool:
         """Over-long inputs are cut (`truncate: true` is `long: "truncate"`)."""
         return self.truncate or self.long == "truncate"
+
+    @property
+    def options(self) -> VectorOptions:
+        """What of this request changes its vectors."""
+        return VectorOptions(
+            long="truncate" if self.cuts else self.long,
+            overlap=self.overlap,
+            pool=self.pool,
+            prompt=self.prompt,
+            normalize=self.normalize,
+            dimensions=self.dimensions,
+        )
 
     @classmethod
     def parse(cls, args: Mapping[str, Any], limits: Limits) -> Embed:

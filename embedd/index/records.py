@@ -4,8 +4,9 @@ One set of columns, one stable id and one model fingerprint, so that an index ca
 a cluster's output (`embedd index --from-parquet`) and searched with the desktop daemon that
 computes the same vectors, and so that a rerun can tell which chunks are already embedded.
 
-Pure: no I/O and no pyarrow (the core package never needs it). `embedd.cli.index` declares
-the columns to SQLite, `embedd.ray.columns` to Arrow, both from COLUMNS below.
+Pure: no I/O and no pyarrow (the core package never needs it). `embedd.index.store` declares
+the columns to SQLite, `embedd.ray.columns` to Arrow, both from COLUMNS below. The options a
+vector depends on are `embedd.wire.options.VectorOptions`, the type a request is built from.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Long = Literal["error", "truncate", "split"]
+from embedd.wire.options import VectorOptions
 
 
 @dataclass(frozen=True)
@@ -68,30 +69,10 @@ def model_fingerprint(card: Mapping[str, Any]) -> str:
     return f"{file_print}+{tokenizer}" if tokenizer else file_print
 
 
-def vector_options(
-    *,
-    long: Long = "error",
-    overlap: int = 0,
-    prompt: str | None = None,
-    normalize: bool = True,
-    dimensions: int | None = None,
-) -> dict[str, Any]:
-    """The embed options that change a vector, every one filled in, so that two callers with
-    the same settings (`embedd index`'s truncate=True is long="truncate") hash them alike.
-    `overlap` only matters when inputs are split."""
-    return {
-        "long": long,
-        "overlap": overlap if long == "split" else 0,
-        "prompt": prompt,
-        "normalize": normalize,
-        "dimensions": dimensions,
-    }
-
-
 def chunk_id(
     text: str,
     fingerprint: str,
-    options: Mapping[str, Any],
+    options: VectorOptions,
     *,
     file: str | None = None,
     idx: int | None = None,
@@ -101,7 +82,7 @@ def chunk_id(
     has them). A rerun computes the same id for the same chunk, so it can skip what is done;
     texts without a document are identified by their text alone (equal texts are one chunk)."""
     key = json.dumps(
-        [ID_VERSION, fingerprint, dict(sorted(options.items())), file, idx, text],
+        [ID_VERSION, fingerprint, dict(sorted(options.id_fields().items())), file, idx, text],
         ensure_ascii=False,
         separators=(",", ":"),
     )

@@ -1,0 +1,377 @@
+"""The SQLite index: its schema, bringing an older index up to it, writing and reading rows,
+the model it holds, and describing or deleting it.
+
+One row per chunk (the shared chunk record of `records`, with SQLite's keys), a `files` table
+of each document's content hash, a `meta` table (model, fingerprint, roots, chunk settings,
+when) and an FTS5 copy of each chunk's text for BM25. An index from an older version is
+upgraded in place when opened for writing, without re-embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import embedd_client
+
+from embedd.index.records import COLUMNS, NAMES, chunk_id, start_lines
+from embedd.wire.options import VectorOptions
+
+# The FTS5 tokenizer: Porter stemming over Unicode word splitting, so "renewed" finds "renew"
+# and accents do not split words (SQLite's documented `porter unicode61` combination).
+FTS_TOKENIZE = "porter unicode61 remove_diacritics 2"
+# The chunk table is the shared chunk record (embedd/index/records.py) with SQLite's keys: a
+# file's chunks go with it, and (file, idx) is unique.
+_CHUNK_CONSTRAINTS = {
+    "file": "NOT NULL REFERENCES files(path) ON DELETE CASCADE",
+    "line": "NOT NULL DEFAULT 0",
+}
+_CHUNK_COLUMNS = ",\n    ".join(
+    f"{c.name} {c.sqlite} {_CHUNK_CONSTRAINTS.get(c.name, 'NOT NULL')}" for c in COLUMNS
+)
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, chunks INTEGER NOT NULL, indexed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    {_CHUNK_COLUMNS},
+    PRIMARY KEY (file, idx)
+);
+"""
+# Rows go in by column name: an index upgraded in place has its columns in another order.
+INSERT_CHUNK = f"INSERT INTO chunks ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})"
+# What `embedd index` embeds with, sent with each request and hashed into each chunk's id:
+# chunks fit the model, and a longer word is cut.
+INDEX_OPTIONS = VectorOptions(long="truncate")
+# The keyword index: its own copy of each chunk's text with the chunk's key. Its rowid is a
+# hash of (file, idx) (`_fts_rowid`), not the chunks table's rowid, which VACUUM may renumber.
+FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, file UNINDEXED, idx UNINDEXED, tokenize = '{FTS_TOKENIZE}'
+);
+"""
+FTS_TABLE = "chunks_fts"
+
+# The tables an index has; a database with tables but not these is someone else's file.
+INDEX_TABLES = {"meta", "files", "chunks"}
+# Bytes per stored vector component (float32).
+VECTOR_ITEM_BYTES = 4
+
+
+class IndexUsageError(Exception):
+    """A problem the user must fix (wrong model, unreadable index); the message says which."""
+
+
+def display(name: str) -> str:
+    """A path as it can be printed: bytes of a non-UTF-8 file name (kept by Python as lone
+    surrogates) shown as backslash-x escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def tables_of(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def open_index(path: Path) -> sqlite3.Connection:
+    """The index at `path`, created if new, brought up to this version's schema (see
+    `_upgrade`). A directory, or an SQLite file that has tables but not an index's, is refused
+    before anything is written to it: `--out` pointed at another program's database must not
+    get our tables added."""
+    if path.is_dir():
+        raise IndexUsageError(f"{display(str(path))} is a directory; --out names the index file")
+    db = sqlite3.connect(path)
+    try:
+        tables = tables_of(db)
+        if tables and "meta" not in tables:
+            raise IndexUsageError(
+                f"{display(str(path))} is an SQLite database but not an embedd index (no meta "
+                "table); choose another --out"
+            )
+        db.execute("PRAGMA foreign_keys = ON")
+        db.executescript(SCHEMA)
+        _upgrade(db, tables)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def columns_of(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _upgrade(db: sqlite3.Connection, tables: set[str]) -> None:
+    """An index written by an older version gains what this one reads, without re-embedding:
+    the `line` column (0 until `fill_lines` computes it from the unchanged file), the FTS5
+    table filled from the stored chunk texts, and the shared chunk record's names (the
+    fingerprint column is `model_fingerprint`) and ids, computed from the stored rows."""
+    with db:
+        columns = columns_of(db, "chunks")
+        if "line" not in columns:
+            db.execute("ALTER TABLE chunks ADD COLUMN line INTEGER NOT NULL DEFAULT 0")
+        if "fingerprint" in columns and "model_fingerprint" not in columns:
+            db.execute("ALTER TABLE chunks RENAME COLUMN fingerprint TO model_fingerprint")
+        if "id" not in columns:
+            db.execute("ALTER TABLE chunks ADD COLUMN id TEXT NOT NULL DEFAULT ''")
+            stored = db.execute("SELECT file, idx, text, model_fingerprint FROM chunks")
+            db.executemany(
+                "UPDATE chunks SET id = ? WHERE file = ? AND idx = ?",
+                [(chunk_id(t, fp, INDEX_OPTIONS, file=f, idx=i), f, i) for f, i, t, fp in stored],
+            )
+        if FTS_TABLE not in tables:
+            db.execute(FTS_SCHEMA)
+            rows = db.execute("SELECT file, idx, text FROM chunks")
+            db.executemany(
+                f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
+                ((_fts_rowid(f, i), t, f, i) for f, i, t in rows.fetchall()),
+            )
+
+
+def _fts_rowid(file: str, idx: int) -> int:
+    """The keyword table's rowid for chunk `idx` of `file`: 63 bits of a hash of the key, so a
+    file's rows can be deleted by rowid (indexed) without a stored mapping. A collision needs
+    about 3 billion chunks to become likely (birthday bound of 2**63)."""
+    digest = hashlib.blake2b(f"{file}\0{idx}".encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1
+
+
+def drop_file(db: sqlite3.Connection, name: str) -> None:
+    """Remove one file's rows: its chunks (by cascade) and their keyword rows."""
+    idxs = [row[0] for row in db.execute("SELECT idx FROM chunks WHERE file = ?", (name,))]
+    db.executemany(
+        f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", ((_fts_rowid(name, i),) for i in idxs)
+    )
+    db.execute("DELETE FROM files WHERE path = ?", (name,))
+
+
+def insert_chunks(db: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Store chunk records (maps by the shared column names) and their keyword rows."""
+    db.executemany(INSERT_CHUNK, ([r[name] for name in NAMES] for r in rows))
+    db.executemany(
+        f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
+        ((_fts_rowid(r["file"], r["idx"]), r["text"], r["file"], r["idx"]) for r in rows),
+    )
+
+
+def stored_dim(db: sqlite3.Connection) -> int | None:
+    """The dimension of the vectors an index holds (None while it holds none)."""
+    row = db.execute("SELECT length(vector) FROM chunks LIMIT 1").fetchone()
+    return None if row is None else int(row[0]) // VECTOR_ITEM_BYTES
+
+
+def fill_lines(db: sqlite3.Connection, name: str, text: str) -> None:
+    """Line numbers for the chunks of a file indexed before they were stored, from the file
+    as it is now (its hash is unchanged, so the offsets still hold)."""
+    rows = db.execute("SELECT idx, start FROM chunks WHERE file = ?", (name,)).fetchall()
+    lines = start_lines(text, [start for _, start in rows])
+    db.executemany(
+        "UPDATE chunks SET line = ? WHERE file = ? AND idx = ?",
+        [(line, name, idx) for (idx, _), line in zip(rows, lines, strict=True)],
+    )
+
+
+def open_read_only(index: Path, shown: str) -> tuple[sqlite3.Connection, set[str]]:
+    # A URI, so the file is opened read-only; as_uri() escapes `?`, `#` and `%` in the path.
+    db = sqlite3.connect(f"{index.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = tables_of(db)
+        missing = INDEX_TABLES - tables
+        if missing:
+            raise IndexUsageError(
+                f"{shown} is an SQLite database but not an embedd index (it lacks the "
+                f"table{'s' if len(missing) > 1 else ''} {', '.join(sorted(missing))})"
+            )
+    except BaseException:
+        db.close()
+        raise
+    return db, tables
+
+
+# --------------------------------------------------------------------------------------------
+# The model an index holds
+
+
+def model_card(client: embedd_client.Client, model: str) -> dict[str, Any]:
+    client.load(model)
+    for m in client.models():
+        if m["name"] == model:
+            return m
+    raise IndexUsageError(f"the daemon has no model {model!r}")
+
+
+def mismatch(stored: str, current: str, built_with: str, model: str) -> IndexUsageError | None:
+    """Why vectors of an index built with `stored` cannot meet the daemon's `current`."""
+    if stored == current:
+        return None
+    if stored.split("+")[0] == current.split("+")[0]:
+        old = stored.partition("+")[2] or "an older one"
+        return IndexUsageError(
+            f"this index is stale: it was built with another tokenizer ({old}) than the "
+            f"daemon's {model!r} uses now ({current.partition('+')[2]}): rebuild it with "
+            "`embedd index`"
+        )
+    return IndexUsageError(
+        f"this index was built with model {built_with!r} (fingerprint {stored[:12]}); the "
+        f"daemon's {model!r} is {current[:12]}: use the same model, or rebuild the index with "
+        "`embedd index`"
+    )
+
+
+def check_model(db: sqlite3.Connection, model: str, fingerprint: str) -> None:
+    rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    if not rows:
+        db.execute("INSERT INTO meta VALUES ('model', ?), ('fingerprint', ?)", (model, fingerprint))
+        return
+    error = mismatch(str(rows.get("fingerprint", "")), fingerprint, rows.get("model", ""), model)
+    if error is not None:
+        raise error
+
+
+# --------------------------------------------------------------------------------------------
+# The run's settings
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How files are cut: at most `tokens` per chunk (None: the model's limit), `overlap`
+    tokens shared by neighbours. Stored in the index: a run with other settings re-chunks
+    every file, since chunks of two sizes would rank unevenly."""
+
+    tokens: int | None = None
+    overlap: int = 0
+
+    def key(self) -> str:
+        return json.dumps({"chunk_tokens": self.tokens, "overlap": self.overlap})
+
+
+def record_run(db: sqlite3.Connection, paths: Sequence[Path], chunking: Chunking) -> bool:
+    """Store the roots (search shows paths relative to them), the chunk settings and when;
+    True if the settings differ from those the index was built with (an index from before
+    they were stored was built with the defaults)."""
+    meta: dict[str, str] = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    roots = sorted(set(json.loads(meta.get("roots", "[]"))) | {str(p.resolve()) for p in paths})
+    now = str(time.time())
+    db.executemany(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        [("roots", json.dumps(roots)), ("chunking", chunking.key()), ("updated", now)]
+        + ([] if "created" in meta else [("created", now)]),
+    )
+    return meta.get("chunking", Chunking().key()) != chunking.key()
+
+
+def relative_paths(files: Sequence[str], roots: Sequence[str]) -> dict[str, str]:
+    """Each file's path relative to the indexed root holding it (the deepest, if nested; the
+    file name for a file given itself). An index from before roots were stored uses the
+    folder all its files share."""
+    if not roots and files:
+        common = os.path.commonpath(files)
+        roots = [common if len(files) > 1 else os.path.dirname(common)]
+    out = {}
+    for f in files:
+        best = f
+        for root in roots:
+            if f == root:
+                candidate = os.path.basename(f)
+            elif f.startswith(root.rstrip("/") + "/"):
+                candidate = f[len(root.rstrip("/")) + 1 :]
+            else:
+                continue
+            if best == f or len(candidate) < len(best):
+                best = candidate
+        out[f] = best
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Describing and dropping an index
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What `embedd index --list` shows: the model, when, the roots and chunk settings, and
+    each file (relative path, chunks, when it was indexed)."""
+
+    path: str
+    model: str
+    fingerprint: str
+    created: float | None
+    updated: float | None
+    roots: list[str]
+    chunking: dict[str, Any]
+    keyword_search: bool
+    files: list[tuple[str, int, float]]
+
+    @property
+    def chunks(self) -> int:
+        return sum(n for _, n, _ in self.files)
+
+
+def describe(index: str | os.PathLike[str]) -> IndexInfo:
+    """The contents of an index, read-only; IndexUsageError as for `search`."""
+    path = Path(index)
+    shown = display(str(path))
+    if not path.exists():
+        raise IndexUsageError(f"no index at {shown}")
+    if path.is_dir():
+        raise IndexUsageError(f"{shown} is a directory, not an index file")
+    try:
+        db, tables = open_read_only(path, shown)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            rows = db.execute("SELECT path, chunks, indexed_at FROM files").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise IndexUsageError(
+            f"{shown}: {exc} (not an index `embedd index` wrote, or damaged)"
+        ) from None
+    roots = json.loads(meta.get("roots", "[]"))
+    rel = relative_paths([r[0] for r in rows], roots)
+    files = sorted((rel[f], int(n), float(t)) for f, n, t in rows)
+    when = [t for _, _, t in files]
+    return IndexInfo(
+        path=str(path),
+        model=meta.get("model", "?"),
+        fingerprint=meta.get("fingerprint", ""),
+        created=float(meta["created"]) if "created" in meta else (min(when) if when else None),
+        updated=float(meta["updated"]) if "updated" in meta else (max(when) if when else None),
+        roots=roots,
+        chunking=json.loads(meta.get("chunking", Chunking().key())),
+        keyword_search=FTS_TABLE in tables,
+        files=files,
+    )
+
+
+def drop(index: str | os.PathLike[str]) -> None:
+    """Delete the index file (and SQLite's journal files beside it) after checking it is an
+    embedd index: its tables and a model fingerprint. Anything else is refused untouched."""
+    path = Path(index)
+    shown = display(str(path))
+    if not path.exists():
+        raise IndexUsageError(f"no index at {shown}")
+    if not path.is_file():
+        raise IndexUsageError(f"{shown} is not a file; nothing deleted")
+    try:
+        db, _ = open_read_only(path, shown)
+        try:
+            fingerprint = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise IndexUsageError(f"{shown}: {exc}: not an embedd index; nothing deleted") from None
+    except IndexUsageError as exc:
+        raise IndexUsageError(f"{exc}; nothing deleted") from None
+    if fingerprint is None:
+        raise IndexUsageError(f"{shown} has no model fingerprint: not an embedd index; "
+                              "nothing deleted")  # fmt: skip
+    path.unlink()
+    for suffix in ("-journal", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
