@@ -214,7 +214,7 @@ def test_a_file_the_model_has_no_tokens_for_is_skipped_with_the_daemons_reason(
     (folder / "control.txt").write_text("\x01\x02\x03" * 100)  # UTF-8, no NUL, no tokens
     out = _cli(daemon, "index", str(folder), "--out", str(tmp_path / "n.db"))
     assert out.returncode == 0, out.stderr
-    assert f"skipped {folder / 'control.txt'}: input[0] has no tokens the model knows" in out.stderr
+    assert f"skipped {folder / 'control.txt'}: input has no tokens the model knows" in out.stderr
     assert _indexed(tmp_path / "n.db") == ["good.md"]
 
 

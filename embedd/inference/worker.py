@@ -897,6 +897,17 @@ class ModelWorker:
             job.pieces.clear()
             return
         self._chunking.popleft()
+        if not job.pieces and text.strip():
+            # Like an embed input of the same text: nothing in it for the model to embed.
+            job.resolve(
+                EmbeddError(
+                    Code.BAD_REQUEST,
+                    "input has no tokens the model knows (only control, format, unknown or "
+                    "private-use characters)",
+                    key="input",
+                )
+            )
+            return
         job.resolve(ChunkResult(job.pieces, limit))
 
     def _admit(self, job: Job[Any]) -> None:
