@@ -5,6 +5,7 @@ llama.cpp crash) is tested in tests/test_crashes.py as pure rules with a fake ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -270,3 +271,23 @@ def test_reloading_under_load_leaves_no_request_or_unload_unanswered(
             t.join()
     assert answers and all(a["ok"] for a in answers), [a for a in answers if not a["ok"]][:3]
     assert d.model_stats()["unloads"] >= 8
+
+
+def test_a_model_process_that_stops_answering_is_replaced_and_the_batch_computed_again(
+    workdir: Path, own_daemon: list[Daemon], reference: Reference
+) -> None:
+    # A batch older than twice request_timeout means the process stopped answering.
+    d = start_daemon(workdir, "cache_bytes = 0\nrequest_timeout = 5\n")
+    own_daemon.append(d)
+    assert d.call("load")["ok"]
+    stopped = _pid(d)
+    os.kill(stopped, signal.SIGSTOP)  # alive, holding its pipe, computing nothing
+    try:
+        answer = d.call("embed", input=reference.queries[:4], timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    assert cosines(vectors(answer), reference.q_vecs[:4]).min() >= 0.9999
+    process = d.model_stats()["process"]
+    assert process["crashes"] == 1 and process["pid"] != stopped
+    assert "stopped answering" in d.log()

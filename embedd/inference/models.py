@@ -58,9 +58,12 @@ class ModelSlot:
         loop: asyncio.AbstractEventLoop,
         budget: CoreBudget,
         clock: Clock = time.monotonic,
+        hung_after: float = 240.0,
     ) -> None:
         self.config = config
         self.budget = budget
+        # A batch computing this long means its model process stopped answering.
+        self.hung_after = hung_after
         self._loop = loop
         self._clock = clock
         self.worker: ModelWorker | None = None
@@ -160,7 +163,13 @@ class ModelSlot:
             self.poison = PoisonMemory()
             self._poison_file = version
         w = ModelWorker(
-            self.config, self._loop, self.stats, self.budget, self.poison, self.verdicts
+            self.config,
+            self._loop,
+            self.stats,
+            self.budget,
+            self.poison,
+            self.verdicts,
+            hung_after=self.hung_after,
         )
         w.loaded.add_done_callback(functools.partial(self._on_loaded, w))
         self.worker = w
@@ -322,7 +331,9 @@ class ModelRegistry:
         # One budget of cores for every model's replicas.
         self.budget = CoreBudget()
         self.slots: Mapping[str, ModelSlot] = {
-            name: ModelSlot(mc, loop, self.budget, clock) for name, mc in config.models.items()
+            # Twice the daemon's request timeout: no request waits that long for one batch.
+            name: ModelSlot(mc, loop, self.budget, clock, hung_after=2 * config.request_timeout)
+            for name, mc in config.models.items()
         }
         # Every name a request may use, aliases included: one slot (one loaded copy) each.
         self.by_name: Mapping[str, ModelSlot] = {

@@ -142,8 +142,14 @@ class ModelWorker:
         budget: CoreBudget,
         poison: PoisonMemory | None = None,
         verdicts: Verdicts | None = None,
+        *,
+        hung_after: float = 240.0,
     ) -> None:
         self.config = config
+        # A batch computing longer than this: the model process stopped answering (a deadlock,
+        # a stopped process), and is killed so that its work goes the way of a crash's.
+        self._hung_after = hung_after
+        self._killed_hung: ModelProcess | None = None
         self.budget = budget
         self.info: ModelInfo | None = None
         self.error: str | None = None
@@ -582,7 +588,10 @@ class ModelWorker:
                         and not self._search
                     ):
                         return
-                    self._cond.wait()
+                    hung_in = self._hung_in()
+                    if hung_in is not None and hung_in <= 0:
+                        break
+                    self._cond.wait(hung_in)
                 arrived = list(self._incoming)
                 self._incoming.clear()
                 done = list(self._done)
@@ -592,6 +601,7 @@ class ModelWorker:
                 self._control.clear()  # nothing but a load waits for those
             for batch in done:
                 self._batch_done(batch)
+            self._kill_if_hung()
             for process, exit in exits:
                 if process is self._process:
                     try:
@@ -616,6 +626,27 @@ class ModelWorker:
                 self._split_slice()
 
     # --- a model process that died while serving --------------------------------------------
+
+    def _hung_in(self) -> float | None:
+        """Seconds until the oldest computing batch counts as hung (None: nothing computes)."""
+        started = [b.started for b in self._flying.values() if not b.returned]
+        if not started or self._process is None or self._process is self._killed_hung:
+            return None  # nothing computes, or the hung process's exit is on its way
+        return min(started) + self._hung_after - time.perf_counter()
+
+    def _kill_if_hung(self) -> None:
+        hung_in = self._hung_in()
+        process = self._process
+        if hung_in is not None and hung_in <= 0 and process is not None and process.exit is None:
+            _log.error(
+                "model %s: its process %d stopped answering (a batch computing for over %gs); "
+                "killing it",
+                self.config.name,
+                process.pid,
+                self._hung_after,
+            )
+            self._killed_hung = process
+            process.kill()  # its exit comes back as any death does
 
     def _died(self, exit: ProcessExit) -> None:
         """Account for the batches the process was computing, answer the inputs found to kill
