@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from embedd.config import Config
 from embedd.http.server import HttpServer
 from embedd.transport.server import Server
 from embedd.transport.shell import Listener, Timer
+from embedd.wire.answers import Answer, Sizing, StatsAnswer
 from embedd.wire.counters import ConnectionCounts
 from embedd.wire.messages import Request
 from tests.conftest import short_tmpdir
@@ -82,17 +83,25 @@ class _NoWork:
 
     draining = False
 
-    async def handle(self, req: Request, owner: object = None) -> dict[str, Any]:
+    async def handle(
+        self,
+        req: Request,
+        owner: object = None,
+        *,
+        sizing: Sizing | None = None,
+        reserve: Callable[[int], Awaitable[None]] | None = None,
+    ) -> Answer:
         raise AssertionError(f"no request should arrive: {req}")
 
     def answer_size(self, req: Request) -> int:
         return 0
 
-    def answer_dim(self, args: Any) -> int | None:
-        return None
-
     def http_long(self, model: str) -> str:
         return "error"
+
+
+def _no_stats() -> StatsAnswer:
+    raise AssertionError("no stats should be asked for")
 
 
 @contextlib.asynccontextmanager
@@ -107,7 +116,7 @@ async def _listening(which: str, timer: FakeTimer) -> AsyncIterator[tuple[Path, 
     )
     listener: Server | HttpServer
     if which == "http":
-        listener = HttpServer(config, _NoWork(), dict, ConnectionCounts(), timer=timer)
+        listener = HttpServer(config, _NoWork(), _no_stats, ConnectionCounts(), timer=timer)
         path = workdir / "http.sock"
     else:
         listener = Server(config, _NoWork(), timer=timer)

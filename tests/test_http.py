@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -438,3 +439,22 @@ def test_the_http_parser_survives_any_bytes_in_any_pieces(data: bytes, piece: in
     errors = [e for e in events if isinstance(e, HttpError)]
     assert len(errors) <= 1 and (not errors or events[-1] is errors[0])
     assert all(len(e.body) <= 512 for e in events if isinstance(e, HttpRequest))
+
+
+def test_http_requests_are_counted_in_stats_as_the_msgpack_ones_are(front: Front) -> None:
+    before = front.daemon.call("stats")["requests"]
+    assert front.call("POST", "/v1/embeddings", {"model": "default", "input": "x"})[0] == 200
+    assert front.call("POST", "/api/embed", {"model": "default", "input": ["a", "b"]})[0] == 200
+    assert front.call("GET", "/v1/models")[0] == 200
+    status, body = front.call("POST", "/v1/embeddings", {"model": "default", "input": "x", "n": 1})
+    assert status == 400 and body["error"]["code"] == "bad_request"
+    assert front.call("GET", "/no/such/path")[0] == 404
+    keyless = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert front.raw(keyless, tcp=True).startswith(b"HTTP/1.1 401")
+    after = front.daemon.call("stats")["requests"]
+    # The six HTTP requests, and the first `stats` (counted once it was answered).
+    assert after["total"] - before["total"] == 6 + 1
+    assert after["ok"] - before["ok"] == 3 + 1
+    errors = Counter(after["errors"])
+    errors.subtract(before["errors"])
+    assert +errors == {"bad_request": 1, "http_404": 1, "http_401": 1}

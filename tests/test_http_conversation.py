@@ -6,6 +6,7 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,9 @@ from embedd.http.conversation import (
     refusal,
 )
 from embedd.http.parser import HttpError, HttpParser
+from embedd.wire.answers import EmbedAnswer, Usage
 from embedd.wire.conversation import CancelTask, Close, Send
+from embedd.wire.counters import Tally
 from embedd.wire.errors import Code, EmbeddError
 from embedd.wire.messages import Limits
 from tests.conftest import parse_all
@@ -224,6 +227,33 @@ def test_a_json_float_answer_is_sized_at_its_encoded_size_not_four_bytes() -> No
     with pytest.raises(EmbeddError) as info:
         http_api.check_answer_size(size, 64 * 1024 * 1024)
     assert "max_response" in info.value.message
+
+
+@pytest.mark.parametrize("fmt", ["float", "base64"])
+@pytest.mark.parametrize("dim", [1, 2, 3, 64, 384, 1024])
+def test_an_embedding_answers_sizing_covers_its_json(fmt: str, dim: int) -> None:
+    # The widest JSON floats: negative, 17 significant digits and an exponent.
+    vectors = np.full((3, dim), -1.2345678e-05, dtype=np.float32)
+    answer = EmbedAnswer("default", vectors, [9] * 3, [False] * 3, [1] * 3, Usage(27))
+    call = http_api.openai_embed(
+        {"model": "default", "input": ["x"] * 3, "encoding_format": fmt}, Limits()
+    )
+    encoded = http_api.openai_embed_json(call, answer)
+    assert len(encoded) <= http_api.answer_sizing(fmt).size(3, dim)
+    assert json.loads(encoded)["usage"]["prompt_tokens"] == 27
+
+
+def test_every_http_response_is_counted_ok_or_under_its_code() -> None:
+    tally = Tally()
+    conv = HttpConversation(HttpLimits(max_body=1 << 20, api_key=KEY), tally)
+    [first] = dispatches(conv.receive_data(post("/v1/embeddings", b"{}", key=KEY)))
+    conv.finish(first.rid, OK)
+    [second] = dispatches(conv.receive_data(post("/api/embed", b"{}", key=KEY)))
+    conv.finish(second.rid, EmbeddError(Code.UNKNOWN_MODEL, "no such model"))
+    assert statuses(conv.receive_data(get("/nowhere", f"Authorization: Bearer {KEY}\r\n"))) == [404]
+    assert statuses(conv.receive_data(get("/v1/models"))) == [401]
+    assert (tally.total, tally.ok) == (4, 1)
+    assert tally.errors == {"unknown_model": 1, "http_404": 1, "http_401": 1}
 
 
 # --- hypothesis: every request answered exactly once, or the connection closed with a 4xx --

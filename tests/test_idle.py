@@ -16,7 +16,7 @@ from typing import Any
 from embedd.config import Config, ModelConfig
 from embedd.daemon.ops import Daemon
 from embedd.daemon.supervise import Supervisor
-from embedd.transport.server import Server
+from embedd.transport.server import Server, wire_map
 from embedd.wire.messages import Limits, parse_request
 from tests.conftest import BUNDLED, short_tmpdir
 
@@ -55,7 +55,8 @@ async def _daemon(
 
 
 async def _call(daemon: Daemon, op: str, **args: Any) -> dict[str, Any]:
-    return await daemon.handle(parse_request({"id": 1, "op": op, **args}, Limits()))
+    request = parse_request({"id": 1, "op": op, **args}, Limits())
+    return await wire_map(await daemon.handle(request), request)
 
 
 def _state(daemon: Daemon) -> str:

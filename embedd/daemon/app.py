@@ -79,7 +79,7 @@ async def _sweep(daemon: Daemon) -> None:
 async def _write_metrics(daemon: Daemon, path: Path, every: float) -> None:
     while True:
         try:
-            metrics.write_atomically(path, metrics.render(daemon.stats()))
+            metrics.write_atomically(path, metrics.render(daemon.stats().to_wire()))
         except OSError as exc:
             _log.warning("cannot write the metrics file %s: %s", path, exc)
         await asyncio.sleep(every)
@@ -168,7 +168,7 @@ async def serve(config: Config) -> int:
         # Sockets passed by systemd or launchd are served instead of binding our own.
         passed = inherited_sockets()
         if config.http or config.http_socket or passed.http:
-            http = HttpServer(config, daemon, daemon.stats, connections)
+            http = HttpServer(config, daemon, daemon.stats, connections, tally=tally)
             http.prepare()  # before any socket: a bad key file stops the start at once
         await server.start(passed.msgpack)
         if http is not None:

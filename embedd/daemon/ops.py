@@ -1,4 +1,4 @@
-"""What each op does: typed requests in, result maps (or an `EmbeddError`) out.
+"""What each op does: typed requests in, typed answers (wire/answers.py) or an `EmbeddError` out.
 
 `Daemon` knows nothing about sockets or about how it is started: the transports (`server.py`)
 call `handle`, and the composition root (`app.py`) builds it and drives its life.
@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, assert_never
 
 import numpy as np
@@ -21,6 +22,22 @@ from ..inference.admission import estimate_tokens, estimate_windows
 from ..inference.cache import Entry, VectorCache, vector_keys
 from ..inference.jobs import EmbedResult
 from ..inference.models import Clock, ModelRegistry
+from ..wire.answers import (
+    Answer,
+    ChunkAnswer,
+    ChunkPart,
+    ConnectionStats,
+    EmbedAnswer,
+    MapAnswer,
+    ModelStats,
+    ProcessStats,
+    ReplicaStats,
+    RequestStats,
+    Sizing,
+    StatsAnswer,
+    TokenizeAnswer,
+    Usage,
+)
 from ..wire.counters import ConnectionCounts, Tally
 from ..wire.errors import Code, EmbeddError
 from ..wire.framing import PROTOCOL_VERSION
@@ -43,11 +60,11 @@ from .supervise import StatusSnapshot
 
 _log = logging.getLogger("embedd.daemon")
 
-# Converting vectors to msgpack lists costs ~50 ns a float; beyond this many floats it runs on a
-# worker thread so that the event loop keeps serving others meanwhile.
-_LIST_ON_LOOP_MAX = 50_000
 # Bytes a float takes in an answer: f32 is 4; msgpack packs each list element as a float64 (9).
 _BYTES_PER_FLOAT = {"f32": 4, "list": 9}
+# How the msgpack socket's answers are sized, by the request's `encoding` (a front that encodes
+# otherwise passes its own `Sizing` to `handle`).
+MSGPACK_SIZING = {encoding: Sizing(n) for encoding, n in _BYTES_PER_FLOAT.items()}
 # Bytes a token id takes at most in a `tokenize` answer (msgpack uint32).
 _BYTES_PER_TOKEN_ID = 5
 # Answers' fixed part (keys, counts, token lists) for the answer budget, generously.
@@ -90,8 +107,19 @@ class Daemon:
         self.tally = tally if tally is not None else Tally()
         self.connections = connections if connections is not None else ConnectionCounts()
 
-    async def handle(self, req: Request, owner: object = None) -> dict[str, Any]:
-        """Answer one request; `owner` (the connection) is whose turn it is when batching."""
+    async def handle(
+        self,
+        req: Request,
+        owner: object = None,
+        *,
+        sizing: Sizing | None = None,
+        reserve: Callable[[int], Awaitable[None]] | None = None,
+    ) -> Answer:
+        """Answer one request; `owner` (the connection) is whose turn it is when batching.
+
+        An embed answer is sized by `sizing` (default: the msgpack encoding's) once the model's
+        dimension is known, and refused over max_response; `reserve` is then given its size
+        before any work (the HTTP front's answer budget)."""
         args = req.args
         if self.draining and args.is_work:
             raise EmbeddError(
@@ -100,24 +128,26 @@ class Daemon:
         _log.debug("request %d: %s", req.id, args.op)
         match args:
             case Embed():
-                return await self._embed(args, owner)
+                return await self._embed(
+                    args, owner, sizing or MSGPACK_SIZING[args.encoding], reserve
+                )
             case Tokenize():
                 return await self._tokenize(args)
             case Hello():
-                return self._hello()
+                return MapAnswer(self._hello())
             case Health():
-                return self._health()
+                return MapAnswer(self._health())
             case Models():
-                return {"models": [s.describe() for s in self.models.slots.values()]}
+                return MapAnswer({"models": [s.describe() for s in self.models.slots.values()]})
             case Load():
                 slot = self.models.get(args.model)
                 await slot.load(self.config.request_timeout, explicit=True)
                 slot.touch()
-                return slot.describe()
+                return MapAnswer(slot.describe())
             case Unload():
                 slot = self.models.get(args.model)
                 await slot.unload()
-                return slot.describe()
+                return MapAnswer(slot.describe())
             case Stats():
                 return self.stats()
             case Shutdown():
@@ -129,7 +159,7 @@ class Daemon:
                     )
                 _log.info("shutdown requested over the socket")
                 self.loop.call_soon(self.stop_requested.set)
-                return {}
+                return MapAnswer()
             case Chunk():
                 return await self._chunk(args)
             case Cancel():
@@ -161,7 +191,7 @@ class Daemon:
 
     def answer_dim(self, args: Embed) -> int | None:
         """The width of each vector an embed request will get, known before any work once its
-        model has loaded (None before: the HTTP front loads it first to size its answer)."""
+        model has loaded (None before)."""
         slot = self.models.by_name.get(args.model)
         if slot is None or slot.last_info is None:
             return None
@@ -213,77 +243,72 @@ class Daemon:
             },
         }
 
-    def stats(self) -> dict[str, Any]:
-        models: dict[str, Any] = {}
+    def stats(self) -> StatsAnswer:
+        models: dict[str, ModelStats] = {}
         now = time.monotonic()
         for name, slot in self.models.slots.items():
             st = slot.stats
             w = slot.worker
-            models[name] = {
-                "state": slot.state,
-                "requests": st.requests,
-                "inputs": st.inputs,
-                "tokens": st.tokens,
-                "batches": st.batches,
-                "cancelled": st.cancelled,
-                "queue_inputs": w.queued_inputs if w else 0,
-                "queue_tokens": w.queued_tokens if w else 0,
-                "splitting_inputs": w.splitting_inputs if w else 0,
-                "chunking_inputs": w.chunking_inputs if w else 0,
-                "tokens_per_second": round(st.tokens_per_second, 1),
-                "throughput_measured": st.throughput_measured,
-                "busy_fraction": st.busy_fraction(now),
-                "threads": st.last_threads,
-                "replicas": [
-                    {
-                        "computing": r.computing,
-                        "threads": r.last_threads,
-                        "batches": r.batches,
-                        "busy_seconds": round(r.busy_seconds, 4),
-                        "busy_fraction": r.busy_fraction(now),
-                    }
+            models[name] = ModelStats(
+                state=slot.state,
+                requests=st.requests,
+                inputs=st.inputs,
+                tokens=st.tokens,
+                batches=st.batches,
+                cancelled=st.cancelled,
+                queue_inputs=w.queued_inputs if w else 0,
+                queue_tokens=w.queued_tokens if w else 0,
+                splitting_inputs=w.splitting_inputs if w else 0,
+                chunking_inputs=w.chunking_inputs if w else 0,
+                tokens_per_second=round(st.tokens_per_second, 1),
+                throughput_measured=st.throughput_measured,
+                busy_fraction=st.busy_fraction(now),
+                threads=st.last_threads,
+                replicas=[
+                    ReplicaStats(
+                        computing=r.computing,
+                        threads=r.last_threads,
+                        batches=r.batches,
+                        busy_seconds=round(r.busy_seconds, 4),
+                        busy_fraction=r.busy_fraction(now),
+                    )
                     for r in (st.replicas if w is not None else ())
                 ],
-                "bulk_overtook_queries": st.bulk_overtook_queries,
-                "queries_during_bulk": st.queries_during_bulk,
-                "latency_ms": st.latency_ms(),
-                "loads": slot.loads,
-                "unloads": slot.unloads,
-                # The model process: llama.cpp runs there, never in the daemon.
-                "process": {
-                    "pid": w.pid if w else None,
-                    "rss_bytes": w.process_rss() if w else None,
-                    "starts": st.process_starts,
-                    "canaries": st.canaries,
-                    "crashes": st.crashes,
-                    "restarts": st.restarts,
-                    "poison_inputs_found": st.poison_found,
-                    "poison_inputs_refused": st.poison_refused,
-                    "poison_inputs_known": len(slot.poison),
-                    "boundary_us": st.boundary_us(),
-                },
-            }
-            if slot.state == "failed":
-                models[name]["error"] = slot.error
-        return {
-            "uptime": round(time.monotonic() - self.started, 3),
-            "rss_bytes": _rss_bytes(),
-            "connections": {
-                "open": self.connections.open,
-                "total": self.connections.total,
-                "refused": self.connections.refused,
-                "timed_out": self.connections.timed_out,
-            },
-            "requests": {
-                "total": self.tally.total,
-                "ok": self.tally.ok,
-                "errors": dict(self.tally.errors),
-            },
-            "models": models,
-            # The core budget every model's replicas share.
-            "cores": self.models.budget.snapshot(),
-            "cache": self.cache.stats(),
-        }
+                bulk_overtook_queries=st.bulk_overtook_queries,
+                queries_during_bulk=st.queries_during_bulk,
+                latency_ms=st.latency_ms(),
+                loads=slot.loads,
+                unloads=slot.unloads,
+                process=ProcessStats(
+                    pid=w.pid if w else None,
+                    rss_bytes=w.process_rss() if w else None,
+                    starts=st.process_starts,
+                    canaries=st.canaries,
+                    crashes=st.crashes,
+                    restarts=st.restarts,
+                    poison_inputs_found=st.poison_found,
+                    poison_inputs_refused=st.poison_refused,
+                    poison_inputs_known=len(slot.poison),
+                    boundary_us=st.boundary_us(),
+                ),
+                error=slot.error if slot.state == "failed" else None,
+            )
+        return StatsAnswer(
+            uptime=round(time.monotonic() - self.started, 3),
+            rss_bytes=_rss_bytes(),
+            connections=ConnectionStats(
+                open=self.connections.open,
+                total=self.connections.total,
+                refused=self.connections.refused,
+                timed_out=self.connections.timed_out,
+            ),
+            requests=RequestStats(
+                total=self.tally.total, ok=self.tally.ok, errors=dict(self.tally.errors)
+            ),
+            models=models,
+            cores=self.models.budget.snapshot(),
+            cache=self.cache.stats(),
+        )
 
     def _is_bulk(self, args: Embed, texts: list[str], max_tokens: int) -> bool:
         """The lane a request's work takes: the client's `priority` when it names one, else
@@ -295,7 +320,13 @@ class Daemon:
             return True
         return args.long == "split" and any(estimate_tokens(t, None) > max_tokens for t in texts)
 
-    async def _embed(self, args: Embed, owner: object) -> dict[str, Any]:
+    async def _embed(
+        self,
+        args: Embed,
+        owner: object,
+        sizing: Sizing,
+        reserve: Callable[[int], Awaitable[None]] | None,
+    ) -> EmbedAnswer:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
         timeout = args.timeout or self.config.request_timeout
@@ -312,7 +343,8 @@ class Daemon:
                     limit=info.dim,
                 )
             dim = args.dimensions
-        self._check_response_size(len(args.input) * dim, args.encoding)
+        limit = self.config.max_response
+        size = sizing.check(len(args.input), dim, limit)
         split = args.long == "split"
         if split and args.overlap >= info.max_tokens // 2:
             raise EmbeddError(
@@ -338,12 +370,16 @@ class Daemon:
             # Every window's vector and span: a variable number of vectors per input, so
             # never cached; the answer is sized by its windows before any work.
             windows = _windows(args, prefix, info.max_tokens)
-            self._check_response_size(windows * dim, args.encoding)
+            size = sizing.check(windows, dim, limit)
+            if reserve is not None:
+                await reserve(size)
             result = await compute(list(args.input), [])
-            self._check_response_size(len(result.vectors) * dim, args.encoding)
-            answer = await self._embed_result(args, result.vectors, result)
-            answer["spans"] = [list(span) for span in result.spans]
-            return answer
+            sizing.check(len(result.vectors), dim, limit)
+            return _embed_answer(
+                args, result.vectors, result, spans=[list(span) for span in result.spans]
+            )
+        if reserve is not None:
+            await reserve(size)
 
         # Cache hits skip the model; identical texts within the request are computed once.
         rows: list[Entry | None] = [None] * len(args.input)
@@ -364,7 +400,7 @@ class Daemon:
                 if use_cache:
                     for j, key in enumerate(keys):
                         self.cache.put(key, _entry(computed, j))
-                return await self._embed_result(args, computed.vectors, computed)
+                return _embed_answer(args, computed.vectors, computed)
             for j, text in enumerate(unique):
                 entry = _entry(computed, j)
                 if use_cache:
@@ -382,45 +418,9 @@ class Daemon:
             windows=[r.windows for r in done],
             spans=[],
         )
-        return await self._embed_result(args, matrix, counts)
+        return _embed_answer(args, matrix, counts)
 
-    def _check_response_size(self, floats: int, encoding: str) -> None:
-        """Refuse, before any work, an answer larger than `max_response`: its size is known
-        from the inputs' count and the dimension alone."""
-        size = floats * _BYTES_PER_FLOAT[encoding]
-        limit = self.config.max_response
-        if size > limit:
-            raise EmbeddError(
-                Code.BAD_REQUEST,
-                f"the answer would be about {size} bytes, more than max_response = {limit} "
-                "bytes; send fewer inputs per request (or fewer dimensions)",
-                key="input",
-                limit=limit,
-            )
-
-    async def _embed_result(
-        self, args: Embed, vecs: npt.NDArray[np.float32], result: EmbedResult
-    ) -> dict[str, Any]:
-        embeddings: Any
-        if args.encoding == "f32":
-            embeddings = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
-        elif vecs.size > _LIST_ON_LOOP_MAX:  # building millions of floats would stall the loop
-            embeddings = await asyncio.to_thread(vecs.tolist)
-        else:
-            embeddings = vecs.tolist()
-        return {
-            "model": args.model,
-            "dim": int(vecs.shape[1]),
-            "count": int(vecs.shape[0]),
-            "encoding": args.encoding,
-            "embeddings": embeddings,
-            "tokens": result.tokens,
-            "truncated": result.truncated,
-            "windows": result.windows,
-            "usage": {"prompt_tokens": sum(result.tokens)},
-        }
-
-    async def _chunk(self, args: Chunk) -> dict[str, Any]:
+    async def _chunk(self, args: Chunk) -> ChunkAnswer:
         slot = self.models.get(args.model)
         info = await slot.load(self.config.request_timeout)
         limit = args.max_tokens or info.max_tokens
@@ -441,16 +441,13 @@ class Daemon:
         result = await slot.chunk(
             args.input, max_tokens=limit, overlap=args.overlap, timeout=self.config.request_timeout
         )
-        return {
-            "model": args.model,
-            "chunks": [
-                {"text": c.text, "span": [c.start, c.end], "tokens": c.tokens}
-                for c in result.chunks
-            ],
-            "max_tokens": result.max_tokens,
-        }
+        return ChunkAnswer(
+            model=args.model,
+            chunks=[ChunkPart(c.text, c.start, c.end, c.tokens) for c in result.chunks],
+            max_tokens=result.max_tokens,
+        )
 
-    async def _tokenize(self, args: Tokenize) -> dict[str, Any]:
+    async def _tokenize(self, args: Tokenize) -> TokenizeAnswer:
         slot = self.models.get(args.model)
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.input]
@@ -461,12 +458,29 @@ class Daemon:
             max_ids=self.config.max_response // _BYTES_PER_TOKEN_ID,
         )
         info = slot.last_info
-        return {
-            "model": args.model,
-            "ids": result.ids,
-            "counts": result.counts,
-            "max_tokens": info.max_tokens if info else None,
-        }
+        return TokenizeAnswer(
+            model=args.model,
+            ids=result.ids,
+            counts=result.counts,
+            max_tokens=info.max_tokens if info else None,
+        )
+
+
+def _embed_answer(
+    args: Embed,
+    vecs: npt.NDArray[np.float32],
+    result: EmbedResult,
+    spans: list[list[int]] | None = None,
+) -> EmbedAnswer:
+    return EmbedAnswer(
+        model=args.model,
+        vectors=vecs,
+        tokens=result.tokens,
+        truncated=result.truncated,
+        windows=result.windows,
+        usage=Usage(prompt_tokens=sum(result.tokens)),
+        spans=spans,
+    )
 
 
 def _windows(args: Embed, prefix: str, max_tokens: int) -> int:

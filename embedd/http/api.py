@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import __version__
+from ..wire.answers import EmbedAnswer, Sizing
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed, Limits
 
@@ -132,26 +133,33 @@ _ROW_BYTES = 64
 _ENVELOPE_BYTES = 512
 
 
+_JSON_UNIT = "bytes of JSON"
+_JSON_ADVICE = (
+    "send fewer inputs per request (or ask for encoding_format base64, or fewer dimensions)"
+)
+_SIZING = {
+    "float": Sizing(JSON_FLOAT_BYTES, _ROW_BYTES + 2, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE),
+    # The float32 bytes in base64 (4 characters per 3 bytes, 16/3 a float) and quoted, with
+    # room for the padding.
+    "base64": Sizing(16 / 3, _ROW_BYTES + 2 + 4, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE),
+}
+
+
+def answer_sizing(encoding_format: str = "float") -> Sizing:
+    """How an embedding answer in this encoding_format is sized (the daemon checks it against
+    max_response once the model's dimension is known, before any work)."""
+    return _SIZING[encoding_format]
+
+
 def answer_bytes(rows: int, dim: int, encoding_format: str = "float") -> int:
-    """An embedding answer's size in bytes at most, known before any work (rows x dim)."""
-    if encoding_format == "base64":
-        per_row = (4 * dim + 2) // 3 * 4 + 2  # the float32 bytes in base64, quoted
-    else:
-        per_row = dim * JSON_FLOAT_BYTES + 2
-    return _ENVELOPE_BYTES + rows * (_ROW_BYTES + per_row)
+    """An embedding answer's size in bytes at most (rows x dim)."""
+    return answer_sizing(encoding_format).size(rows, dim)
 
 
 def check_answer_size(size: int, max_response: int) -> None:
-    """Refuse, before any work, an answer larger than `max_response`."""
+    """Refuse an answer larger than `max_response`."""
     if size > max_response:
-        raise EmbeddError(
-            Code.BAD_REQUEST,
-            f"the answer would be about {size} bytes of JSON, more than max_response = "
-            f"{max_response} bytes; send fewer inputs per request (or ask for "
-            "encoding_format base64, or fewer dimensions)",
-            key="input",
-            limit=max_response,
-        )
+        raise _SIZING["float"].refusal(size, max_response)
 
 
 def _bad(message: str, key: str) -> EmbeddError:
@@ -209,11 +217,11 @@ def _long_args(body: Mapping[str, Any], default: str) -> dict[str, Any]:
     return {"truncate": True} if default == "truncate" else {"long": default}
 
 
-def long_report(result: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def long_report(answer: EmbedAnswer) -> tuple[dict[str, Any], dict[str, str]]:
     """What was cut or split, for the answer (an `embedd` field) and its headers: an app that
     never reads either still gets the whole text's vector, and one that cares can tell."""
-    truncated = [i for i, cut in enumerate(result.get("truncated", ())) if cut]
-    windows = {str(i): n for i, n in enumerate(result.get("windows", ())) if n > 1}
+    truncated = [i for i, cut in enumerate(answer.truncated) if cut]
+    windows = {str(i): n for i, n in enumerate(answer.windows) if n > 1}
     headers = {}
     if truncated:
         headers["X-Embedd-Truncated"] = str(len(truncated))
@@ -249,11 +257,6 @@ def openai_embed(
     return OpenAIEmbed(Embed.parse(args, limits), fmt)
 
 
-def _rows(result: Mapping[str, Any]) -> npt.NDArray[np.float32]:
-    data = np.frombuffer(result["embeddings"], "<f4")
-    return data.reshape(result["count"], result["dim"])
-
-
 def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -271,7 +274,7 @@ def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
     return out
 
 
-def openai_embed_json(call: OpenAIEmbed, result: Mapping[str, Any]) -> bytearray:
+def openai_embed_json(call: OpenAIEmbed, answer: EmbedAnswer) -> bytearray:
     """The `POST /v1/embeddings` answer, encoded (JSON; large answers are built off the loop)."""
 
     def row(i: int, r: npt.NDArray[np.float32]) -> dict[str, Any]:
@@ -283,12 +286,12 @@ def openai_embed_json(call: OpenAIEmbed, result: Mapping[str, Any]) -> bytearray
             embedding = r.tolist()
         return {"object": "embedding", "index": i, "embedding": embedding}
 
-    tokens = int(result["usage"]["prompt_tokens"])
+    tokens = answer.usage.prompt_tokens
     out = bytearray(b'{"object":"list","data":')
-    out += _json_rows(_rows(result), row)
-    out += b',"model":' + _json(result["model"])
+    out += _json_rows(answer.vectors, row)
+    out += b',"model":' + _json(answer.model)
     out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens})
-    out += b',"embedd":' + _json(long_report(result)[0]) + b"}"
+    out += b',"embedd":' + _json(long_report(answer)[0]) + b"}"
     return out
 
 
@@ -337,16 +340,14 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "t
     return Embed.parse(args, limits)
 
 
-def ollama_embed_json(
-    result: Mapping[str, Any], model: str, started_ns: int, load_ns: int
-) -> bytearray:
+def ollama_embed_json(answer: EmbedAnswer, model: str, started_ns: int, load_ns: int) -> bytearray:
     """The `POST /api/embed` answer, encoded as `openai_embed_json` is."""
     out = bytearray(b'{"model":' + _json(model) + b',"embeddings":')
-    out += _json_rows(_rows(result), lambda _i, r: r.tolist())
+    out += _json_rows(answer.vectors, lambda _i, r: r.tolist())
     out += b',"total_duration":' + _json(time.monotonic_ns() - started_ns)
     out += b',"load_duration":' + _json(load_ns)
-    out += b',"prompt_eval_count":' + _json(int(result["usage"]["prompt_tokens"]))
-    out += b',"embedd":' + _json(long_report(result)[0]) + b"}"
+    out += b',"prompt_eval_count":' + _json(answer.usage.prompt_tokens)
+    out += b',"embedd":' + _json(long_report(answer)[0]) + b"}"
     return out
 
 
@@ -366,8 +367,8 @@ def ollama_legacy(body: Mapping[str, Any], limits: Limits, long_default: str = "
     return Embed.parse(args, limits)
 
 
-def ollama_legacy_result(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {"embedding": _rows(result)[0].tolist()}
+def ollama_legacy_result(answer: EmbedAnswer) -> dict[str, Any]:
+    return {"embedding": answer.vectors[0].tolist()}
 
 
 def _ollama_entry(name: str, m: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from http import HTTPStatus
 from typing import Any
 
 from ..wire.conversation import CancelTask, Close, Send
+from ..wire.counters import Tally
 from ..wire.errors import EmbeddError
 from . import api as http_api
 from .api import Response
@@ -144,8 +145,11 @@ def refusal(error: EmbeddError) -> bytes:
 
 
 class HttpConversation:
-    def __init__(self, limits: HttpLimits) -> None:
+    def __init__(self, limits: HttpLimits, tally: Tally | None = None) -> None:
         self.limits = limits
+        # Every response is counted here, as the msgpack conversation counts its answers, so
+        # `stats.requests` covers both fronts.
+        self.tally = tally if tally is not None else Tally()
         self._parser = HttpParser(max_body=limits.max_body)
         self._current: tuple[int, HttpRequest, Route] | None = None
         self._next_rid = 1
@@ -210,9 +214,10 @@ class HttpConversation:
             return []
         _, request, route = self._current
         self._current = None
+        code = str(result.code) if isinstance(result, EmbeddError) else None
         response = route.errors(result) if isinstance(result, EmbeddError) else result
         response = self._cors(response, request.headers)
-        return self._respond(response, keep_alive=request.keep_alive) + self._advance()
+        return self._respond(response, keep_alive=request.keep_alive, code=code) + self._advance()
 
     def abandon(self, rid: int, error: EmbeddError) -> list[Action]:
         if self._current is None or self._current[0] != rid:
@@ -311,7 +316,14 @@ class HttpConversation:
         }
         return Response(HTTPStatus.NO_CONTENT, b"", headers)
 
-    def _respond(self, response: Response, *, keep_alive: bool) -> list[Action]:
+    def _respond(
+        self, response: Response, *, keep_alive: bool, code: str | None = None
+    ) -> list[Action]:
+        """Send `response` (counted whether or not it can still be written): `code` is the
+        embedd error it reports, if any."""
+        if code is None and response.status >= 400:
+            code = f"http_{int(response.status)}"
+        self.tally.count_key(code)
         keep = keep_alive and not self._no_more
         if not keep:
             self.reading_done = self._no_more = True

@@ -9,9 +9,9 @@ created with a random key if missing) unless the operator says `--no-api-key`, a
 loopback addresses unless `--http-allow-remote`. Each HTTP request is its own owner in the
 scheduler's turns, and a client that disconnects has its work cancelled, as on the msgpack
 socket. Every limit a connection has (the cap, deadlines, backpressure, the write deadline, the
-drain) is the shell's, shared with the msgpack socket; what is left here is sizing each answer
-before its work (`max_response`, counting JSON's real size) and encoding large ones off the
-event loop.
+drain) is the shell's, shared with the msgpack socket; what is left here is how each answer is
+sized (`max_response`, counting JSON's real size: the daemon checks it before any work) and
+encoding large ones off the event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,8 +35,9 @@ from typing import Any, Protocol
 from ..config import Config
 from ..transport.shell import Connection, Handler, Job, Listener, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
-from ..wire.counters import ConnectionCounts
-from ..wire.errors import EmbeddError
+from ..wire.answers import Answer, EmbedAnswer, MapAnswer, Sizing, StatsAnswer
+from ..wire.counters import ConnectionCounts, Tally
+from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed, Limits, Load, Models, Request, Stats
 from . import api as http_api
 from . import metrics
@@ -112,8 +114,6 @@ def check_options(config: Config) -> None:
 class HttpHandler(Handler, Protocol):
     """What the HTTP front needs of the daemon beyond a transport's needs."""
 
-    def answer_dim(self, args: Embed) -> int | None: ...
-
     def http_long(self, model: str) -> str: ...
 
 
@@ -122,13 +122,16 @@ class HttpServer(Listener):
         self,
         config: Config,
         handler: HttpHandler,
-        stats: Callable[[], dict[str, Any]],
+        stats: Callable[[], StatsAnswer],
         connections: ConnectionCounts,
         timer: Timer | None = None,
+        tally: Tally | None = None,
     ) -> None:
         super().__init__(config, handler, connections, timer=timer)
         self.daemon = handler
         self.stats = stats
+        # The daemon's one tally (shared with the msgpack socket): each response is counted.
+        self.tally = tally if tally is not None else Tally()
         self.limits = Limits(max_inputs=config.max_inputs)
         self.api_key: str | None = None
         self.servers: list[asyncio.Server] = []
@@ -203,7 +206,8 @@ class HttpServer(Listener):
                 max_body=self.config.max_frame,
                 api_key=key,
                 cors_origins=self.config.cors_origins,
-            )
+            ),
+            self.tally,
         )
 
     def door(self, writer: asyncio.StreamWriter) -> str:
@@ -227,13 +231,29 @@ class HttpServer(Listener):
 
     # --- helpers -------------------------------------------------------------------------------
 
-    async def _run(self, args: Any) -> dict[str, Any]:
+    async def _run(
+        self, args: Any, sizing: Sizing | None = None, reservation: Reservation | None = None
+    ) -> Answer:
         # Each HTTP request is its own owner: it takes its turn like a connection does.
-        return await self.handler.handle(Request(0, args), owner=object())
+        reserve = reservation.reserve if reservation is not None else None
+        return await self.handler.handle(
+            Request(0, args), owner=object(), sizing=sizing, reserve=reserve
+        )
+
+    async def _embed(self, embed: Embed, reservation: Reservation, fmt: str = "float") -> _Sized:
+        """Run an embed request, its answer sized as JSON in `fmt`: the daemon refuses it over
+        max_response once the model's dimension is known, else reserves it in the
+        connection's answer budget, before any work."""
+        sizing = http_api.answer_sizing(fmt)
+        answer = await self._run(embed, sizing, reservation)
+        if not isinstance(answer, EmbedAnswer):
+            raise EmbeddError(Code.INTERNAL, f"embed answered {type(answer).__name__}")
+        return _Sized(answer, sizing.size(answer.count, answer.dim))
 
     async def _models(self) -> list[dict[str, Any]]:
-        result = await self._run(Models())
-        models: list[dict[str, Any]] = result["models"]
+        answer = await self._run(Models())
+        assert isinstance(answer, MapAnswer), answer
+        models: list[dict[str, Any]] = answer.values["models"]
         return models
 
     @staticmethod
@@ -241,18 +261,6 @@ class HttpServer(Listener):
         if len(body) <= _ON_LOOP_BYTES:
             return http_api.parse_json(body)
         return await asyncio.to_thread(http_api.parse_json, body)
-
-    async def _size(self, embed: Embed, reservation: Reservation, fmt: str = "float") -> int:
-        """Size the answer before any work: refuse it over max_response, else reserve it in
-        the connection's answer budget."""
-        dim = self.daemon.answer_dim(embed)
-        if dim is None:
-            await self._run(Load(embed.model))  # the request would load it anyway
-            dim = self.daemon.answer_dim(embed)
-        size = http_api.answer_bytes(len(embed.input), dim or 0, fmt)
-        http_api.check_answer_size(size, self.config.max_response)
-        await reservation.reserve(size)
-        return size
 
     @staticmethod
     async def _encoded(
@@ -272,10 +280,12 @@ class HttpServer(Listener):
     async def openai_embeddings(self, request: HttpRequest, reservation: Reservation) -> Response:
         body = await self._json(request.body)
         call = http_api.openai_embed(body, self.limits, self._long_default(body))
-        size = await self._size(call.request, reservation, call.encoding_format)
-        result = await self._run(call.request)
-        headers = http_api.long_report(result)[1]
-        return await self._encoded(size, lambda: http_api.openai_embed_json(call, result), headers)
+        done = await self._embed(call.request, reservation, call.encoding_format)
+        answer = done.answer
+        headers = http_api.long_report(answer)[1]
+        return await self._encoded(
+            done.size, lambda: http_api.openai_embed_json(call, answer), headers
+        )
 
     async def openai_models(self, request: HttpRequest, reservation: Reservation) -> Response:
         return Response(HTTPStatus.OK, http_api.openai_models(await self._models(), self.started))
@@ -285,12 +295,12 @@ class HttpServer(Listener):
         body = await self._json(request.body)
         embed = http_api.ollama_embed(body, self.limits, self._long_default(body))
         load_ns = await self._load_time(embed)
-        size = await self._size(embed, reservation)
-        result = await self._run(embed)
+        done = await self._embed(embed, reservation)
+        answer = done.answer
         return await self._encoded(
-            size,
-            lambda: http_api.ollama_embed_json(result, embed.model, started, load_ns),
-            http_api.long_report(result)[1],
+            done.size,
+            lambda: http_api.ollama_embed_json(answer, embed.model, started, load_ns),
+            http_api.long_report(answer)[1],
         )
 
     async def _load_time(self, embed: Embed) -> int:
@@ -303,9 +313,11 @@ class HttpServer(Listener):
     async def ollama_legacy(self, request: HttpRequest, reservation: Reservation) -> Response:
         body = await self._json(request.body)
         embed = http_api.ollama_legacy(body, self.limits, self._long_default(body))
-        size = await self._size(embed, reservation)
-        result = await self._run(embed)
-        return await self._encoded(size, lambda: json_body(http_api.ollama_legacy_result(result)))
+        done = await self._embed(embed, reservation)
+        answer = done.answer
+        return await self._encoded(
+            done.size, lambda: json_body(http_api.ollama_legacy_result(answer))
+        )
 
     async def ollama_tags(self, request: HttpRequest, reservation: Reservation) -> Response:
         return Response(HTTPStatus.OK, http_api.ollama_tags(await self._models()))
@@ -328,11 +340,20 @@ class HttpServer(Listener):
 
     async def metrics(self, request: HttpRequest, reservation: Reservation) -> Response:
         stats = await self._run(Stats())
+        assert isinstance(stats, StatsAnswer), stats
         return Response(
             HTTPStatus.OK,
-            metrics.render(stats).encode(),
+            metrics.render(stats.to_wire()).encode(),
             {"Content-Type": metrics.CONTENT_TYPE},
         )
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """An embed answer and the size of its JSON."""
+
+    answer: EmbedAnswer
+    size: int
 
 
 _Endpoint = Callable[[HttpServer, HttpRequest, Reservation], Awaitable[Response]]

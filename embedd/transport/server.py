@@ -19,15 +19,32 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
+from ..wire.answers import Answer, EmbedAnswer
 from ..wire.conversation import Conversation, ConversationLimits, Dispatch, refusal
 from ..wire.counters import ConnectionCounts, Tally
 from ..wire.errors import EmbeddError
-from ..wire.messages import Request
+from ..wire.messages import Embed, Request
 from .activation import Inherited
 from .shell import Connection, Handler, Job, Listener, Reservation, Timer
 from .sockets import bind_unix_socket, remove_if_ours
 
-__all__ = ["Handler", "Server"]
+__all__ = ["Handler", "Server", "wire_map"]
+
+# Converting vectors to msgpack lists costs ~50 ns a float; beyond this many floats it runs on a
+# worker thread so that the event loop keeps serving others meanwhile.
+_LIST_ON_LOOP_MAX = 50_000
+
+
+async def wire_map(answer: Answer, request: Request) -> dict[str, Any]:
+    """An answer as the msgpack map PROTOCOL.md documents; an embedding's vectors as the
+    request's `encoding` asks."""
+    if not isinstance(answer, EmbedAnswer):
+        return answer.to_wire()
+    encoding = request.args.encoding if isinstance(request.args, Embed) else "f32"
+    if encoding == "list" and answer.vectors.size > _LIST_ON_LOOP_MAX:
+        # Building millions of float objects would stall the loop.
+        return answer.to_wire(encoding, await asyncio.to_thread(answer.vectors.tolist))
+    return answer.to_wire(encoding)
 
 
 class Server(Listener):
@@ -80,7 +97,7 @@ class Server(Listener):
     ) -> dict[str, Any]:
         await reservation.reserve(size)
         # The connection is the owner whose turn it is in the model's scheduler.
-        return await self.handler.handle(request, owner=conn)
+        return await wire_map(await self.handler.handle(request, owner=conn), request)
 
     def refusal(self, error: EmbeddError) -> bytes:
         return refusal(error)

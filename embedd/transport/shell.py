@@ -25,11 +25,12 @@ import logging
 import select
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import Config
+from ..wire.answers import Answer, Sizing
 from ..wire.conversation import CancelTask, Close, Send
 from ..wire.counters import ConnectionCounts
 from ..wire.errors import Code, EmbeddError
@@ -55,7 +56,14 @@ class Handler(Protocol):
     @property
     def draining(self) -> bool: ...
 
-    async def handle(self, req: Request, owner: object = None) -> dict[str, Any]: ...
+    async def handle(
+        self,
+        req: Request,
+        owner: object = None,
+        *,
+        sizing: Sizing | None = None,
+        reserve: Callable[[int], Awaitable[None]] | None = None,
+    ) -> Answer: ...
 
     def answer_size(self, req: Request) -> int:
         """About how many bytes the answer will take (known before any work)."""

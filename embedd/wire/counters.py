@@ -1,7 +1,8 @@
 """The daemon's own counters, shared by the transport (which counts) and `stats` (which reports).
 
-Plain data, no I/O: the conversation objects count answers into one `Tally` and the server
-counts connections into one `ConnectionCounts`, both created by the composition root.
+Plain data, no I/O: the conversation objects of both fronts (msgpack and HTTP) count answers
+into one `Tally` and the listeners count connections into one `ConnectionCounts`, both created
+by the composition root.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
 
     def count(self, error: EmbeddError | None) -> None:
+        self.count_key(None if error is None else str(error.code))
+
+    def count_key(self, key: str | None) -> None:
+        """One answer: ok (None), or an error under `key` (an embedd code, or for an HTTP
+        failure that has none, such as a 401 or a 404, `http_<status>`)."""
         self.total += 1
-        if error is None:
+        if key is None:
             self.ok += 1
         else:
-            self.errors[str(error.code)] += 1
+            self.errors[key] += 1
 
 
 @dataclass
