@@ -71,7 +71,7 @@ ROUTES: dict[tuple[str, str], Route] = {
 
 
 @dataclass(frozen=True)
-class Dispatch:
+class RunEndpoint:
     """Run this request's endpoint; the shell reports its end (a `Response` or an
     `EmbeddError`) with `finish(rid, ...)`."""
 
@@ -80,7 +80,7 @@ class Dispatch:
     request: HttpRequest
 
 
-Action = Dispatch | Send | CancelTask | Close
+Action = RunEndpoint | Send | CancelTask | Close
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ class HttpConversation:
             rid = self._next_rid
             self._next_rid += 1
             self._current = (rid, event, route)
-            actions.append(Dispatch(rid, route, event))
+            actions.append(RunEndpoint(rid, route, event))
         return actions + self._maybe_close()
 
     def _key_ok(self, head: HttpHead) -> bool:

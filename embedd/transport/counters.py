@@ -1,7 +1,8 @@
 """The daemon's own counters, shared by the transport (which counts) and `stats` (which reports).
 
-Plain data, no I/O: the conversation objects count answers into one `Tally` and the server
-counts connections into one `ConnectionCounts`, both created by the composition root.
+Plain data, no I/O: the listener hands `Tally.count` to each conversation, which reports every
+answer's outcome to it, and counts connections into one `ConnectionCounts`; the composition root
+creates both.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import EmbeddError
+from ..wire.errors import EmbeddError
 
 
 @dataclass
