@@ -1,25 +1,10 @@
-"""Client for the embedd daemon (wire protocol version 1, see PROTOCOL.md).
+"""Client for the embedd daemon (wire protocol version 1: PROTOCOL.md; usage: docs/client.md).
 
 Copy this one file into your project: it needs only the standard library, msgpack and numpy,
 and repeats the one rule of the daemon it needs (the default socket path) instead of importing
-it. Top to bottom:
-
-- Errors: one `EmbeddError` carrying the protocol's `code` and details, and a subclass only
-  where a caller does something different: `DaemonUnavailableError` (nothing answers: start the
-  daemon), `UntrustedDaemonError` (another user's socket: nothing was sent), `BusyError` (retry
-  after `retry_after`), `InputTooLongError` (resend with `truncate=True` or `long="split"`).
-- Trust: the socket's owner and the peer's uid are checked before any text leaves.
-- `_Session`: every protocol rule, with no I/O (ids, requests in flight, frames bounded by
-  `max_frame`, what an error without an id means, cancelling what nobody waits for, whether a
-  request may be resent after the daemon restarted).
-- The operations, each defined once as a `_Call`: its arguments and how its answer is read.
-- `Client` (blocking) and `AsyncClient` (asyncio, requests pipelined on one connection): shells
-  that move bytes between a socket and a session; each operation is one line in each.
-
-Platforms: Linux, where all of it is tested. On other Unix systems (macOS) Python cannot read a
-Unix socket peer's uid, so only the owners of the socket and its directory are checked. Windows
-is not supported by this module (Python has no Unix sockets there, and the daemon's untested
-named pipe has no client): connecting raises `DaemonUnavailableError` saying so.
+it. Top to bottom: errors; trust (whose daemon may get text); `_Session`, every protocol rule
+with no I/O; the operations, each defined once as a `_Call`; the shells `Client` (blocking) and
+`AsyncClient` (asyncio), moving bytes between a socket and a session. Tested on Linux.
 """
 
 from __future__ import annotations
@@ -37,7 +22,7 @@ import struct
 import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from types import CoroutineType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypedDict, TypeVar, Unpack
@@ -61,8 +46,7 @@ __all__ = [
 ]
 
 # Larger than the daemon's default max_response (64 MiB) so that a daemon configured for big
-# answers still works, yet bounded so that a corrupt length prefix cannot make us allocate
-# gigabytes.
+# answers still works, yet bounded so that a corrupt length prefix cannot make us allocate GiBs.
 DEFAULT_MAX_FRAME = 1 << 30
 # Seconds to wait for an answer: longer than the daemon's default request_timeout (120 s),
 # so that a large request gets the daemon's own `timeout` error rather than ours.
@@ -94,7 +78,10 @@ _UCRED = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
 PathArg = str | os.PathLike[str]
 Vectors = npt.NDArray[np.float32]
 T = TypeVar("T")
+_Coroutine: typing.TypeAlias = "CoroutineType[Any, Any, T]"
 P = ParamSpec("P")
+# What a wait that ran out raises (our `timeout` error, or the broken send it followed).
+_Raise = Callable[[], Exception]
 
 
 def default_socket_path() -> Path:
@@ -107,8 +94,7 @@ def default_socket_path() -> Path:
     return Path(f"/tmp/embedd-{uid}") / "embedd.sock"
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
+# -- Errors ----------------------------------------------------------------------------------------
 
 
 class EmbeddError(Exception):
@@ -175,15 +161,15 @@ def _error_from_map(error: Any) -> EmbeddError:
     return _ACTED_ON.get(code, EmbeddError)(code, message, error)
 
 
+def _why(exc: BaseException) -> str:
+    return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+
+
 def _unavailable(path: Path, what: str, cause: BaseException | str) -> DaemonUnavailableError:
-    if isinstance(cause, str):
-        reason = cause
-    elif isinstance(cause, OSError) and cause.strerror:
-        reason = cause.strerror
-    else:
-        reason = str(cause) or type(cause).__name__
+    if not isinstance(cause, str):
+        cause = (isinstance(cause, OSError) and cause.strerror) or _why(cause)
     return DaemonUnavailableError(
-        f"{what} the embedd daemon at {path}: {reason}. "
+        f"{what} the embedd daemon at {path}: {cause}. "
         "Is it running? Start it with `embedd serve`.",
         {"path": str(path)},
     )
@@ -193,8 +179,7 @@ def _client_timeout(limit: float | None) -> EmbeddError:
     return EmbeddError("timeout", f"no response from the daemon within {limit} s", {"limit": limit})
 
 
-# --------------------------------------------------------------------------------------------
-# Who may answer: the client checks the daemon as the daemon checks its clients
+# -- Who may answer: the client checks the daemon as the daemon checks its clients -----------------
 
 
 def _trusted_uids(extra: Iterable[int | str]) -> set[int]:
@@ -223,31 +208,17 @@ def _untrusted(path: Path, whose: str, uid: int) -> UntrustedDaemonError:
     )
 
 
-def _check_path(path: Path, trusted: set[int]) -> None:
-    """Before connecting: the socket's directory and file must belong to a trusted user, so
-    that a socket planted in a directory another user created first gets no text."""
-    for what, target in (("directory", path.parent), ("socket", path)):
-        try:
-            owner = os.lstat(target).st_uid
-        except FileNotFoundError:
-            return  # nothing there: connecting fails as "unavailable"
-        if owner not in trusted:
-            raise _untrusted(path, f"the socket {what} {target} belongs to", owner)
-
-
 def _check_peer(sock: socket.socket, path: Path, trusted: set[int]) -> None:
-    """After connecting: the process that answers must run as a trusted user (Linux only: see
-    the module docstring)."""
+    """After connecting: the process that answers must run as a trusted user (Linux only: on
+    macOS Python cannot read the peer's uid, and only the owners are checked)."""
     if not hasattr(socket, "SO_PEERCRED"):
         return
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    uid = _UCRED.unpack(creds)[1]
+    uid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
     if uid not in trusted:
         raise _untrusted(path, f"the process answering on {path} runs as", uid)
 
 
-# --------------------------------------------------------------------------------------------
-# The session: every protocol rule, no I/O
+# -- The session: every protocol rule, no I/O ------------------------------------------------------
 
 
 class _ConnectionLost(Exception):
@@ -260,8 +231,7 @@ class _Session:
 
     max_frame: int
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-    # Ids sent and not answered yet.
-    pending: set[int] = field(default_factory=set)
+    pending: set[int] = field(default_factory=set)  # ids sent and not answered yet
     # Whether this connection has delivered an answer: only then does a broken connection mean
     # "the daemon went away since", which makes one resend on a new connection safe to try.
     worked: bool = False
@@ -287,11 +257,10 @@ class _Session:
         return _encode({"id": next(self.ids), "op": "cancel", "target": rid})
 
     def receive(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
-        """Bytes from the daemon -> (id, response) for each complete answer we wait for.
-
-        Raises the daemon's error when it refuses the stream (an error frame with `id: nil`
-        closes the connection, PROTOCOL.md), or a `protocol_error` / `frame_too_large` on a
-        stream that cannot be read: either way the connection is done for."""
+        """Bytes from the daemon -> (id, response) for each complete answer we wait for. Raises
+        the daemon's error when it refuses the stream (an error frame with `id: nil` closes the
+        connection, PROTOCOL.md), or a `protocol_error` / `frame_too_large` on a stream that
+        cannot be read: either way the connection is done for."""
         if self.failed is not None:
             raise self.failed
         self._buf += data
@@ -372,14 +341,7 @@ def _decode(body: bytes) -> dict[str, Any]:
     return message
 
 
-def _result(response: Mapping[str, Any]) -> dict[str, Any]:
-    if response.get("ok") is not True:
-        raise _error_from_map(response.get("error"))
-    return {k: v for k, v in response.items() if k not in ("id", "ok")}
-
-
-# --------------------------------------------------------------------------------------------
-# The operations, each defined once for both clients
+# -- The operations, each defined once for both clients --------------------------------------------
 
 
 class WindowOptions(TypedDict, total=False):
@@ -427,28 +389,13 @@ class _Call(Generic[T]):
         timeout = self.args.get("timeout")
         return default if timeout is None else float(timeout) + _TIMEOUT_GRACE
 
-
-def _plain(op: str, **args: Any) -> _Call[dict[str, Any]]:
-    """Send one request and return its result (the response without `id` and `ok`)."""
-    return _Call(op, args, lambda result: result)
-
-
-def _embed(texts: str | Sequence[str], model: str, options: EmbedOptions) -> _Call[Vectors]:
-    # pool="none" answers a row per window, so even one str gets a 2-D array.
-    single = isinstance(texts, str) and options.get("pool") != "none"
-    args = _embed_args(_texts(texts), model, options)
-    return _Call("embed", args, lambda r: _vectors(r, single))
+    def answer(self, response: Mapping[str, Any]) -> T:
+        if response.get("ok") is not True:
+            raise _error_from_map(response.get("error"))
+        return self.parse({k: v for k, v in response.items() if k not in ("id", "ok")})
 
 
-def _embed_windows(
-    texts: str | Sequence[str], model: str, options: WindowOptions
-) -> _Call[list[Window]]:
-    inputs = [texts] if isinstance(texts, str) else list(texts)
-    args = _embed_args(inputs, model, {**options, "long": "split", "pool": "none"})
-    return _Call("embed", args, lambda r: _windows(r, inputs))
-
-
-def _embed_args(inputs: str | list[str], model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def _embed(texts: str | Sequence[str], model: str, options: Mapping[str, Any]) -> _Call[Vectors]:
     timeout = options.get("timeout")
     if timeout is not None and not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
         raise EmbeddError(
@@ -456,7 +403,18 @@ def _embed_args(inputs: str | list[str], model: str, options: Mapping[str, Any])
             f"timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout}",
             {"key": "timeout", "limit": MAX_TIMEOUT},
         )
-    return {"input": inputs, "model": model, "encoding": "f32", **options}
+    args = {"input": _texts(texts), "model": model, "encoding": "f32", **options}
+    # pool="none" answers a row per window, so even one str gets a 2-D array.
+    single = isinstance(texts, str) and options.get("pool") != "none"
+    return _Call("embed", args, lambda r: _vectors(r, single))
+
+
+def _embed_windows(
+    texts: str | Sequence[str], model: str, options: WindowOptions
+) -> _Call[list[Window]]:
+    inputs = [texts] if isinstance(texts, str) else list(texts)
+    args = _embed(inputs, model, {**options, "long": "split", "pool": "none"}).args
+    return _Call("embed", args, lambda r: _windows(r, inputs))
 
 
 def _given(**args: Any) -> dict[str, Any]:
@@ -505,6 +463,7 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+@dataclass(frozen=True)
 class _Op(Generic[P, T]):
     """One operation of both clients, from the method that builds its `_Call` (whose
     parameters and docstring it keeps): `Client`'s returns the answer, `AsyncClient`'s is a
@@ -512,15 +471,12 @@ class _Op(Generic[P, T]):
     `help`, `inspect` and `iscoroutinefunction` see hand-written ones; the overloads say the
     same to a type checker."""
 
-    def __init__(self, build: Callable[Concatenate[Any, P], _Call[T]]) -> None:
-        self.build = build
+    build: Callable[Concatenate[Any, P], _Call[T]]
 
     @typing.overload
     def __get__(self, client: Client, owner: Any) -> Callable[P, T]: ...
     @typing.overload
-    def __get__(
-        self, client: AsyncClient, owner: Any
-    ) -> Callable[P, CoroutineType[Any, Any, T]]: ...
+    def __get__(self, client: AsyncClient, owner: Any) -> Callable[P, _Coroutine[T]]: ...
     def __get__(self, client: Any, owner: Any) -> Any:
         return self  # only `_Base` holds the descriptor: each client holds its method
 
@@ -540,8 +496,7 @@ class _Op(Generic[P, T]):
         return method
 
 
-# --------------------------------------------------------------------------------------------
-# The shells
+# -- The shells ------------------------------------------------------------------------------------
 
 
 class _Base:
@@ -561,20 +516,20 @@ class _Base:
         self.max_frame = max_frame
         self._trust = list(trust_uids)
         self._ids: Iterator[int] = itertools.count(1)
-        self._setup()
+        self._new_session()
 
-    # Whether the operations are coroutines (each client says).
-    _asynchronous = False
-
-    def __init_subclass__(cls) -> None:
+    def __init_subclass__(cls, *, asynchronous: bool = False) -> None:
         for name, op in vars(_Base).items():
             if isinstance(op, _Op):
-                setattr(cls, name, op.method(cls._asynchronous))
+                setattr(cls, name, op.method(asynchronous))
 
-    def _setup(self) -> None:
-        """Each shell's own connection state."""
+    def _new_session(self) -> None:
+        """A new connection's protocol state (ids go on counting, so no answer is mistaken)."""
+        self._session = _Session(self.max_frame, self._ids)
 
     def _checked_path(self) -> set[int]:
+        """Before connecting: the socket's directory and file must belong to a trusted user, so
+        that a socket planted in a directory another user created first gets no text."""
         if not hasattr(socket, "AF_UNIX"):
             raise DaemonUnavailableError(
                 "embedd_client talks to the daemon over a Unix socket, which Python does not "
@@ -582,7 +537,13 @@ class _Base:
                 {"path": str(self.path)},
             )
         trusted = _trusted_uids(self._trust)
-        _check_path(self.path, trusted)
+        for what, target in (("directory", self.path.parent), ("socket", self.path)):
+            try:
+                owner = os.lstat(target).st_uid
+            except FileNotFoundError:
+                break  # nothing there: connecting fails as "unavailable"
+            if owner not in trusted:
+                raise _untrusted(self.path, f"the socket {what} {target} belongs to", owner)
         return trusted
 
     # -- the operations, each defined once by the `_Call` it sends (see `_Op`) -----------------
@@ -590,15 +551,15 @@ class _Base:
     @_Op
     def request(self, /, op: str, **args: Any) -> _Call[dict[str, Any]]:
         """Send one request and return its result (the response without `id` and `ok`)."""
-        return _plain(op, **args)
+        return _Call(op, args, dict)
 
     @_Op
     def hello(self) -> _Call[dict[str, Any]]:
-        return _plain("hello")
+        return _Call("hello", {}, dict)
 
     @_Op
     def health(self) -> _Call[dict[str, Any]]:
-        return _plain("health")
+        return _Call("health", {}, dict)
 
     @_Op
     def models(self) -> _Call[list[dict[str, Any]]]:
@@ -606,15 +567,15 @@ class _Base:
 
     @_Op
     def stats(self) -> _Call[dict[str, Any]]:
-        return _plain("stats")
+        return _Call("stats", {}, dict)
 
     @_Op
     def load(self, model: str = "default") -> _Call[dict[str, Any]]:
-        return _plain("load", model=model)
+        return _Call("load", {"model": model}, dict)
 
     @_Op
     def unload(self, model: str = "default") -> _Call[dict[str, Any]]:
-        return _plain("unload", model=model)
+        return _Call("unload", {"model": model}, dict)
 
     @_Op
     def shutdown(self) -> _Call[None]:
@@ -661,10 +622,7 @@ class _Base:
     ) -> _Call[Vectors]:
         """One query's vector, at interactive priority (`prompt`: e.g. "query", if the model
         has one configured)."""
-        options: EmbedOptions = {"priority": "interactive"}
-        if prompt is not None:
-            options["prompt"] = prompt
-        return _embed(text, model, options)
+        return _embed(text, model, _given(priority="interactive", prompt=prompt))
 
 
 class Client(_Base):
@@ -675,9 +633,7 @@ class Client(_Base):
     Not thread-safe: give each thread its own client (connections are cheap).
     """
 
-    def _setup(self) -> None:
-        self._sock: socket.socket | None = None
-        self._session = _Session(self.max_frame, self._ids)
+    _sock: socket.socket | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -688,7 +644,7 @@ class Client(_Base):
     def close(self) -> None:
         """Close the connection; a later call opens a new one."""
         sock, self._sock = self._sock, None
-        self._session = _Session(self.max_frame, self._ids)
+        self._new_session()
         if sock is not None:
             sock.close()
 
@@ -699,39 +655,42 @@ class Client(_Base):
             sock.settimeout(self.timeout)
             sock.connect(str(self.path))
             _check_peer(sock, self.path, trusted)
-        except OSError as exc:
+        except BaseException as exc:
             sock.close()
-            raise _unavailable(self.path, "cannot connect to", exc) from None
-        except BaseException:
-            sock.close()
+            if isinstance(exc, OSError):
+                raise _unavailable(self.path, "cannot connect to", exc) from None
             raise
         return sock
 
     def _run(self, call: _Call[T]) -> T:
-        return call.parse(_result(self._exchange(call)))
+        return call.answer(self._exchange(call))
 
     def _exchange(self, call: _Call[Any]) -> dict[str, Any]:
         wait = call.wait(self.timeout)
-        for attempt in (1, 2):
-            fresh = self._sock is None
+        timed_out = functools.partial(_client_timeout, wait)
+        for first in (True, False):
+            fresh, session = self._sock is None, self._session
             sock = self._sock = self._sock or self._connect()
-            session = self._session
             rid, frame = session.request(call.op, call.args)
             deadline = None if wait is None else time.monotonic() + wait
             try:
                 try:
-                    self._settimeout(sock, deadline, wait)
+                    self._settimeout(sock, deadline, timed_out)
                     sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError) as exc:
-                    return self._read_after_broken_send(sock, rid, exc)
+                    # The daemon's reason may still be waiting (see _AFTER_BROKEN_SEND).
+                    why = _why(exc)
+                    late = time.monotonic() + _AFTER_BROKEN_SEND
+                    with contextlib.suppress(_ConnectionLost):
+                        return self._read(sock, rid, late, functools.partial(_ConnectionLost, why))
+                    raise _ConnectionLost(why) from None
                 except TimeoutError:
-                    raise _client_timeout(wait) from None
-                return self._read(sock, rid, deadline, wait)
+                    raise timed_out() from None
+                return self._read(sock, rid, deadline, timed_out)
             except _ConnectionLost as exc:
                 self.close()
-                if session.may_resend(allowed=call.resend and attempt == 1, fresh=fresh):
-                    continue
-                raise _unavailable(self.path, "lost the connection to", str(exc)) from None
+                if not session.may_resend(allowed=call.resend and first, fresh=fresh):
+                    raise _unavailable(self.path, "lost the connection to", str(exc)) from None
             except BaseException:
                 # Whatever happened (our timeout, a refused stream, KeyboardInterrupt), the
                 # stream may stop mid-frame: it cannot be reused.
@@ -739,32 +698,17 @@ class Client(_Base):
                 raise
         raise AssertionError("unreachable")
 
-    def _read_after_broken_send(
-        self, sock: socket.socket, rid: int, exc: OSError
-    ) -> dict[str, Any]:
-        """The daemon may have refused the frame (too large) and closed: its error frame can
-        still be waiting for us, and says more than EPIPE."""
-        try:
-            late = time.monotonic() + _AFTER_BROKEN_SEND
-            return self._read(sock, rid, late, _AFTER_BROKEN_SEND)
-        except _ConnectionLost:
-            pass
-        except EmbeddError as error:
-            if error.code != "timeout":  # ours, from waiting: nothing more was coming
-                raise
-        raise _ConnectionLost(str(exc) or type(exc).__name__)
-
     def _read(
-        self, sock: socket.socket, rid: int, deadline: float | None, wait: float | None
+        self, sock: socket.socket, rid: int, deadline: float | None, timed_out: _Raise
     ) -> dict[str, Any]:
         while True:
             try:
-                self._settimeout(sock, deadline, wait)
+                self._settimeout(sock, deadline, timed_out)
                 data = sock.recv(_READ_SIZE)
             except TimeoutError:
-                raise _client_timeout(wait) from None
+                raise timed_out() from None
             except (ConnectionResetError, BrokenPipeError) as exc:
-                raise _ConnectionLost(str(exc) or type(exc).__name__) from None
+                raise _ConnectionLost(_why(exc)) from None
             if not data:
                 raise _ConnectionLost("the daemon closed the connection")
             for got, message in self._session.receive(data):
@@ -772,13 +716,10 @@ class Client(_Base):
                     return message
 
     @staticmethod
-    def _settimeout(sock: socket.socket, deadline: float | None, wait: float | None) -> None:
-        if deadline is None:
-            sock.settimeout(None)
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _client_timeout(wait)
+    def _settimeout(sock: socket.socket, deadline: float | None, timed_out: _Raise) -> None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise timed_out()
         sock.settimeout(remaining)
 
     def embed_documents(
@@ -796,20 +737,18 @@ class Client(_Base):
             yield self._run(_embed(batch, model, options))
 
 
+@dataclass(eq=False)
 class _AsyncConnection:
     """One stream, its session, and the task that routes answers to the waiting futures."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        path: Path,
-        session: _Session,
-    ) -> None:
-        self.writer = writer
-        self.session = session
-        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.closed = False
+    reader: InitVar[asyncio.StreamReader]
+    writer: asyncio.StreamWriter
+    path: InitVar[Path]
+    session: _Session
+    waiting: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    closed: bool = False
+
+    def __post_init__(self, reader: asyncio.StreamReader, path: Path) -> None:
         self.task = asyncio.get_running_loop().create_task(self._read_loop(reader, path))
 
     async def _read_loop(self, reader: asyncio.StreamReader, path: Path) -> None:
@@ -826,7 +765,7 @@ class _AsyncConnection:
         except EmbeddError as exc:
             refused = exc.details  # the daemon refused the stream, or sent one we cannot read
         except OSError as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = _why(exc)
         finally:
             self.abort()
             waiting, self.waiting = self.waiting, {}
@@ -840,6 +779,12 @@ class _AsyncConnection:
     def alive(self) -> bool:
         return not self.closed and not self.writer.is_closing()
 
+    def abandon(self, rid: int) -> None:
+        self.waiting.pop(rid, None)
+        frame = self.session.abandon(rid)
+        if frame is not None and self.alive:
+            self.writer.write(frame)
+
     def abort(self) -> None:
         self.closed = True
         self.writer.close()
@@ -851,7 +796,7 @@ class _AsyncConnection:
             self.writer.write(frame)
             await self.writer.drain()
         except OSError as exc:
-            raise _ConnectionLost(str(exc) or type(exc).__name__) from None
+            raise _ConnectionLost(_why(exc)) from None
 
     async def close(self) -> None:
         self.task.cancel()
@@ -861,7 +806,7 @@ class _AsyncConnection:
             await self.writer.wait_closed()
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base, asynchronous=True):
     """An asyncio client with `Client`'s methods as coroutines: many tasks may share it, their
     requests pipelined on one connection.
 
@@ -871,11 +816,8 @@ class AsyncClient(_Base):
     call reconnects.
     """
 
-    _asynchronous = True
-
-    def _setup(self) -> None:
-        self._conn: _AsyncConnection | None = None
-        self._connecting: asyncio.Lock | None = None
+    _conn: _AsyncConnection | None = None
+    _connecting: asyncio.Lock | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -891,8 +833,6 @@ class AsyncClient(_Base):
 
     async def _connection(self) -> tuple[_AsyncConnection, bool]:
         """The live connection, opened if needed; the flag says whether it was just opened."""
-        if self._conn is not None and self._conn.alive:
-            return self._conn, False
         self._connecting = self._connecting or asyncio.Lock()
         async with self._connecting:
             if self._conn is not None and self._conn.alive:
@@ -901,62 +841,50 @@ class AsyncClient(_Base):
             try:
                 opening = asyncio.open_unix_connection(str(self.path))
                 reader, writer = await asyncio.wait_for(opening, self.timeout)
-            except TimeoutError:
-                raise _unavailable(self.path, "cannot connect to", "timed out") from None
-            except OSError as exc:
+            except OSError as exc:  # TimeoutError included
                 raise _unavailable(self.path, "cannot connect to", exc) from None
             try:
                 _check_peer(writer.get_extra_info("socket"), self.path, trusted)
             except BaseException:
                 writer.close()
                 raise
-            self._conn = _AsyncConnection(
-                reader, writer, self.path, _Session(self.max_frame, self._ids)
-            )
+            self._new_session()
+            self._conn = _AsyncConnection(reader, writer, self.path, self._session)
             return self._conn, True
 
     async def _run(self, call: _Call[T]) -> T:
-        return call.parse(_result(await self._exchange(call)))
+        return call.answer(await self._exchange(call))
 
     async def _exchange(self, call: _Call[Any]) -> dict[str, Any]:
         wait = call.wait(self.timeout)
-        for attempt in (1, 2):
+        for first in (True, False):
             conn, fresh = await self._connection()
             rid, frame = conn.session.request(call.op, call.args)
-            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            conn.waiting[rid] = future
+            conn.waiting[rid] = future = asyncio.get_running_loop().create_future()
             try:
                 await conn.send(frame)
-            except _ConnectionLost as exc:
+            except BaseException as exc:
+                conn.waiting.pop(rid, None)
+                if not isinstance(exc, _ConnectionLost):
+                    future.cancel()
+                    raise
                 # Failed while sending: the request never reached the daemon, so resending
                 # cannot run it twice.
-                conn.waiting.pop(rid, None)
                 conn.abort()
                 if future.done() and not future.cancelled():
                     future.exception()  # already failed by the reader: mark it retrieved
-                if conn.session.may_resend(allowed=call.resend and attempt == 1, fresh=fresh):
-                    continue
-                raise _unavailable(self.path, "lost the connection to", str(exc)) from None
-            except BaseException:
-                conn.waiting.pop(rid, None)
-                future.cancel()
-                raise
+                if not conn.session.may_resend(allowed=call.resend and first, fresh=fresh):
+                    raise _unavailable(self.path, "lost the connection to", str(exc)) from None
+                continue
             try:
                 return await asyncio.wait_for(future, wait)
             except TimeoutError:
-                self._abandon(conn, rid)
+                conn.abandon(rid)
                 raise _client_timeout(wait) from None
             except asyncio.CancelledError:
-                self._abandon(conn, rid)
+                conn.abandon(rid)
                 raise
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _abandon(conn: _AsyncConnection, rid: int) -> None:
-        conn.waiting.pop(rid, None)
-        frame = conn.session.abandon(rid)
-        if frame is not None and conn.alive:
-            conn.writer.write(frame)
 
     async def embed_documents(
         self,

@@ -7,16 +7,16 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
+from embedd.transport.counters import Tally
 from embedd.wire.conversation import (
     Action,
     CancelTask,
     Close,
     Conversation,
     ConversationLimits,
-    Dispatch,
+    RunRequest,
     Send,
 )
-from embedd.wire.counters import Tally
 from embedd.wire.errors import Code, EmbeddError
 from embedd.wire.framing import FrameDecoder, encode_frame
 from embedd.wire.messages import MAX_ECHO, Embed
@@ -39,20 +39,20 @@ def sent(actions: list[Action]) -> list[dict[str, Any]]:
 
 
 def dispatched(actions: list[Action]) -> list[int]:
-    return [a.request.id for a in actions if isinstance(a, Dispatch)]
+    return [a.request.id for a in actions if isinstance(a, RunRequest)]
 
 
 def test_a_request_is_dispatched_as_its_typed_value() -> None:
     conv = Conversation(LIMITS)
     actions = conv.receive_data(frame(id=1, op="embed", input=["a", "b"], truncate=True))
-    assert actions == [Dispatch(actions[0].request)]  # type: ignore[union-attr]
+    assert actions == [RunRequest(actions[0].request)]  # type: ignore[union-attr]
     req = actions[0].request  # type: ignore[union-attr]
     assert req.args == Embed(input=("a", "b"), truncate=True, single=False)
 
 
 def test_a_finished_request_is_answered_with_its_id_and_counted() -> None:
     tally = Tally()
-    conv = Conversation(LIMITS, tally)
+    conv = Conversation(LIMITS, tally.count)
     conv.receive_data(frame(id=7, op="health"))
     assert sent(conv.finish(7, {"status": "ok"})) == [{"id": 7, "ok": True, "status": "ok"}]
     assert (tally.total, tally.ok) == (1, 1)
@@ -189,7 +189,7 @@ def test_after_a_half_close_answers_still_go_out_then_close() -> None:
 
 def test_a_peer_that_is_gone_has_its_work_cancelled_and_nothing_written() -> None:
     tally = Tally()
-    conv = Conversation(LIMITS, tally)
+    conv = Conversation(LIMITS, tally.count)
     conv.receive_data(frame(id=1, op="hello"))
     assert conv.peer_closed(gone=True) == [CancelTask(1)]
     assert conv.finish(1, EmbeddError(Code.CANCELLED, "gone")) == [Close()]
@@ -207,7 +207,7 @@ def test_abandon_answers_now_and_stops_the_task() -> None:
 
 def test_every_answer_is_counted_once() -> None:
     tally = Tally()
-    conv = Conversation(LIMITS, tally)
+    conv = Conversation(LIMITS, tally.count)
     conv.receive_data(
         frame(id=1, op="hello") + frame(id=2, op="nope") + frame(id=3, op="cancel", target=1)
     )
@@ -218,13 +218,14 @@ def test_every_answer_is_counted_once() -> None:
 
 @pytest.mark.parametrize("method", [b"GET", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"HEAD"])
 def test_an_http_request_gets_a_plain_http_400_naming_the_http_socket(method: bytes) -> None:
-    conv = Conversation(LIMITS)
+    tally = Tally()
+    conv = Conversation(LIMITS, tally.count)
     actions = conv.receive_data(method + b" /v1/embeddings HTTP/1.1\r\nHost: x\r\n\r\n")
     sent = b"".join(a.data for a in actions if isinstance(a, Send))
     assert sent.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"--http-socket" in sent and b"msgpack socket" in sent
     assert isinstance(actions[-1], Close)
-    assert conv.tally.errors == {"protocol_error": 1}
+    assert tally.errors == {"protocol_error": 1}
 
 
 def test_an_http_request_sent_a_byte_at_a_time_is_recognised_too() -> None:
@@ -236,8 +237,9 @@ def test_an_http_request_sent_a_byte_at_a_time_is_recognised_too() -> None:
 
 
 def test_an_oversized_frame_that_is_not_http_still_gets_frame_too_large() -> None:
-    conv = Conversation(LIMITS)
+    tally = Tally()
+    conv = Conversation(LIMITS, tally.count)
     actions = conv.receive_data(b"\xff\xff\xff\xff")
     sent = [a for a in actions if isinstance(a, Send)]
     assert sent and not sent[0].data.startswith(b"HTTP/")
-    assert conv.tally.errors == {"frame_too_large": 1}
+    assert tally.errors == {"frame_too_large": 1}

@@ -18,10 +18,10 @@ import pytest
 
 from embedd.config import Config
 from embedd.http.server import HttpServer
-from embedd.transport.server import Server
+from embedd.transport.counters import ConnectionCounts
+from embedd.transport.msgpack_server import Server
 from embedd.transport.shell import Listener, Timer
 from embedd.wire.answers import Answer, Sizing, StatsAnswer
-from embedd.wire.counters import ConnectionCounts
 from embedd.wire.messages import Request
 from tests.conftest import short_tmpdir
 

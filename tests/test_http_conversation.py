@@ -16,15 +16,15 @@ from embedd.http.api import ApiError, Response
 from embedd.http.conversation import (
     PIPELINE_BUFFER,
     Action,
-    Dispatch,
     HttpConversation,
     HttpLimits,
+    RunEndpoint,
     refusal,
 )
 from embedd.http.parser import HttpError, HttpParser
+from embedd.transport.counters import Tally
 from embedd.wire.answers import EmbedAnswer, Usage
 from embedd.wire.conversation import CancelTask, Close, Send
-from embedd.wire.counters import Tally
 from embedd.wire.errors import Code, EmbeddError
 from embedd.wire.messages import Limits
 from tests.conftest import parse_all
@@ -43,8 +43,8 @@ def get(path: str, extra: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\n{extra}\r\n".encode()
 
 
-def dispatches(actions: list[Action]) -> list[Dispatch]:
-    return [a for a in actions if isinstance(a, Dispatch)]
+def dispatches(actions: list[Action]) -> list[RunEndpoint]:
+    return [a for a in actions if isinstance(a, RunEndpoint)]
 
 
 def statuses(actions: list[Action]) -> list[int]:
@@ -269,7 +269,7 @@ def drive(conv: HttpConversation, pieces: list[bytes], answer: Any) -> list[Acti
         action = pending.pop(0)
         assert not any(isinstance(a, Close) for a in seen), "an action after Close"
         seen.append(action)
-        if isinstance(action, Dispatch):
+        if isinstance(action, RunEndpoint):
             assert action.rid not in rids
             rids.add(action.rid)
             response = answer(action)
@@ -338,7 +338,7 @@ BODIES = st.one_of(
 )
 
 
-def _translate(d: Dispatch) -> Response:
+def _translate(d: RunEndpoint) -> Response:
     """What the endpoint does before the daemon: the body's JSON and its translation onto
     the typed request. Errors take the route's shape, as the shell reports them."""
     try:

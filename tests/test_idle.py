@@ -16,7 +16,7 @@ from typing import Any
 from embedd.config import Config, ModelConfig
 from embedd.daemon.ops import Daemon
 from embedd.daemon.supervise import Supervisor
-from embedd.transport.server import Server, wire_map
+from embedd.transport.msgpack_server import Server, wire_map
 from embedd.wire.messages import Limits, parse_request
 from tests.conftest import BUNDLED, short_tmpdir
 

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedd.wire.conversation import Conversation, ConversationLimits, Dispatch, Send
+from embedd.transport.counters import Tally
+from embedd.wire.conversation import Conversation, ConversationLimits, RunRequest, Send
 from embedd.wire.framing import FrameDecoder, FrameError, encode_frame
 from tests.conftest import Daemon, Reference, cosines, start_daemon, vectors
 from tests.wire import RawConnection
@@ -42,12 +43,13 @@ def test_the_frame_decoder_survives_any_bytes_in_any_pieces(data: bytes, piece: 
 
 
 def _drive(data: bytes, piece: int) -> None:
-    conv = Conversation(LIMITS)
+    tally = Tally()
+    conv = Conversation(LIMITS, tally.count)
     dispatched: list[int] = []
     answers = 0
     for i in range(0, len(data), piece):
         for action in conv.receive_data(data[i : i + piece]):
-            if isinstance(action, Dispatch):
+            if isinstance(action, RunRequest):
                 dispatched.append(action.request.id)
             elif isinstance(action, Send):
                 answers += 1
@@ -55,7 +57,7 @@ def _drive(data: bytes, piece: int) -> None:
         for action in conv.finish(rid, {}):
             answers += isinstance(action, Send)
     assert conv.inflight == 0
-    assert conv.tally.total == answers  # every answer counted once, none lost
+    assert tally.total == answers  # every answer counted once, none lost
 
 
 @QUICK

@@ -41,7 +41,7 @@ PURE = (
     "wire.framing",
     "wire.messages",
     "wire.conversation",
-    "wire.counters",
+    "transport.counters",
     "wire.errors",
     "wire.options",
     "index.records",
@@ -194,7 +194,7 @@ def test_the_layer_check_finds_an_upward_import() -> None:
 
 def test_relative_imports_resolve_to_modules() -> None:
     graph = _imports()
-    assert "wire.errors" in graph["transport.server"]
+    assert "wire.errors" in graph["transport.msgpack_server"]
     assert "config" in graph["inference.models"]
     assert "__init__" in graph["daemon.ops"]  # `from .. import __version__`
 

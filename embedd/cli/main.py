@@ -31,7 +31,7 @@ PROG = "embedd"
 # Seconds `stop` waits for the daemon to go away: it drains the requests it accepted first.
 STOP_WAIT = 30.0
 
-Handler = Callable[[argparse.Namespace], int]
+CommandHandler = Callable[[argparse.Namespace], int]
 Arguments = Callable[[argparse.ArgumentParser], None]
 
 # The commands in the order `embedd --help` lists them: daemon first, then its clients, then
@@ -46,7 +46,7 @@ COMMAND_ORDER = (
 class _Command:
     """One subcommand: its handler, and beside it, the arguments and help it takes."""
 
-    handler: Handler
+    handler: CommandHandler
     arguments: Arguments
     summary: str
     description: str
@@ -58,10 +58,10 @@ _COMMANDS: dict[str, _Command] = {}
 
 def _command(
     name: str, arguments: Arguments, *, summary: str, description: str, examples: str
-) -> Callable[[Handler], Handler]:
+) -> Callable[[CommandHandler], CommandHandler]:
     """Register the decorated handler as subcommand `name` (see build_parser)."""
 
-    def register(handler: Handler) -> Handler:
+    def register(handler: CommandHandler) -> CommandHandler:
         _COMMANDS[name] = _Command(handler, arguments, summary, description, examples)
         return handler
 
@@ -1265,7 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already reported
         return _exit_code(exc)
-    handler: Handler | None = getattr(args, "handler", None)
+    handler: CommandHandler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
         return 2

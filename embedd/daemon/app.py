@@ -21,9 +21,9 @@ from ..http import metrics
 from ..http.server import HttpServer, HttpSetupError
 from ..inference.modelprocess import start_spare
 from ..transport.activation import ActivationError, inherited_sockets
-from ..transport.server import Server
+from ..transport.counters import ConnectionCounts, Tally
+from ..transport.msgpack_server import Server
 from ..transport.sockets import SocketInUseError
-from ..wire.counters import ConnectionCounts, Tally
 from .ops import Daemon
 from .supervise import Supervisor
 

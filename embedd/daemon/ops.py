@@ -1,7 +1,7 @@
 """What each op does: typed requests in, typed answers (wire/answers.py) or an `EmbeddError` out.
 
-`Daemon` knows nothing about sockets or about how it is started: the transports (`server.py`)
-call `handle`, and the composition root (`app.py`) builds it and drives its life.
+`Daemon` knows nothing about sockets or about how it is started: the listeners (`msgpack_server.py`,
+`http/server.py`) call `handle`, and the composition root (`app.py`) builds it and drives its life.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..inference.admission import estimate_tokens, estimate_windows
 from ..inference.cache import Entry, VectorCache, vector_keys
 from ..inference.jobs import EmbedResult
 from ..inference.models import Clock, ModelRegistry
+from ..transport.counters import ConnectionCounts, Tally
 from ..wire.answers import (
     Answer,
     ChunkAnswer,
@@ -38,7 +39,6 @@ from ..wire.answers import (
     TokenizeAnswer,
     Usage,
 )
-from ..wire.counters import ConnectionCounts, Tally
 from ..wire.errors import Code, EmbeddError
 from ..wire.framing import PROTOCOL_VERSION
 from ..wire.messages import (

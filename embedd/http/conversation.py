@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from ..transport.counters import Tally
 from ..wire.conversation import CancelTask, Close, Send
-from ..wire.counters import Tally
 from ..wire.errors import EmbeddError
 from . import api as http_api
 from .api import Response
@@ -72,7 +72,7 @@ ROUTES: dict[tuple[str, str], Route] = {
 
 
 @dataclass(frozen=True)
-class Dispatch:
+class RunEndpoint:
     """Run this request's endpoint; the shell reports its end (a `Response` or an
     `EmbeddError`) with `finish(rid, ...)`."""
 
@@ -81,7 +81,7 @@ class Dispatch:
     request: HttpRequest
 
 
-Action = Dispatch | Send | CancelTask | Close
+Action = RunEndpoint | Send | CancelTask | Close
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ class HttpConversation:
             rid = self._next_rid
             self._next_rid += 1
             self._current = (rid, event, route)
-            actions.append(Dispatch(rid, route, event))
+            actions.append(RunEndpoint(rid, route, event))
         return actions + self._maybe_close()
 
     def _key_ok(self, head: HttpHead) -> bool:

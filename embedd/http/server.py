@@ -33,16 +33,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Config
-from ..transport.shell import Connection, Handler, Job, Listener, Reservation, Timer
+from ..transport.counters import ConnectionCounts, Tally
+from ..transport.shell import Connection, Handler, Listener, RequestTask, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
 from ..wire.answers import Answer, EmbedAnswer, MapAnswer, Sizing, StatsAnswer
-from ..wire.counters import ConnectionCounts, Tally
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed, Limits, Load, Models, Request, Stats
 from . import api as http_api
 from . import metrics
 from .api import ApiError, Response
-from .conversation import ROUTES, Dispatch, HttpConversation, HttpLimits, refusal
+from .conversation import ROUTES, HttpConversation, HttpLimits, RunEndpoint, refusal
 from .parser import HttpRequest, json_body
 
 _log = logging.getLogger("embedd.http")
@@ -216,14 +216,14 @@ class HttpServer(Listener):
         sock = writer.get_extra_info("socket")
         return "unix" if sock is not None and sock.family == socket.AF_UNIX else "tcp"
 
-    def start_job(self, conn: Connection, action: object) -> Job:
-        assert isinstance(action, Dispatch), action
-        return Job(action.rid, functools.partial(self._serve, action))
+    def start_task(self, conn: Connection, action: object) -> RequestTask:
+        assert isinstance(action, RunEndpoint), action
+        return RequestTask(action.rid, functools.partial(self._serve, action))
 
     def refusal(self, error: EmbeddError) -> bytes:
         return refusal(error)
 
-    async def _serve(self, action: Dispatch, reservation: Reservation) -> Response:
+    async def _serve(self, action: RunEndpoint, reservation: Reservation) -> Response:
         try:
             return await _ENDPOINTS[action.route.name](self, action.request, reservation)
         except ApiError as exc:

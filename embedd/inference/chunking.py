@@ -33,7 +33,9 @@ DEFAULT_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
-class Chunk:
+class TextPiece:
+    """A span of the text, [start, end) in characters, and how many tokens it holds."""
+
     start: int
     end: int
     tokens: int  # bare tokens (without the model's special frame)
@@ -80,7 +82,7 @@ def iter_chunks(
     *,
     overlap: int = 0,
     chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
-) -> Iterator[Chunk]:
+) -> Iterator[TextPiece]:
     """Chunks of at most `budget` bare tokens covering `text` (whitespace between them aside),
     each overlapping the previous one by at most `overlap` tokens."""
     if budget < 1:
@@ -106,7 +108,7 @@ def iter_chunks(
         chunk_end = end
         while chunk_end > pos and text[chunk_end - 1].isspace():
             chunk_end -= 1
-        yield Chunk(pos, chunk_end, n)
+        yield TextPiece(pos, chunk_end, n)
         next_pos = _skip_space(text, end)
         if overlap and next_pos < len(text):
             starts = _starts(text, pos, chunk_end)
@@ -125,11 +127,11 @@ def iter_chunks(
 
 def chunk_text(
     text: str, count: Counter, budget: int, *, overlap: int = 0, chars_per_token: int = 32
-) -> list[Chunk]:
+) -> list[TextPiece]:
     return list(iter_chunks(text, count, budget, overlap=overlap, chars_per_token=chars_per_token))
 
 
-def spans_cover(text: str, chunks: list[Chunk]) -> bool:
+def spans_cover(text: str, chunks: list[TextPiece]) -> bool:
     """Whether every non-space character of `text` lies in some chunk (a test helper's rule,
     kept here beside the algorithm it checks)."""
     starts = [c.start for c in chunks]

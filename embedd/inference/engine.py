@@ -25,7 +25,7 @@ import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
-from .chunking import Chunk
+from .chunking import TextPiece
 from .pipe import ModelInfo, TokenizerSpec, WordPieceSpec
 from .tokenizer import TOKENIZER_VERSION, vocabulary_from_gguf
 from .tokens import ModelTokenizer
@@ -438,7 +438,7 @@ class Model:
     def usable_prefix(self, text: str) -> tuple[str, bool]:
         return self.tokenizer.usable_prefix(text)
 
-    def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
+    def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[TextPiece]:
         return self.tokenizer.chunk(text, max_tokens=max_tokens, overlap=overlap)
 
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:

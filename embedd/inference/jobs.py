@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from ..wire.errors import EmbeddError
 from ..wire.messages import Embed
-from .chunking import Chunk as Piece
+from .chunking import TextPiece
 
 R = TypeVar("R")
 
@@ -105,7 +105,7 @@ class EmbedJob(Job[EmbedResult]):
     # long="split", the model thread's own: the input being cut, where cutting stands, and its
     # windows so far (start, end, token ids).
     split_next: int = 0
-    split_cursor: Iterator[Piece] | None = None
+    split_cursor: Iterator[TextPiece] | None = None
     split_windows: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
     def index(self, i: int) -> int:
@@ -131,7 +131,7 @@ class ChunkJob(Job[ChunkResult]):
     overlap: int = 0
     # The model thread's own: the pieces so far, and where cutting stands.
     pieces: list[ChunkPiece] = field(default_factory=list)
-    cursor: Iterator[Piece] | None = None
+    cursor: Iterator[TextPiece] | None = None
 
 
 def settle(future: asyncio.Future[R], result: R | EmbeddError) -> None:

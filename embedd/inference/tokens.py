@@ -13,7 +13,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable, Iterator
 
-from .chunking import Chunk, iter_chunks
+from .chunking import TextPiece, iter_chunks
 from .pipe import TokenizerSpec
 from .tokenizer import MAX_SLICE, WordPieceConfig, WordPieceTokenizer
 
@@ -120,7 +120,7 @@ class ModelTokenizer:
                 return prefix, True
             budget *= 2
 
-    def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[Chunk]:
+    def chunk(self, text: str, *, max_tokens: int, overlap: int = 0) -> Iterator[TextPiece]:
         """`text` in chunks of at most `max_tokens` tokens, special frame included (a
         generator: the coordinator consumes it a slice at a time)."""
         budget = max_tokens - self.frame_size

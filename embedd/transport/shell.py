@@ -32,9 +32,9 @@ from typing import Any, Protocol
 from ..config import Config
 from ..wire.answers import Answer, Sizing
 from ..wire.conversation import CancelTask, Close, Send
-from ..wire.counters import ConnectionCounts
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Request
+from .counters import ConnectionCounts
 from .peercred import AccessPolicy, peer_of, user_name
 
 _log = logging.getLogger("embedd.server")
@@ -74,7 +74,7 @@ class Conversational(Protocol):
     """A connection's protocol rules as a pure object (wire.conversation, http.conversation).
 
     Every method returns actions: `Send`, `CancelTask`, `Close`, or a dispatch the listener
-    turns into a `Job`.
+    turns into a `RequestTask`.
     """
 
     @property
@@ -180,7 +180,7 @@ class Timer:
 
 
 @dataclass(frozen=True)
-class Job:
+class RequestTask:
     """The work a dispatch names: `work(reservation)` returns what `finish` is given."""
 
     rid: int
@@ -376,15 +376,15 @@ class Connection:
                 case Close():
                     self.listener.spawn(self._close())
                 case _:
-                    self._start(self.listener.start_job(self, action))
+                    self._start(self.listener.start_task(self, action))
         self.wake.set()
 
-    def _start(self, job: Job) -> None:
+    def _start(self, request_task: RequestTask) -> None:
         assert self.budget is not None
         reservation = Reservation(self.budget)
-        task = asyncio.create_task(job.work(reservation))
-        self.tasks[job.rid] = task
-        task.add_done_callback(functools.partial(self._finished, job.rid, reservation))
+        task = asyncio.create_task(request_task.work(reservation))
+        self.tasks[request_task.rid] = task
+        task.add_done_callback(functools.partial(self._finished, request_task.rid, reservation))
 
     def _finished(self, rid: int, reservation: Reservation, task: asyncio.Task[Any]) -> None:
         """Every request's task ends here, whether it ran, failed or was cancelled (even before
@@ -460,7 +460,7 @@ class Listener:
     def new_conversation(self, writer: asyncio.StreamWriter) -> Conversational:
         raise NotImplementedError
 
-    def start_job(self, conn: Connection, action: object) -> Job:
+    def start_task(self, conn: Connection, action: object) -> RequestTask:
         raise NotImplementedError
 
     def refusal(self, error: EmbeddError) -> bytes:

@@ -4,24 +4,24 @@ This owns every rule about a request's life on a connection (as h11 owns HTTP's 
 asyncio server only moves bytes): framing, parsing into typed requests, in-flight ids and their
 limit, reused ids, `cancel` (also of a request read in the same chunk as its cancel), what a
 framing error does, what happens after the peer stops sending, and the answer to every request,
-each exactly once. Every answer leaves through `_answer`, which also counts it, so the counts in
-`stats` cannot drift from what was sent. Nothing here does I/O or knows about asyncio, so the
-tests drive it with bytes alone.
+each exactly once. Every answer leaves through `_answer`, which also reports its outcome, so the
+counts in `stats` cannot drift from what was sent. Nothing here does I/O or knows about asyncio,
+so the tests drive it with bytes alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .counters import Tally
 from .errors import Code, EmbeddError
 from .framing import FrameDecoder, FrameError, Message, encode_frame
 from .messages import Cancel, Limits, Request, parse_request, request_id
 
 
 @dataclass(frozen=True)
-class Dispatch:
+class RunRequest:
     """Run this request (the shell starts a task and reports its end with `finish`)."""
 
     request: Request
@@ -44,7 +44,7 @@ class Close:
     """Nothing more will be sent on this connection: close it once the sends above are out."""
 
 
-Action = Dispatch | Send | CancelTask | Close
+Action = RunRequest | Send | CancelTask | Close
 
 
 @dataclass
@@ -73,10 +73,18 @@ def response(rid: int | float | None, result: dict[str, Any] | EmbeddError) -> M
     return {"id": rid, "ok": True, **result}
 
 
+# Told each answer's outcome (None: it succeeded) as it leaves; the listener counts them.
+Outcomes = Callable[[EmbeddError | None], None]
+
+
+def _ignore(outcome: EmbeddError | None) -> None:
+    pass
+
+
 class Conversation:
-    def __init__(self, limits: ConversationLimits, tally: Tally | None = None) -> None:
+    def __init__(self, limits: ConversationLimits, report: Outcomes = _ignore) -> None:
         self.limits = limits
-        self.tally = tally if tally is not None else Tally()
+        self.report = report
         self._decoder = FrameDecoder(limits.max_frame)
         self._parse_limits = Limits(max_inputs=limits.max_inputs)
         self._inflight: dict[int, _InFlight] = {}
@@ -210,7 +218,7 @@ class Conversation:
         except EmbeddError as exc:
             return self._answer(rid, exc)
         self._inflight[req.id] = _InFlight()
-        return [Dispatch(req)]
+        return [RunRequest(req)]
 
     def _cancel(self, rid: int, target: int) -> list[Action]:
         state = self._inflight.get(target)
@@ -225,7 +233,7 @@ class Conversation:
         self, rid: int | float | None, result: dict[str, Any] | EmbeddError
     ) -> list[Action]:
         """The one way out for an answer: counted whether or not it can still be written."""
-        self.tally.count(result if isinstance(result, EmbeddError) else None)
+        self.report(result if isinstance(result, EmbeddError) else None)
         if self.peer_gone or self._close_sent:
             return []
         return [Send(encode_frame(response(rid, result)))]
@@ -234,7 +242,7 @@ class Conversation:
         """An HTTP request on the msgpack socket: its first bytes read as a length prefix of
         over a gigabyte, and a `frame_too_large` frame would mean nothing to an HTTP client
         (curl says "Received HTTP/0.9"). Answer in its own language, once, then close."""
-        self.tally.count(EmbeddError(Code.PROTOCOL_ERROR, "HTTP on the msgpack socket"))
+        self.report(EmbeddError(Code.PROTOCOL_ERROR, "HTTP on the msgpack socket"))
         self.reading_done = True
         self._close_sent = True
         body = (

@@ -1,8 +1,9 @@
 """The daemon's own counters, shared by the transport (which counts) and `stats` (which reports).
 
-Plain data, no I/O: the conversation objects of both fronts (msgpack and HTTP) count answers
-into one `Tally` and the listeners count connections into one `ConnectionCounts`, both created
-by the composition root.
+Plain data, no I/O: the msgpack listener hands `Tally.count` to each conversation, which reports
+every answer's outcome to it, the HTTP conversation counts its answers into the same `Tally`,
+and the listeners count connections into one `ConnectionCounts`; the composition root creates
+both.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import EmbeddError
+from ..wire.errors import EmbeddError
 
 
 @dataclass

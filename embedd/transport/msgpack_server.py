@@ -20,12 +20,12 @@ from typing import Any
 
 from ..config import Config
 from ..wire.answers import Answer, EmbedAnswer
-from ..wire.conversation import Conversation, ConversationLimits, Dispatch, refusal
-from ..wire.counters import ConnectionCounts, Tally
+from ..wire.conversation import Conversation, ConversationLimits, RunRequest, refusal
 from ..wire.errors import EmbeddError
 from ..wire.messages import Embed, Request
 from .activation import Inherited
-from .shell import Connection, Handler, Job, Listener, Reservation, Timer
+from .counters import ConnectionCounts, Tally
+from .shell import Connection, Handler, Listener, RequestTask, Reservation, Timer
 from .sockets import bind_unix_socket, remove_if_ours
 
 __all__ = ["Handler", "Server", "wire_map"]
@@ -84,13 +84,13 @@ class Server(Listener):
         return self.inherited.address if self.inherited else str(self.config.socket)
 
     def new_conversation(self, writer: asyncio.StreamWriter) -> Conversation:
-        return Conversation(self._limits, self.tally)
+        return Conversation(self._limits, self.tally.count)
 
-    def start_job(self, conn: Connection, action: object) -> Job:
-        assert isinstance(action, Dispatch), action
+    def start_task(self, conn: Connection, action: object) -> RequestTask:
+        assert isinstance(action, RunRequest), action
         request = action.request
         size = self.handler.answer_size(request)
-        return Job(request.id, functools.partial(self._run, request, size, conn))
+        return RequestTask(request.id, functools.partial(self._run, request, size, conn))
 
     async def _run(
         self, request: Request, size: int, conn: Connection, reservation: Reservation
