@@ -20,6 +20,7 @@ def test_status_shows_latency_busy_fraction_and_connections(daemon: Daemon) -> N
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert "timed out" in out.stdout and "MB resident" in out.stdout
+    assert "model processes" in out.stdout  # where llama.cpp and the weights live
     assert "WAIT ms p50/p95/p99" in out.stdout and "BUSY" in out.stdout
     report = json.loads(
         subprocess.run(

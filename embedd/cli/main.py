@@ -542,6 +542,11 @@ def _status_text(
     n_errors = sum(errors.values())
     detail = ", ".join(f"{code} {n}" for code, n in sorted(errors.items()))
     cores = stats.get("cores", {})
+    # llama.cpp and the weights live in the model processes, not in the daemon's own memory.
+    models_rss = sum(
+        int((m.get("process") or {}).get("rss_bytes") or 0)
+        for m in stats.get("models", {}).values()
+    )
     lines = [
         f"{hello.get('server', 'embedd')} (protocol {hello.get('protocol')}), "
         f"pid {hello.get('pid')}",
@@ -549,7 +554,8 @@ def _status_text(
         f"status:      {health.get('status')}, up {_duration(health.get('uptime'))}",
         f"connections: {conns.get('open', 0)} open, {conns.get('total', 0)} total, "
         f"{conns.get('refused', 0)} refused, {conns.get('timed_out', 0)} timed out",
-        f"memory:      {_mb(stats.get('rss_bytes'))} MB resident",
+        f"memory:      {_mb(stats.get('rss_bytes'))} MB resident"
+        + (f", model processes {_mb(models_rss)} MB" if models_rss else ""),
         f"cores:       {cores.get('in_use', 0)} of {cores.get('usable', '?')} in use now, "
         f"at most {cores.get('peak_in_use', 0)} at once",
         textwrap.fill(
