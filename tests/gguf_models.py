@@ -298,7 +298,7 @@ def write_gemma_embedding(
     return path
 
 
-# --- vocabularies trained on text, for the tokenizer comparisons (issue 17) ------------------
+# --- vocabularies trained on text, for the tokenizer comparisons ----------------------------
 
 
 @dataclass(frozen=True)

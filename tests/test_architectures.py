@@ -121,7 +121,7 @@ def test_truncation_keeps_the_eos_a_last_token_model_pools_on(qwen3_model: Path)
 
 
 def test_a_qwen2_vocabulary_composes_text_to_nfc_as_its_reference_does(qwen3_model: Path) -> None:
-    """Qwen2/Qwen3's tokenizer.json normalizes to NFC; llama.cpp does not (issue 17)."""
+    """Qwen2/Qwen3's tokenizer.json normalizes to NFC; llama.cpp does not."""
     engine = Model(qwen3_model, batch_tokens=64, max_tokens=64)
     try:
         decomposed, _ = engine.tokenize("cafe\u0301 \u0b9a\u0bc6\u0bbe")

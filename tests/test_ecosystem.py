@@ -1,5 +1,5 @@
 """Apps switch to embedd by changing a base URL: the real libraries, installed from the
-registry, ingest long chunks through the HTTP front unchanged (issue: "switch by a base URL").
+registry, ingest long chunks through the HTTP front unchanged: an app switches by a base URL.
 
 Each library is used as its documentation shows, with only the base URL, the key and a model
 name changed. Their chunkers make chunks longer than the bundled model's 256 tokens; the HTTP

@@ -1,5 +1,5 @@
-"""The HTTP front held to the socket's bar (issue 16, defects 1-7), against the real daemon:
-each hostile or careless client gets a bounded answer or is cut off by a named limit, with the
+"""The HTTP front held to the msgpack socket's limits, against the real daemon: each hostile
+or careless client gets a bounded answer or is cut off by a named limit, with the
 figure as the assertion, and everyone else keeps being served."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def closed_by_peer(s: socket.socket) -> bool:
         return True
 
 
-# --- defect 1: a connection cap, and the key before the body ---------------------------------
+# --- a connection cap, and the key before the body --------------------------------------------
 
 
 def test_http_connections_beyond_the_cap_get_503_and_fds_stay_bounded(
@@ -204,7 +204,7 @@ def test_tcp_connections_at_the_cap_leave_the_unix_socket_its_own_cap(front: Fro
             s.close()
 
 
-# --- defect 2: backpressure, a write deadline, answers sized before work ---------------------
+# --- backpressure, a write deadline, answers sized before work --------------------------------
 
 
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/api/embed"])
@@ -244,7 +244,7 @@ def test_clients_that_never_read_their_answers_are_closed_and_their_memory_freed
     still_serves_correctly(front.daemon, reference)
 
 
-# --- defect 3: pipelining waits in the kernel ------------------------------------------------
+# --- pipelining waits in the kernel -----------------------------------------------------------
 
 
 def test_pipelined_requests_wait_in_the_kernel_not_in_memory(front: Front) -> None:
@@ -279,7 +279,7 @@ def test_pipelined_requests_are_answered_in_order(front: Front) -> None:
 # frame_timeout from a frame's first byte, on both sockets: tests/test_deadlines.py
 
 
-# --- defect 5: SIGTERM answers what it accepted ----------------------------------------------
+# --- SIGTERM answers what it accepted ---------------------------------------------------------
 
 
 def test_sigterm_answers_the_http_requests_it_accepted_within_the_grace(
@@ -300,7 +300,7 @@ def test_sigterm_answers_the_http_requests_it_accepted_within_the_grace(
     assert time.monotonic() - started < 3.0 + 5.0  # shutdown_grace plus closing
 
 
-# --- defect 6: half-close ------------------------------------------------------------------
+# --- half-close -------------------------------------------------------------------------------
 
 
 def test_a_half_closed_http_request_gets_its_answer(front: Front) -> None:
@@ -311,7 +311,7 @@ def test_a_half_closed_http_request_gets_its_answer(front: Front) -> None:
     assert reply.startswith(b"HTTP/1.1 200") and b'"embeddings"' in reply
 
 
-# --- defect 7 and the sharp edges ------------------------------------------------------------
+# --- malformed bodies and the sharp edges -----------------------------------------------------
 
 
 def test_deeply_nested_json_is_400_not_a_dropped_connection(front: Front) -> None:

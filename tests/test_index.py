@@ -171,7 +171,7 @@ def test_pdfs_without_the_pdf_extra_are_skipped_with_a_clear_reason(
 
 
 # --------------------------------------------------------------------------------------------
-# A bad file is skipped with its reason; the run goes on (issue 16, defects 10 and 11)
+# A bad file is skipped with its reason; the run goes on
 
 
 def _one_good_file(tmp: Path) -> Path:
@@ -310,7 +310,7 @@ def test_a_file_over_the_size_limit_is_skipped_without_being_read(
 
 
 # --------------------------------------------------------------------------------------------
-# A broken index is named in one line, rc 1, no traceback (issue 16, defect 12)
+# A broken index is named in one line, rc 1, no traceback
 
 
 def _one_line_error(out: subprocess.CompletedProcess[str]) -> str:
@@ -386,7 +386,7 @@ def test_search_reads_an_index_whose_path_has_uri_characters(
 
 
 # --------------------------------------------------------------------------------------------
-# Text by content, progress in tokens, search people can use (issue 18, items 5-7 and 9)
+# Text by content, progress in tokens, search people can use
 
 
 def test_text_files_of_any_name_are_indexed_and_binaries_skipped_by_content(

@@ -192,7 +192,7 @@ def _models(tmp_path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The config entry (issue 16, defect 13)
+# The config entry: a path read back as itself, whatever its characters
 
 
 def test_the_config_entry_escapes_quotes_backslashes_and_control_characters(

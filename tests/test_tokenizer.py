@@ -5,8 +5,9 @@ from the bundled GGUF's own vocabulary: BertNormalizer (clean text, CJK spacing,
 lower-case), BertPreTokenizer and WordPiece, with the five special tokens as non-normalized
 added tokens, which is how the model's tokenizer.json declares them. Tests that need it skip
 without it; `tests/data/tokenizer_reference.json` holds ids it gave for one text per behaviour
-(issue 17's classes), so the regression check also runs without it. Regenerate that file with
-`python -m tests.test_tokenizer` (needs `tokenizers`) only when the reference itself changes.
+(the script classes below), so the regression check also runs without it. Regenerate that
+file with `python -m tests.test_tokenizer` (needs `tokenizers`) only when the reference itself
+changes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ REFERENCE_IDS = DATA / "tokenizer_reference.json"
 CLS, SEP, UNK = 101, 102, 100
 # The bundled model's limit (max_seq_length 256, see embedd/bundled/PROVENANCE.md).
 MAX_TOKENS = 256
-# faker locales per script (issue 17's list); a locale this faker lacks is skipped.
+# faker locales per script; a locale this faker lacks is skipped.
 LOCALES = [
     "en_US", "fr_FR", "de_DE", "pl_PL", "cs_CZ", "vi_VN", "tr_TR", "ru_RU", "uk_UA", "el_GR",
     "ar_AA", "fa_IR", "he_IL", "hi_IN", "bn_BD", "ta_IN", "th_TH", "zh_CN", "ja_JP", "ko_KR",
