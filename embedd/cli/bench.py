@@ -43,6 +43,8 @@ from xml.sax.saxutils import escape
 
 import embedd_client
 
+from ..inference.modelprocess import read_rss_bytes
+
 CORPUS = Path(__file__).resolve().parent.parent / "bundled" / "bench_corpus.json"
 BULK_BATCH = 32
 CLIENTS = 8
@@ -380,14 +382,8 @@ def _settings(info: dict[str, Any]) -> str:
 
 
 def _rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    rss = read_rss_bytes(pid)
+    return None if rss is None else rss / 2**20
 
 
 def _load_corpus(quick: bool) -> tuple[list[str], list[str]]:

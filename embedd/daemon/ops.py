@@ -21,6 +21,7 @@ from ..config import Config
 from ..inference.admission import estimate_tokens, estimate_windows
 from ..inference.cache import Entry, VectorCache, vector_keys
 from ..inference.jobs import EmbedResult
+from ..inference.modelprocess import read_rss_bytes
 from ..inference.models import Clock, ModelRegistry
 from ..transport.counters import ConnectionCounts, Tally
 from ..wire.answers import (
@@ -75,15 +76,6 @@ _BYTES_PER_SPAN = 16
 # Dimension assumed for a model not loaded yet: the widest common embedding models (e5-large,
 # bge-large) have 1024; over-estimating only delays a non-reading client's requests.
 _UNKNOWN_DIM = 1024
-
-
-def _rss_bytes() -> int | None:
-    """Resident memory from /proc (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Daemon:
@@ -295,7 +287,7 @@ class Daemon:
             )
         return StatsAnswer(
             uptime=round(time.monotonic() - self.started, 3),
-            rss_bytes=_rss_bytes(),
+            rss_bytes=read_rss_bytes(os.getpid()),
             connections=ConnectionStats(
                 open=self.connections.open,
                 total=self.connections.total,

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from .modelprocess import children_cpu_seconds
+from .modelprocess import live_pids
 from .threads import (
     INTERACTIVE_RECENT,
     Launch,
     Machine,
     Sampler,
+    children_cpu_seconds,
     threads_for_launch,
     usable_cpus,
 )
@@ -40,7 +41,8 @@ class CoreBudget:
         # thread, and its load counts as competition. (The tests give a machine by hand.)
         if sample is None:
             sample = Sampler(
-                service_tid=threading.main_thread().native_id, children=children_cpu_seconds
+                service_tid=threading.main_thread().native_id,
+                children=lambda: children_cpu_seconds(live_pids()),
             ).sample
         self._sample = sample
         first = sample()

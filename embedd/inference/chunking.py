@@ -83,8 +83,9 @@ def iter_chunks(
     overlap: int = 0,
     chars_per_token: int = DEFAULT_CHARS_PER_TOKEN,
 ) -> Iterator[TextPiece]:
-    """Chunks of at most `budget` bare tokens covering `text` (whitespace between them aside),
-    each overlapping the previous one by at most `overlap` tokens."""
+    """Chunks of at most `budget` bare tokens covering `text` (whitespace, and stretches with no
+    tokens at all, between them aside), each overlapping the previous one by at most `overlap`
+    tokens."""
     if budget < 1:
         raise ValueError("budget must be at least one token")
     overlap = max(0, min(overlap, budget // 2))
@@ -105,6 +106,12 @@ def iter_chunks(
             end, n = _best(text, pos, list(range(pos + 1, hi + 1)), budget, count)
             end = max(end, pos + 1)
             n = n or count(text[pos:end])
+        if n == 0:
+            # Only characters the tokenizer deletes (zero-width joiners, soft hyphens, lone
+            # marks): not a chunk. Embedded, it would be the bare special frame's vector, and
+            # averaged into a split input's it pulls the vector towards that one.
+            pos = _skip_space(text, end)
+            continue
         chunk_end = end
         while chunk_end > pos and text[chunk_end - 1].isspace():
             chunk_end -= 1

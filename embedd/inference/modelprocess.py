@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,9 +172,6 @@ class ModelProcess:
                 os.close(self._out)
                 self._out = -1
 
-    def cpu_seconds(self) -> float | None:
-        return read_process_cpu_seconds(self.pid)
-
     def _read(self) -> None:
         decoder = PipeDecoder()
         try:
@@ -261,29 +258,6 @@ def take_process(name: str, on_message: OnMessage, on_exit: OnExit) -> ModelProc
         spare.adopt(name, on_message, on_exit)
         return spare
     return ModelProcess(name, on_message, on_exit)
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def read_process_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds a process has run (utime + stime of /proc/PID/stat), None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        # The command name may hold spaces and parentheses: the fields start after the last ')'.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def children_cpu_seconds(pids: Iterable[int] | None = None) -> float:
-    """CPU seconds of every live model process, plus those of the ones that ended (the kernel
-    adds a reaped child's time to ours): one figure that never jumps when a process ends."""
-    live = sum(read_process_cpu_seconds(pid) or 0.0 for pid in (pids or live_pids()))
-    t = os.times()
-    return live + t.children_user + t.children_system
 
 
 def read_rss_bytes(pid: int) -> int | None:

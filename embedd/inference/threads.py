@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +196,26 @@ def own_cpu_seconds() -> float:
     """CPU seconds every thread of this process has run (llama.cpp's workers included)."""
     t = os.times()
     return t.user + t.system
+
+
+def read_process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a process has run (utime + stime of /proc/PID/stat), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The command name may hold spaces and parentheses: the fields start after the last ')'.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds of the live child processes `pids`, plus those of the ones that ended (the
+    kernel adds a reaped child's time to ours): one figure that never jumps when one ends."""
+    live = sum(read_process_cpu_seconds(pid) or 0.0 for pid in pids)
+    t = os.times()
+    return live + t.children_user + t.children_system
 
 
 def whole_cores(cpu_seconds: float, wall_seconds: float) -> int:

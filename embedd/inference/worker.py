@@ -904,10 +904,6 @@ class ModelWorker:
                 job.cursor = tok.chunk(text, max_tokens=limit, overlap=job.overlap)
             until = time.perf_counter() + CHUNK_SLICE
             for piece in job.cursor:
-                if piece.tokens == 0:
-                    # Only characters the tokenizer deletes (ZWJ, soft hyphens, marks): nothing
-                    # to embed, and a vector of the bare special frame would mean nothing.
-                    continue
                 job.pieces.append(
                     ChunkPiece(
                         text[piece.start : piece.end],
@@ -1083,17 +1079,13 @@ class ModelWorker:
                     max_tokens=limit - _prompt_tokens(tok, job),
                     overlap=job.request.overlap,
                 )
-        # A window of only the frame and the prompt (its text was characters the tokenizer
-        # deletes) is never embedded: averaged in, it pulls the vector towards the empty one.
-        empty = tok.frame_size + _prompt_tokens(tok, job)
         for c in job.split_cursor:
             toks = tok.tokenize(job.prefix + text[c.start : c.end])[0][:limit]
-            if len(toks) > empty:
-                job.split_windows.append((c.start, c.end, toks))
+            job.split_windows.append((c.start, c.end, toks))
             if time.perf_counter() > until:
                 return False
         windows = job.split_windows
-        if not windows or len(windows[0][2]) <= empty:
+        if not windows or len(windows[0][2]) <= tok.frame_size + _prompt_tokens(tok, job):
             index = job.index(i)
             raise EmbeddError(
                 Code.BAD_REQUEST,
