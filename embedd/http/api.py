@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from .. import __version__
+from ..wire import precision as compact
 from ..wire.answers import EmbedAnswer, Sizing
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import Embed, Limits
@@ -105,20 +105,28 @@ def http_error(status: HTTPStatus, message: str) -> Response:
     )
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or `bad_request` saying why it is not one (each route
+    gives that error its API's shape)."""
     try:
         value = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
-        error = http_error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}")
-        raise ApiError(error) from exc
+        raise EmbeddError(Code.BAD_REQUEST, f"body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         # json's C scanner counts its depth against the recursion limit and stops cleanly:
         # 100,000 nested "[" is a malformed request, not a crash.
-        error = http_error(HTTPStatus.BAD_REQUEST, "body is not valid JSON: nested too deeply")
-        raise ApiError(error) from exc
+        raise EmbeddError(Code.BAD_REQUEST, "body is not valid JSON: nested too deeply") from exc
     if not isinstance(value, dict):
-        raise ApiError(http_error(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
+        raise EmbeddError(Code.BAD_REQUEST, "body must be a JSON object")
     return value
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """`json_object`, its refusal in the shape of the HTTP layer's own errors."""
+    try:
+        return json_object(body)
+    except EmbeddError as exc:
+        raise ApiError(http_error(HTTPStatus.BAD_REQUEST, exc.message)) from exc
 
 
 # The longest JSON text of one vector component: a float32 widened to float64 prints up to 17
@@ -133,33 +141,40 @@ _ROW_BYTES = 64
 _ENVELOPE_BYTES = 512
 
 
+# The longest JSON text of one packed byte of signs: "-128" and its comma.
+JSON_BYTE_BYTES = 5
+
+
 _JSON_UNIT = "bytes of JSON"
 _JSON_ADVICE = (
-    "send fewer inputs per request (or ask for encoding_format base64, or fewer dimensions)"
+    "send fewer inputs per request (or ask for encoding_format base64, a compact precision, "
+    "or fewer dimensions)"
 )
-_SIZING = {
-    "float": Sizing(JSON_FLOAT_BYTES, _ROW_BYTES + 2, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE),
-    # The float32 bytes in base64 (4 characters per 3 bytes, 16/3 a float) and quoted, with
-    # room for the padding.
-    "base64": Sizing(16 / 3, _ROW_BYTES + 2 + 4, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE),
-}
 
 
-def answer_sizing(encoding_format: str = "float") -> Sizing:
-    """How an embedding answer in this encoding_format is sized (the daemon checks it against
-    max_response once the model's dimension is known, before any work)."""
-    return _SIZING[encoding_format]
+def answer_sizing(encoding_format: str = "float", precision: str = "float32") -> Sizing:
+    """How an embedding answer in this encoding_format and precision is sized (the daemon
+    checks it against max_response once the model's dimension is known, before any work)."""
+    if encoding_format == "base64":
+        # The precision's bytes in base64 (4 characters per 3 bytes) and quoted, with room
+        # for the padding.
+        per_component = compact.component_bytes(precision) * 4 / 3
+        return Sizing(per_component, _ROW_BYTES + 2 + 4, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE)
+    per_component = JSON_BYTE_BYTES / 8 if compact.is_packed(precision) else JSON_FLOAT_BYTES
+    return Sizing(per_component, _ROW_BYTES + 2, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE)
 
 
-def answer_bytes(rows: int, dim: int, encoding_format: str = "float") -> int:
+def answer_bytes(
+    rows: int, dim: int, encoding_format: str = "float", precision: str = "float32"
+) -> int:
     """An embedding answer's size in bytes at most (rows x dim)."""
-    return answer_sizing(encoding_format).size(rows, dim)
+    return answer_sizing(encoding_format, precision).size(rows, dim)
 
 
 def check_answer_size(size: int, max_response: int) -> None:
     """Refuse an answer larger than `max_response`."""
     if size > max_response:
-        raise _SIZING["float"].refusal(size, max_response)
+        raise answer_sizing().refusal(size, max_response)
 
 
 def _bad(message: str, key: str) -> EmbeddError:
@@ -187,11 +202,11 @@ class OpenAIEmbed:
 # misspelt option never passes silently.
 OPENAI_KEYS = frozenset(
     {"input", "model", "encoding_format", "dimensions", "user"}
-    | {"truncate", "priority", "prompt", "long", "overlap"}
+    | {"truncate", "priority", "prompt", "long", "overlap", "precision"}
 )
 OLLAMA_EMBED_KEYS = frozenset(
     {"model", "input", "truncate", "options", "keep_alive", "dimensions"}
-    | {"priority", "prompt", "long", "overlap"}
+    | {"priority", "prompt", "long", "overlap", "precision"}
 )
 OLLAMA_LEGACY_KEYS = frozenset({"model", "prompt", "options", "keep_alive"})
 
@@ -248,7 +263,7 @@ def openai_embed(
     if "model" not in body:
         raise _bad("model is required", "model")
     args: dict[str, Any] = {"input": body.get("input"), "model": body["model"], "encoding": "f32"}
-    for key in ("dimensions", "priority", "prompt"):
+    for key in ("dimensions", "priority", "prompt", "precision"):
         if key in body and body[key] is not None:
             args[key] = body[key]
     args.update(_long_args(body, long_default))
@@ -261,7 +276,7 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
+def _json_rows(rows: npt.NDArray[Any], row: Any) -> bytearray:
     """`[row(0, r0),row(1, r1),...]` as JSON, built a row at a time into one buffer: a whole
     answer as Python objects first (a float object per component, ~30 bytes each) took several
     times the answer's size, and the freed objects kept the daemon's RSS up after it."""
@@ -277,18 +292,21 @@ def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
 def openai_embed_json(call: OpenAIEmbed, answer: EmbedAnswer) -> bytearray:
     """The `POST /v1/embeddings` answer, encoded (JSON; large answers are built off the loop)."""
 
-    def row(i: int, r: npt.NDArray[np.float32]) -> dict[str, Any]:
+    dtype = compact.DTYPES[answer.precision]
+
+    def row(i: int, r: npt.NDArray[Any]) -> dict[str, Any]:
         embedding: Any
         if call.encoding_format == "base64":
-            # What the OpenAI SDKs decode: the little-endian float32 bytes, base64.
-            embedding = base64.b64encode(r.astype("<f4").tobytes()).decode("ascii")
+            # What the OpenAI SDKs decode: the little-endian float32 bytes, base64 (or the
+            # requested precision's bytes: float16, or the packed signs).
+            embedding = base64.b64encode(r.astype(dtype).tobytes()).decode("ascii")
         else:
             embedding = r.tolist()
         return {"object": "embedding", "index": i, "embedding": embedding}
 
     tokens = answer.usage.prompt_tokens
     out = bytearray(b'{"object":"list","data":')
-    out += _json_rows(answer.vectors, row)
+    out += _json_rows(answer.compact(), row)
     out += b',"model":' + _json(answer.model)
     out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens})
     out += b',"embedd":' + _json(long_report(answer)[0]) + b"}"
@@ -332,7 +350,7 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "t
         "encoding": "f32",
         **_long_args(body, long_default),
     }
-    for key in ("dimensions", "priority", "prompt"):
+    for key in ("dimensions", "priority", "prompt", "precision"):
         if body.get(key) is not None:
             args[key] = body[key]
     if "input" not in body:
@@ -343,7 +361,7 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "t
 def ollama_embed_json(answer: EmbedAnswer, model: str, started_ns: int, load_ns: int) -> bytearray:
     """The `POST /api/embed` answer, encoded as `openai_embed_json` is."""
     out = bytearray(b'{"model":' + _json(model) + b',"embeddings":')
-    out += _json_rows(answer.vectors, lambda _i, r: r.tolist())
+    out += _json_rows(answer.compact(), lambda _i, r: r.tolist())
     out += b',"total_duration":' + _json(time.monotonic_ns() - started_ns)
     out += b',"load_duration":' + _json(load_ns)
     out += b',"prompt_eval_count":' + _json(answer.usage.prompt_tokens)

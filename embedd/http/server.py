@@ -244,7 +244,7 @@ class HttpServer(Listener):
         """Run an embed request, its answer sized as JSON in `fmt`: the daemon refuses it over
         max_response once the model's dimension is known, else reserves it in the
         connection's answer budget, before any work."""
-        sizing = http_api.answer_sizing(fmt)
+        sizing = http_api.answer_sizing(fmt, embed.precision)
         answer = await self._run(embed, sizing, reservation)
         if not isinstance(answer, EmbedAnswer):
             raise EmbeddError(Code.INTERNAL, f"embed answered {type(answer).__name__}")

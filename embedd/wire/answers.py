@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import precision as compact
 from .errors import Code, EmbeddError
 
 
@@ -70,6 +71,8 @@ class EmbedAnswer:
     usage: Usage
     # Each window's [start, end] in its input, for pool="none" answers only.
     spans: list[list[int]] | None = None
+    # How the vectors are given to the client (precision.py); `vectors` stay float32.
+    precision: str = "float32"
 
     @property
     def dim(self) -> int:
@@ -79,20 +82,31 @@ class EmbedAnswer:
     def count(self) -> int:
         return int(self.vectors.shape[0])
 
-    def f32_bytes(self) -> bytes:
-        """The vectors as the little-endian float32 bytes of `encoding: "f32"`."""
-        return np.ascontiguousarray(self.vectors, dtype="<f4").tobytes()
+    def compact(self) -> npt.NDArray[Any]:
+        """The vectors in the answer's precision (float32, float16, or packed signs)."""
+        return compact.quantize(self.vectors, self.precision)
+
+    def packed_bytes(self) -> bytes:
+        """The vectors as the bytes of `encoding: "f32"`: the precision's little-endian
+        elements, row-major."""
+        return compact.to_bytes(self.vectors, self.precision)
+
+    def wire_list(self) -> list[list[Any]]:
+        """The vectors as `encoding: "list"` sends them: floats, or each packed byte an int."""
+        rows: list[list[Any]] = self.compact().tolist()
+        return rows
 
     def to_wire(self, encoding: str, embeddings: Any = None) -> dict[str, Any]:
         """The msgpack answer; `embeddings`: the vectors already encoded (a large `list` is
         built off the event loop by the caller), else they are encoded here."""
         if embeddings is None:
-            embeddings = self.f32_bytes() if encoding == "f32" else self.vectors.tolist()
+            embeddings = self.packed_bytes() if encoding == "f32" else self.wire_list()
         out = {
             "model": self.model,
             "dim": self.dim,
             "count": self.count,
             "encoding": encoding,
+            "precision": self.precision,
             "embeddings": embeddings,
             "tokens": self.tokens,
             "truncated": self.truncated,
