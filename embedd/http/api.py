@@ -22,7 +22,7 @@ from .. import __version__
 from ..wire import precision as compact
 from ..wire.answers import EmbedAnswer, Sizing
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import Embed, Limits
+from ..wire.messages import DEFAULT_MODEL, Chunk, Embed, Limits, Tokenize
 
 # What embedd says it is to apps that probe Ollama (`GET /api/version`): the Ollama API
 # version whose /api/embed fields this front implements.
@@ -419,3 +419,148 @@ def ollama_ps(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def ollama_version() -> dict[str, Any]:
     return {"version": OLLAMA_API_VERSION, "server": f"embedd {__version__}"}
+
+
+# --- text-embeddings-inference (TEI) ----------------------------------------------------------
+# Hugging Face's embedding server, whose routes many libraries speak (LangChain's
+# HuggingFaceEndpointEmbeddings, LlamaIndex's TextEmbeddingsInference, huggingface_hub's
+# InferenceClient.feature_extraction). TEI serves one model; embedd serves several, so these
+# routes use the model named "default" unless the body names another (`model`, an extra).
+
+# The API version whose /embed, /tokenize and /info shapes these routes follow.
+TEI_API_VERSION = "1.8.0"
+
+# TEI's error kinds (its `ErrorType`) and the status each has there.
+_TEI_KIND = {
+    Code.INPUT_TOO_LONG: ("Validation", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+    Code.BUSY: ("Overloaded", HTTPStatus.TOO_MANY_REQUESTS),
+    Code.MODEL_LOAD_FAILED: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
+    Code.MODEL_CRASHED: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
+    Code.INTERNAL: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
+    Code.SHUTTING_DOWN: ("Unhealthy", HTTPStatus.SERVICE_UNAVAILABLE),
+}
+
+
+def tei_error(error: EmbeddError) -> Response:
+    """Every refusal of a TEI route, in TEI's shape (`{"error", "error_type"}`) and with its
+    status: 413 for what is over a limit (too many inputs, an input over the model's tokens,
+    an answer over max_response), 422 for other invalid requests, 424 when the model fails,
+    429 when busy (with Retry-After). What TEI has no kind for (a timeout, a forbidden op)
+    keeps embedd's status."""
+    kind, status = _TEI_KIND.get(error.code, ("Validation", status_of(error)))
+    if error.code in (Code.BAD_REQUEST, Code.UNKNOWN_MODEL, Code.UNKNOWN_OP):
+        over_limit = "limit" in error.details and error.details.get("key") == "input"
+        status = (
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE if over_limit else HTTPStatus.UNPROCESSABLE_ENTITY
+        )
+    return Response(status, {"error": error.message, "error_type": kind}, _retry_headers(error))
+
+
+TEI_EMBED_KEYS = frozenset(
+    {"inputs", "normalize", "truncate", "truncation_direction", "prompt_name"}
+    | {"dimensions", "encoding_format", "model", "precision"}
+)
+TEI_TOKENIZE_KEYS = frozenset({"inputs", "add_special_tokens", "prompt_name", "model"})
+
+
+def _tei_model(body: Mapping[str, Any]) -> str:
+    name = body.get("model")
+    return name if isinstance(name, str) and name else DEFAULT_MODEL
+
+
+def tei_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "error") -> Embed:
+    """`POST /embed` (and `POST /`, where huggingface_hub sends it) -> the typed request.
+    `truncate` true cuts, false refuses, absent leaves it to the model's `http_long`;
+    `prompt_name` is one of the model's configured prompts."""
+    _check_keys(body, TEI_EMBED_KEYS)
+    direction = body.get("truncation_direction")
+    if direction is not None and str(direction).lower() != "right":
+        raise _bad(
+            "truncation_direction must be right: embedd cuts at the end", "truncation_direction"
+        )
+    if body.get("encoding_format") not in (None, "float"):
+        raise _bad("encoding_format must be float on /embed", "encoding_format")
+    if "inputs" not in body:
+        raise _bad("inputs is required (a string or a list of strings)", "inputs")
+    args: dict[str, Any] = {"input": body["inputs"], "model": _tei_model(body), "encoding": "f32"}
+    truncate = body.get("truncate")
+    if truncate is not None:
+        args["long"] = "truncate" if truncate is True else "error"
+    else:
+        args.update(_long_args({}, long_default))
+    for key, ours in (("normalize", "normalize"), ("prompt_name", "prompt")):
+        if body.get(key) is not None:
+            args[ours] = body[key]
+    for key in ("dimensions", "precision"):
+        if body.get(key) is not None:
+            args[key] = body[key]
+    return Embed.parse(args, limits)
+
+
+def tei_embed_json(answer: EmbedAnswer) -> bytearray:
+    """TEI's /embed answer: a list of vectors (one per input, a single string's too)."""
+    return _json_rows(answer.compact(), lambda _i, r: r.tolist())
+
+
+def tei_model_dtype(quantization: str | None) -> str:
+    """A GGUF file type as TEI names a model's dtype ("F16" -> "float16")."""
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    return names.get(quantization or "", (quantization or "unknown").lower())
+
+
+def tei_info(
+    model: Mapping[str, Any], *, batch_tokens: int, http_long: str, **limits: int
+) -> dict[str, Any]:
+    """`GET /info` for the model the TEI routes use (`models`' description of it, loaded):
+    `auto_truncate` says whether an over-long input is answered rather than refused (cut, or
+    split into windows whose vectors are pooled: the model's `http_long`)."""
+    max_tokens = int(model.get("max_tokens") or 0)
+    return {
+        "model_id": model["name"],
+        "model_sha": model.get("fingerprint"),
+        "model_dtype": tei_model_dtype(model.get("quantization")),
+        "model_type": {"embedding": {"pooling": model.get("pooling") or "unknown"}},
+        "max_concurrent_requests": limits["max_concurrent_requests"],
+        "max_input_length": max_tokens,
+        # Every input fits one batch whole, so a batch holds at least the model's limit.
+        "max_batch_tokens": max(batch_tokens, max_tokens),
+        "max_batch_requests": None,
+        "max_client_batch_size": limits["max_client_batch_size"],
+        "auto_truncate": http_long != "error",
+        "tokenization_workers": 1,
+        "version": TEI_API_VERSION,
+        "sha": None,
+        "docker_label": None,
+        "embedd": {"version": __version__, "http_long": http_long, "dim": model.get("dim")},
+    }
+
+
+# --- embedd's own ops over HTTP: chunk and tokenize -------------------------------------------
+
+CHUNK_KEYS = frozenset({"input", "model", "max_tokens", "overlap"})
+TOKENIZE_KEYS = frozenset({"input", "model", "prompt"})
+
+
+def embedd_chunk(body: Mapping[str, Any], limits: Limits) -> Chunk:
+    """`POST /v1/chunk`: the msgpack `chunk` op's fields and checks."""
+    _check_keys(body, CHUNK_KEYS)
+    args = {k: v for k, v in body.items() if v is not None}
+    return Chunk.parse(args, limits)
+
+
+def embedd_tokenize(body: Mapping[str, Any], limits: Limits) -> Tokenize:
+    """`POST /v1/tokenize`: the msgpack `tokenize` op's fields and checks."""
+    _check_keys(body, TOKENIZE_KEYS)
+    args = {k: v for k, v in body.items() if v is not None}
+    return Tokenize.parse(args, limits)
+
+
+# A `/v1/chunk` answer's size, estimated before any work (for the connection's answer budget,
+# as the msgpack socket estimates its own): the body carries the text JSON-escaped once; the
+# answer repeats it in its chunks (overlap repeats less than half of it again) with each
+# chunk's span and count, small next to its text.
+_CHUNK_ANSWER_FACTOR = 3
+
+
+def chunk_answer_bytes(body_bytes: int) -> int:
+    return _ENVELOPE_BYTES + _CHUNK_ANSWER_FACTOR * body_bytes

@@ -36,9 +36,17 @@ from ..config import Config
 from ..transport.counters import ConnectionCounts, Tally
 from ..transport.shell import Connection, Handler, Listener, RequestTask, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
-from ..wire.answers import Answer, EmbedAnswer, MapAnswer, Sizing, StatsAnswer
+from ..wire.answers import (
+    Answer,
+    ChunkAnswer,
+    EmbedAnswer,
+    MapAnswer,
+    Sizing,
+    StatsAnswer,
+    TokenizeAnswer,
+)
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import Embed, Limits, Load, Models, Request, Stats
+from ..wire.messages import DEFAULT_MODEL, Embed, Limits, Load, Models, Request, Stats
 from . import api as http_api
 from . import metrics
 from .api import ApiError, Response
@@ -346,6 +354,55 @@ class HttpServer(Listener):
             metrics.render(stats.to_wire()).encode(),
             {"Content-Type": metrics.CONTENT_TYPE},
         )
+
+    # --- text-embeddings-inference's routes (TEI_ROUTES) -------------------------------------
+
+    async def _tei_body(self, request: HttpRequest) -> dict[str, Any]:
+        """The body, its JSON refusal in TEI's shape (the route's errors)."""
+        if len(request.body) <= _ON_LOOP_BYTES:
+            return http_api.json_object(request.body)
+        return await asyncio.to_thread(http_api.json_object, request.body)
+
+    async def tei_embed(self, request: HttpRequest, reservation: Reservation) -> Response:
+        body = await self._tei_body(request)
+        embed = http_api.tei_embed(body, self.limits, self._long_default(body))
+        done = await self._embed(embed, reservation)
+        answer = done.answer
+        return await self._encoded(
+            done.size, lambda: http_api.tei_embed_json(answer), http_api.long_report(answer)[1]
+        )
+
+    async def tei_info(self, request: HttpRequest, reservation: Reservation) -> Response:
+        # The figures are the loaded model's: load it first, as the embed routes would.
+        described = await self._run(Load(DEFAULT_MODEL))
+        assert isinstance(described, MapAnswer), described
+        model = described.values
+        cfg = self.config
+        batch_tokens = cfg.models[model["name"]].batch_tokens if model["name"] in cfg.models else 0
+        info = http_api.tei_info(
+            model,
+            batch_tokens=batch_tokens,
+            http_long=self.daemon.http_long(model["name"]),
+            max_concurrent_requests=cfg.max_connections,
+            max_client_batch_size=cfg.max_inputs,
+        )
+        return Response(HTTPStatus.OK, info)
+
+    # --- embedd's own ops (OPS_ROUTES) --------------------------------------------------------
+
+    async def embedd_chunk(self, request: HttpRequest, reservation: Reservation) -> Response:
+        chunk = http_api.embedd_chunk(await self._json(request.body), self.limits)
+        size = http_api.chunk_answer_bytes(len(request.body))
+        await reservation.reserve(size)
+        answer = await self._run(chunk)
+        assert isinstance(answer, ChunkAnswer), answer
+        return await self._encoded(size, lambda: json_body(answer.to_wire()))
+
+    async def embedd_tokenize(self, request: HttpRequest, reservation: Reservation) -> Response:
+        tokenize = http_api.embedd_tokenize(await self._json(request.body), self.limits)
+        answer = await self._run(tokenize)
+        assert isinstance(answer, TokenizeAnswer), answer
+        return Response(HTTPStatus.OK, answer.to_wire())
 
 
 @dataclass(frozen=True)
