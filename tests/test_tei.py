@@ -32,6 +32,7 @@ from tests.conftest import (
     vectors,
 )
 from tests.test_http import Front
+from tests.test_tokenizer import bundled_tokenizer, reference_tokenizer
 
 # --- the translation alone ------------------------------------------------------------------
 
@@ -92,6 +93,27 @@ def test_what_embedd_cannot_do_is_refused_naming_the_field(body: dict[str, Any])
     with pytest.raises(EmbeddError) as info:
         http_api.tei_embed(body, Limits())
     assert http_api.tei_error(info.value).status == HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+# Texts whose normalisation moves characters: accents stripped, a dotted capital I lowered
+# into two characters, ideographs split, an emoji that is [UNK], a special token written out.
+SPAN_TEXTS = [
+    "Café déjà vu, naïve İstanbul ΣΑΣ",
+    "日本語のテキスト and unaffable xyzqqqq",
+    "emoji 🎉 ok\u200b, tabs\tand\nnewlines",
+    "a [SEP] b",
+]
+
+
+def test_each_tokens_span_is_the_reference_tokenizers_offsets() -> None:
+    ours, ref = bundled_tokenizer(), reference_tokenizer()
+    for text in SPAN_TEXTS:
+        spans = ours.encode_with_spans(text)
+        expected = ref.encode(text, add_special_tokens=False)
+        assert spans is not None
+        assert [(i, s, e) for i, s, e, _special in spans] == [
+            (i, s, e) for i, (s, e) in zip(expected.ids, expected.offsets, strict=True)
+        ], text
 
 
 # --- the daemon -------------------------------------------------------------------------------
@@ -228,6 +250,29 @@ def test_v1_chunk_and_v1_tokenize_answer_as_the_socket(front: Front, reference: 
     ]
     status, refused = front.call("POST", "/v1/chunk", {"input": text, "max_tokens": 2})
     assert status == 400 and refused["error"]["param"] == "max_tokens"
+
+
+def test_tokenize_gives_teis_tokens_with_byte_offsets(front: Front, reference: Reference) -> None:
+    texts = [*SPAN_TEXTS, *reference.queries[:20]]
+    status, answer = front.call("POST", "/tokenize", {"inputs": texts})
+    assert status == 200
+    socket = front.daemon.call("tokenize", input=texts)
+    assert [[t["id"] for t in tokens] for tokens in answer] == socket["ids"]
+    for text, tokens in zip(texts, answer, strict=True):
+        data = text.encode()
+        assert tokens[0] == {
+            "id": 101,
+            "text": "[CLS]",
+            "special": True,
+            "start": None,
+            "stop": None,
+        }
+        for t in tokens[1:-1]:
+            assert data[t["start"] : t["stop"]].decode() == t["text"]
+    status, bare = front.call(
+        "POST", "/tokenize", {"inputs": "The cat sat.", "add_special_tokens": False}
+    )
+    assert status == 200 and [t["text"] for t in bare[0]] == ["The", "cat", "sat", "."]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

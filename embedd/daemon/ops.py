@@ -26,6 +26,7 @@ from ..inference.models import Clock, ModelRegistry
 from ..transport.counters import ConnectionCounts, Tally
 from ..wire import precision as compact
 from ..wire.answers import (
+    TOKEN_PIECE_JSON_BYTES,
     Answer,
     ChunkAnswer,
     ChunkPart,
@@ -456,10 +457,12 @@ class Daemon:
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.input]
         # The model's coordinator stops tokenizing once the ids would not fit the answer.
+        per_id = TOKEN_PIECE_JSON_BYTES if args.pieces else _BYTES_PER_TOKEN_ID
         result = await slot.tokenize(
             texts,
             self.config.request_timeout,
-            max_ids=self.config.max_response // _BYTES_PER_TOKEN_ID,
+            max_ids=self.config.max_response // per_id,
+            pieces=args.pieces,
         )
         info = slot.last_info
         return TokenizeAnswer(
@@ -467,6 +470,7 @@ class Daemon:
             ids=result.ids,
             counts=result.counts,
             max_tokens=info.max_tokens if info else None,
+            pieces=result.pieces,
         )
 
 

@@ -9,6 +9,7 @@ No I/O here: `http/server.py` moves the bytes and calls the daemon.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import numpy.typing as npt
 
 from .. import __version__
 from ..wire import precision as compact
-from ..wire.answers import EmbedAnswer, Sizing
+from ..wire.answers import EmbedAnswer, Sizing, TokenizeAnswer
 from ..wire.errors import Code, EmbeddError
 from ..wire.messages import DEFAULT_MODEL, Chunk, Embed, Limits, Tokenize
 
@@ -500,6 +501,67 @@ def tei_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "erro
 def tei_embed_json(answer: EmbedAnswer) -> bytearray:
     """TEI's /embed answer: a list of vectors (one per input, a single string's too)."""
     return _json_rows(answer.compact(), lambda _i, r: r.tolist())
+
+
+@dataclass(frozen=True)
+class TeiTokenize:
+    request: Tokenize
+    add_special_tokens: bool
+
+
+def tei_tokenize(body: Mapping[str, Any], limits: Limits) -> TeiTokenize:
+    """`POST /tokenize`: `inputs`, `add_special_tokens` (default true: the model's special
+    frame, such as [CLS] and [SEP], is in the answer), `prompt_name`, and the extra `model`."""
+    _check_keys(body, TEI_TOKENIZE_KEYS)
+    if "inputs" not in body:
+        raise _bad("inputs is required (a string or a list of strings)", "inputs")
+    args: dict[str, Any] = {"input": body["inputs"], "model": _tei_model(body)}
+    if body.get("prompt_name") is not None:
+        args["prompt"] = body["prompt_name"]
+    special = body.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise _bad("add_special_tokens must be true or false", "add_special_tokens")
+    return TeiTokenize(dataclasses.replace(Tokenize.parse(args, limits), pieces=True), special)
+
+
+def tei_tokenize_json(call: TeiTokenize, answer: TokenizeAnswer) -> bytes:
+    """TEI's /tokenize answer: per text, its tokens as `{id, text, special, start, stop}`
+    with `start`/`stop` in UTF-8 bytes of the text, as TEI counts them (null for the special
+    frame). Only vocabularies embedd tokenizes itself know each token's text."""
+    if answer.pieces is None:
+        raise EmbeddError(
+            Code.BAD_REQUEST,
+            f"model {answer.model!r} has a vocabulary that llama.cpp tokenizes: its tokens' "
+            "texts and offsets are not known to embedd (only WordPiece ones are); "
+            "POST /v1/tokenize gives any model's token ids",
+            key="model",
+        )
+    texts = call.request.input
+    out = []
+    for text, pieces in zip(texts, answer.pieces, strict=True):
+        at = _byte_offsets(text)
+        out.append(
+            [
+                {
+                    "id": p.id,
+                    "text": p.text,
+                    "special": p.special,
+                    "start": None if p.start is None else at[p.start],
+                    "stop": None if p.end is None else at[p.end],
+                }
+                for p in pieces
+                if call.add_special_tokens or p.start is not None
+            ]
+        )
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _byte_offsets(text: str) -> list[int]:
+    """For each character offset of `text` (and its end), the UTF-8 byte offset."""
+    offsets = [0]
+    for ch in text:
+        offsets.append(offsets[-1] + len(ch.encode("utf-8", "surrogatepass")))
+    return offsets
 
 
 def tei_model_dtype(quantization: str | None) -> str:

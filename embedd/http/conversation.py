@@ -63,6 +63,7 @@ TEI_ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/embed"): Route("tei_embed", http_api.tei_error),
     ("POST", "/"): Route("tei_embed", http_api.tei_error),
     ("GET", "/info"): Route("tei_info", http_api.tei_error),
+    ("POST", "/tokenize"): Route("tei_tokenize", http_api.tei_error),
 }
 OPS_ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/v1/chunk"): Route("embedd_chunk"),

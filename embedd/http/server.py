@@ -37,6 +37,7 @@ from ..transport.counters import ConnectionCounts, Tally
 from ..transport.shell import Connection, Handler, Listener, RequestTask, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
 from ..wire.answers import (
+    TOKEN_PIECE_JSON_BYTES,
     Answer,
     ChunkAnswer,
     EmbedAnswer,
@@ -62,6 +63,8 @@ _KEY_BYTES = 32
 # a thread. json handles ~100 MB/s here, so 256 KiB is ~2.5 ms of loop time at most, about
 # the cost of one query batch (about 4 ms for the bundled model on 2 cores).
 _ON_LOOP_BYTES = 256 * 1024
+# The longest JSON escape of one character ("\u0001").
+_ESCAPED_CHAR = 6
 
 
 class HttpSetupError(Exception):
@@ -387,6 +390,16 @@ class HttpServer(Listener):
             max_client_batch_size=cfg.max_inputs,
         )
         return Response(HTTPStatus.OK, info)
+
+    async def tei_tokenize(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.tei_tokenize(await self._tei_body(request), self.limits)
+        # Each token's JSON beside its text, and the texts (the body's own characters,
+        # escaped at most 6 bytes each), estimated before any work.
+        await reservation.reserve(TOKEN_PIECE_JSON_BYTES * len(request.body))
+        answer = await self._run(call.request)
+        assert isinstance(answer, TokenizeAnswer), answer
+        size = TOKEN_PIECE_JSON_BYTES * sum(answer.counts) + _ESCAPED_CHAR * len(request.body)
+        return await self._encoded(size, lambda: http_api.tei_tokenize_json(call, answer))
 
     # --- embedd's own ops (OPS_ROUTES) --------------------------------------------------------
 

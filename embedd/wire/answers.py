@@ -118,15 +118,41 @@ class EmbedAnswer:
         return out
 
 
+# The JSON of one token with its span, beside its text (the HTTP front's TEI /tokenize):
+# {"id":30521,"text":"","special":false,"start":1048576,"stop":1048580}, with room. The
+# daemon bounds such a request's tokens by it and max_response.
+TOKEN_PIECE_JSON_BYTES = 96
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One token with what it stands for: its characters [start, end) of the text it came
+    from (None for the special frame the model adds), and whether it is a special token."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    end: int | None
+
+
 @dataclass(frozen=True)
 class TokenizeAnswer:
     model: str
     ids: list[list[int]]
     counts: list[int]
     max_tokens: int | None
+    # Each text's tokens with their texts and spans, when the HTTP front asked for them and
+    # the model's vocabulary is one embedd tokenizes itself (WordPiece); never on the wire.
+    pieces: list[list[TokenPiece]] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "model": self.model,
+            "ids": self.ids,
+            "counts": self.counts,
+            "max_tokens": self.max_tokens,
+        }
 
 
 @dataclass(frozen=True)

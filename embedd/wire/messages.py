@@ -229,6 +229,8 @@ class Tokenize(Op):
     input: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     prompt: str | None = None
+    # Each token's text and span too (the HTTP front's TEI /tokenize), not a wire key.
+    pieces: bool = _derived(False)
 
     @classmethod
     def parse(cls, args: Mapping[str, Any], limits: Limits) -> Tokenize:
