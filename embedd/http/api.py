@@ -439,6 +439,7 @@ _TEI_KIND = {
     Code.MODEL_CRASHED: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
     Code.INTERNAL: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
     Code.SHUTTING_DOWN: ("Unhealthy", HTTPStatus.SERVICE_UNAVAILABLE),
+    Code.TIMEOUT: ("Backend", HTTPStatus.GATEWAY_TIMEOUT),
 }
 
 
@@ -446,8 +447,8 @@ def tei_error(error: EmbeddError) -> Response:
     """Every refusal of a TEI route, in TEI's shape (`{"error", "error_type"}`) and with its
     status: 413 for what is over a limit (too many inputs, an input over the model's tokens,
     an answer over max_response), 422 for other invalid requests, 424 when the model fails,
-    429 when busy (with Retry-After). What TEI has no kind for (a timeout, a forbidden op)
-    keeps embedd's status."""
+    429 when busy (with Retry-After), 503 while shutting down. A timeout keeps embedd's 504
+    (TEI has no request timeout), and what else TEI has no kind for keeps embedd's status."""
     kind, status = _TEI_KIND.get(error.code, ("Validation", status_of(error)))
     if error.code in (Code.BAD_REQUEST, Code.UNKNOWN_MODEL, Code.UNKNOWN_OP):
         over_limit = "limit" in error.details and error.details.get("key") == "input"
@@ -486,7 +487,9 @@ def tei_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "erro
     args: dict[str, Any] = {"input": body["inputs"], "model": _tei_model(body), "encoding": "f32"}
     truncate = body.get("truncate")
     if truncate is not None:
-        args["long"] = "truncate" if truncate is True else "error"
+        if not isinstance(truncate, bool):
+            raise _bad("truncate must be true or false", "truncate")
+        args["long"] = "truncate" if truncate else "error"
     else:
         args.update(_long_args({}, long_default))
     for key, ours in (("normalize", "normalize"), ("prompt_name", "prompt")):
