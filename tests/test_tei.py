@@ -127,8 +127,10 @@ def front() -> Iterator[Front]:
     port = free_port()
     d = start_daemon(
         workdir,
-        f"max_inputs = {MAX_INPUTS}\n[models.prompted]\npath = '{{bundled}}'\n"
-        "[models.prompted.prompts]\nquery = 'query: '\n",
+        # The default model (the one the TEI routes use) with a prompt, so that one model
+        # serves every test.
+        f"max_inputs = {MAX_INPUTS}\n[models.default]\npath = '{{bundled}}'\nmax_tokens = 256\n"
+        "[models.default.prompts]\nquery = 'query: '\n",
         extra_args=(
             "--http-socket",
             str(workdir / "http.sock"),
@@ -196,10 +198,8 @@ def test_embed_takes_teis_options(front: Front) -> None:
         cosines(np.array(cut, np.float32), socket_vectors(front, [long], truncate=True))[0]
         >= 0.99999
     )
-    status, query = front.call(
-        "POST", "/embed", {"inputs": "x", "prompt_name": "query", "model": "prompted"}
-    )
-    want = socket_vectors(front, ["x"], prompt="query", model="prompted")
+    status, query = front.call("POST", "/embed", {"inputs": "x", "prompt_name": "query"})
+    want = socket_vectors(front, ["x"], prompt="query")
     assert status == 200 and cosines(np.array(query, np.float32), want)[0] >= 0.99999
 
 
@@ -208,7 +208,7 @@ def test_embed_takes_teis_options(front: Front) -> None:
     [
         ({"inputs": "word " * 400, "truncate": False}, 413, "256"),
         ({"inputs": ["x"] * (MAX_INPUTS + 1)}, 413, f"limit of {MAX_INPUTS}"),
-        ({"inputs": "x", "prompt_name": "query"}, 422, "no prompt 'query'"),
+        ({"inputs": "x", "prompt_name": "passage"}, 422, "no prompt 'passage'"),
         ({"inputs": ""}, 422, "empty"),
         ({"inputs": "x", "model": "nope"}, 422, "nope"),
     ],
