@@ -201,6 +201,10 @@ def test_embed_takes_teis_options(front: Front) -> None:
     status, query = front.call("POST", "/embed", {"inputs": "x", "prompt_name": "query"})
     want = socket_vectors(front, ["x"], prompt="query")
     assert status == 200 and cosines(np.array(query, np.float32), want)[0] >= 0.99999
+    # Without `truncate`, the model's http_long (split): the whole text's vector.
+    status, split = front.call("POST", "/embed", {"inputs": long})
+    whole = socket_vectors(front, [long], long="split")
+    assert status == 200 and cosines(np.array(split, np.float32), whole)[0] >= 0.99999
 
 
 @pytest.mark.parametrize(
@@ -269,6 +273,11 @@ def test_tokenize_gives_teis_tokens_with_byte_offsets(front: Front, reference: R
         }
         for t in tokens[1:-1]:
             assert data[t["start"] : t["stop"]].decode() == t["text"]
+    status, prompted = front.call(
+        "POST", "/tokenize", {"inputs": "x", "prompt_name": "query", "add_special_tokens": False}
+    )
+    spans = [(t["text"], t["start"], t["stop"]) for t in prompted[0]]
+    assert status == 200 and spans == [("query", 0, 5), (":", 5, 6), ("x", 7, 8)]
     status, bare = front.call(
         "POST", "/tokenize", {"inputs": "The cat sat.", "add_special_tokens": False}
     )

@@ -465,7 +465,8 @@ TEI_EMBED_KEYS = frozenset(
 TEI_TOKENIZE_KEYS = frozenset({"inputs", "add_special_tokens", "prompt_name", "model"})
 
 
-def _tei_model(body: Mapping[str, Any]) -> str:
+def tei_model(body: Mapping[str, Any]) -> str:
+    """The model a TEI route uses: `default`, or the one the body names (an extra)."""
     name = body.get("model")
     return name if isinstance(name, str) and name else DEFAULT_MODEL
 
@@ -484,7 +485,7 @@ def tei_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "erro
         raise _bad("encoding_format must be float on /embed", "encoding_format")
     if "inputs" not in body:
         raise _bad("inputs is required (a string or a list of strings)", "inputs")
-    args: dict[str, Any] = {"input": body["inputs"], "model": _tei_model(body), "encoding": "f32"}
+    args: dict[str, Any] = {"input": body["inputs"], "model": tei_model(body), "encoding": "f32"}
     truncate = body.get("truncate")
     if truncate is not None:
         if not isinstance(truncate, bool):
@@ -518,7 +519,7 @@ def tei_tokenize(body: Mapping[str, Any], limits: Limits) -> TeiTokenize:
     _check_keys(body, TEI_TOKENIZE_KEYS)
     if "inputs" not in body:
         raise _bad("inputs is required (a string or a list of strings)", "inputs")
-    args: dict[str, Any] = {"input": body["inputs"], "model": _tei_model(body)}
+    args: dict[str, Any] = {"input": body["inputs"], "model": tei_model(body)}
     if body.get("prompt_name") is not None:
         args["prompt"] = body["prompt_name"]
     special = body.get("add_special_tokens", True)
@@ -529,8 +530,9 @@ def tei_tokenize(body: Mapping[str, Any], limits: Limits) -> TeiTokenize:
 
 def tei_tokenize_json(call: TeiTokenize, answer: TokenizeAnswer) -> bytes:
     """TEI's /tokenize answer: per text, its tokens as `{id, text, special, start, stop}`
-    with `start`/`stop` in UTF-8 bytes of the text, as TEI counts them (null for the special
-    frame). Only vocabularies embedd tokenizes itself know each token's text."""
+    with `start`/`stop` in UTF-8 bytes of the text as tokenized (the prompt's prefix first,
+    if any), as TEI counts them; null for the special frame. Only vocabularies embedd
+    tokenizes itself know each token's text."""
     if answer.pieces is None:
         raise EmbeddError(
             Code.BAD_REQUEST,
@@ -539,32 +541,15 @@ def tei_tokenize_json(call: TeiTokenize, answer: TokenizeAnswer) -> bytes:
             "POST /v1/tokenize gives any model's token ids",
             key="model",
         )
-    texts = call.request.input
-    out = []
-    for text, pieces in zip(texts, answer.pieces, strict=True):
-        at = _byte_offsets(text)
-        out.append(
-            [
-                {
-                    "id": p.id,
-                    "text": p.text,
-                    "special": p.special,
-                    "start": None if p.start is None else at[p.start],
-                    "stop": None if p.end is None else at[p.end],
-                }
-                for p in pieces
-                if call.add_special_tokens or p.start is not None
-            ]
-        )
+    out = [
+        [
+            {"id": p.id, "text": p.text, "special": p.special, "start": p.start, "stop": p.end}
+            for p in pieces
+            if call.add_special_tokens or p.start is not None
+        ]
+        for pieces in answer.pieces
+    ]
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _byte_offsets(text: str) -> list[int]:
-    """For each character offset of `text` (and its end), the UTF-8 byte offset."""
-    offsets = [0]
-    for ch in text:
-        offsets.append(offsets[-1] + len(ch.encode("utf-8", "surrogatepass")))
-    return offsets
 
 
 def tei_model_dtype(quantization: str | None) -> str:

@@ -368,7 +368,8 @@ class HttpServer(Listener):
 
     async def tei_embed(self, request: HttpRequest, reservation: Reservation) -> Response:
         body = await self._tei_body(request)
-        embed = http_api.tei_embed(body, self.limits, self._long_default(body))
+        long_default = self.daemon.http_long(http_api.tei_model(body))
+        embed = http_api.tei_embed(body, self.limits, long_default)
         done = await self._embed(embed, reservation)
         answer = done.answer
         return await self._encoded(

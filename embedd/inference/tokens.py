@@ -137,16 +137,19 @@ class ModelTokenizer:
 
     def pieces(self, text: str) -> list[TokenPiece] | None:
         """`tokenize(text)`'s tokens, each with its vocabulary text (a special token's) or
-        the characters of `text` it stands for and their [start, end) span. Known for the
-        vocabularies embedd tokenizes itself (WordPiece); None for llama.cpp's."""
+        the characters of `text` it stands for and their [start, end) span in UTF-8 bytes.
+        Known for the vocabularies embedd tokenizes itself (WordPiece); None for llama.cpp's."""
         wp = self._wordpiece
         spans = wp.encode_with_spans(text) if wp is not None else None
         if wp is None or spans is None:
             return None
+        at = [0]  # each character offset's byte offset
+        for ch in text:
+            at.append(at[-1] + len(ch.encode("utf-8", "surrogatepass")))
         frame = [TokenPiece(i, wp.tokens[i], True, None, None) for i in self.head]
         body = [
-            TokenPiece(i, wp.tokens[i] if special else text[start:end], special, start, end)
-            for i, start, end, special in spans
+            TokenPiece(i, wp.tokens[i] if sp else text[start:end], sp, at[start], at[end])
+            for i, start, end, sp in spans
         ]
         tail = [TokenPiece(i, wp.tokens[i], True, None, None) for i in self.tail]
         return frame + body + tail

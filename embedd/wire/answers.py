@@ -126,8 +126,9 @@ TOKEN_PIECE_JSON_BYTES = 96
 
 @dataclass(frozen=True)
 class TokenPiece:
-    """One token with what it stands for: its characters [start, end) of the text it came
-    from (None for the special frame the model adds), and whether it is a special token."""
+    """One token with what it stands for: the bytes [start, end) of the UTF-8 text it came
+    from, and that text (None for the special frame the model adds, whose text is the
+    token's own), and whether it is a special token."""
 
     id: int
     text: str
