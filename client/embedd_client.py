@@ -433,11 +433,15 @@ def _texts(texts: str | Sequence[str]) -> str | list[str]:
 
 def _vectors(result: Mapping[str, Any], single: bool) -> Embeddings:
     count, dim, data = result.get("count"), result.get("dim"), result.get("embeddings")
-    dtype = np.dtype(_DTYPES.get(result.get("precision", "float32"), "V"))
+    precision = result.get("precision", "float32")
     if not isinstance(count, int) or not isinstance(dim, int) or not isinstance(data, bytes):
         raise EmbeddError("protocol_error", "embed result lacks count, dim or f32 embeddings")
-    width = (dim + 7) // 8 if dtype.itemsize == 1 else dim
-    if len(data) != count * width * dtype.itemsize or dtype.kind == "V":
+    if precision not in _DTYPES:
+        raise EmbeddError("protocol_error", f"embed result has an unknown precision {precision!r}")
+    dtype = np.dtype(_DTYPES[precision])
+    # The packed precisions hold 8 signs a byte, the last byte padded.
+    width = (dim + 7) // 8 if precision in ("binary", "ubinary") else dim
+    if len(data) != count * width * dtype.itemsize:
         raise EmbeddError(
             "protocol_error",
             f"embed result has {len(data)} bytes, expected {count} x {width} of {dtype}",
