@@ -57,7 +57,22 @@ class Route:
     authenticated: bool = True
 
 
+# text-embeddings-inference's routes (TEI serves its embed at `/` too, where huggingface_hub's
+# InferenceClient posts), and embedd's own chunk and tokenize ops.
+TEI_ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/embed"): Route("tei_embed", http_api.tei_error),
+    ("POST", "/"): Route("tei_embed", http_api.tei_error),
+    ("GET", "/info"): Route("tei_info", http_api.tei_error),
+    ("POST", "/tokenize"): Route("tei_tokenize", http_api.tei_error),
+}
+OPS_ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/v1/chunk"): Route("embedd_chunk"),
+    ("POST", "/v1/tokenize"): Route("embedd_tokenize"),
+}
+
 ROUTES: dict[tuple[str, str], Route] = {
+    **TEI_ROUTES,
+    **OPS_ROUTES,
     ("POST", "/v1/embeddings"): Route("openai_embeddings"),
     ("GET", "/v1/models"): Route("openai_models"),
     ("POST", "/api/embed"): Route("ollama_embed", http_api.ollama_error),
