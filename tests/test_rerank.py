@@ -11,18 +11,25 @@ documents).
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cohere
 import pytest
 from embedd_client import Client, Ranked
+from langchain_cohere import CohereRerank
+from langchain_core.documents import Document
+from pydantic import SecretStr
 
 from embedd.wire.errors import EmbeddError
 from embedd.wire.messages import MAX_RERANK_DOCUMENTS, Limits, Rerank, parse_request
-from tests.conftest import Daemon, short_tmpdir, start_daemon
+from tests.conftest import Daemon, free_port, short_tmpdir, start_daemon
 
 RERANKERS = Path(__file__).parent / "data" / "rerankers"
 REFERENCE: dict[str, Any] = json.loads((RERANKERS / "reference.json").read_text())
@@ -57,13 +64,48 @@ DOCUMENTS = [
 ]
 
 
+@dataclass(frozen=True)
+class Front:
+    """The module's daemon's HTTP front (loopback TCP, with an API key)."""
+
+    port: int
+    key: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+        reply = conn.getresponse()
+        parsed = json.loads(reply.read())
+        conn.close()
+        return reply.status, parsed
+
+
 @pytest.fixture(scope="module")
-def served() -> Iterator[Daemon]:
+def daemon_and_front() -> Iterator[tuple[Daemon, Front]]:
     workdir = short_tmpdir()
-    d = start_daemon(workdir, CONFIG)
-    yield d
+    port = free_port()
+    key_file = workdir / "key"
+    d = start_daemon(
+        workdir, CONFIG, extra_args=("--http", f"127.0.0.1:{port}", "--api-key-file", str(key_file))
+    )
+    yield d, Front(port, key_file.read_text().strip())
     d.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(daemon_and_front: tuple[Daemon, Front]) -> Daemon:
+    return daemon_and_front[0]
+
+
+@pytest.fixture(scope="module")
+def front(daemon_and_front: tuple[Daemon, Front]) -> Front:
+    return daemon_and_front[1]
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +307,76 @@ def test_a_repeated_rerank_is_answered_from_the_cache(served: Daemon) -> None:
     again = served.call("rerank", model="bert", query="cache", documents=documents)
     assert again["results"] == first["results"]
     assert served.model_stats("bert")["pairs"] == before["pairs"]
+
+
+# --- HTTP: llama-server / Jina / Cohere shapes, and TEI's ---------------------------------------
+
+
+def socket_scores(d: Daemon, model: str) -> list[tuple[int, float]]:
+    answer = d.call("rerank", model=model, query=QUERY, documents=DOCUMENTS, cache=False)
+    return [(r["index"], r["score"]) for r in answer["results"]]
+
+
+def test_langchains_cohere_reranker_gets_the_sockets_scores(served: Daemon, front: Front) -> None:
+    reranker = CohereRerank(
+        model="xlmr",
+        base_url=front.base_url,
+        cohere_api_key=SecretStr(front.key),
+        top_n=len(DOCUMENTS),
+    )
+    results = reranker.rerank(DOCUMENTS, QUERY)
+    got = [(r["index"], r["relevance_score"]) for r in results]
+    want = socket_scores(served, "xlmr")
+    assert [i for i, _ in got] == [i for i, _ in want]
+    assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(got, want, strict=True))
+
+
+def test_langchains_cohere_reranker_compresses_documents_best_first(
+    served: Daemon, front: Front
+) -> None:
+    reranker = CohereRerank(
+        model="bert", base_url=front.base_url, cohere_api_key=SecretStr(front.key), top_n=2
+    )
+    kept = reranker.compress_documents([Document(page_content=d) for d in DOCUMENTS], QUERY)
+    best = socket_scores(served, "bert")[:2]
+    assert [d.page_content for d in kept] == [DOCUMENTS[i] for i, _ in best]
+    assert [d.metadata["relevance_score"] for d in kept] == pytest.approx([s for _, s in best])
+
+
+def test_coheres_v1_client_gets_the_documents_back_on_llama_servers_route(
+    served: Daemon, front: Front
+) -> None:
+    client = cohere.Client(api_key=front.key, base_url=front.base_url)
+    answer = client.rerank(model="bert", query=QUERY, documents=DOCUMENTS, return_documents=True)
+    want = socket_scores(served, "bert")
+    assert [r.index for r in answer.results] == [i for i, _ in want]
+    assert [r.relevance_score for r in answer.results] == pytest.approx([s for _, s in want])
+    assert [r.document.text for r in answer.results if r.document] == [
+        DOCUMENTS[i] for i, _ in want
+    ]
+
+
+def test_teis_rerank_scores_are_the_logits_sigmoid_unless_raw(served: Daemon, front: Front) -> None:
+    want = socket_scores(served, "xlmr")
+    body = {"model": "xlmr", "query": QUERY, "texts": DOCUMENTS, "return_text": True}
+    status, rows = front.post("/rerank", body)
+    assert status == 200
+    assert [r["index"] for r in rows] == [i for i, _ in want]
+    assert [r["score"] for r in rows] == pytest.approx([1 / (1 + math.exp(-s)) for _, s in want])
+    assert [r["text"] for r in rows] == [DOCUMENTS[i] for i, _ in want]
+    status, raw = front.post("/rerank", {**body, "raw_scores": True})
+    assert [r["score"] for r in raw] == pytest.approx([s for _, s in want])
+
+
+def test_teis_rerank_refuses_in_teis_error_shape(front: Front) -> None:
+    status, error = front.post("/rerank", {"model": "xlmr", "query": QUERY, "texts": []})
+    assert status == 422 and error["error_type"] == "Validation" and "texts" in error["error"]
+    long_query = " ".join(["reading files line by line"] * 20)
+    status, error = front.post("/rerank", {"model": "short", "query": long_query, "texts": ["a"]})
+    assert status == 413 and error["error_type"] == "Validation"
+
+
+def test_reranking_an_embedder_over_http_is_a_400_naming_the_model(front: Front) -> None:
+    status, error = front.post("/v1/rerank", {"model": "default", "query": "q", "documents": ["d"]})
+    assert status == 400
+    assert error["error"]["param"] == "model" and "embedding model" in error["error"]["message"]

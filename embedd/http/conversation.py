@@ -65,6 +65,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/tags"): Route("ollama_tags", http_api.ollama_error),
     ("GET", "/api/ps"): Route("ollama_ps", http_api.ollama_error),
     ("GET", "/api/version"): Route("ollama_version", http_api.ollama_error),
+    # Rerank: llama-server's route (Jina's and Cohere's v1 shape), Cohere's v2, and TEI's.
+    ("POST", "/v1/rerank"): Route("rerank"),
+    ("POST", "/v2/rerank"): Route("rerank"),
+    ("POST", "/rerank"): Route("tei_rerank", http_api.tei_rerank_error),
     # Probes from a service manager or a load balancer need no key.
     ("GET", "/health"): Route("health", authenticated=False),
     ("GET", "/metrics"): Route("metrics"),

@@ -36,9 +36,9 @@ from ..config import Config
 from ..transport.counters import ConnectionCounts, Tally
 from ..transport.shell import Connection, Handler, Listener, RequestTask, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
-from ..wire.answers import Answer, EmbedAnswer, MapAnswer, Sizing, StatsAnswer
+from ..wire.answers import Answer, EmbedAnswer, MapAnswer, RerankAnswer, Sizing, StatsAnswer
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import Embed, Limits, Load, Models, Request, Stats
+from ..wire.messages import Embed, Limits, Load, Models, Request, Rerank, Stats
 from . import api as http_api
 from . import metrics
 from .api import ApiError, Response
@@ -337,6 +337,30 @@ class HttpServer(Listener):
         if state in ("loading", "failed"):
             return Response(HTTPStatus.SERVICE_UNAVAILABLE, {"status": state}, {"Retry-After": "1"})
         return Response(HTTPStatus.OK, {"status": "ok", "default_model": state})
+
+    # --- rerank (llama-server / Jina / Cohere, and TEI) --------------------------------------
+
+    async def _rerank(self, call: Rerank, reservation: Reservation) -> RerankAnswer:
+        answer = await self._run(call, None, reservation)
+        if not isinstance(answer, RerankAnswer):
+            raise EmbeddError(Code.INTERNAL, f"rerank answered {type(answer).__name__}")
+        return answer
+
+    async def rerank(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.rerank(await self._json(request.body), self.limits)
+        answer = await self._rerank(call, reservation)
+        return Response(HTTPStatus.OK, http_api.rerank_json(call, answer))
+
+    async def tei_rerank(self, request: HttpRequest, reservation: Reservation) -> Response:
+        try:
+            body = await self._json(request.body)
+        except ApiError as exc:
+            # TEI's shape for a body that is not JSON too (the route's errors take it).
+            message = str(exc.response.body["error"]["message"])
+            raise EmbeddError(Code.BAD_REQUEST, message) from None
+        call = http_api.tei_rerank(body, self.limits)
+        answer = await self._rerank(call.request, reservation)
+        return Response(HTTPStatus.OK, http_api.tei_rerank_json(call, answer))
 
     async def metrics(self, request: HttpRequest, reservation: Reservation) -> Response:
         stats = await self._run(Stats())
