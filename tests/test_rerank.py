@@ -27,6 +27,9 @@ from langchain_cohere import CohereRerank
 from langchain_core.documents import Document
 from pydantic import SecretStr
 
+from embedd.http import api as http_api
+from embedd.inference.pipe import PairFrame, TokenizerSpec
+from embedd.inference.tokens import ModelTokenizer
 from embedd.wire.errors import EmbeddError
 from embedd.wire.messages import MAX_RERANK_DOCUMENTS, Limits, Rerank, parse_request
 from tests.conftest import Daemon, free_port, short_tmpdir, start_daemon
@@ -174,6 +177,34 @@ def test_more_documents_than_the_limit_are_refused_naming_it() -> None:
         parse(query="q", documents=["d"] * (MAX_RERANK_DOCUMENTS + 1))
     assert caught.value.details["limit"] == MAX_RERANK_DOCUMENTS
     assert "MAX_RERANK_DOCUMENTS" in caught.value.message
+
+
+def test_jina_and_cohere_documents_may_be_objects_with_their_text() -> None:
+    body = {"model": "m", "query": "q", "documents": [{"text": "a"}, "b"], "top_n": None}
+    assert http_api.rerank(body, Limits()).documents == ("a", "b")
+
+
+def test_an_unknown_rerank_body_key_is_refused_naming_it() -> None:
+    with pytest.raises(EmbeddError) as caught:
+        http_api.rerank({"model": "m", "query": "q", "documents": ["a"], "topn": 1}, Limits())
+    assert caught.value.details["key"] == "topn"
+
+
+def test_teis_rerank_names_its_own_keys_in_its_errors() -> None:
+    with pytest.raises(EmbeddError) as caught:
+        http_api.tei_rerank({"query": "q", "texts": ["a", " "]}, Limits())
+    assert caught.value.details["key"] == "texts" and "texts[1]" in caught.value.message
+    response = http_api.tei_rerank_error(caught.value)
+    assert response.status == 422 and response.body["error_type"] == "Validation"
+
+
+def test_a_pair_is_the_query_and_document_in_the_models_pair_frame() -> None:
+    spec = TokenizerSpec(
+        head=[101], tail=[102], max_tokens=16, longest_piece=4, nfc=False,
+        trailing_space=None, space_probe=[], pair=PairFrame([0], [2, 2], [2]),
+    )  # fmt: skip
+    tokenizer = ModelTokenizer(spec, lambda text: [])
+    assert tokenizer.pair([5, 6], [7]) == [0, 5, 6, 2, 2, 7, 2]
 
 
 # --- scores against the checkpoints' own forward pass ----------------------------------------
