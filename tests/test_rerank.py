@@ -44,7 +44,11 @@ TOLERANCE = 1e-3
 # The window of the `short` model: documents longer than it beside a query are scored in pieces.
 SHORT_WINDOW = 64
 
+# Small enough that echoing documents back can pass it, large enough for every other answer.
+MAX_RESPONSE = 65536
 CONFIG = f"""
+max_response = {MAX_RESPONSE}
+
 [models.default]
 path = "{{bundled}}"
 
@@ -259,6 +263,17 @@ def test_return_documents_puts_each_documents_text_beside_its_score(served: Daem
         "rerank", model="xlmr", query=QUERY, documents=DOCUMENTS, return_documents=True
     )
     assert all(r["document"] == DOCUMENTS[r["index"]] for r in answer["results"])
+
+
+def test_an_answer_over_max_response_is_refused_before_any_work(served: Daemon) -> None:
+    documents = [f"document {i} " + "x" * 1000 for i in range(MAX_RESPONSE // 1000)]
+    before = served.model_stats("bert")
+    error = served.call(
+        "rerank", model="bert", query=QUERY, documents=documents, return_documents=True
+    )["error"]
+    assert error["code"] == "bad_request" and error["limit"] == MAX_RESPONSE
+    assert "max_response" in error["message"]
+    assert served.model_stats("bert")["pairs"] == before["pairs"]
 
 
 def test_the_client_returns_ranked_documents(served: Daemon, client: Client) -> None:

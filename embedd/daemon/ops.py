@@ -454,8 +454,19 @@ class Daemon:
                 "and scores no pairs; rerank with a reranker (a cross-encoder)",
                 key="model",
             )
+        size = self.answer_size(Request(0, args))
+        if size > self.config.max_response:
+            # Only documents echoed back (`return_documents`) can make it this large.
+            limit = self.config.max_response
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"the answer would be about {size} bytes, more than max_response = {limit} "
+                "bytes; send fewer documents, or leave return_documents off",
+                key="documents",
+                limit=limit,
+            )
         if reserve is not None:
-            await reserve(self.answer_size(Request(0, args)))
+            await reserve(size)
         # Cache hits skip the model; a document sent twice is scored once.
         rows: list[Entry | None] = [None] * len(args.documents)
         todo: dict[str, list[int]] = {}
