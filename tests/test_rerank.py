@@ -346,6 +346,16 @@ def test_stats_count_rerank_requests_and_their_pairs(served: Daemon) -> None:
     assert after["requests"] == before["requests"] + 1
 
 
+def test_a_requests_pairs_are_computed_together_in_the_models_batches(served: Daemon) -> None:
+    documents = list(dict.fromkeys(p["document"] for p in PAIRS))[:40]
+    before = served.model_stats("xlmr")
+    served.call("rerank", model="xlmr", query=QUERY, documents=documents, cache=False)
+    after = served.model_stats("xlmr")
+    assert after["pairs"] - before["pairs"] == len(documents) == 40
+    assert after["inputs"] - before["inputs"] == 40
+    assert 0 < after["batches"] - before["batches"] < 40
+
+
 def test_a_repeated_rerank_is_answered_from_the_cache(served: Daemon) -> None:
     documents = ["cached one", "cached two"]
     first = served.call("rerank", model="bert", query="cache", documents=documents)
