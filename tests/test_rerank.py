@@ -28,11 +28,13 @@ from langchain_core.documents import Document
 from pydantic import SecretStr
 
 from embedd.http import api as http_api
+from embedd.inference.engine import Model, ModelLoadError
 from embedd.inference.pipe import PairFrame, TokenizerSpec
 from embedd.inference.tokens import ModelTokenizer
 from embedd.wire.errors import EmbeddError
 from embedd.wire.messages import MAX_RERANK_DOCUMENTS, Limits, Rerank, parse_request
 from tests.conftest import Daemon, free_port, short_tmpdir, start_daemon
+from tests.gguf_models import write_qwen3
 
 RERANKERS = Path(__file__).parent / "data" / "rerankers"
 REFERENCE: dict[str, Any] = json.loads((RERANKERS / "reference.json").read_text())
@@ -320,6 +322,29 @@ def test_the_model_card_says_whether_a_model_embeds_or_reranks(served: Daemon) -
     assert cards["bert"]["task"] == cards["xlmr"]["task"] == "rerank"
     assert cards["bert"]["pair_template"] == "[CLS]{query}[SEP]{document}[SEP]"
     assert cards["xlmr"]["pair_template"] == "<s>{query}</s></s>{document}</s>"
+
+
+def test_a_causal_reranker_is_refused_at_load_saying_what_it_is(tmp_path: Path) -> None:
+    model = Model(
+        write_qwen3(tmp_path / "qwen3-reranker.gguf", reranker=True),
+        batch_tokens=256,
+        max_tokens=None,
+    )
+    try:
+        with pytest.raises(ModelLoadError, match="causal reranker"):
+            model.new_context(threads=1, pooling=None)
+    finally:
+        model.close()
+
+
+def test_rank_pooling_without_a_classification_head_is_refused_at_load(tmp_path: Path) -> None:
+    path = write_qwen3(tmp_path / "headless.gguf", reranker=True, classifier=False)
+    model = Model(path, batch_tokens=256, max_tokens=None)
+    try:
+        with pytest.raises(ModelLoadError, match="classification head"):
+            model.new_context(threads=1, pooling=None)
+    finally:
+        model.close()
 
 
 def test_embedding_with_a_reranker_is_a_clear_error(served: Daemon) -> None:
