@@ -710,7 +710,9 @@ class ModelWorker:
         )
         if not job.answered:
             self._scheduler.remove(job)
-            job.resolve(_crashed_error(self.config.name, index, exit.how, again=False))
+            job.resolve(
+                _crashed_error(self.config.name, index, exit.how, again=False, key=_key(job))
+            )
 
     # --- launching batches ------------------------------------------------------------------
 
@@ -1031,7 +1033,7 @@ class ModelWorker:
             if how is not None:
                 self.stats.poison_refused += 1
                 index = job.index(_input_of(job, k))
-                raise _crashed_error(self.config.name, index, how, again=True)
+                raise _crashed_error(self.config.name, index, how, again=True, key=_key(job))
         assert self.info is not None
         width = self.info.outputs or self.info.dim
         job.vectors = np.empty((len(job.tokens), width), dtype=np.float32)
@@ -1217,18 +1219,26 @@ def _input_of(job: EmbedJob, sequence: int) -> int:
     return sequence
 
 
-def _crashed_error(model: str, index: int, how: str, *, again: bool) -> EmbeddError:
+def _crashed_error(
+    model: str, index: int, how: str, *, again: bool, key: str = "input"
+) -> EmbeddError:
+    """`key`: what the request calls its texts (`documents` for a rerank)."""
     if again:
         message = (
-            f"input[{index}] is refused: it crashed model {model!r} ({how}) before, and would again"
+            f"{key}[{index}] is refused: it crashed model {model!r} ({how}) before, and would again"
         )
     else:
         message = (
-            f"input[{index}] crashes model {model!r} ({how}): llama.cpp died computing it, on "
+            f"{key}[{index}] crashes model {model!r} ({how}): llama.cpp died computing it, on "
             "two model processes; it is refused from now on (the other inputs computing with "
             "it were answered)"
         )
     return EmbeddError(Code.MODEL_CRASHED, message, index=index, signal=how, model=model)
+
+
+def _key(job: EmbedJob) -> str:
+    """What the job's request calls its texts."""
+    return "documents" if isinstance(job, RerankJob) else "input"
 
 
 def _tokenize_within(tok: ModelTokenizer, job: TokenizeJob) -> list[list[int]]:
