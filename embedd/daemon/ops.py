@@ -492,6 +492,7 @@ class Daemon:
                 bulk=bulk,
                 owner=owner,
                 timeout=max(deadline - self.loop.time(), 0.001),
+                timeout_reported=timeout,
             )
             first = 0
             for j, doc in enumerate(unique):

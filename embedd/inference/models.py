@@ -269,6 +269,7 @@ class ModelSlot:
         bulk: bool,
         owner: object,
         timeout: float,
+        timeout_reported: float,
     ) -> EmbedResult:
         """Every query/document pair's classifier row, grouped by document (`windows` says
         how many pieces each document was scored in, in order)."""
@@ -282,7 +283,7 @@ class ModelSlot:
             indices=indices,
             query=query,
         )
-        return await self._run(job, timeout)
+        return await self._run(job, timeout, timeout_reported=timeout_reported)
 
     async def tokenize(
         self, texts: list[str], timeout: float, max_ids: int | None = None
