@@ -535,7 +535,8 @@ def test_async_client_pipelines_many_requests_on_one_connection(
 
     async def main() -> list[Vec]:
         async with ec.AsyncClient(daemon.socket) as client:
-            return await asyncio.gather(*(client.embed(t) for t in texts))
+            rows: list[Vec] = await asyncio.gather(*(client.embed(t) for t in texts))
+            return rows
 
     with ec.Client(daemon.socket) as observer:
         before = observer.stats()["connections"]["total"]

@@ -200,7 +200,7 @@ def test_teis_rerank_names_its_own_keys_in_its_errors() -> None:
     with pytest.raises(EmbeddError) as caught:
         http_api.tei_rerank({"query": "q", "texts": ["a", " "]}, Limits())
     assert caught.value.details["key"] == "texts" and "texts[1]" in caught.value.message
-    response = http_api.tei_rerank_error(caught.value)
+    response = http_api.tei_error(caught.value)
     assert response.status == 422 and response.body["error_type"] == "Validation"
 
 

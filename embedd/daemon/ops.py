@@ -24,7 +24,9 @@ from ..inference.jobs import EmbedResult
 from ..inference.modelprocess import read_rss_bytes
 from ..inference.models import Clock, ModelRegistry
 from ..transport.counters import ConnectionCounts, Tally
+from ..wire import precision as compact
 from ..wire.answers import (
+    TOKEN_PIECE_JSON_BYTES,
     Answer,
     ChunkAnswer,
     ChunkPart,
@@ -64,11 +66,22 @@ from .supervise import StatusSnapshot
 
 _log = logging.getLogger("embedd.daemon")
 
-# Bytes a float takes in an answer: f32 is 4; msgpack packs each list element as a float64 (9).
-_BYTES_PER_FLOAT = {"f32": 4, "list": 9}
-# How the msgpack socket's answers are sized, by the request's `encoding` (a front that encodes
-# otherwise passes its own `Sizing` to `handle`).
-MSGPACK_SIZING = {encoding: Sizing(n) for encoding, n in _BYTES_PER_FLOAT.items()}
+# Bytes msgpack takes for one element of an `encoding: "list"` answer: a float as a float64
+# (9), a packed byte of signs as an int (at most 2: -128..-33 and 128..255 take 2).
+_LIST_FLOAT_BYTES = 9
+_LIST_BYTE_BYTES = 2
+
+
+def msgpack_sizing(encoding: str, precision: str) -> Sizing:
+    """How the msgpack socket's embedding answer is sized, by the request's `encoding` and
+    `precision` (a front that encodes otherwise passes its own `Sizing` to `handle`)."""
+    if encoding == "f32":
+        return Sizing(compact.component_bytes(precision))
+    if compact.is_packed(precision):
+        return Sizing(_LIST_BYTE_BYTES / 8)
+    return Sizing(_LIST_FLOAT_BYTES)
+
+
 # Bytes a token id takes at most in a `tokenize` answer (msgpack uint32).
 _BYTES_PER_TOKEN_ID = 5
 # Answers' fixed part (keys, counts, token lists) for the answer budget, generously.
@@ -127,7 +140,7 @@ class Daemon:
         match args:
             case Embed():
                 return await self._embed(
-                    args, owner, sizing or MSGPACK_SIZING[args.encoding], reserve
+                    args, owner, sizing or msgpack_sizing(args.encoding, args.precision), reserve
                 )
             case Tokenize():
                 return await self._tokenize(args)
@@ -178,8 +191,8 @@ class Daemon:
             vectors = len(args.input)
             if args.long == "split" and args.pool == "none" and slot is not None:
                 vectors = _windows(args, "", slot.max_tokens)
-            per_vector = dim * _BYTES_PER_FLOAT[args.encoding] + _BYTES_PER_SPAN
-            return _ANSWER_OVERHEAD + vectors * per_vector
+            sizing = msgpack_sizing(args.encoding, args.precision)
+            return _ANSWER_OVERHEAD + vectors * (sizing.size(1, dim) + _BYTES_PER_SPAN)
         if isinstance(args, Chunk):
             # Each chunk repeats its text, plus its span and count.
             return _ANSWER_OVERHEAD + 2 * len(args.input.encode("utf-8", "surrogatepass"))
@@ -558,10 +571,12 @@ class Daemon:
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.input]
         # The model's coordinator stops tokenizing once the ids would not fit the answer.
+        per_id = TOKEN_PIECE_JSON_BYTES if args.pieces else _BYTES_PER_TOKEN_ID
         result = await slot.tokenize(
             texts,
             self.config.request_timeout,
-            max_ids=self.config.max_response // _BYTES_PER_TOKEN_ID,
+            max_ids=self.config.max_response // per_id,
+            pieces=args.pieces,
         )
         info = slot.last_info
         return TokenizeAnswer(
@@ -569,6 +584,7 @@ class Daemon:
             ids=result.ids,
             counts=result.counts,
             max_tokens=info.max_tokens if info else None,
+            pieces=result.pieces,
         )
 
 
@@ -586,6 +602,7 @@ def _embed_answer(
         windows=result.windows,
         usage=Usage(prompt_tokens=sum(result.tokens)),
         spans=spans,
+        precision=args.precision,
     )
 
 

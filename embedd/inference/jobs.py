@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from ..wire.answers import TokenPiece
 from ..wire.errors import EmbeddError
 from ..wire.messages import Embed
 from .chunking import TextPiece
@@ -40,6 +41,8 @@ class EmbedResult:
 @dataclass(frozen=True, slots=True)
 class TokenizeResult:
     ids: list[list[int]]
+    # Each text's tokens with their texts and spans, when asked for and known.
+    pieces: list[list[TokenPiece]] | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -139,6 +142,8 @@ class TokenizeJob(Job[TokenizeResult]):
     known, without tokenizing the rest."""
 
     max_ids: int | None = None
+    # Each token's text and span too (`ModelTokenizer.pieces`).
+    pieces: bool = False
 
 
 @dataclass(eq=False)

@@ -286,9 +286,11 @@ class ModelSlot:
         return await self._run(job, timeout, timeout_reported=timeout_reported)
 
     async def tokenize(
-        self, texts: list[str], timeout: float, max_ids: int | None = None
+        self, texts: list[str], timeout: float, max_ids: int | None = None, pieces: bool = False
     ) -> TokenizeResult:
-        job = TokenizeJob(texts, self._loop.create_future(), self._loop, max_ids=max_ids)
+        job = TokenizeJob(
+            texts, self._loop.create_future(), self._loop, max_ids=max_ids, pieces=pieces
+        )
         return await self._run(job, timeout)
 
     async def chunk(

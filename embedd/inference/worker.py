@@ -953,7 +953,10 @@ class ModelWorker:
             return
         try:
             if isinstance(job, TokenizeJob):
-                job.resolve(TokenizeResult(_tokenize_within(tok, job)))
+                ids = _tokenize_within(tok, job)
+                pieces = [tok.pieces(t) for t in job.texts] if job.pieces else []
+                known = [p for p in pieces if p is not None]
+                job.resolve(TokenizeResult(ids, known if job.pieces and known == pieces else None))
                 return
             if isinstance(job, ChunkJob):
                 self._chunking.append(job)

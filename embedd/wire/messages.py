@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from .errors import Code, EmbeddError
 from .options import LONG_MODES, POOLS, Long, Pool, VectorOptions
+from .precision import PRECISIONS, Precision
 
 # The model a request names when it names none (the bundled one unless the config replaces it).
 DEFAULT_MODEL = "default"
@@ -231,6 +232,8 @@ class Tokenize(Op):
     input: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     prompt: str | None = None
+    # Each token's text and span too (the HTTP front's TEI /tokenize), not a wire key.
+    pieces: bool = _derived(False)
 
     @classmethod
     def parse(cls, args: Mapping[str, Any], limits: Limits) -> Tokenize:
@@ -250,6 +253,8 @@ class Embed(Op):
     dimensions: int | None = None
     prompt: str | None = None
     encoding: str = "f32"
+    # How each vector is given (precision.py); not a vector option: the cache holds float32.
+    precision: Precision = "float32"
     timeout: float | None = None
     priority: str | None = None
     cache: bool = True
@@ -292,6 +297,8 @@ class Embed(Op):
             kw["prompt"] = _typed(args, "prompt", str, "a prompt name (string)")
         if "encoding" in args:
             kw["encoding"] = _choice(args, "encoding", ENCODINGS)
+        if "precision" in args:
+            kw["precision"] = _choice(args, "precision", PRECISIONS)
         if "timeout" in args:
             kw["timeout"] = _timeout(args)
         if "priority" in args:
