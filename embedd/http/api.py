@@ -445,6 +445,11 @@ _TEI_KIND = {
 }
 
 
+# The keys whose refusals with a `limit` are TEI's 413: the texts of a request, counted or
+# sized (`documents` is where a rerank answer echoing them is refused over max_response).
+_TEI_COUNTED = frozenset({"input", "texts", "documents"})
+
+
 def tei_error(error: EmbeddError) -> Response:
     """Every refusal of a TEI route, in TEI's shape (`{"error", "error_type"}`) and with its
     status: 413 for what is over a limit (too many inputs, an input over the model's tokens,
@@ -453,8 +458,8 @@ def tei_error(error: EmbeddError) -> Response:
     (TEI has no request timeout), and what else TEI has no kind for keeps embedd's status."""
     kind, status = _TEI_KIND.get(error.code, ("Validation", status_of(error)))
     if error.code in (Code.BAD_REQUEST, Code.UNKNOWN_MODEL, Code.UNKNOWN_OP):
-        # Too many inputs (or rerank texts) is over a limit; other counted refusals are not.
-        over_limit = "limit" in error.details and error.details.get("key") in ("input", "texts")
+        # Too many inputs (or rerank texts), or an answer over max_response, is over a limit.
+        over_limit = "limit" in error.details and error.details.get("key") in _TEI_COUNTED
         status = (
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE if over_limit else HTTPStatus.UNPROCESSABLE_ENTITY
         )
