@@ -307,10 +307,12 @@ class Model:
         llama-server needs `--reranking` for them; the head says what the model is."""
         if configured is not None:
             return configured
-        arch = self.card["architecture"]
-        if self._meta(f"{arch}.pooling_type") is None and self.classifier_labels:
-            return "rank"
-        return None
+        declared = self._meta(f"{self.card['architecture']}.pooling_type")
+        if declared is None:
+            return "rank" if self.classifier_labels else None
+        # Named here (rather than left to llama.cpp) so that the context knows it reranks.
+        rank = declared.isdigit() and int(declared) == lc.LLAMA_POOLING_TYPE_RANK
+        return "rank" if rank else None
 
     def _classifier_labels(self) -> list[str]:
         """The labels of the file's classification head (`ARCH.classifier.output_labels`),
