@@ -27,8 +27,9 @@ PRIORITIES = ("interactive", "bulk")
 # (100,000 long chunks take about an hour on 2 cores with the bundled model), and a finite cap
 # keeps every wait in the daemon and the client bounded (1e10 overflowed the client's clock).
 MAX_TIMEOUT = 3600.0
-# Documents one `rerank` request may score (Cohere's rerank API takes at most as many per
-# request); the config's `max_inputs` lowers it further when it is smaller.
+# Documents one `rerank` request may score: the most Cohere's rerank API recommends per
+# request, which reranking clients are written for (every document is a full pass of the
+# model beside the query); the config's `max_inputs` lowers it further when it is smaller.
 MAX_RERANK_DOCUMENTS = 1000
 # Echoed client values (ids, keys, op names) are cut to this many characters in error
 # messages, so that a hostile 60 MB value cannot turn into a 180 MB error frame.
