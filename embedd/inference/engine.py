@@ -340,7 +340,11 @@ class Model:
         if lc.llama_vocab_get_add_sep(vocab):
             middle.append(int(lc.llama_vocab_sep(vocab)))
         tail = [eos] if lc.llama_vocab_get_add_eos(vocab) else []
-        return PairFrame(head=head, middle=middle, tail=tail)
+
+        def known(ids: list[int]) -> list[int]:
+            return [i for i in ids if i >= 0]  # a role the vocabulary lacks is -1
+
+        return PairFrame(head=known(head), middle=known(middle), tail=known(tail))
 
     def _pair_template(self) -> str:
         """The pair frame as text, for the model card."""
