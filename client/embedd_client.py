@@ -39,6 +39,7 @@ __all__ = [
     "EmbedOptions",
     "EmbeddError",
     "InputTooLongError",
+    "Ranked",
     "UntrustedDaemonError",
     "Window",
     "WindowOptions",
@@ -381,6 +382,23 @@ class Window:
 
 
 @dataclass(frozen=True)
+class Ranked:
+    """A document of a rerank answer: its index in the request, its score (the reranker's raw
+    logit), and its text if `return_documents` asked for it."""
+
+    index: int
+    score: float
+    document: str | None = None
+
+
+def _ranked(result: Mapping[str, Any]) -> list[Ranked]:
+    try:
+        return [Ranked(r["index"], float(r["score"]), r.get("document")) for r in result["results"]]
+    except (KeyError, TypeError, ValueError):
+        raise EmbeddError("protocol_error", "rerank result lacks its results") from None
+
+
+@dataclass(frozen=True)
 class _Call(Generic[T]):
     op: str
     args: dict[str, Any]
@@ -629,6 +647,20 @@ class _Base:
         """Each input split into windows that fit the model (`overlap` tokens shared between
         neighbours), each window with its vector, span and text, in input order."""
         return _embed_windows(texts, model, options)
+
+    @_Op
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        model: str = "default",
+        top_n: int | None = None,
+        return_documents: bool = False,
+    ) -> _Call[list[Ranked]]:
+        """Each document scored against `query` by a reranker (a cross-encoder), best first
+        (`top_n` of them); a document longer than the model's window scores as its best piece."""
+        args = _given(query=query, documents=list(documents), model=model, top_n=top_n)
+        return _Call("rerank", {**args, "return_documents": return_documents}, _ranked)
 
     @_Op
     def embed_query(

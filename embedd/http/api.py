@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -21,9 +23,9 @@ import numpy.typing as npt
 
 from .. import __version__
 from ..wire import precision as compact
-from ..wire.answers import EmbedAnswer, Sizing, TokenizeAnswer
+from ..wire.answers import EmbedAnswer, RerankAnswer, Sizing, TokenizeAnswer
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import DEFAULT_MODEL, Chunk, Embed, Limits, Tokenize
+from ..wire.messages import DEFAULT_MODEL, Chunk, Embed, Limits, Rerank, Tokenize
 
 # What embedd says it is to apps that probe Ollama (`GET /api/version`): the Ollama API
 # version whose /api/embed fields this front implements.
@@ -443,6 +445,11 @@ _TEI_KIND = {
 }
 
 
+# The keys whose refusals with a `limit` are TEI's 413: the texts of a request, counted or
+# sized (`documents` is where a rerank answer echoing them is refused over max_response).
+_TEI_COUNTED = frozenset({"input", "texts", "documents"})
+
+
 def tei_error(error: EmbeddError) -> Response:
     """Every refusal of a TEI route, in TEI's shape (`{"error", "error_type"}`) and with its
     status: 413 for what is over a limit (too many inputs, an input over the model's tokens,
@@ -451,7 +458,8 @@ def tei_error(error: EmbeddError) -> Response:
     (TEI has no request timeout), and what else TEI has no kind for keeps embedd's status."""
     kind, status = _TEI_KIND.get(error.code, ("Validation", status_of(error)))
     if error.code in (Code.BAD_REQUEST, Code.UNKNOWN_MODEL, Code.UNKNOWN_OP):
-        over_limit = "limit" in error.details and error.details.get("key") == "input"
+        # Too many inputs (or rerank texts), or an answer over max_response, is over a limit.
+        over_limit = "limit" in error.details and error.details.get("key") in _TEI_COUNTED
         status = (
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE if over_limit else HTTPStatus.UNPROCESSABLE_ENTITY
         )
@@ -614,3 +622,133 @@ _CHUNK_ANSWER_FACTOR = 3
 
 def chunk_answer_bytes(body_bytes: int) -> int:
     return _ENVELOPE_BYTES + _CHUNK_ANSWER_FACTOR * body_bytes
+
+
+# --- rerank: llama-server / Jina / Cohere, and text-embeddings-inference ----------------------
+# Two shapes of one request. `POST /v1/rerank` (llama-server's route, the shape Jina's API and
+# Cohere's v1 API share) and `POST /v2/rerank` (Cohere's v2, which LangChain's CohereRerank
+# calls): {model, query, documents, top_n, return_documents} -> {results: [{index,
+# relevance_score, document?}], model, usage}. `POST /rerank` is TEI's: {query, texts,
+# raw_scores, return_text, truncate} -> [{index, score, text?}]. Both score with the model's
+# raw logit where their reference server does: llama-server returns the logit as
+# `relevance_score`; TEI returns its sigmoid unless `raw_scores` is true. TEI's route refuses
+# in TEI's shape (`tei_error`).
+
+RERANK_KEYS = frozenset(
+    {"model", "query", "documents", "top_n", "return_documents"}
+    # Cohere's: embedd never cuts a document (a long one is scored in pieces, as its best
+    # piece), so a token cap per document is accepted and has nothing to cut; `priority` is
+    # Cohere's number, unrelated to embedd's lanes, and accepted unused.
+    | {"max_tokens_per_doc", "max_chunks_per_doc", "rank_fields", "priority"}
+)
+TEI_RERANK_KEYS = frozenset(
+    {"query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction", "model"}
+)
+
+
+def _document_text(doc: Any) -> Any:
+    """A document as Jina and Cohere send it: a string, or an object with its `text`."""
+    if isinstance(doc, Mapping) and isinstance(doc.get("text"), str):
+        return doc["text"]
+    return doc
+
+
+def rerank(body: Mapping[str, Any], limits: Limits) -> Rerank:
+    """`POST /v1/rerank`, `POST /v2/rerank` -> the typed request (its checks are the msgpack
+    op's). Raises EmbeddError (-> openai_error)."""
+    _check_keys(body, RERANK_KEYS)
+    if "model" not in body:
+        raise _bad("model is required", "model")
+    args: dict[str, Any] = {"model": body["model"]}
+    for key in ("query", "top_n", "return_documents"):
+        if body.get(key) is not None:
+            args[key] = body[key]
+    documents = body.get("documents")
+    if isinstance(documents, list):
+        args["documents"] = [_document_text(d) for d in documents]
+    elif documents is not None:
+        args["documents"] = documents
+    return Rerank.parse(args, limits)
+
+
+def rerank_json(call: Rerank, answer: RerankAnswer) -> bytes:
+    """The llama-server / Jina / Cohere answer: results best first, each document (if asked)
+    as `{"text": ...}`, and the tokens read as usage."""
+    results = []
+    for r in answer.results:
+        item: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
+        if r.document is not None:
+            item["document"] = {"text": r.document}
+        results.append(item)
+    tokens = answer.usage.prompt_tokens
+    return _json_text(
+        {
+            "id": str(uuid.uuid4()),
+            "object": "list",
+            "model": call.model,
+            "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "meta": {"billed_units": {"input_tokens": tokens}},
+            "embedd": {"pieces": {str(i): n for i, n in enumerate(answer.pieces) if n > 1}},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TeiRerank:
+    request: Rerank
+    raw_scores: bool
+
+
+def tei_rerank(body: Mapping[str, Any], limits: Limits) -> TeiRerank:
+    """TEI's `POST /rerank` -> the typed request, on the model named "default" unless the
+    body names another (`model`, an extra: TEI serves one model). `truncate` is accepted and
+    changes nothing: embedd never cuts a document (a long one is scored in pieces)."""
+    _check_keys(body, TEI_RERANK_KEYS)
+    flags = {}
+    for key in ("raw_scores", "return_text", "truncate"):
+        value = body.get(key, False)
+        if not isinstance(value, bool):
+            raise _bad(f"{key} must be true or false", key)
+        flags[key] = value
+    args: dict[str, Any] = {"model": body.get("model") or "default"}
+    if "query" in body:
+        args["query"] = body["query"]
+    if "texts" in body:
+        args["documents"] = body["texts"]
+    try:
+        request = Rerank.parse({**args, "return_documents": flags["return_text"]}, limits)
+    except EmbeddError as exc:
+        # TEI's own names for what was wrong.
+        if exc.details.get("key") == "documents":
+            exc = EmbeddError(
+                exc.code,
+                exc.message.replace("documents", "texts"),
+                **{**exc.details, "key": "texts"},
+            )
+        raise exc from None
+    return TeiRerank(request, flags["raw_scores"])
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def tei_rerank_json(call: TeiRerank, answer: RerankAnswer) -> bytes:
+    """TEI's answer: `[{index, score, text?}]`, best first; the score is the logit's sigmoid
+    unless `raw_scores`."""
+    rows = []
+    for r in answer.results:
+        row: dict[str, Any] = {
+            "index": r.index,
+            "score": r.score if call.raw_scores else _sigmoid(r.score),
+        }
+        if r.document is not None:
+            row["text"] = r.document
+        rows.append(row)
+    return _json_text(rows)
+
+
+def _json_text(value: Any) -> bytes:
+    """JSON with text as UTF-8 (documents echoed back are not inflated sixfold by escapes)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -42,12 +42,13 @@ from ..wire.answers import (
     ChunkAnswer,
     EmbedAnswer,
     MapAnswer,
+    RerankAnswer,
     Sizing,
     StatsAnswer,
     TokenizeAnswer,
 )
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import DEFAULT_MODEL, Embed, Limits, Load, Models, Request, Stats
+from ..wire.messages import DEFAULT_MODEL, Embed, Limits, Load, Models, Request, Rerank, Stats
 from . import api as http_api
 from . import metrics
 from .api import ApiError, Response
@@ -348,6 +349,24 @@ class HttpServer(Listener):
         if state in ("loading", "failed"):
             return Response(HTTPStatus.SERVICE_UNAVAILABLE, {"status": state}, {"Retry-After": "1"})
         return Response(HTTPStatus.OK, {"status": "ok", "default_model": state})
+
+    # --- rerank (llama-server / Jina / Cohere, and TEI) --------------------------------------
+
+    async def _rerank(self, call: Rerank, reservation: Reservation) -> RerankAnswer:
+        answer = await self._run(call, None, reservation)
+        if not isinstance(answer, RerankAnswer):
+            raise EmbeddError(Code.INTERNAL, f"rerank answered {type(answer).__name__}")
+        return answer
+
+    async def rerank(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.rerank(await self._json(request.body), self.limits)
+        answer = await self._rerank(call, reservation)
+        return Response(HTTPStatus.OK, http_api.rerank_json(call, answer))
+
+    async def tei_rerank(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.tei_rerank(await self._tei_body(request), self.limits)
+        answer = await self._rerank(call.request, reservation)
+        return Response(HTTPStatus.OK, http_api.tei_rerank_json(call, answer))
 
     async def metrics(self, request: HttpRequest, reservation: Reservation) -> Response:
         stats = await self._run(Stats())

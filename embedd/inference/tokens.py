@@ -135,6 +135,16 @@ class ModelTokenizer:
             text, count, budget, overlap=overlap, chars_per_token=self._longest_piece
         )
 
+    def bare(self, text: str) -> list[int]:
+        """`text`'s ids without any special tokens (a query or document of a pair)."""
+        return self._bare_ids(text)
+
+    def pair(self, query: list[int], document: list[int]) -> list[int]:
+        """A cross-encoder's input: the bare ids of a query and a document in the model's
+        pair frame (`PairFrame`)."""
+        frame = self.spec.pair
+        return frame.head + query + frame.middle + document + frame.tail
+
     def pieces(self, text: str) -> list[TokenPiece] | None:
         """`tokenize(text)`'s tokens, each with its vocabulary text (a special token's) or
         the characters of `text` it stands for and their [start, end) span in UTF-8 bytes.

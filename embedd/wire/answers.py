@@ -180,6 +180,44 @@ class ChunkAnswer:
         }
 
 
+@dataclass(frozen=True)
+class RerankResult:
+    """One document's place in a rerank answer: its index in the request, its score (the
+    cross-encoder's raw logit, its best piece's for a document scored in pieces), and the
+    document itself when the request asked for it."""
+
+    index: int
+    score: float
+    document: str | None = None
+
+
+@dataclass(frozen=True)
+class RerankAnswer:
+    model: str
+    # Best first; `top_n` of them when the request set it.
+    results: list[RerankResult]
+    # Per document, in the request's order: its pairs' tokens, and how many pieces it was
+    # scored in (1 unless it was longer than the model's window beside the query).
+    tokens: list[int]
+    pieces: list[int]
+    usage: Usage
+
+    def to_wire(self) -> dict[str, Any]:
+        results = []
+        for r in self.results:
+            item: dict[str, Any] = {"index": r.index, "score": r.score}
+            if r.document is not None:
+                item["document"] = r.document
+            results.append(item)
+        return {
+            "model": self.model,
+            "results": results,
+            "tokens": self.tokens,
+            "pieces": self.pieces,
+            "usage": asdict(self.usage),
+        }
+
+
 # --- stats: each part's fields are its keys on the wire (PROTOCOL.md, stats) ------------------
 
 
@@ -243,6 +281,9 @@ class ModelStats:
     latency_ms: dict[str, dict[str, float]]
     loads: int
     unloads: int
+    # Rerank requests (also in `requests`) and the query/document pairs they were computed as.
+    reranks: int
+    pairs: int
     # The model process: llama.cpp runs there, never in the daemon.
     process: ProcessStats
     # Why a failed model cannot serve; the key is present only then.
@@ -288,4 +329,4 @@ class MapAnswer:
         return dict(self.values)
 
 
-Answer = EmbedAnswer | TokenizeAnswer | ChunkAnswer | StatsAnswer | MapAnswer
+Answer = EmbedAnswer | TokenizeAnswer | ChunkAnswer | RerankAnswer | StatsAnswer | MapAnswer
