@@ -94,6 +94,11 @@ class Config:
     max_inflight: int = 256
     max_inputs: int = 100_000
     request_timeout: float = 120.0
+    # Seconds a model process may take to start, load its weights and compute its first batch
+    # before it counts as hung (killed; the load fails naming this key). Reading 20 GB of
+    # weights from a disk of 100 MB/s takes under 4 minutes; a load past 10 is stuck (a file
+    # on a network share that stopped answering), not slow.
+    load_timeout: float = 600.0
     allow_shutdown: bool = False
     # Bytes of vectors and texts the LRU cache may hold (0 turns it off). 16 MiB holds about
     # 8,000 vectors of 384 dimensions with their texts; it adds to the resident memory.
@@ -186,6 +191,7 @@ _TOP_KEYS = {
     "max_inflight": int,
     "max_inputs": int,
     "request_timeout": (int, float),
+    "load_timeout": (int, float),
     "allow_shutdown": bool,
     "cache_bytes": int,
     "bulk_threshold": int,
@@ -252,6 +258,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_inflight": (1, 100_000),
     "max_inputs": (1, 10_000_000),
     "request_timeout": (0.001, 3600.0),
+    "load_timeout": (0.1, 86400.0),
     "idle_timeout": (0.1, 7 * 86400.0),
     "frame_timeout": (0.1, 3600.0),
     "shutdown_grace": (0.0, 3600.0),
@@ -484,9 +491,10 @@ def load_config(
         if key in data:
             _positive(data[key], key, where, allow_zero=True)
             kwargs[key] = data[key]
-    if "request_timeout" in data:
-        _positive(data["request_timeout"], "request_timeout", where)
-        kwargs["request_timeout"] = float(data["request_timeout"])
+    for key in ("request_timeout", "load_timeout"):
+        if key in data:
+            _positive(data[key], key, where)
+            kwargs[key] = float(data[key])
     for key in ("allow_shutdown", "no_api_key", "http_allow_remote"):
         if key in data:
             kwargs[key] = data[key]

@@ -291,3 +291,30 @@ def test_a_model_process_that_stops_answering_is_replaced_and_the_batch_computed
     process = d.model_stats()["process"]
     assert process["crashes"] == 1 and process["pid"] != stopped
     assert "stopped answering" in d.log()
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def test_a_model_process_that_never_finishes_loading_is_killed_at_load_timeout(
+    workdir: Path, own_daemon: list[Daemon]
+) -> None:
+    d = start_daemon(workdir, "load_timeout = 1\n")
+    own_daemon.append(d)
+    # The spare process the daemon starts with is what the first load takes: stopped, it
+    # never says it is ready (as a process stuck reading weights from a dead network share).
+    _wait(lambda: _children(d.proc.pid), "the spare model process started")
+    (spare,) = _children(d.proc.pid)
+    os.kill(spare, signal.SIGSTOP)
+    err = d.call("embed", input="text")["error"]
+    assert err["code"] == "model_load_failed"
+    assert "load_timeout (1s)" in err["message"] and "killed as hung" in err["message"]
+    _wait(lambda: _gone(spare), "the hung process killed")
+    model = next(m for m in d.call("models")["models"] if m["name"] == "default")
+    assert model["state"] == "failed"
+    assert d.call("hello")["ok"]  # the daemon serves on

@@ -61,11 +61,14 @@ class ModelSlot:
         budget: CoreBudget,
         clock: Clock = time.monotonic,
         hung_after: float = 240.0,
+        load_timeout: float = 600.0,
     ) -> None:
         self.config = config
         self.budget = budget
         # A batch computing this long means its model process stopped answering.
         self.hung_after = hung_after
+        # A load (process start, weights, first batch) taking this long is hung.
+        self.load_timeout = load_timeout
         self._loop = loop
         self._clock = clock
         self.worker: ModelWorker | None = None
@@ -172,6 +175,7 @@ class ModelSlot:
             self.poison,
             self.verdicts,
             hung_after=self.hung_after,
+            load_timeout=self.load_timeout,
         )
         w.loaded.add_done_callback(functools.partial(self._on_loaded, w))
         self.worker = w
@@ -364,7 +368,14 @@ class ModelRegistry:
         self.budget = CoreBudget()
         self.slots: Mapping[str, ModelSlot] = {
             # Twice the daemon's request timeout: no request waits that long for one batch.
-            name: ModelSlot(mc, loop, self.budget, clock, hung_after=2 * config.request_timeout)
+            name: ModelSlot(
+                mc,
+                loop,
+                self.budget,
+                clock,
+                hung_after=2 * config.request_timeout,
+                load_timeout=config.load_timeout,
+            )
             for name, mc in config.models.items()
         }
         # Every name a request may use, aliases included: one slot (one loaded copy) each.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -149,11 +150,16 @@ class ModelWorker:
         verdicts: Verdicts | None = None,
         *,
         hung_after: float = 240.0,
+        load_timeout: float = 600.0,
     ) -> None:
         self.config = config
         # A batch computing longer than this: the model process stopped answering (a deadlock,
         # a stopped process), and is killed so that its work goes the way of a crash's.
         self._hung_after = hung_after
+        # The whole load (each process started for it, the weights, the canary) within this;
+        # past it the process is killed and the load fails, naming the key.
+        self._load_timeout = load_timeout
+        self._load_deadline = math.inf
         self._killed_hung: ModelProcess | None = None
         self.budget = budget
         self.info: ModelInfo | None = None
@@ -335,6 +341,7 @@ class ModelWorker:
         that failed (and every job heard why)."""
         cfg = self.config
         started = time.monotonic()
+        self._load_deadline = started + self._load_timeout
         try:
             identity = _identify(cfg.path)
             info = self._start(identity)
@@ -422,12 +429,28 @@ class ModelWorker:
                         if not isinstance(message, kind):
                             raise _Failed(f"model process sent {type(message).__name__}")
                         return message
-                for i, (source, exit) in enumerate(self._exits):
-                    if source is process:
-                        del self._exits[i]
-                        self.stats.crashes += exit.signal is not None
-                        raise _Died(exit, phase)
-                self._cond.wait()
+                self._raise_if_ended(process, phase)
+                self._wait_for_load(process, phase)
+
+    def _raise_if_ended(self, process: ModelProcess, phase: str) -> None:
+        """_Died if the process's end is among the exits seen (taken from them)."""
+        for i, (source, exit) in enumerate(self._exits):
+            if source is process:
+                del self._exits[i]
+                self.stats.crashes += exit.signal is not None
+                raise _Died(exit, phase)
+
+    def _wait_for_load(self, process: ModelProcess, phase: str) -> None:
+        """Wait (holding the condition) for the process's next word, within the load's
+        deadline; past it the process is killed and the load fails naming `load_timeout`."""
+        left = self._load_deadline - time.monotonic()
+        if left <= 0:
+            process.kill()
+            raise _Failed(
+                f"its model process was still {phase} when load_timeout "
+                f"({self._load_timeout:g}s) ran out; killed as hung"
+            )
+        self._cond.wait(left)
 
     def _load_in(self, process: ModelProcess, repack: bool) -> ModelInfo:
         """Load the model in a started process and get its replicas ready."""
@@ -472,12 +495,8 @@ class ModelWorker:
         try:
             with self._cond:
                 while not canary.returned:
-                    for i, (source, exit) in enumerate(self._exits):
-                        if source is process:
-                            del self._exits[i]
-                            self.stats.crashes += exit.signal is not None
-                            raise _Died(exit, "computing its first batch with")
-                    self._cond.wait()
+                    self._raise_if_ended(process, "computing its first batch with")
+                    self._wait_for_load(process, "computing its first batch")
         finally:
             with self._cond:
                 self._flying.pop(_CANARY_BATCH, None)
@@ -511,6 +530,7 @@ class ModelWorker:
                     # A stopping worker still finishes what it was given: no waiting then.
                     while not self._stopping and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(left)
+            self._load_deadline = time.monotonic() + self._load_timeout
             process = self._spawn()
             self.stats.restarts += 1
             assert self._load_message is not None
@@ -1128,22 +1148,7 @@ class ModelWorker:
             job.split_windows.append((c.start, c.end, tok.pair(job.query_ids, piece)))
             if time.perf_counter() > until:
                 return False
-        windows = job.split_windows
-        if not windows or len(windows[0][2]) <= tok.spec.pair.size + len(job.query_ids):
-            index = job.index(i)
-            raise EmbeddError(
-                Code.BAD_REQUEST,
-                f"documents[{index}] has no tokens the model knows",
-                key="documents",
-                index=index,
-            )
-        job.groups.append(list(range(len(job.tokens), len(job.tokens) + len(windows))))
-        job.spans.append([(start, end) for start, end, _ in windows])
-        job.tokens.extend(toks for _, _, toks in windows)
-        job.truncated.append(False)
-        job.split_cursor = None
-        job.split_windows = []
-        job.split_next += 1
+        _windows_done(job, "documents", tok.spec.pair.size + len(job.query_ids))
         return True
 
     def _split_input(self, job: EmbedJob, until: float) -> bool:
@@ -1173,23 +1178,31 @@ class ModelWorker:
             job.split_windows.append((c.start, c.end, toks))
             if time.perf_counter() > until:
                 return False
-        windows = job.split_windows
-        if not windows or len(windows[0][2]) <= tok.frame_size + _prompt_tokens(tok, job):
-            index = job.index(i)
-            raise EmbeddError(
-                Code.BAD_REQUEST,
-                f"input[{index}] has no tokens the model knows",
-                key="input",
-                index=index,
-            )
-        job.groups.append(list(range(len(job.tokens), len(job.tokens) + len(windows))))
-        job.spans.append([(start, end) for start, end, _ in windows])
-        job.tokens.extend(toks for _, _, toks in windows)
-        job.truncated.append(False)
-        job.split_cursor = None
-        job.split_windows = []
-        job.split_next += 1
+        _windows_done(job, "input", tok.frame_size + _prompt_tokens(tok, job))
         return True
+
+
+def _windows_done(job: EmbedJob, key: str, frame: int) -> None:
+    """The job's current input is cut into its windows (`split_windows`): they become its
+    group of sequences, with their spans. A first window of no more than the `frame` tokens
+    (special tokens, prompt or query) holds nothing of the text: refused, naming the input."""
+    i = job.split_next
+    windows = job.split_windows
+    if not windows or len(windows[0][2]) <= frame:
+        index = job.index(i)
+        raise EmbeddError(
+            Code.BAD_REQUEST,
+            f"{key}[{index}] has no tokens the model knows",
+            key=key,
+            index=index,
+        )
+    job.groups.append(list(range(len(job.tokens), len(job.tokens) + len(windows))))
+    job.spans.append([(start, end) for start, end, _ in windows])
+    job.tokens.extend(toks for _, _, toks in windows)
+    job.truncated.append(False)
+    job.split_cursor = None
+    job.split_windows = []
+    job.split_next += 1
 
 
 class _Died(Exception):
