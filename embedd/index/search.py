@@ -18,9 +18,11 @@ from typing import Any
 import embedd_client
 import numpy as np
 
+from embedd.index import vectors
 from embedd.index.records import model_fingerprint
 from embedd.index.store import (
     FTS_TABLE,
+    SQL_PARAMS,
     VECTOR_ITEM_BYTES,
     IndexUsageError,
     columns_of,
@@ -29,7 +31,9 @@ from embedd.index.store import (
     model_card,
     open_read_only,
     relative_paths,
+    tables_of,
 )
+from embedd.index.vectors import row_key
 
 # Ranking modes of `search`.
 MODE_HYBRID = "hybrid"
@@ -197,6 +201,81 @@ def _vector_ranking(
     k: int,
 ) -> list[tuple[Key, float]]:
     """Chunks by cosine to `q`, best first: the top `k`, or BM25_CANDIDATES to be fused."""
+    return vector_candidates(db, shown, q, allowed, k or BM25_CANDIDATES)
+
+
+def vector_candidates(
+    db: sqlite3.Connection,
+    shown: str,
+    q: np.ndarray[Any, np.dtype[np.float32]],
+    allowed: set[str] | None,
+    n: int,
+) -> list[tuple[Key, float]]:
+    """The `n` chunks of files in `allowed` (all when None) closest to the unit query `q`,
+    as ((file, idx), cosine), best first. Scored over the memory-mapped matrix beside the
+    index (`embedd.index.vectors`: checked against SQLite on open, rebuilt when they differ),
+    so SQLite's vector blobs are not read; from the blobs when the matrix cannot serve: an
+    index written by an older version and not re-indexed since (no generation to check it
+    against), or a folder where the matrix cannot be written."""
+    index = _database_file(db)
+    if index is None or vectors.sqlite_generation(db) is None or FTS_TABLE not in tables_of(db):
+        return _sqlite_candidates(db, shown, q, allowed, n)
+    try:
+        with vectors.shared(index, db, len(q)) as matrix:
+            keys = None if allowed is None else _row_keys(db, allowed)
+            best = vectors.top(matrix, q, n, keys)
+    except vectors.WrongLength as exc:
+        raise IndexUsageError(
+            f"{shown}: {exc} (the model's dimension); the first is {exc.first} bytes: the "
+            "index is damaged, rebuild it"
+        ) from None
+    except OSError:
+        return _sqlite_candidates(db, shown, q, allowed, n)
+    places = _places(db, [key for key, _ in best])
+    return [(places[key], score) for key, score in best if key in places]
+
+
+def _database_file(db: sqlite3.Connection) -> Path | None:
+    """The file the connection's main database is (None in memory)."""
+    for _, name, file in db.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return Path(file)
+    return None
+
+
+def _row_keys(db: sqlite3.Connection, files: set[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """The row keys of every chunk of `files`."""
+    names = sorted(files)
+    keys: list[int] = []
+    for first in range(0, len(names), SQL_PARAMS):
+        part = names[first : first + SQL_PARAMS]
+        rows = db.execute(
+            f"SELECT file, idx FROM chunks WHERE file IN ({','.join('?' * len(part))})", part
+        )
+        keys.extend(row_key(f, int(i)) for f, i in rows)
+    return np.asarray(keys, dtype=np.int64)
+
+
+def _places(db: sqlite3.Connection, keys: list[int]) -> dict[int, Key]:
+    """(file, idx) of each row key, through the keyword table whose rowid it is."""
+    out: dict[int, Key] = {}
+    for first in range(0, len(keys), SQL_PARAMS):
+        part = keys[first : first + SQL_PARAMS]
+        marks = ",".join("?" * len(part))
+        sql = f"SELECT rowid, file, idx FROM {FTS_TABLE} WHERE rowid IN ({marks})"
+        rows = db.execute(sql, part)
+        out.update((int(k), (str(f), int(i))) for k, f, i in rows)
+    return out
+
+
+def _sqlite_candidates(
+    db: sqlite3.Connection,
+    shown: str,
+    q: np.ndarray[Any, np.dtype[np.float32]],
+    allowed: set[str] | None,
+    n: int,
+) -> list[tuple[Key, float]]:
+    """`vector_candidates` from SQLite's vector blobs, every one of them read."""
     rows = db.execute("SELECT file, idx, vector FROM chunks").fetchall()
     if allowed is not None:
         rows = [r for r in rows if r[0] in allowed]
@@ -213,7 +292,7 @@ def _vector_ranking(
         )
     matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1)
     scores = matrix @ q  # stored vectors are normalized
-    order = np.argsort(-scores, kind="stable")[: k or BM25_CANDIDATES]
+    order = np.argsort(-scores, kind="stable")[:n]
     return [((rows[i][0], int(rows[i][1])), float(scores[i])) for i in order]
 
 
