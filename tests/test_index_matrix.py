@@ -368,3 +368,29 @@ def test_search_rebuilds_a_truncated_matrix_and_ranks_as_before(
     _truncate(matrix_path(db))
     assert _found(daemon, db, QUERIES[0]) == before
     _equal_to_sqlite(daemon, db)
+
+
+# --------------------------------------------------------------------------------------------
+# Keyword search bounded the same way: the commonest words left out past a budget
+
+
+def test_a_query_within_the_keyword_budget_is_scored_whole(
+    index: tuple[Path, sqlite3.Connection],
+) -> None:
+    from embedd.index.search import _rare_words
+
+    assert _rare_words(index[1], "chunk 7 of b") is None  # 233 (chunk, word) pairs
+
+
+def test_past_the_keyword_budget_the_commonest_words_are_left_out(
+    index: tuple[Path, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    search = importlib.import_module("embedd.index.search")  # the package names a function so
+    monkeypatch.setattr(search, "BM25_POSTINGS", 10)
+    _path, db = index
+    # "chunks" and "of" are in all 100 chunks, "b" in 30, "7" in 3: only "7" fits in 10.
+    assert search._rare_words(db, "Chunks of b 7") == '"7"'
+    found = search._bm25_ranking(db, "Chunks of b 7", None, 3)
+    assert {key for key, _ in found} == {("a", 7), ("b", 7), ("c", 7)}

@@ -22,6 +22,7 @@ from embedd.index import vectors
 from embedd.index.records import model_fingerprint
 from embedd.index.store import (
     FTS_TABLE,
+    FTS_TOKENIZE,
     SQL_PARAMS,
     VECTOR_ITEM_BYTES,
     IndexUsageError,
@@ -51,6 +52,13 @@ RRF_K = 60
 # score, less than the gap between neighbouring top-10 ranks.
 BM25_CANDIDATES = 200
 
+# (chunk, query word) pairs BM25 scores at most per query. FTS5 computes bm25() for every
+# chunk holding any query word, a few microseconds each: a query with a common word ("the",
+# "how") over a million chunks would score most of them. Over this many pairs the query's
+# commonest words are left out (`_rare_words`), as stopwords are: a word held by thousands
+# of chunks adds little to a chunk's score (BM25's inverse document frequency is the log of
+# its rarity), and 5,000 scorings take about 15 ms on one busy core (tests/search_bench.py).
+BM25_POSTINGS = 5_000
 # Characters of a passage at most: about two lines of a terminal, one or two sentences.
 PASSAGE_CHARS = 240
 # Words that say nothing about what is sought: left out when a passage is chosen by the words
@@ -291,7 +299,7 @@ def _sqlite_candidates(
             f"(the model's dimension); the first is {size}: the index is damaged, rebuild it"
         )
     matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1)
-    scores = matrix @ q  # stored vectors are normalized
+    scores = vectors.cosines(matrix, q)  # stored vectors are normalized
     order = np.argsort(-scores, kind="stable")[:n]
     return [((rows[i][0], int(rows[i][1])), float(scores[i])) for i in order]
 
@@ -311,6 +319,7 @@ def _bm25_ranking(
     match = _fts_query(query)
     if not match:
         return []
+    match = _rare_words(db, query) or match  # the common words left out when too many
     sql = (
         f"SELECT file, idx, bm25({FTS_TABLE}) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? "
         f"ORDER BY bm25({FTS_TABLE})"
@@ -321,6 +330,55 @@ def _bm25_ranking(
     else:
         rows = [r for r in db.execute(sql, (match,)) if r[0] in allowed][:limit]
     return [((file, int(idx)), -float(score)) for file, idx, score in rows]
+
+
+def _rare_words(db: sqlite3.Connection, query: str) -> str | None:
+    """An FTS5 query of the query's rarer words only, when scoring every chunk that holds any
+    query word would mean more than BM25_POSTINGS (chunk, word) pairs; None when that fits
+    (the whole query is scored). Words are taken from the rarest while their chunk counts
+    add up to BM25_POSTINGS (the rarest always): the others are left out as stopwords are.
+    The counts are FTS5's own (`fts5vocab`), each word tokenized as the index tokenizes it
+    (stemmed, case and accents folded), through temporary tables (the index itself may be
+    open read-only)."""
+    words = sorted({w for w in _WORD.findall(query)})
+    if not words:
+        return None
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5(text, "
+        f"tokenize = '{FTS_TOKENIZE}')"
+    )
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms "
+        "USING fts5vocab(temp, query_words, 'instance')"
+    )
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.index_terms "
+        f"USING fts5vocab(main, {FTS_TABLE}, 'row')"
+    )
+    db.execute("DELETE FROM temp.query_words")
+    db.executemany("INSERT INTO temp.query_words (rowid, text) VALUES (?, ?)", enumerate(words))
+    terms = db.execute("SELECT doc, term FROM temp.query_terms").fetchall()
+    db.execute("DELETE FROM temp.query_words")
+    marks = ",".join("?" * len(terms))
+    counts = dict(
+        db.execute(
+            f"SELECT term, doc FROM temp.index_terms WHERE term IN ({marks})",
+            [t for _, t in terms],
+        ).fetchall()
+    )
+    chunks = {words[int(i)]: 0 for i, _ in terms}
+    for i, term in terms:
+        chunks[words[int(i)]] = max(chunks[words[int(i)]], int(counts.get(term, 0)))
+    if sum(chunks.values()) <= BM25_POSTINGS:
+        return None
+    rare: list[str] = []
+    total = 0
+    for word, n in sorted(chunks.items(), key=lambda item: item[1]):
+        if rare and total + n > BM25_POSTINGS:
+            break
+        rare.append(word)
+        total += n
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in rare)
 
 
 def _fuse(rankings: Sequence[Sequence[tuple[Key, float]]]) -> list[tuple[Key, float]]:

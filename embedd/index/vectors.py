@@ -31,6 +31,7 @@ import sqlite3
 import struct
 import sys
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -195,16 +196,11 @@ def _blobs(db: sqlite3.Connection, keys: Sequence[int]) -> dict[int, bytes]:
 def _locked(handle: IO[bytes], exclusive: bool) -> Iterator[None]:
     """An advisory lock on the matrix file: searches share it, an update holds it alone (a
     rebuild needs none: it renames a new file over the old)."""
-    if sys.platform == "win32":  # no flock; Windows cannot rename over a mapped file anyway
-        yield
-        return
-    import fcntl
-
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    _flock(handle, shared=not exclusive)
     try:
         yield
     finally:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        _flock(handle, shared=None)
 
 
 class Matrix:
@@ -216,10 +212,11 @@ class Matrix:
         self.header = header
         self.rows: npt.NDArray[Any]
         if header.slots:
-            self.rows = np.memmap(
+            # A plain array over the map: indexing a np.memmap costs tens of microseconds.
+            self.rows = np.asarray(np.memmap(
                 handle, dtype=row_dtype(header.dim), mode="r", offset=HEADER_BYTES,
                 shape=(header.slots,),
-            )  # fmt: skip
+            ))  # fmt: skip
         else:
             self.rows = np.zeros(0, dtype=row_dtype(header.dim))
 
@@ -262,6 +259,23 @@ def check(matrix: Matrix, db: sqlite3.Connection, dim: int | None) -> None:
     (None: whatever the index holds). Cost: a few indexed lookups and SAMPLE_ROWS page reads,
     plus SQLite's count of the chunk table (one pass over its smallest index: a few
     milliseconds per 100,000 chunks)."""
+    _check_counts(matrix, db, dim)
+    header = matrix.header
+    if not header.live:
+        return
+    keys = matrix.keys
+    step = max(1, header.slots // SAMPLE_ROWS)
+    sample = [*range(0, header.slots, step)][:SAMPLE_ROWS]
+    sample.append(header.slots - 1)
+    wanted = {int(keys[s]): s for s in sample if keys[s] != FREE}
+    stored = _blobs(db, list(wanted))
+    for key, slot in wanted.items():
+        if stored.get(key) != matrix.vectors[slot].tobytes():
+            raise Mismatch(f"row {slot} differs from the index's vector for its chunk")
+
+
+def _check_counts(matrix: Matrix, db: sqlite3.Connection, dim: int | None) -> None:
+    """`check` without the sample of rows: the generation, model, count and dimension."""
     header = matrix.header
     generation = sqlite_generation(db)
     if header.generation != generation:
@@ -273,17 +287,6 @@ def check(matrix: Matrix, db: sqlite3.Connection, dim: int | None) -> None:
         raise Mismatch(f"it holds {header.live} vectors, the index {count}")
     if count and dim is not None and header.dim != dim:
         raise Mismatch(f"its vectors have {header.dim} dimensions, not {dim}")
-    if not count:
-        return
-    keys = matrix.keys
-    step = max(1, header.slots // SAMPLE_ROWS)
-    sample = [*range(0, header.slots, step)][:SAMPLE_ROWS]
-    sample.append(header.slots - 1)
-    wanted = {int(keys[s]): s for s in sample if keys[s] != FREE}
-    stored = _blobs(db, list(wanted))
-    for key, slot in wanted.items():
-        if stored.get(key) != matrix.vectors[slot].tobytes():
-            raise Mismatch(f"row {slot} differs from the index's vector for its chunk")
 
 
 def open_checked(index: Path, db: sqlite3.Connection, dim: int | None) -> Matrix:
@@ -315,27 +318,79 @@ def open_checked(index: Path, db: sqlite3.Connection, dim: int | None) -> Matrix
     return matrix
 
 
+# Matrices a process keeps mapped between its searches, most recently used kept: mapping a
+# file costs a page fault per page on its first reading (for 1,000,000 chunks, seconds), so a
+# program searching through the Python API pays it once. Each is only address space over the
+# page cache; 4 covers a program that searches a few indexes in turn.
+MAPPED_MATRICES = 4
+_mapped: OrderedDict[Path, Matrix] = OrderedDict()
+
+
 @contextmanager
 def shared(index: Path, db: sqlite3.Connection, dim: int | None) -> Iterator[Matrix]:
-    """The checked matrix, held under a shared lock (no update runs while a search reads)."""
-    matrix = open_checked(index, db, dim)
-    try:
-        with _locked(matrix.handle, exclusive=False):
-            if _replaced(matrix):  # renamed over between the check and the lock
-                matrix.close()
-                matrix = open_checked(index, db, dim)
-            yield matrix
-    finally:
+    """The matrix of `index`, checked against SQLite, held under a shared lock while the
+    caller reads it (an update waits). One this process mapped before is used again when
+    the file is still the one mapped, with the same header, and its generation, model,
+    count and dimension still match SQLite's; else the file is opened and fully checked
+    (and rebuilt if it differs)."""
+    path = matrix_path(index)
+    matrix = _mapped.pop(path, None)
+    for _ in range(3):  # a writer renaming a new file over it between open and lock: again
+        fresh = matrix is None
+        if matrix is None:
+            matrix = open_checked(index, db, dim)
+        _flock(matrix.handle, shared=True)
+        try:
+            if _current(matrix):
+                if not fresh:
+                    _check_counts(matrix, db, dim)
+                break
+        except Mismatch:
+            pass
+        _flock(matrix.handle, shared=None)
         matrix.close()
+        matrix = None
+    else:
+        raise Mismatch("the matrix file kept changing while it was opened")
+    try:
+        yield matrix
+    except BaseException:
+        _flock(matrix.handle, shared=None)
+        matrix.close()
+        raise
+    _flock(matrix.handle, shared=None)
+    _mapped[path] = matrix
+    while len(_mapped) > MAPPED_MATRICES:
+        _mapped.popitem(last=False)[1].close()
 
 
-def _replaced(matrix: Matrix) -> bool:
+def forget_mapped() -> None:
+    """Unmap every matrix this process keeps mapped (the next search maps afresh)."""
+    while _mapped:
+        _mapped.popitem()[1].close()
+
+
+def _flock(handle: IO[bytes], *, shared: bool | None) -> None:
+    """Take the file's advisory lock, shared or alone, or (None) release it."""
+    if sys.platform == "win32":  # no flock; Windows cannot rename over a mapped file anyway
+        return
+    import fcntl
+
+    op = fcntl.LOCK_UN if shared is None else fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    fcntl.flock(handle.fileno(), op)
+
+
+def _current(matrix: Matrix) -> bool:
+    """Whether `matrix` is still the file at its path, unchanged: same inode, size and
+    header bytes (every update rewrites the header)."""
     try:
         now = os.stat(matrix.path)
     except FileNotFoundError:
-        return True
+        return False
     mine = os.fstat(matrix.handle.fileno())
-    return (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino)
+    if (now.st_dev, now.st_ino, now.st_size) != (mine.st_dev, mine.st_ino, matrix.header.size):
+        return False
+    return os.pread(matrix.handle.fileno(), _HEADER.size, 0) == matrix.header.pack()[: _HEADER.size]
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,6 +563,16 @@ def remove(index: Path) -> None:
     matrix_path(index).unlink(missing_ok=True)
 
 
+def cosines(matrix: npt.NDArray[np.float32], q: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Each row of `matrix` (unit vectors) dotted with the unit query `q`. numpy's einsum, on
+    one thread, rather than `@`: OpenBLAS splits a matrix-vector product across threads, and
+    on a machine whose cores are busy its threads wait for a time slice (tens of
+    milliseconds) while the product alone takes one; one core streams the matrix as fast as
+    memory allows."""
+    out: npt.NDArray[np.float32] = np.einsum("ij,j->i", matrix, q)
+    return out
+
+
 def top(
     matrix: Matrix,
     q: npt.NDArray[np.float32],
@@ -518,7 +583,7 @@ def top(
     the row keys `allowed` (all when None): one matrix-vector product, then argpartition."""
     if not matrix.header.live or n <= 0:
         return []
-    scores = matrix.vectors @ q
+    scores = cosines(matrix.vectors, q)
     keys = matrix.keys
     if allowed is not None:
         scores[~np.isin(keys, allowed)] = -np.inf
@@ -527,4 +592,5 @@ def top(
     n = min(n, len(scores))
     best = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
     best = best[np.argsort(-scores[best], kind="stable")]
-    return [(int(keys[i]), float(scores[i])) for i in best if np.isfinite(scores[i])]
+    best = best[np.isfinite(scores[best])]
+    return list(zip(keys[best].tolist(), scores[best].tolist(), strict=True))
