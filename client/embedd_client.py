@@ -28,8 +28,10 @@ from types import CoroutineType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 import msgpack  # type: ignore[import-untyped]
-import numpy as np
-import numpy.typing as npt
+
+if typing.TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "AsyncClient",
@@ -76,7 +78,22 @@ _HTTP_MISTAKE = (
 _UCRED = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
 
 PathArg = str | os.PathLike[str]
-Vectors = npt.NDArray[np.float32]
+if typing.TYPE_CHECKING:
+    Vectors = npt.NDArray[np.float32]
+
+
+def __getattr__(name: str) -> Any:
+    """`Vectors` (numpy float32 arrays), made when first asked for: numpy is imported with
+    the first vectors, not with the module, so a program that only asks the daemon for its
+    status or a command's `--help` starts without it."""
+    if name == "Vectors":
+        import numpy as np
+        import numpy.typing as npt
+
+        return npt.NDArray[np.float32]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 T = TypeVar("T")
 _Coroutine: typing.TypeAlias = "CoroutineType[Any, Any, T]"
 P = ParamSpec("P")
@@ -434,6 +451,8 @@ def _vectors(result: Mapping[str, Any], single: bool) -> Vectors:
         raise EmbeddError(
             "protocol_error", f"embed result has {len(data)} bytes, expected {count} x {dim} x 4"
         )
+    import numpy as np
+
     # astype copies: the array is writable, native-endian and does not pin the frame's bytes.
     vectors = np.frombuffer(data, "<f4").reshape(count, dim).astype(np.float32)
     return vectors[0] if single else vectors

@@ -19,6 +19,7 @@ import embedd_client
 import numpy as np
 
 from embedd.index import vectors
+from embedd.index.modes import DEFAULT_MODE, MODE_BM25, MODE_HYBRID, MODE_VECTOR, MODES  # noqa: F401
 from embedd.index.records import model_fingerprint
 from embedd.index.store import (
     FTS_TABLE,
@@ -36,14 +37,6 @@ from embedd.index.store import (
 )
 from embedd.index.vectors import row_key
 
-# Ranking modes of `search`.
-MODE_HYBRID = "hybrid"
-MODE_VECTOR = "vector"
-MODE_BM25 = "bm25"
-MODES = (MODE_HYBRID, MODE_VECTOR, MODE_BM25)
-# Hybrid measured better than either alone on tests/data/relevance (README, "From a folder of
-# notes to search"), so it is the default.
-DEFAULT_MODE = MODE_HYBRID
 # Reciprocal rank fusion's constant: score = sum over rankings of 1 / (RRF_K + rank). 60 is the
 # value of Cormack, Clarke and Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
 # individual Rank Learning Methods" (SIGIR 2009), used unchanged by most hybrid search engines.
