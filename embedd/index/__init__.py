@@ -12,6 +12,8 @@ for hit in search("notes.db", "renew the certificate", k=5, mode="hybrid", paths
 A client of the daemon (through `embedd_client`); it never imports the daemon's own layers.
 """
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from embedd.index.modes import DEFAULT_MODE, MODES
@@ -28,6 +30,19 @@ _HOMES = {
     "index_paths": "ingest", "Hit": "search", "search": "search", "IndexInfo": "store",
     "IndexUsageError": "store", "describe": "store", "drop": "store",
 }  # fmt: skip
+
+
+class _Package(types.ModuleType):
+    """The package keeps naming the function `search` once its module `search` is imported
+    (the import system sets each submodule on its package, which would hide the function)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
