@@ -178,7 +178,7 @@ def measure(db: Path, socket: Path, queries: int) -> dict[str, float]:
             out[f"search {mode}"] = _median_ms(run, [(q, mode, memo) for q in texts])
         options: dict[str, Any] = {"priority": "interactive", "long": "split"}  # as search
         out["embed"] = _median_ms(
-            plain.embed, [(q, "default") for q in _queries(queries, 1)], **options
+            plain.embed, [(q, "default") for q in _queries(queries, db.stat().st_size)], **options
         )
         for mode in ("vector", "hybrid"):
             out[f"whole {mode}"] = out[f"search {mode}"] + out["embed"]

@@ -144,8 +144,13 @@ def _search(
             if note is not None:
                 note(f"{old}: ranked by vectors only; re-run `embedd index` to add them")
             mode = MODE_VECTOR
-        files = [row[0] for row in db.execute("SELECT path FROM files")]
-        rel = relative_paths(files, json.loads(meta.get("roots", "[]")))
+        roots = json.loads(meta.get("roots", "[]"))
+        # Every file's relative path only when the globs or an index without roots need them
+        # (a million chunks are tens of thousands of files); else the hits' alone, below.
+        files = (
+            [row[0] for row in db.execute("SELECT path FROM files")] if globs or not roots else []
+        )
+        rel = relative_paths(files, roots)
         allowed = {f for f in files if _path_matches(rel[f], globs, f)} if globs else None
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
         rankings: list[list[tuple[Key, float]]] = []
@@ -173,6 +178,8 @@ def _search(
         ranked, details, passages, strict=True
     ):
         passage_line = line + text.count("\n", 0, offset) if line else 0
+        if file not in rel:
+            rel.update(relative_paths([file], roots))
         hits.append(Hit(file, rel[file], passage_line, score, passage, text, (start, end)))
     return hits
 
