@@ -153,6 +153,19 @@ def test_a_reindexed_file_is_updated_in_place_without_a_rebuild(
     assert _ranking_matches_sqlite(db)
 
 
+def test_a_matrix_a_search_rebuilt_meanwhile_is_not_updated_from_stale_slots(
+    index: tuple[Path, sqlite3.Connection],
+) -> None:
+    path, db = index
+    writer = Writer(path, db)
+    change = _put(db, "b", 35)  # committed; the writer has not applied it yet
+    assert _ranking_matches_sqlite(db)  # a search saw SQLite ahead and rebuilt the file
+    writer.changed(db, *change)
+    assert writer.rebuilds == 1
+    vectors.check(vectors._open(matrix_path(path)), db, DIM)
+    assert _ranking_matches_sqlite(db)
+
+
 def test_a_removed_files_rows_are_freed_and_never_found(
     index: tuple[Path, sqlite3.Connection],
 ) -> None:

@@ -352,6 +352,10 @@ def shared(index: Path, db: sqlite3.Connection, dim: int | None) -> Iterator[Mat
                 break
         except Mismatch:
             pass
+        except BaseException:
+            _flock(matrix.handle, shared=None)
+            matrix.close()
+            raise
         _flock(matrix.handle, shared=None)
         matrix.close()
         matrix = None
@@ -503,10 +507,23 @@ class Writer:
             return
         if not removed and not added:
             return
+        applied = False
         with open(self.path, "r+b") as handle, _locked(handle, exclusive=True):
-            if not _same_file(handle, self.path):
-                raise Mismatch("replaced while updating")  # pragma: no cover - a race
-            self._apply(handle, removed, added, expected)
+            # Still the file this writer loaded: a search may have rebuilt it meanwhile (it
+            # saw SQLite ahead of the matrix between a commit and this update).
+            on_disk = os.pread(handle.fileno(), _HEADER.size, 0)
+            if (
+                _same_file(handle, self.path)
+                and on_disk == self.header.pack()[: _HEADER.size]
+                and os.fstat(handle.fileno()).st_size == self.header.size
+            ):
+                self._apply(handle, removed, added, expected)
+                applied = True
+        if not applied:
+            rebuild(self.index, db, None)
+            self.rebuilds += 1
+            self._reload(db)
+            return
         if needs_compaction(self.header.slots, self.header.live):
             self.compact(db)
 
