@@ -28,8 +28,10 @@ from types import CoroutineType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 import msgpack  # type: ignore[import-untyped]
-import numpy as np
-import numpy.typing as npt
+
+if typing.TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "AsyncClient",
@@ -77,10 +79,26 @@ _HTTP_MISTAKE = (
 _UCRED = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
 
 PathArg = str | os.PathLike[str]
-Vectors = npt.NDArray[np.float32]
-# `embed`'s answer: float32 rows, or with `precision` float16 rows or packed signs (int8 for
-# "binary", uint8 for "ubinary", ceil(dim / 8) bytes a row, as sentence-transformers packs them).
-Embeddings = npt.NDArray[Any]
+if typing.TYPE_CHECKING:
+    Vectors = npt.NDArray[np.float32]
+    # `embed`'s answer: float32 rows, or with `precision` float16 rows or packed signs (int8
+    # for "binary", uint8 for "ubinary", ceil(dim / 8) bytes a row, as sentence-transformers
+    # packs them).
+    Embeddings = npt.NDArray[Any]
+
+
+def __getattr__(name: str) -> Any:
+    """`Vectors` and `Embeddings` (numpy arrays), made when first asked for: numpy is imported
+    with the first vectors, not with the module, so a program that only asks the daemon for
+    its status or a command's `--help` starts without it."""
+    if name in ("Vectors", "Embeddings"):
+        import numpy as np
+        import numpy.typing as npt
+
+        return npt.NDArray[np.float32] if name == "Vectors" else npt.NDArray[Any]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _DTYPES = {"float32": "<f4", "float16": "<f2", "binary": "i1", "ubinary": "u1"}
 T = TypeVar("T")
 _Coroutine: typing.TypeAlias = "CoroutineType[Any, Any, T]"
@@ -451,6 +469,8 @@ def _texts(texts: str | Sequence[str]) -> str | list[str]:
 
 def _vectors(result: Mapping[str, Any], single: bool) -> Embeddings:
     count, dim, data = result.get("count"), result.get("dim"), result.get("embeddings")
+    import numpy as np
+
     precision = result.get("precision", "float32")
     if not isinstance(count, int) or not isinstance(dim, int) or not isinstance(data, bytes):
         raise EmbeddError("protocol_error", "embed result lacks count, dim or f32 embeddings")

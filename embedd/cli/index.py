@@ -35,15 +35,18 @@ from embedd.index.store import IndexInfo, display
 
 def summary(counts: Counts, out: str) -> str:
     """The line `embedd index` ends with; skips are counted by reason, so a user can tell
-    "3 skipped" that are binaries from 3 that could not be read."""
+    "3 skipped" that are binaries from 3 that could not be read; chunks whose text was
+    already embedded (their vector copied) are counted apart."""
     if not counts.files_seen and not counts.files_removed:
         return f"found no files to index (nothing under the paths given) -> {out}"
     skipped = f"{counts.files_skipped} skipped"
     if counts.skipped:
         by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.skipped.items()))
         skipped += f" ({by_reason})"
+    n = counts.chunks_reused
+    reused = f", {n} duplicates not embedded again" if n else ""
     return (
-        f"indexed {counts.files_indexed} files ({counts.chunks} chunks), "
+        f"indexed {counts.files_indexed} files ({counts.chunks} chunks{reused}), "
         f"{counts.files_unchanged} unchanged, {counts.files_removed} removed, {skipped} -> {out}"
     )
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import embedd_client
-import numpy as np
 
 from embedd import __version__
 from embedd.config import Config, ConfigError, fit_to_cores, load_config, parse_model_option
@@ -379,6 +378,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         vectors = client.embed(texts, args.model, **options)
     count, dim = vectors.shape
     if args.npy:
+        import numpy as np
+
         # Through a file object: np.save(name) would append ".npy" to a name without it.
         with open(args.npy, "wb") as f:
             np.save(f, vectors)

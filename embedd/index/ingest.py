@@ -24,6 +24,7 @@ import embedd_client
 import numpy as np
 import numpy.typing as npt
 
+from embedd.index import vectors
 from embedd.index.records import (
     COLUMNS,
     META_FINGERPRINT,
@@ -45,7 +46,10 @@ from embedd.index.store import (
     open_index,
     record_run,
     stored_dim,
+    stored_vectors,
+    text_hash,
 )
+from embedd.index.vectors import row_key
 from embedd.index.walk import (
     SKIP_REFUSED,
     Skipped,
@@ -71,6 +75,9 @@ class Counts:
     skipped: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     tokens: int = 0
+    # Chunks whose text (normalized: `store.text_hash`) the index already held, or an earlier
+    # chunk of the run had: their vector was copied, not computed again.
+    chunks_reused: int = 0
     # Each skipped file and why, in the order met.
     skips: list[tuple[str, str]] = field(default_factory=list)
 
@@ -142,10 +149,12 @@ class BatchSent:
 
 @dataclass(frozen=True)
 class Embedded:
-    """A batch came back: `chunks` chunks of `tokens` tokens in all."""
+    """A batch is done: `chunks` chunks of `tokens` tokens in all, `reused` of those chunks
+    not sent to the daemon (their text was already embedded: its vector was copied)."""
 
     chunks: int
     tokens: int
+    reused: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,14 @@ def index_paths(
         )  # fmt: skip
     except sqlite3.Error as exc:
         raise IndexUsageError(f"{display(str(target))}: {exc}") from None
+    except vectors.WrongLength as exc:
+        raise IndexUsageError(
+            f"{display(str(target))}: {exc}: the index is damaged, rebuild it"
+        ) from None
+    except OSError as exc:
+        raise IndexUsageError(
+            f"{display(str(vectors.matrix_path(target)))}: {exc.strerror or exc}"
+        ) from None
 
 
 # Parquet rows read and stored at a time: bounded memory whatever the size of the output.
@@ -287,13 +304,14 @@ def index_parquet(source: str | os.PathLike[str], out: str | os.PathLike[str]) -
                 [("updated", now), ("parquet", str(root.resolve()))],
             )
             counts.files_indexed = counts.files_seen = len(seen)
+        vectors.open_checked(target, db, dim).close()  # rebuilt from the rows just stored
         done = True
     except sqlite3.Error as exc:
         raise IndexUsageError(f"{display(str(target))}: {exc}") from None
     finally:
         db.close()
         if new and not done:
-            for suffix in ("", "-journal", "-wal", "-shm"):
+            for suffix in ("", "-journal", "-wal", "-shm", vectors.SUFFIX):
                 target.with_name(target.name + suffix).unlink(missing_ok=True)
     return counts
 
@@ -430,7 +448,10 @@ def _build(
         check_model(db, model, fingerprint)
         rechunk = record_run(db, paths, chunking)
         db.commit()
-        skip = [out] + [out.with_name(out.name + s) for s in ("-journal", "-wal", "-shm")]
+        matrix = vectors.Writer(out, db)  # an index without one gets it here
+        skip = [out] + [
+            out.with_name(out.name + s) for s in ("-journal", "-wal", "-shm", vectors.SUFFIX)
+        ]
         progress(Finding(0))
         files = list(walk(paths, excludes, skip, found=lambda n: progress(Finding(n))))
         known = dict(db.execute("SELECT path, sha256 FROM files").fetchall())
@@ -468,18 +489,18 @@ def _build(
                 text = decode(path, data)
                 del data  # the text is what is kept from here on
                 chunked = True
-                _index_file(client, db, name, digest, text, model, fingerprint, chunking,
-                            counts, progress, size)  # fmt: skip
+                _index_file(client, db, matrix, name, digest, text, model, fingerprint,
+                            chunking, counts, progress, size)  # fmt: skip
                 counts.files_indexed += 1
             except Skipped as skipped:
                 _skipped(counts, progress, name, skipped)
             progress(FileDone(name, size, chunked=chunked))
         present = {str(p) for p in files}
         gone = [p for p in known if p not in present and under(p, paths)]
-        for p in gone:
-            drop_file(db, p)
+        removed = [key for p in gone for key in drop_file(db, p)]
         counts.files_removed = len(gone)
         db.commit()
+        matrix.changed(db, removed, [])
         progress(Finished())
     finally:
         db.close()
@@ -497,6 +518,7 @@ def _skipped(
 def _index_file(
     client: embedd_client.Client,
     db: sqlite3.Connection,
+    matrix: vectors.Writer,
     name: str,
     digest: str,
     text: str,
@@ -509,9 +531,12 @@ def _index_file(
 ) -> None:
     """One file, in one transaction: all its chunks or none (Ctrl-C rolls it back). Text the
     daemon refuses as a bad request (say, only control or private-use characters, for which the
-    model has no tokens) skips this file, not the run: the next run would meet it again."""
+    model has no tokens) skips this file, not the run: the next run would meet it again. A
+    chunk whose text the index already holds (this file's unchanged paragraphs, a copy of
+    another file) gets that vector, copied, instead of being embedded again."""
     rows: list[dict[str, Any]] = []
-    total = done = 0
+    seen: dict[str, bytes] = {}  # this file's vectors by text hash
+    total = done = reused = 0
     try:
         chunks = (
             client.chunk(text, model, max_tokens=chunking.tokens, overlap=chunking.overlap)
@@ -523,32 +548,43 @@ def _index_file(
         lines = start_lines(text, [c["span"][0] for c in chunks])
         for first in range(0, len(chunks), EMBED_BATCH):
             batch = chunks[first : first + EMBED_BATCH]
-            progress(BatchSent())
-            vectors = client.embed(
-                [c["text"] for c in batch], model, priority="bulk", **INDEX_OPTIONS.request()
-            )
-            for j, (c, vec) in enumerate(zip(batch, vectors, strict=True)):
+            hashes = [text_hash(c["text"]) for c in batch]
+            known = stored_vectors(db, [h for h in hashes if h not in seen])
+            new = {h: c["text"] for h, c in zip(hashes, batch, strict=True)}
+            new = {h: t for h, t in new.items() if h not in seen and h not in known}
+            if new:
+                progress(BatchSent())
+                embedded = client.embed(
+                    list(new.values()), model, priority="bulk", **INDEX_OPTIONS.request()
+                )
+                for h, vec in zip(new, embedded, strict=True):
+                    seen[h] = np.asarray(vec, dtype="<f4").tobytes()
+            seen.update(known)
+            for j, c in enumerate(batch):
                 idx = first + j
                 rows.append(
                     {"id": chunk_id(c["text"], fingerprint, INDEX_OPTIONS, file=name, idx=idx),
                      "file": name, "idx": idx, "start": c["span"][0], "end": c["span"][1],
                      "line": lines[idx], "text": c["text"], "tokens": c["tokens"],
                      "model": model, "model_fingerprint": fingerprint,
-                     "vector": np.asarray(vec, dtype="<f4").tobytes()}
+                     "vector": seen[hashes[j]]}
                 )  # fmt: skip
             tokens = sum(int(c["tokens"]) for c in batch)
             done += tokens
-            progress(Embedded(len(batch), tokens))
+            reused += len(batch) - len(new)
+            progress(Embedded(len(batch), tokens, len(batch) - len(new)))
     except embedd_client.EmbeddError as exc:
         if exc.code != "bad_request":
             raise
         progress(Refused(total - done))
         raise Skipped(SKIP_REFUSED, exc.message) from None
     with db:
-        drop_file(db, name)
+        removed = drop_file(db, name)
         db.execute(
             "INSERT INTO files VALUES (?, ?, ?, ?)", (name, digest, len(chunks), time.time())
         )
         insert_chunks(db, rows)
+    matrix.changed(db, removed, [(row_key(name, r["idx"]), r["vector"]) for r in rows])
     counts.chunks += len(rows)
+    counts.chunks_reused += reused
     counts.tokens += total

@@ -18,9 +18,13 @@ from typing import Any
 import embedd_client
 import numpy as np
 
+from embedd.index import vectors
+from embedd.index.modes import DEFAULT_MODE, MODE_BM25, MODE_HYBRID, MODE_VECTOR, MODES  # noqa: F401
 from embedd.index.records import model_fingerprint
 from embedd.index.store import (
     FTS_TABLE,
+    FTS_TOKENIZE,
+    SQL_PARAMS,
     VECTOR_ITEM_BYTES,
     IndexUsageError,
     columns_of,
@@ -29,16 +33,10 @@ from embedd.index.store import (
     model_card,
     open_read_only,
     relative_paths,
+    tables_of,
 )
+from embedd.index.vectors import row_key
 
-# Ranking modes of `search`.
-MODE_HYBRID = "hybrid"
-MODE_VECTOR = "vector"
-MODE_BM25 = "bm25"
-MODES = (MODE_HYBRID, MODE_VECTOR, MODE_BM25)
-# Hybrid measured better than either alone on tests/data/relevance (README, "From a folder of
-# notes to search"), so it is the default.
-DEFAULT_MODE = MODE_HYBRID
 # Reciprocal rank fusion's constant: score = sum over rankings of 1 / (RRF_K + rank). 60 is the
 # value of Cormack, Clarke and Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
 # individual Rank Learning Methods" (SIGIR 2009), used unchanged by most hybrid search engines.
@@ -47,6 +45,13 @@ RRF_K = 60
 # score, less than the gap between neighbouring top-10 ranks.
 BM25_CANDIDATES = 200
 
+# (chunk, query word) pairs BM25 scores at most per query. FTS5 computes bm25() for every
+# chunk holding any query word, a few microseconds each: a query with a common word ("the",
+# "how") over a million chunks would score most of them. Over this many pairs the query's
+# commonest words are left out (`_rare_words`), as stopwords are: a word held by thousands
+# of chunks adds little to a chunk's score (BM25's inverse document frequency is the log of
+# its rarity), and 5,000 scorings take about 15 ms on one busy core (tests/search_bench.py).
+BM25_POSTINGS = 5_000
 # Characters of a passage at most: about two lines of a terminal, one or two sentences.
 PASSAGE_CHARS = 240
 # Words that say nothing about what is sought: left out when a passage is chosen by the words
@@ -139,8 +144,13 @@ def _search(
             if note is not None:
                 note(f"{old}: ranked by vectors only; re-run `embedd index` to add them")
             mode = MODE_VECTOR
-        files = [row[0] for row in db.execute("SELECT path FROM files")]
-        rel = relative_paths(files, json.loads(meta.get("roots", "[]")))
+        roots = json.loads(meta.get("roots", "[]"))
+        # Every file's relative path only when the globs or an index without roots need them
+        # (a million chunks are tens of thousands of files); else the hits' alone, below.
+        files = (
+            [row[0] for row in db.execute("SELECT path FROM files")] if globs or not roots else []
+        )
+        rel = relative_paths(files, roots)
         allowed = {f for f in files if _path_matches(rel[f], globs, f)} if globs else None
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
         rankings: list[list[tuple[Key, float]]] = []
@@ -168,6 +178,8 @@ def _search(
         ranked, details, passages, strict=True
     ):
         passage_line = line + text.count("\n", 0, offset) if line else 0
+        if file not in rel:
+            rel.update(relative_paths([file], roots))
         hits.append(Hit(file, rel[file], passage_line, score, passage, text, (start, end)))
     return hits
 
@@ -197,6 +209,81 @@ def _vector_ranking(
     k: int,
 ) -> list[tuple[Key, float]]:
     """Chunks by cosine to `q`, best first: the top `k`, or BM25_CANDIDATES to be fused."""
+    return vector_candidates(db, shown, q, allowed, k or BM25_CANDIDATES)
+
+
+def vector_candidates(
+    db: sqlite3.Connection,
+    shown: str,
+    q: np.ndarray[Any, np.dtype[np.float32]],
+    allowed: set[str] | None,
+    n: int,
+) -> list[tuple[Key, float]]:
+    """The `n` chunks of files in `allowed` (all when None) closest to the unit query `q`,
+    as ((file, idx), cosine), best first. Scored over the memory-mapped matrix beside the
+    index (`embedd.index.vectors`: checked against SQLite on open, rebuilt when they differ),
+    so SQLite's vector blobs are not read; from the blobs when the matrix cannot serve: an
+    index written by an older version and not re-indexed since (no generation to check it
+    against), or a folder where the matrix cannot be written."""
+    index = _database_file(db)
+    if index is None or vectors.sqlite_generation(db) is None or FTS_TABLE not in tables_of(db):
+        return _sqlite_candidates(db, shown, q, allowed, n)
+    try:
+        with vectors.shared(index, db, len(q)) as matrix:
+            keys = None if allowed is None else _row_keys(db, allowed)
+            best = vectors.top(matrix, q, n, keys)
+    except vectors.WrongLength as exc:
+        raise IndexUsageError(
+            f"{shown}: {exc} (the model's dimension); the first is {exc.first} bytes: the "
+            "index is damaged, rebuild it"
+        ) from None
+    except OSError:
+        return _sqlite_candidates(db, shown, q, allowed, n)
+    places = _places(db, [key for key, _ in best])
+    return [(places[key], score) for key, score in best if key in places]
+
+
+def _database_file(db: sqlite3.Connection) -> Path | None:
+    """The file the connection's main database is (None in memory)."""
+    for _, name, file in db.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return Path(file)
+    return None
+
+
+def _row_keys(db: sqlite3.Connection, files: set[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """The row keys of every chunk of `files`."""
+    names = sorted(files)
+    keys: list[int] = []
+    for first in range(0, len(names), SQL_PARAMS):
+        part = names[first : first + SQL_PARAMS]
+        rows = db.execute(
+            f"SELECT file, idx FROM chunks WHERE file IN ({','.join('?' * len(part))})", part
+        )
+        keys.extend(row_key(f, int(i)) for f, i in rows)
+    return np.asarray(keys, dtype=np.int64)
+
+
+def _places(db: sqlite3.Connection, keys: list[int]) -> dict[int, Key]:
+    """(file, idx) of each row key, through the keyword table whose rowid it is."""
+    out: dict[int, Key] = {}
+    for first in range(0, len(keys), SQL_PARAMS):
+        part = keys[first : first + SQL_PARAMS]
+        marks = ",".join("?" * len(part))
+        sql = f"SELECT rowid, file, idx FROM {FTS_TABLE} WHERE rowid IN ({marks})"
+        rows = db.execute(sql, part)
+        out.update((int(k), (str(f), int(i))) for k, f, i in rows)
+    return out
+
+
+def _sqlite_candidates(
+    db: sqlite3.Connection,
+    shown: str,
+    q: np.ndarray[Any, np.dtype[np.float32]],
+    allowed: set[str] | None,
+    n: int,
+) -> list[tuple[Key, float]]:
+    """`vector_candidates` from SQLite's vector blobs, every one of them read."""
     rows = db.execute("SELECT file, idx, vector FROM chunks").fetchall()
     if allowed is not None:
         rows = [r for r in rows if r[0] in allowed]
@@ -212,8 +299,8 @@ def _vector_ranking(
             f"(the model's dimension); the first is {size}: the index is damaged, rebuild it"
         )
     matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1)
-    scores = matrix @ q  # stored vectors are normalized
-    order = np.argsort(-scores, kind="stable")[: k or BM25_CANDIDATES]
+    scores = vectors.cosines(matrix, q)  # stored vectors are normalized
+    order = np.argsort(-scores, kind="stable")[:n]
     return [((rows[i][0], int(rows[i][1])), float(scores[i])) for i in order]
 
 
@@ -232,6 +319,7 @@ def _bm25_ranking(
     match = _fts_query(query)
     if not match:
         return []
+    match = _rare_words(db, query) or match  # the common words left out when too many
     sql = (
         f"SELECT file, idx, bm25({FTS_TABLE}) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? "
         f"ORDER BY bm25({FTS_TABLE})"
@@ -242,6 +330,55 @@ def _bm25_ranking(
     else:
         rows = [r for r in db.execute(sql, (match,)) if r[0] in allowed][:limit]
     return [((file, int(idx)), -float(score)) for file, idx, score in rows]
+
+
+def _rare_words(db: sqlite3.Connection, query: str) -> str | None:
+    """An FTS5 query of the query's rarer words only, when scoring every chunk that holds any
+    query word would mean more than BM25_POSTINGS (chunk, word) pairs; None when that fits
+    (the whole query is scored). Words are taken from the rarest while their chunk counts
+    add up to BM25_POSTINGS (the rarest always): the others are left out as stopwords are.
+    The counts are FTS5's own (`fts5vocab`), each word tokenized as the index tokenizes it
+    (stemmed, case and accents folded), through temporary tables (the index itself may be
+    open read-only)."""
+    words = sorted({w for w in _WORD.findall(query)})
+    if not words:
+        return None
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5(text, "
+        f"tokenize = '{FTS_TOKENIZE}')"
+    )
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms "
+        "USING fts5vocab(temp, query_words, 'instance')"
+    )
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.index_terms "
+        f"USING fts5vocab(main, {FTS_TABLE}, 'row')"
+    )
+    db.execute("DELETE FROM temp.query_words")
+    db.executemany("INSERT INTO temp.query_words (rowid, text) VALUES (?, ?)", enumerate(words))
+    terms = db.execute("SELECT doc, term FROM temp.query_terms").fetchall()
+    db.execute("DELETE FROM temp.query_words")
+    marks = ",".join("?" * len(terms))
+    counts = dict(
+        db.execute(
+            f"SELECT term, doc FROM temp.index_terms WHERE term IN ({marks})",
+            [t for _, t in terms],
+        ).fetchall()
+    )
+    chunks = {words[int(i)]: 0 for i, _ in terms}
+    for i, term in terms:
+        chunks[words[int(i)]] = max(chunks[words[int(i)]], int(counts.get(term, 0)))
+    if sum(chunks.values()) <= BM25_POSTINGS:
+        return None
+    rare: list[str] = []
+    total = 0
+    for word, n in sorted(chunks.items(), key=lambda item: item[1]):
+        if rare and total + n > BM25_POSTINGS:
+            break
+        rare.append(word)
+        total += n
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in rare)
 
 
 def _fuse(rankings: Sequence[Sequence[tuple[Key, float]]]) -> list[tuple[Key, float]]:

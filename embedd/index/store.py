@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 
 import embedd_client
 
+from embedd.index import vectors
 from embedd.index.records import COLUMNS, NAMES, chunk_id, start_lines
+from embedd.index.vectors import row_key
 from embedd.wire.options import VectorOptions
 
 # The FTS5 tokenizer: Porter stemming over Unicode word splitting, so "renewed" finds "renew"
@@ -36,6 +39,19 @@ _CHUNK_CONSTRAINTS = {
 _CHUNK_COLUMNS = ",\n    ".join(
     f"{c.name} {c.sqlite} {_CHUNK_CONSTRAINTS.get(c.name, 'NOT NULL')}" for c in COLUMNS
 )
+# Every chunk row inserted, deleted or given another vector or key moves `meta.generation` on
+# by one, inside the same transaction, whichever program writes the index: the vector matrix
+# (embedd/index/vectors.py) records the generation it matches, so a change it missed is seen.
+_BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+GENERATION_SCHEMA = f"""
+INSERT OR IGNORE INTO meta VALUES ('generation', '0');
+CREATE TRIGGER IF NOT EXISTS chunks_added AFTER INSERT ON chunks BEGIN {_BUMP}; END;
+CREATE TRIGGER IF NOT EXISTS chunks_removed AFTER DELETE ON chunks BEGIN {_BUMP}; END;
+CREATE TRIGGER IF NOT EXISTS chunks_changed AFTER UPDATE OF vector, file, idx ON chunks
+BEGIN {_BUMP}; END;
+"""
+# Meta keys that are not the index's settings (a new index has only these).
+BOOKKEEPING = {"generation"}
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
@@ -45,6 +61,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     {_CHUNK_COLUMNS},
     PRIMARY KEY (file, idx)
 );
+CREATE TABLE IF NOT EXISTS text_hashes (
+    hash TEXT NOT NULL, file TEXT NOT NULL, idx INTEGER NOT NULL,
+    PRIMARY KEY (file, idx),
+    FOREIGN KEY (file, idx) REFERENCES chunks (file, idx) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS text_hashes_by_hash ON text_hashes (hash);
+{GENERATION_SCHEMA}
 """
 # Rows go in by column name: an index upgraded in place has its columns in another order.
 INSERT_CHUNK = f"INSERT INTO chunks ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})"
@@ -52,7 +75,7 @@ INSERT_CHUNK = f"INSERT INTO chunks ({', '.join(NAMES)}) VALUES ({', '.join('?' 
 # chunks fit the model, and a longer word is cut.
 INDEX_OPTIONS = VectorOptions(long="truncate")
 # The keyword index: its own copy of each chunk's text with the chunk's key. Its rowid is a
-# hash of (file, idx) (`_fts_rowid`), not the chunks table's rowid, which VACUUM may renumber.
+# hash of (file, idx) (`vectors.row_key`), not the chunks table's rowid, which VACUUM may renumber.
 FTS_SCHEMA = f"""
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     text, file UNINDEXED, idx UNINDEXED, tokenize = '{FTS_TOKENIZE}'
@@ -64,6 +87,9 @@ FTS_TABLE = "chunks_fts"
 INDEX_TABLES = {"meta", "files", "chunks"}
 # Bytes per stored vector component (float32).
 VECTOR_ITEM_BYTES = 4
+# Values bound in one SQL statement at most: SQLite's SQLITE_MAX_VARIABLE_NUMBER is 999 in
+# builds before 3.32, which some systems still ship.
+SQL_PARAMS = 900
 
 
 class IndexUsageError(Exception):
@@ -131,33 +157,62 @@ def _upgrade(db: sqlite3.Connection, tables: set[str]) -> None:
             rows = db.execute("SELECT file, idx, text FROM chunks")
             db.executemany(
                 f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
-                ((_fts_rowid(f, i), t, f, i) for f, i, t in rows.fetchall()),
+                ((row_key(f, i), t, f, i) for f, i, t in rows.fetchall()),
+            )
+        if "text_hashes" not in tables:
+            rows = db.execute("SELECT file, idx, text FROM chunks")
+            db.executemany(
+                "INSERT INTO text_hashes VALUES (?, ?, ?)",
+                ((text_hash(t), f, i) for f, i, t in rows.fetchall()),
             )
 
 
-def _fts_rowid(file: str, idx: int) -> int:
-    """The keyword table's rowid for chunk `idx` of `file`: 63 bits of a hash of the key, so a
-    file's rows can be deleted by rowid (indexed) without a stored mapping. A collision needs
-    about 3 billion chunks to become likely (birthday bound of 2**63)."""
-    digest = hashlib.blake2b(f"{file}\0{idx}".encode("utf-8", "surrogatepass"), digest_size=8)
-    return int.from_bytes(digest.digest(), "big") >> 1
+def text_hash(text: str) -> str:
+    """What makes two chunks the same text for embedding: NFC Unicode, whitespace runs as one
+    space, no leading or trailing space (the model's tokenizer splits on whitespace, so those
+    texts have the same tokens and the same vector), hashed with BLAKE2b-128 (the same
+    collision bound as a chunk's id)."""
+    normal = " ".join(unicodedata.normalize("NFC", text).split())
+    return hashlib.blake2b(normal.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def drop_file(db: sqlite3.Connection, name: str) -> None:
-    """Remove one file's rows: its chunks (by cascade) and their keyword rows."""
+def stored_vectors(db: sqlite3.Connection, hashes: Sequence[str]) -> dict[str, bytes]:
+    """A stored vector for each of the text hashes `hashes` the index already holds (every
+    vector of an index is of one model and one set of options, so any of them serves)."""
+    out: dict[str, bytes] = {}
+    wanted = sorted(set(hashes))
+    for first in range(0, len(wanted), SQL_PARAMS):
+        part = wanted[first : first + SQL_PARAMS]
+        rows = db.execute(
+            "SELECT h.hash, c.vector FROM text_hashes h JOIN chunks c "
+            f"ON c.file = h.file AND c.idx = h.idx WHERE h.hash IN ({','.join('?' * len(part))})",
+            part,
+        )
+        out.update((h, bytes(v)) for h, v in rows)
+    return out
+
+
+def drop_file(db: sqlite3.Connection, name: str) -> list[int]:
+    """Remove one file's rows: its chunks (by cascade) and their keyword rows; returns the
+    row keys removed (for the vector matrix)."""
     idxs = [row[0] for row in db.execute("SELECT idx FROM chunks WHERE file = ?", (name,))]
-    db.executemany(
-        f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", ((_fts_rowid(name, i),) for i in idxs)
-    )
+    keys = [row_key(name, i) for i in idxs]
+    db.executemany(f"DELETE FROM {FTS_TABLE} WHERE rowid = ?", ((k,) for k in keys))
     db.execute("DELETE FROM files WHERE path = ?", (name,))
+    return keys
 
 
 def insert_chunks(db: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Store chunk records (maps by the shared column names) and their keyword rows."""
+    """Store chunk records (maps by the shared column names), their keyword rows and their
+    text hashes."""
     db.executemany(INSERT_CHUNK, ([r[name] for name in NAMES] for r in rows))
     db.executemany(
         f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
-        ((_fts_rowid(r["file"], r["idx"]), r["text"], r["file"], r["idx"]) for r in rows),
+        ((row_key(r["file"], r["idx"]), r["text"], r["file"], r["idx"]) for r in rows),
+    )
+    db.executemany(
+        "INSERT INTO text_hashes VALUES (?, ?, ?)",
+        ((text_hash(r["text"]), r["file"], r["idx"]) for r in rows),
     )
 
 
@@ -227,7 +282,7 @@ def mismatch(stored: str, current: str, built_with: str, model: str) -> IndexUsa
 
 def check_model(db: sqlite3.Connection, model: str, fingerprint: str) -> None:
     rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    if not rows:
+    if not rows.keys() - BOOKKEEPING:
         db.execute("INSERT INTO meta VALUES ('model', ?), ('fingerprint', ?)", (model, fingerprint))
         return
     error = mismatch(str(rows.get("fingerprint", "")), fingerprint, rows.get("model", ""), model)
@@ -373,5 +428,6 @@ def drop(index: str | os.PathLike[str]) -> None:
         raise IndexUsageError(f"{shown} has no model fingerprint: not an embedd index; "
                               "nothing deleted")  # fmt: skip
     path.unlink()
+    vectors.remove(path)
     for suffix in ("-journal", "-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)

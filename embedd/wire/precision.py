@@ -20,10 +20,11 @@ once.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy is imported by the functions that use it: the command line's
+    import numpy as np  # parser imports this module's names and needs no numpy
+    import numpy.typing as npt
 
 Precision = Literal["float32", "float16", "binary", "ubinary"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
@@ -48,7 +49,7 @@ def row_width(precision: str, dim: int) -> int:
 
 def element_bytes(precision: str) -> int:
     """Bytes of one element (a float, or a byte holding 8 signs)."""
-    return int(np.dtype(DTYPES[precision]).itemsize)
+    return {"<f4": 4, "<f2": 2, "i1": 1, "u1": 1}[DTYPES[precision]]
 
 
 def component_bytes(precision: str) -> float:
@@ -58,6 +59,8 @@ def component_bytes(precision: str) -> float:
 
 def quantize(vectors: npt.NDArray[np.float32], precision: str) -> npt.NDArray[Any]:
     """`vectors` (rows of float32) in `precision`, as sentence-transformers' definition."""
+    import numpy as np
+
     if precision == "float32":
         return vectors
     if precision == "float16":
@@ -72,6 +75,8 @@ def quantize(vectors: npt.NDArray[np.float32], precision: str) -> npt.NDArray[An
 
 def to_bytes(vectors: npt.NDArray[np.float32], precision: str) -> bytes:
     """The rows in `precision` as one little-endian, row-major run of bytes."""
+    import numpy as np
+
     compact = quantize(vectors, precision)
     dtype = DTYPES[precision]
     return np.ascontiguousarray(compact, dtype=dtype).tobytes()
