@@ -990,7 +990,13 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json",
         action="store_true",
-        help="a JSON list of {path, line, score, passage, file, span, text}",
+        help="a JSON list of {path, line, score, passage, matches, similar, file, span, text}",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="say why each hit ranks where it does: its rank, score and vote in each list, "
+        "the fused score, the near duplicates and adjacent chunks folded into it, boilerplate",
     )
 
 
@@ -1033,7 +1039,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 1
     width = shutil.get_terminal_size().columns
-    print(shown.hits_json(hits) if args.json else shown.hits_text(hits, width))
+    if args.json:
+        print(shown.hits_json(hits, explain=args.explain))
+    else:
+        tty = sys.stdout.isatty()
+        print(shown.hits_text(hits, width, tty=tty, explain=args.explain))
     return 0
 
 
