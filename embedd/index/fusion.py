@@ -8,17 +8,19 @@ Each list (cosine to the query, BM25 over the words) ranks chunks by its own sca
    gives little to anyone. A chunk absent from a list gets 0 from it. The lists are
    weighted by the query's shape (`weights_for`): vectors count more for a question in
    words, BM25 for identifiers, flags and error codes.
-2. Near-duplicate chunks (the same paragraph in two copies of a changelog, a licence quoted
-   in many copyright files) are folded into one unit: their word shingles overlap by
-   NEAR_DUPLICATE or more. A unit takes each list's best vote among its members and is shown
-   at its most specific member (from the file with the fewest chunks: the licence itself
-   rather than a long file quoting it), and says how many similar chunks it stands for.
+2. Near-duplicate chunks (the same paragraph in the copies of a changelog that several
+   packages ship, a copy with a line changed) are folded into one unit: they share
+   NEAR_DUPLICATE or more of the larger one's word shingles. A unit takes each list's best
+   vote among its members, is shown at its most specific member (from the file with the
+   fewest chunks: the document itself rather than a long file holding it), and says how
+   many similar chunks it stands for.
 3. Votes are gathered per passage: a unit also takes NEIGHBOUR_SHARE of each list's vote for
    the chunks next to it in its file, so an answer whose words one list found in one chunk
    and whose meaning the other found in the next gets both votes.
 4. Text that recurs across BOILERPLATE_FILES or more files among the candidates (licence
-   paragraphs, "the changelog is at ...") is boilerplate: a unit loses BOILERPLATE_WEIGHT of
-   its score times the share of its shingles that are boilerplate.
+   paragraphs quoted in copyright files) is boilerplate, except in the chunk of the smallest
+   file holding it (the licence itself): a unit loses BOILERPLATE_WEIGHT of its score times
+   the share of its shingles that are quoted boilerplate.
 5. The fused score is the weighted sum of the votes; a chunk next to a better-ranked unit of
    the same file is folded into it (one passage is one hit).
 
@@ -55,9 +57,10 @@ MAX_SHINGLES = 512
 # Chunks with fewer shingles than this are never folded: a line or two says too little to
 # call two chunks copies of each other.
 MIN_SHINGLES = 8
-# Share of the smaller chunk's shingles that the larger must hold for the two to be near
-# duplicates: high enough that two releases' entries of one changelog (same phrasing, other
-# versions and numbers) stay apart, low enough that a copy with a changed line folds.
+# Shingles two chunks share, as a share of the larger one's, for them to be near duplicates:
+# high enough that two releases' entries of one changelog (same phrasing, other versions and
+# numbers) and a licence quoted inside a longer text stay apart, low enough that a copy with
+# a changed line folds.
 NEAR_DUPLICATE = 0.8
 # Share of the best vote a list gives a chunk for its neighbour in the same file.
 NEIGHBOUR_SHARE = 0.5
@@ -93,7 +96,8 @@ class Chunk:
 @dataclass(frozen=True)
 class Vote:
     """A list's say on a hit: the `rank` (from 1) and raw `score` of the hit's best member in
-    that list, and the normalised vote (0 to 1) it gave, neighbours' share included."""
+    that list (rank 0 and score 0 when only a neighbouring chunk was ranked), and the vote
+    it gave (`normalised`, neighbours' share included), before the list's weight."""
 
     rank: int
     score: float
@@ -169,8 +173,9 @@ def shingles(text: str) -> frozenset[int]:
 
 
 def near_duplicates(texts: Mapping[Key, str]) -> list[list[Key]]:
-    """Groups of chunks whose shingles overlap by NEAR_DUPLICATE of the smaller one's or
-    more (each chunk in exactly one group, in the order given)."""
+    """Groups of chunks that share NEAR_DUPLICATE or more of the larger one's shingles (each
+    chunk in exactly one group, in the order given). Pairs are found through an inverted
+    index of shingles, so only chunks that share one are ever compared."""
     sets = {key: shingles(text) for key, text in texts.items()}
     parent = {key: key for key in sets}
 
