@@ -142,14 +142,17 @@ def score(rankings: Sequence[Sequence[str]], questions: Sequence[Question]) -> S
 
 
 def rankings(
-    rset: RelevanceSet, db: Path, socket: Path, modes: Sequence[str] = idx.MODES
+    rset: RelevanceSet,
+    db: Path,
+    socket: Path,
+    modes: Sequence[str] = idx.MODES,
+    k: int = CHUNKS_ASKED,
 ) -> dict[str, list[list[str]]]:
-    """Each mode's ranked files for each of the set's questions (in the set's order)."""
+    """Each mode's ranked files for each of the set's questions (in the set's order), from
+    its first `k` hits."""
     return {
         mode: [
-            ranked_files(
-                h.path for h in idx.search(db, q.question, k=CHUNKS_ASKED, mode=mode, socket=socket)
-            )
+            ranked_files(h.path for h in idx.search(db, q.question, k=k, mode=mode, socket=socket))
             for q in rset.questions
         ]
         for mode in modes

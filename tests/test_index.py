@@ -903,3 +903,27 @@ def test_an_imported_vector_is_stored_at_unit_length_so_its_norm_cannot_win_sear
     assert abs(float(np.linalg.norm(np.frombuffer(vector, "<f4"))) - 1) < 1e-5
     for mode in ("vector", "hybrid"):
         assert _search(daemon, db, query, "-k", "1", "--mode", mode)[0]["path"] == "diary.txt"
+
+
+def test_explain_says_what_folding_and_boilerplate_did() -> None:
+    from embedd.cli.index import explain_text
+    from embedd.index import Hit
+    from embedd.index.fusion import Vote
+    from embedd.index.search import Explanation
+
+    why = Explanation(
+        {"vector": Vote(2, 0.52, 2.8), "bm25": Vote(0, 0.0, 1.9)},
+        {"vector": 3.0, "bm25": 1.0},
+        0.4,
+        ("libcurl4/changelog.Debian",),
+        (6,),
+    )
+    hit = Hit("/d/c", "curl/changelog.Debian", 9, 8.36, "p", "t", (0, 1), (), 1, why)
+    first, *rest = explain_text(hit)
+    assert first == (
+        "why: vector #2 0.5200 (vote 2.80 x 3) + bm25 by a neighbouring chunk (vote 1.90 x 1)"
+        " -> 8.3600"
+    )
+    assert any("40%" in line for line in rest)
+    assert any("libcurl4/changelog.Debian" in line for line in rest)
+    assert any(line.endswith("folded in: 6") for line in rest)

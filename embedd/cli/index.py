@@ -382,7 +382,7 @@ def _vote_text(name: str, why: Explanation) -> str:
     if v is None:
         return f"{name} -"
     place = f"#{v.rank} {v.score:.4f}" if v.rank else "by a neighbouring chunk"
-    return f"{name} {place} (vote {v.vote:.2f} x {weight:g})"
+    return f"{name} {place} (vote {v.vote:.2f} x {weight:.3g})"
 
 
 def explain_text(h: Hit) -> list[str]:
@@ -392,7 +392,10 @@ def explain_text(h: Hit) -> list[str]:
     if why is None:
         return []
     lists = " + ".join(_vote_text(name, why) for name in why.weights)
-    lines = [f"why: {lists} -> {h.score:.4f}"]
+    # Several lists: their weighted votes add up to the fused score shown; one list: the
+    # hit's score is that list's own.
+    fused = f" -> {h.score:.4f}" if len(why.weights) > 1 else ""
+    lines = [f"why: {lists}{fused}"]
     if why.boilerplate:
         lines.append(
             f"     boilerplate: {why.boilerplate:.0%} of it recurs in other files "

@@ -1006,14 +1006,16 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     summary="search an index built by `embedd index`",
     description=(
         "Rank the chunks for QUERY by meaning (cosine to the embedded query, with the model's\n"
-        "`query` prompt if it has one) and by keywords (BM25), fused by reciprocal rank\n"
-        "(--mode), and print each as PATH:LINE (relative to the indexed folder), its score\n"
-        "and the passage of the chunk that matches best."
+        "`query` prompt if it has one) and by keywords (BM25), fused into passages (--mode;\n"
+        "near duplicates folded), and print each as PATH:LINE (relative to the indexed\n"
+        "folder), its score and the passage that matches best, the query's words marked\n"
+        "(--explain: why each hit ranks where it does)."
     ),
     examples=(
         "  embedd search notes.db 'how do I renew the certificate' -k 5\n"
         "  embedd search notes.db 'backup schedule' --path 'work/*' --path '*.md'\n"
-        "  embedd search notes.db 'ERR_CERT_DATE_INVALID' --mode bm25"
+        "  embedd search notes.db 'ERR_CERT_DATE_INVALID' --mode bm25\n"
+        "  embedd search notes.db 'CVE-2024-45491' --explain"
     ),
 )
 def _cmd_search(args: argparse.Namespace) -> int:
