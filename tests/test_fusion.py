@@ -182,3 +182,14 @@ def test_candidates_past_the_limit_are_not_fused() -> None:
 
 def test_shingles_per_chunk_are_bounded() -> None:
     assert len(fusion.shingles(words("w", fusion.MAX_SHINGLES * 2))) == fusion.MAX_SHINGLES
+
+
+def test_only_the_best_candidates_are_compared_as_text() -> None:
+    """Copies ranked below the first COMPARED candidates are left alone: the text work of a
+    query is bounded, and they could not reach a page of results anyway."""
+    paragraph = words("copy", 60)
+    ahead = [((f"top{i}", 0), 1.0 - i * 1e-4) for i in range(fusion.COMPARED)]
+    low = [(("a/NEWS", 0), 0.1), (("b/NEWS", 0), 0.1)]
+    chunks = {key: Chunk(paragraph) for key, _ in low}
+    fused = fusion.fuse({VECTOR: ahead + low}, chunks)
+    assert [f.key for f in fused][-2:] == [key for key, _ in low]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,8 +71,13 @@ BOILERPLATE_WEIGHT = 0.5
 # name or a "see the changelog" line inside real text says nothing against it.
 BOILERPLATE_MIN = 0.25
 # Candidates fused at most per query: each list brings its top few hundred (the caller's
-# limit); this bounds the shingle comparison whatever the caller passes.
+# limit); this bounds the work whatever the caller passes.
 MAX_CANDIDATES = 1000
+# Candidates (the best by their own votes) whose texts are compared for near duplicates and
+# boilerplate: copies of a chunk have its scores, so they rank beside it, and a chunk below
+# the first hundred does not reach a page of results whatever folding does above it. It
+# bounds the text work of a query to about a hundred chunks of a few hundred words.
+COMPARED = 100
 
 _WORD = re.compile(r"\w+")
 # A word of a query that names something rather than says something: it holds a digit or an
@@ -160,23 +164,30 @@ def normalised(scores: Sequence[float]) -> list[float]:
     return [max(0.0, (s - mean) / spread) for s in scores]
 
 
-def shingles(text: str) -> frozenset[int]:
-    """The chunk's runs of SHINGLE_WORDS words (lower-cased), hashed (crc32: the same in
-    every process), at most MAX_SHINGLES of them."""
-    words = [w.lower() for w in _WORD.findall(text)]
-    out: dict[int, None] = {}
-    for i in range(max(len(words) - SHINGLE_WORDS + 1, 0)):
-        out[zlib.crc32(" ".join(words[i : i + SHINGLE_WORDS]).encode())] = None
-        if len(out) >= MAX_SHINGLES:
-            break
-    return frozenset(out)
+# A shingle as the hash of its words: ints compare and sort far faster than tuples of
+# strings. Python salts string hashes per process, so only comparisons within one query are
+# made with them; what fusion returns does not depend on their values.
+Shingle = int
+
+
+def shingles(text: str) -> frozenset[Shingle]:
+    """The chunk's runs of SHINGLE_WORDS words (lower-cased), from its first MAX_SHINGLES
+    positions, hashed."""
+    words = [w.lower() for w in _WORD.findall(text)][: MAX_SHINGLES + SHINGLE_WORDS - 1]
+    return frozenset(map(hash, zip(*(words[i:] for i in range(SHINGLE_WORDS)), strict=False)))
 
 
 def near_duplicates(texts: Mapping[Key, str]) -> list[list[Key]]:
     """Groups of chunks that share NEAR_DUPLICATE or more of the larger one's shingles (each
-    chunk in exactly one group, in the order given). Pairs are found through an inverted
-    index of shingles, so only chunks that share one are ever compared."""
-    sets = {key: shingles(text) for key, text in texts.items()}
+    chunk in exactly one group, in the order given)."""
+    return _near_duplicates({key: shingles(text) for key, text in texts.items()})
+
+
+def _near_duplicates(sets: Mapping[Key, frozenset[Shingle]]) -> list[list[Key]]:
+    """near_duplicates over shingle sets. Only chunks that share one of the rarest shingles
+    of each are compared (prefix filtering: two sets sharing a share t of the larger one
+    share one of the first (1 - t) * size + 1 shingles of each, ranked rarest first), so a
+    phrase every candidate holds does not make every pair a comparison."""
     parent = {key: key for key in sets}
 
     def root(k: Key) -> Key:
@@ -185,21 +196,24 @@ def near_duplicates(texts: Mapping[Key, str]) -> list[list[Key]]:
             k = parent[k]
         return k
 
-    postings: dict[int, list[Key]] = defaultdict(list)
-    for key, s in sets.items():
+    held: dict[Shingle, int] = defaultdict(int)
+    for s in sets.values():
         for h in s:
+            held[h] += 1
+    prefix_of: dict[Key, list[Shingle]] = {}
+    for key, s in sets.items():
+        if len(s) >= MIN_SHINGLES:
+            ranked = sorted(s, key=lambda h: (held[h], h))
+            prefix_of[key] = ranked[: int((1.0 - NEAR_DUPLICATE) * len(s)) + 1]
+    postings: dict[Shingle, list[Key]] = defaultdict(list)
+    for key, prefix in prefix_of.items():
+        for h in prefix:
             postings[h].append(key)
-    for key, s in sets.items():
-        if len(s) < MIN_SHINGLES:
-            continue
-        shared: dict[Key, int] = defaultdict(int)
-        for h in s:
-            for other in postings[h]:
-                if other != key:
-                    shared[other] += 1
-        for other, n in shared.items():
-            large = max(len(s), len(sets[other]))
-            if len(sets[other]) >= MIN_SHINGLES and n >= NEAR_DUPLICATE * large:
+    for key, prefix in prefix_of.items():
+        others = {other for h in prefix for other in postings[h] if other != key}
+        for other in others:
+            large = max(len(sets[key]), len(sets[other]))
+            if len(sets[key] & sets[other]) >= NEAR_DUPLICATE * large:
                 parent[root(other)] = root(key)
     groups: dict[Key, list[Key]] = {}
     for key in sets:
@@ -215,17 +229,21 @@ def boilerplate_shares(
     one of the smallest file (`file_chunks`: the licence itself rather than the copyright
     files quoting it), among those the one made most wholly of recurring text. Shares under
     BOILERPLATE_MIN count as 0."""
-    sizes = file_chunks or {}
-    sets = {key: shingles(text) for key, text in texts.items()}
-    files: dict[int, set[str]] = defaultdict(set)
+    return _boilerplate_shares({key: shingles(t) for key, t in texts.items()}, file_chunks or {})
+
+
+def _boilerplate_shares(
+    sets: Mapping[Key, frozenset[Shingle]], sizes: Mapping[Key, int]
+) -> dict[Key, float]:
+    files: dict[Shingle, set[str]] = defaultdict(set)
     for (file, _), s in sets.items():
         for h in s:
             files[h].add(file)
     recurring = {
-        key: {h for h in s if len(files[h]) >= BOILERPLATE_FILES} for key, s in sets.items()
+        key: [h for h in s if len(files[h]) >= BOILERPLATE_FILES] for key, s in sets.items()
     }
     whole = {key: len(r) / len(sets[key]) if sets[key] else 0.0 for key, r in recurring.items()}
-    owner: dict[int, Key] = {}
+    owner: dict[Shingle, Key] = {}
     for key in sorted(sets, key=lambda k: (sizes.get(k, 1), -whole[k], k)):
         for h in recurring[key]:
             owner.setdefault(h, key)
@@ -256,17 +274,24 @@ def fuse(
             order.append(key)
         norms[name] = mine
     candidates = list(dict.fromkeys(order))[:MAX_CANDIDATES]
-    texts = {key: chunks[key].text if key in chunks else "" for key in candidates}
+    own = {
+        key: sum(weights.get(n, 1.0) * norms[n][key][2] for n in norms if key in norms[n])
+        for key in candidates
+    }
+    # Only the best candidates are compared as text (see COMPARED); the others stay alone.
+    best_first = sorted(candidates, key=lambda k: -own[k])
+    compared = set(best_first[:COMPARED])
+    sets = {
+        key: shingles(chunks[key].text) if key in chunks and key in compared else frozenset()
+        for key in candidates
+    }
     sizes = {key: chunks[key].file_chunks if key in chunks else 1 for key in candidates}
-    shares = boilerplate_shares(texts, sizes)
-
-    def own(key: Key) -> float:
-        return sum(weights.get(n, 1.0) * norms[n][key][2] for n in norms if key in norms[n])
+    shares = _boilerplate_shares(sets, sizes)
 
     units: list[_Unit] = []
     unit_of: dict[Key, _Unit] = {}
-    for members in near_duplicates(texts):
-        best = min(members, key=lambda k: (-own(k), sizes[k], k))
+    for members in _near_duplicates(sets):
+        best = min(members, key=lambda k: (-own[k], sizes[k], k))
         unit = _Unit(members, best, boilerplate=shares[best])
         for name, mine in norms.items():
             held = [mine[m] for m in members if m in mine]
