@@ -54,8 +54,8 @@ KINDS = ("paraphrase", "exact", "mixed")
 class Question:
     question: str
     answers: tuple[frozenset[str], ...]  # each: the files that are copies of one answer
-    kind: str = ""
-    split: str = TUNING
+    kind: str = ""  # "" in a set without kinds
+    split: str = ""  # "" in a set without halves
 
     @property
     def files(self) -> frozenset[str]:
@@ -102,7 +102,7 @@ def load(path: Path = SET) -> RelevanceSet:
                 q["question"],
                 tuple(_answer(a) for a in q["answers"]),
                 q.get("kind", ""),
-                q.get("split", TUNING),
+                q.get("split", ""),
             )
             for q in data["questions"]
         ],
