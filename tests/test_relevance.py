@@ -100,7 +100,7 @@ def test_the_metrics_are_computed_for_every_mode_per_half_and_kind(
 def test_hybrid_ranks_the_held_out_answers_at_least_as_well_as_either_mode_alone(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    """The whole measurement (about two minutes on two loaded cores). MRR@10 over the
+    """The whole measurement (8 to 17 minutes on two cores under load). MRR@10 over the
     held-out half, where hybrid led BM25, the better single mode, by whole questions' ranks
     (docs/search.md), not by a float tie that another CPU could flip."""
     rset = relevance.load()
