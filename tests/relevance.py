@@ -1,17 +1,23 @@
-"""Recall@5 and MRR of `embedd search` in each mode, on a relevance set of real documents.
+"""hit@1, recall@5 and MRR@10 of `embedd search` in each mode, per kind of question and per
+half of a relevance set (tuning, held-out), on real documents.
 
-    python -m tests.relevance [--set tests/data/relevance/debian-docs.json] [--socket PATH]
+    python -m tests.relevance [--set tests/data/relevance/packages.json] [--socket PATH]
+                              [--split tuning|held-out]
 
-The set (a JSON file) names a corpus folder that lives on the machine (`root`, e.g.
-/usr/share/doc), the files of it to index and natural questions, each with the files that
-answer it. The files are copied into a temporary folder, indexed once with the real daemon
-(the one at --socket, else one started here with the bundled model), and every question is
-searched in every mode. A result list is read at the level of files (a file's first chunk
-in the ranking is its rank), since the answers name files:
-- recall@5: the share of a question's answer files among the first 5 distinct files, averaged;
-- MRR: 1 / the rank of the first answer file (0 when it is not in the first RANKED_FILES).
-The corpus is installed software's documentation, so it may be missing or differ elsewhere:
-without its root the measurement is skipped, and files missing under it are named.
+A set (a JSON file) names a corpus folder (`root`, relative to the JSON file or absolute),
+the files of it to index and questions, each with its `kind` (`paraphrase`: the answer in
+other words; `exact`: an identifier, flag, error code or CVE id; `mixed`), its half
+(`split`: `tuning`, the questions the ranking's constants were chosen on, or `held-out`,
+never looked at while choosing) and its answers. An answer is a file, or a list of files
+that are copies of one document (any of them counts as finding it). The files are copied
+into a temporary folder, indexed once with the real daemon (the one at --socket, else one
+started here with the bundled model), and every question is searched in every mode. A
+result list is read at the level of files (a file's first hit is its rank):
+- hit@1: whether the first file answers the question;
+- recall@5: the share of a question's answers among the first 5 distinct files;
+- MRR@10: 1 / the rank of the first answer among the first 10 files (0 when absent).
+The shipped set (`packages.json`) lives in the repository; an older set over
+/usr/share/doc (`debian-docs.json`) is skipped where its files are missing.
 """
 
 from __future__ import annotations
@@ -21,27 +27,39 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedd import index as idx
 from embedd.cli.index import Progress
 
-SET = Path(__file__).parent / "data" / "relevance" / "debian-docs.json"
+HERE = Path(__file__).parent / "data" / "relevance"
+SET = HERE / "packages.json"
 # Results read per question: the first 5 distinct files for recall@5, and for MRR enough
 # that an answer ranked low still counts (a reader would not scroll past 10 files).
 CUTOFF = 5
 RANKED_FILES = 10
-# Chunks asked for per question: enough to hold RANKED_FILES distinct files, as long files
-# give several of the top chunks.
+# Hits asked for per question: enough to hold RANKED_FILES distinct files, as long files
+# give several of the top hits.
 CHUNKS_ASKED = 50
+# The halves of a set and the kinds of questions.
+TUNING = "tuning"
+HELD_OUT = "held-out"
+SPLITS = (TUNING, HELD_OUT)
+KINDS = ("paraphrase", "exact", "mixed")
 
 
 @dataclass(frozen=True)
 class Question:
     question: str
-    answers: frozenset[str]
+    answers: tuple[frozenset[str], ...]  # each: the files that are copies of one answer
+    kind: str = ""  # "" in a set without kinds
+    split: str = ""  # "" in a set without halves
+
+    @property
+    def files(self) -> frozenset[str]:
+        return frozenset().union(*self.answers)
 
 
 @dataclass(frozen=True)
@@ -53,19 +71,41 @@ class RelevanceSet:
     def missing(self) -> list[str]:
         return [f for f in self.files if not (self.root / f).is_file()]
 
+    def only(self, split: str | None = None, kind: str | None = None) -> list[Question]:
+        return [
+            q
+            for q in self.questions
+            if (split is None or q.split == split) and (kind is None or q.kind == kind)
+        ]
+
 
 @dataclass(frozen=True)
 class Scores:
+    hit1: float
     recall: float
     mrr: float
+    n: int
+
+
+def _answer(value: str | list[str]) -> frozenset[str]:
+    return frozenset([value] if isinstance(value, str) else value)
 
 
 def load(path: Path = SET) -> RelevanceSet:
     data = json.loads(path.read_text())
+    root = Path(data["root"])
     return RelevanceSet(
-        Path(data["root"]),
+        root if root.is_absolute() else path.parent / root,
         list(data["files"]),
-        [Question(q["question"], frozenset(q["answers"])) for q in data["questions"]],
+        [
+            Question(
+                q["question"],
+                tuple(_answer(a) for a in q["answers"]),
+                q.get("kind", ""),
+                q.get("split", ""),
+            )
+            for q in data["questions"]
+        ],
     )
 
 
@@ -82,45 +122,80 @@ def copy_corpus(rset: RelevanceSet, dest: Path) -> int:
 
 
 def ranked_files(paths: Iterable[str]) -> list[str]:
-    """Distinct files in the order of their best chunk."""
+    """Distinct files in the order of their best hit."""
     return list(dict.fromkeys(paths))
 
 
 def score(rankings: Sequence[Sequence[str]], questions: Sequence[Question]) -> Scores:
-    """Mean recall@CUTOFF and mean reciprocal rank over the questions, from each question's
-    ranked distinct files."""
-    recall = mrr = 0.0
+    """Mean hit@1, recall@CUTOFF and reciprocal rank (within RANKED_FILES) over the
+    questions, from each question's ranked distinct files."""
+    hit1 = recall = mrr = 0.0
     for ranking, q in zip(rankings, questions, strict=True):
-        top = ranking[:RANKED_FILES]
-        recall += len(q.answers & set(top[:CUTOFF])) / len(q.answers)
-        first = next((i for i, f in enumerate(top, start=1) if f in q.answers), None)
+        top = list(ranking[:RANKED_FILES])
+        first5 = set(top[:CUTOFF])
+        recall += sum(1 for a in q.answers if a & first5) / len(q.answers)
+        first = next((i for i, f in enumerate(top, start=1) if f in q.files), None)
         mrr += 1.0 / first if first else 0.0
+        hit1 += 1.0 if first == 1 else 0.0
     n = max(len(questions), 1)
-    return Scores(recall / n, mrr / n)
+    return Scores(hit1 / n, recall / n, mrr / n, len(questions))
+
+
+def rankings(
+    rset: RelevanceSet,
+    db: Path,
+    socket: Path,
+    modes: Sequence[str] = idx.MODES,
+    k: int = CHUNKS_ASKED,
+) -> dict[str, list[list[str]]]:
+    """Each mode's ranked files for each of the set's questions (in the set's order), from
+    its first `k` hits."""
+    return {
+        mode: [
+            ranked_files(h.path for h in idx.search(db, q.question, k=k, mode=mode, socket=socket))
+            for q in rset.questions
+        ]
+        for mode in modes
+    }
 
 
 def measure(
     rset: RelevanceSet, db: Path, socket: Path, modes: Sequence[str] = idx.MODES
 ) -> dict[str, Scores]:
-    """Each mode's scores over the set's questions, searching the index `db` of its corpus."""
+    """Each mode's scores over all of the set's questions, searching the index `db`."""
+    ranked = rankings(rset, db, socket, modes)
+    return {mode: score(r, rset.questions) for mode, r in ranked.items()}
+
+
+def breakdown(
+    ranked: Mapping[str, Sequence[Sequence[str]]], rset: RelevanceSet
+) -> dict[tuple[str, str, str], Scores]:
+    """Scores by (split, kind, mode), with "all" for every split or kind."""
     out = {}
-    for mode in modes:
-        rankings = [
-            ranked_files(
-                h.path for h in idx.search(db, q.question, k=CHUNKS_ASKED, mode=mode, socket=socket)
-            )
-            for q in rset.questions
-        ]
-        out[mode] = score(rankings, rset.questions)
+    for split in (*SPLITS, "all"):
+        for kind in ("all", *KINDS):
+            picked = [
+                i
+                for i, q in enumerate(rset.questions)
+                if split in ("all", q.split) and kind in ("all", q.kind)
+            ]
+            if not picked:
+                continue
+            questions = [rset.questions[i] for i in picked]
+            for mode, r in ranked.items():
+                out[(split, kind, mode)] = score([r[i] for i in picked], questions)
     return out
 
 
-def table(results: dict[str, Scores], rset: RelevanceSet) -> str:
+def table(results: Mapping[tuple[str, str, str], Scores], rset: RelevanceSet) -> str:
     lines = [
-        f"| mode | recall@{CUTOFF} | MRR |",
-        "|---|---|---|",
-        *(f"| {m} | {s.recall:.3f} | {s.mrr:.3f} |" for m, s in results.items()),
+        f"| half | kind | mode | hit@1 | recall@{CUTOFF} | MRR@{RANKED_FILES} |",
+        "|---|---|---|---|---|---|",
     ]
+    for (split, kind, mode), s in results.items():
+        lines.append(
+            f"| {split} | {kind} ({s.n}) | {mode} | {s.hit1:.3f} | {s.recall:.3f} | {s.mrr:.3f} |"
+        )
     return "\n".join(lines) + (
         f"\n\n{len(rset.questions)} questions, {len(rset.files)} files ({rset.root})"
     )
@@ -132,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", type=Path, help="a running daemon (default: start one)")
     parser.add_argument("--chunk-tokens", type=int, help="as for `embedd index`")
     parser.add_argument("--overlap", type=int, default=0, help="as for `embedd index`")
+    parser.add_argument("--split", choices=SPLITS, help="only this half of the questions")
     args = parser.parse_args(argv)
     rset = load(args.set)
     if not rset.root.is_dir():
         print(f"skipped: the corpus root {rset.root} is not on this machine", file=sys.stderr)
         return 0
+    if args.split:
+        rset = RelevanceSet(rset.root, rset.files, rset.only(args.split))
     missing = rset.missing()
     if missing:
         print(f"{len(missing)} files missing under {rset.root}: {', '.join(missing[:5])} ...",
@@ -161,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             overlap=args.overlap,
             progress=Progress(sys.stderr, tty=sys.stderr.isatty()),
         )
-        print(table(measure(rset, db, socket), rset))
+        print(table(breakdown(rankings(rset, db, socket), rset), rset))
     finally:
         if daemon is not None:
             daemon.stop()

@@ -587,7 +587,68 @@ def test_search_text_output_is_path_colon_line_then_the_passage(
     out = _cli(daemon, "search", str(story), "where is the spare key hidden", "-k", "1")
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.splitlines()[:2]
-    assert first.startswith("diary.txt:23  ") and "spare key" in second
+    assert first.startswith("diary.txt:23  ") and "spare key" in second.replace("**", "")
+
+
+def test_search_marks_the_query_words_in_the_passage(daemon: Daemon, story: Path) -> None:
+    out = _cli(daemon, "search", str(story), "where is the spare key hidden", "-k", "1")
+    assert out.returncode == 0, out.stderr
+    assert "**spare** **key**" in out.stdout.splitlines()[1]
+
+
+def test_search_explain_prints_each_lists_rank_and_the_fused_score(
+    daemon: Daemon, story: Path
+) -> None:
+    out = _cli(daemon, "search", str(story), "spare key", "-k", "1", "--explain")
+    assert out.returncode == 0, out.stderr
+    score = float(out.stdout.splitlines()[0].split()[1])
+    why = next(line for line in out.stdout.splitlines() if line.strip().startswith("why:"))
+    assert re.search(r"vector #\d+ [\d.]+ \(vote [\d.]+ x [\d.]+\)", why), why
+    assert re.search(r"bm25 #\d+ [\d.]+ \(vote [\d.]+ x [\d.]+\)", why), why
+    assert why.endswith(f"-> {score:.4f}"), why
+
+
+def test_search_json_explains_each_hit_with_explain(daemon: Daemon, story: Path) -> None:
+    hit = _search(daemon, story, "spare key", "-k", "1", "--explain")[0]
+    lists = hit["why"]["lists"]
+    assert set(lists) == {"vector", "bm25"}
+    assert all({"rank", "score", "vote", "weight"} <= set(v) for v in lists.values())
+    assert hit["passage"][slice(*hit["matches"][0])].lower() in ("spare", "key")
+
+
+def test_copies_of_a_file_are_one_hit_that_says_how_many(daemon: Daemon, tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    note = (
+        "Release 2.4.1: the parser no longer crashes on an empty attribute list, and the "
+        "build finds the compression library on its own. Thanks to everyone who reported it."
+    )
+    for name in ("expat", "libexpat1", "libexpat1-dev"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "changelog").write_text(note)
+    (folder / "other.txt").write_text("The garden needs water every morning in July.")
+    db = tmp_path / "c.db"
+    assert _cli(daemon, "index", str(folder), "--out", str(db)).returncode == 0
+    hits = _search(daemon, db, "parser crash on an empty attribute list", "-k", "5")
+    assert [h["similar"] for h in hits if h["path"].endswith("changelog")] == [2], hits
+    out = _cli(daemon, "search", str(db), "parser crash on an empty attribute list", "-k", "1")
+    assert "(and 2 similar)" in out.stdout.splitlines()[0]
+
+
+def test_matched_words_are_bold_on_a_terminal_and_starred_elsewhere() -> None:
+    from embedd.cli.index import BOLD, hits_text
+    from embedd.index import Hit
+
+    hit = Hit("/d/a.txt", "a.txt", 3, 0.5, "renew the certificate", "", (0, 21), ((0, 5),))
+    assert f"{BOLD[0]}renew{BOLD[1]} the" in hits_text([hit], tty=True)
+    assert "**renew** the" in hits_text([hit], tty=False)
+
+
+def test_the_words_of_one_identifier_are_marked_as_one() -> None:
+    from embedd.index.search import matches
+
+    passage = "Backport security fix for CVE-2024-45491: detect integer overflow"
+    (span,) = matches("CVE-2024-45491", passage)
+    assert passage[slice(*span)] == "CVE-2024-45491"
 
 
 def test_the_path_filter_keeps_only_matching_files(
@@ -854,3 +915,27 @@ def test_an_imported_vector_is_stored_at_unit_length_so_its_norm_cannot_win_sear
     assert abs(float(np.linalg.norm(np.frombuffer(vector, "<f4"))) - 1) < 1e-5
     for mode in ("vector", "hybrid"):
         assert _search(daemon, db, query, "-k", "1", "--mode", mode)[0]["path"] == "diary.txt"
+
+
+def test_explain_says_what_folding_and_boilerplate_did() -> None:
+    from embedd.cli.index import explain_text
+    from embedd.index import Hit
+    from embedd.index.fusion import Vote
+    from embedd.index.search import Explanation
+
+    why = Explanation(
+        {"vector": Vote(2, 0.52, 2.8), "bm25": Vote(0, 0.0, 1.9)},
+        {"vector": 3.0, "bm25": 1.0},
+        0.4,
+        ("libcurl4/changelog.Debian",),
+        (6,),
+    )
+    hit = Hit("/d/c", "curl/changelog.Debian", 9, 8.36, "p", "t", (0, 1), (), 1, why)
+    first, *rest = explain_text(hit)
+    assert first == (
+        "why: vector #2 0.5200 (vote 2.80 x 3) + bm25 by a neighbouring chunk (vote 1.90 x 1)"
+        " -> 8.3600"
+    )
+    assert any("40%" in line for line in rest)
+    assert any("libcurl4/changelog.Debian" in line for line in rest)
+    assert any(line.endswith("folded in: 6") for line in rest)

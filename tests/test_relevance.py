@@ -1,6 +1,7 @@
-"""The relevance set and its measurement (tests/relevance.py): the set is well formed, the
-metrics are what they say, and they can be computed for every mode against the real daemon.
-The figures themselves are in docs/search.md, from `python -m tests.relevance`."""
+"""The relevance set and its measurement (tests/relevance.py): the shipped set is well formed
+and split in halves, the metrics are what they say, and they are computed for every mode
+against the real daemon on a slice of the shipped corpus. The figures themselves are in
+docs/search.md, from `python -m tests.relevance`; the whole measurement is a slow test."""
 
 from __future__ import annotations
 
@@ -12,59 +13,101 @@ from embedd import index
 from tests import relevance
 from tests.conftest import Daemon
 
-# What the issue asks of the set: 20 or more natural questions.
-MIN_QUESTIONS = 20
+# What the set must hold: 60 or more questions, of each kind in each half.
+MIN_QUESTIONS = 60
+# The slice of the shipped corpus the default run indexes: small files of a few packages
+# (a few thousand tokens, seconds to embed), with the questions they answer.
+SLICE = (
+    "tmux/README",
+    "tmux/NEWS.Debian",
+    "tmux/example_tmux.conf",
+    "python3-jwt/",
+    "libsodium23/README",
+    "python3-pip/",
+    "openssl/README.Debian",
+)
 
 
-def test_the_set_has_enough_questions_each_answered_by_files_of_its_corpus() -> None:
+def q(*answers: str | tuple[str, ...]) -> relevance.Question:
+    return relevance.Question(
+        "?", tuple(frozenset([a]) if isinstance(a, str) else frozenset(a) for a in answers)
+    )
+
+
+def test_the_shipped_set_has_enough_questions_of_every_kind() -> None:
     rset = relevance.load()
     assert len(rset.questions) >= MIN_QUESTIONS
-    assert all(q.answers and q.answers <= set(rset.files) for q in rset.questions)
+    assert {x.kind for x in rset.questions} == set(relevance.KINDS)
+
+
+def test_every_kind_of_question_is_in_both_halves() -> None:
+    rset = relevance.load()
+    for split in relevance.SPLITS:
+        assert {x.kind for x in rset.only(split)} == set(relevance.KINDS), split
+
+
+def test_every_answer_is_a_file_of_the_shipped_corpus() -> None:
+    rset = relevance.load()
+    assert not rset.missing()
+    assert all(x.answers and x.files <= set(rset.files) for x in rset.questions)
+
+
+def test_hit_at_1_is_whether_the_first_file_answers() -> None:
+    scores = relevance.score([["a", "x"], ["x", "b"]], [q("a"), q("b")])
+    assert scores.hit1 == 0.5
 
 
 def test_recall_at_5_counts_answers_among_the_first_five_distinct_files() -> None:
-    q = relevance.Question("?", frozenset({"a", "b"}))
     ranking = relevance.ranked_files(["x", "a", "x", "y", "z", "w", "b"])
-    assert relevance.score([ranking], [q]).recall == 0.5  # b is the sixth distinct file
+    assert relevance.score([ranking], [q("a", "b")]).recall == 0.5  # b is the sixth file
 
 
-def test_mrr_is_one_over_the_rank_of_the_first_answer() -> None:
-    questions = [
-        relevance.Question("?", frozenset({"a"})),
-        relevance.Question("?", frozenset({"b"})),
-    ]
-    scores = relevance.score([["x", "y", "a"], ["c"]], questions)
+def test_an_answer_is_found_through_any_of_its_copies() -> None:
+    copies = ("curl/changelog.Debian", "libcurl4/changelog.Debian")
+    scores = relevance.score([["libcurl4/changelog.Debian"]], [q(copies)])
+    assert (scores.hit1, scores.recall, scores.mrr) == (1.0, 1.0, 1.0)
+
+
+def test_mrr_is_one_over_the_rank_of_the_first_answer_within_ten() -> None:
+    far = [f"x{i}" for i in range(relevance.RANKED_FILES)] + ["b"]
+    scores = relevance.score([["x", "y", "a"], far], [q("a"), q("b")])
     assert scores.mrr == pytest.approx((1 / 3 + 0) / 2)
 
 
-def test_the_metrics_are_computed_for_every_mode(daemon: Daemon, tmp_path: Path) -> None:
-    root = tmp_path / "docs"
-    root.mkdir()
-    texts = {
-        "keys.txt": "The spare key is hidden under the blue flowerpot by the back door.",
-        "garden.txt": "Water the tomatoes every morning; they grow taller in July.",
-        "books.txt": "We read by the fire until late, mostly novels from the library.",
-    }
-    for name, text in texts.items():
-        (root / name).write_text(text)
-    rset = relevance.RelevanceSet(
-        root,
-        sorted(texts),
-        [
-            relevance.Question("where can I find the extra key", frozenset({"keys.txt"})),
-            relevance.Question("when do tomatoes need water", frozenset({"garden.txt"})),
-        ],
-    )
+def test_the_metrics_are_computed_for_every_mode_per_half_and_kind(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    full = relevance.load()
+    files = [f for f in full.files if f.startswith(SLICE)]
+    # one question of each half and kind the slice answers
+    firsts = {(x.split, x.kind): x for x in reversed(full.questions) if x.files <= set(files)}
+    questions = list(firsts.values())
+    rset = relevance.RelevanceSet(full.root, files, questions)
+    corpus = tmp_path / "corpus"
+    relevance.copy_corpus(rset, corpus)
     db = tmp_path / "r.db"
-    index.index_paths([root], db, socket=daemon.socket)
-    results = relevance.measure(rset, db, daemon.socket)
-    assert set(results) == set(index.MODES)
-    assert all(0 <= s.recall <= 1 and 0 <= s.mrr <= 1 for s in results.values())
+    index.index_paths([corpus], db, socket=daemon.socket)
+    ranked = relevance.rankings(rset, db, daemon.socket, k=relevance.RANKED_FILES)
+    results = relevance.breakdown(ranked, rset)
+    assert {mode for _, _, mode in results} == set(index.MODES)
+    assert {(split, kind) for split, kind, _ in results} >= {
+        (split, kind) for split in relevance.SPLITS for kind in {x.kind for x in questions}
+    }
+    assert all(0 <= s.hit1 <= s.mrr <= 1 and 0 <= s.recall <= 1 for s in results.values())
 
 
 @pytest.mark.slow
-def test_the_relevance_set_measures_on_this_machine() -> None:
-    """The whole measurement (minutes on a laptop CPU): skipped where the corpus is absent."""
-    if not relevance.load().root.is_dir():
-        pytest.skip("the corpus of the relevance set is not on this machine")
-    assert relevance.main([]) == 0
+def test_hybrid_ranks_the_held_out_answers_at_least_as_well_as_either_mode_alone(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The whole measurement (8 to 17 minutes on two cores under load). MRR@10 over the
+    held-out half, where hybrid led BM25, the better single mode, by whole questions' ranks
+    (docs/search.md), not by a float tie that another CPU could flip."""
+    rset = relevance.load()
+    corpus = tmp_path / "corpus"
+    relevance.copy_corpus(rset, corpus)
+    db = tmp_path / "r.db"
+    index.index_paths([corpus], db, socket=daemon.socket)
+    results = relevance.breakdown(relevance.rankings(rset, db, daemon.socket), rset)
+    held = {mode: results[(relevance.HELD_OUT, "all", mode)] for mode in index.MODES}
+    assert held["hybrid"].mrr >= max(held["vector"].mrr, held["bm25"].mrr), held

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from embedd.index.fusion import BOILERPLATE_WEIGHT
 from embedd.index.ingest import (
     BatchSent,
     Checking,
@@ -29,7 +30,7 @@ from embedd.index.ingest import (
     Rechunking,
     Refused,
 )
-from embedd.index.search import Hit
+from embedd.index.search import Explanation, Hit
 from embedd.index.store import IndexInfo, display
 
 
@@ -327,34 +328,109 @@ def describe_text(info: IndexInfo) -> str:
     return "\n".join(lines)
 
 
-def hits_json(hits: Sequence[Hit]) -> str:
-    return json.dumps(
-        [
-            {"path": h.path, "line": h.line, "score": h.score, "passage": h.passage,
-             "file": h.file, "span": list(h.span), "text": h.text}
-            for h in hits
-        ],
-        indent=2,
-    )  # fmt: skip
+def _why_json(why: Explanation | None) -> dict[str, object] | None:
+    if why is None:
+        return None
+    return {
+        "lists": {
+            name: {"rank": v.rank, "score": v.score, "vote": v.vote, "weight": why.weights[name]}
+            for name, v in why.votes.items()
+        },
+        "boilerplate": why.boilerplate,
+        "similar": list(why.similar),
+        "adjacent": list(why.adjacent),
+    }
+
+
+def hits_json(hits: Sequence[Hit], *, explain: bool = False) -> str:
+    """The hits as a JSON list; `matches` are [start, end] spans of the query's words in the
+    passage; with `explain`, each hit's `why` (its rank, score and vote in each list)."""
+    out = []
+    for h in hits:
+        item: dict[str, object] = {
+            "path": h.path, "line": h.line, "score": h.score, "passage": h.passage,
+            "matches": [list(m) for m in h.matches], "similar": h.similar, "file": h.file,
+            "span": list(h.span), "text": h.text,
+        }  # fmt: skip
+        if explain:
+            item["why"] = _why_json(h.why)
+        out.append(item)
+    return json.dumps(out, indent=2)
 
 
 # Lines of a passage shown under each hit.
 PASSAGE_LINES = 3
 # Columns the passage is indented by.
 PASSAGE_INDENT = 4
+# How a matched word is marked: bold on a terminal (ECMA-48 SGR 1 and 22, "bold" and
+# "normal intensity"), Markdown's strong emphasis elsewhere (a log, a pipe, a test).
+BOLD = ("\x1b[1m", "\x1b[22m")
+PLAIN_MARK = ("**", "**")
 
 
-def hits_text(hits: Sequence[Hit], width: int = 80) -> str:
+def marked(passage: str, spans: Sequence[tuple[int, int]], marks: tuple[str, str]) -> str:
+    """`passage` with each span wrapped in `marks`."""
+    out = []
+    at = 0
+    for a, b in spans:
+        out += [passage[at:a], marks[0], passage[a:b], marks[1]]
+        at = b
+    out.append(passage[at:])
+    return "".join(out)
+
+
+def _vote_text(name: str, why: Explanation) -> str:
+    v = why.votes.get(name)
+    weight = why.weights.get(name, 1.0)
+    if v is None:
+        return f"{name} -"
+    place = f"#{v.rank} {v.score:.4f}" if v.rank else "by a neighbouring chunk"
+    return f"{name} {place} (vote {v.vote:.2f} x {weight:.3g})"
+
+
+def explain_text(h: Hit) -> list[str]:
+    """Why `h` ranks where it does, in lines: its place, score and vote in each list, the
+    fused score, and what folding and boilerplate did."""
+    why = h.why
+    if why is None:
+        return []
+    lists = " + ".join(_vote_text(name, why) for name in why.weights)
+    # Several lists: their weighted votes add up to the fused score shown; one list: the
+    # hit's score is that list's own.
+    fused = f" -> {h.score:.4f}" if len(why.weights) > 1 else ""
+    lines = [f"why: {lists}{fused}"]
+    if why.boilerplate:
+        lines.append(
+            f"     boilerplate: {why.boilerplate:.0%} of it recurs in other files "
+            f"(score x {1 - BOILERPLATE_WEIGHT * why.boilerplate:.2f})"
+        )
+    if why.similar:
+        lines.append(f"     folded near duplicates: {', '.join(display(p) for p in why.similar)}")
+    if why.adjacent:
+        chunks = ", ".join(str(i) for i in why.adjacent)
+        lines.append(f"     adjacent chunks of the file folded in: {chunks}")
+    return lines
+
+
+def hits_text(
+    hits: Sequence[Hit], width: int = 80, *, tty: bool = False, explain: bool = False
+) -> str:
     """`path:line  score` and the passage below it (wrapped to the terminal, at most
-    PASSAGE_LINES lines): the form editors and terminals open at that line."""
+    PASSAGE_LINES lines) with the query's words marked (bold on a terminal, `**word**`
+    elsewhere): the form editors and terminals open at that line. A hit that stands for near
+    duplicates says how many; with `explain`, why each hit ranks where it does."""
     lines = []
     wrap = max(20, width - 1 - PASSAGE_INDENT)
+    marks = BOLD if tty else PLAIN_MARK
     for h in hits:
         where = f"{display(h.path)}:{h.line}" if h.line else display(h.path)
-        lines.append(f"{where}  {h.score:.4f}")
-        passage = textwrap.wrap(" ".join(h.passage.split()), wrap)
+        similar = f"  (and {h.similar} similar)" if h.similar else ""
+        lines.append(f"{where}  {h.score:.4f}{similar}")
+        passage = textwrap.wrap(" ".join(marked(h.passage, h.matches, marks).split()), wrap)
         if len(passage) > PASSAGE_LINES:
             passage = passage[:PASSAGE_LINES]
             passage[-1] = passage[-1][: wrap - 1] + "…"
         lines.extend(" " * PASSAGE_INDENT + p for p in passage)
+        if explain:
+            lines.extend(" " * PASSAGE_INDENT + e for e in explain_text(h))
     return "\n".join(lines) if lines else "(no matching chunks in the index)"

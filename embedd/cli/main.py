@@ -993,7 +993,13 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json",
         action="store_true",
-        help="a JSON list of {path, line, score, passage, file, span, text}",
+        help="a JSON list of {path, line, score, passage, matches, similar, file, span, text}",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="say why each hit ranks where it does: its rank, score and vote in each list, "
+        "the fused score, the near duplicates and adjacent chunks folded into it, boilerplate",
     )
 
 
@@ -1003,14 +1009,16 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     summary="search an index built by `embedd index`",
     description=(
         "Rank the chunks for QUERY by meaning (cosine to the embedded query, with the model's\n"
-        "`query` prompt if it has one) and by keywords (BM25), fused by reciprocal rank\n"
-        "(--mode), and print each as PATH:LINE (relative to the indexed folder), its score\n"
-        "and the passage of the chunk that matches best."
+        "`query` prompt if it has one) and by keywords (BM25), fused into passages (--mode;\n"
+        "near duplicates folded), and print each as PATH:LINE (relative to the indexed\n"
+        "folder), its score and the passage that matches best, the query's words marked\n"
+        "(--explain: why each hit ranks where it does)."
     ),
     examples=(
         "  embedd search notes.db 'how do I renew the certificate' -k 5\n"
         "  embedd search notes.db 'backup schedule' --path 'work/*' --path '*.md'\n"
-        "  embedd search notes.db 'ERR_CERT_DATE_INVALID' --mode bm25"
+        "  embedd search notes.db 'ERR_CERT_DATE_INVALID' --mode bm25\n"
+        "  embedd search notes.db 'CVE-2024-45491' --explain"
     ),
 )
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -1036,7 +1044,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 1
     width = shutil.get_terminal_size().columns
-    print(shown.hits_json(hits) if args.json else shown.hits_text(hits, width))
+    if args.json:
+        print(shown.hits_json(hits, explain=args.explain))
+    else:
+        tty = sys.stdout.isatty()
+        print(shown.hits_text(hits, width, tty=tty, explain=args.explain))
     return 0
 
 

@@ -1,6 +1,8 @@
 """Search over an index: chunks ranked by cosine to the embedded query, by BM25 over the
-words, or both fused by reciprocal rank; each hit shown at its best passage (by the query's
-words, else by meaning) and its path relative to the indexed folder.
+words, or both, the lists fused into passages (`embedd.index.fusion`: near duplicates
+folded, adjacent chunks voting together, boilerplate down-weighted); each hit shown at its
+best passage (by the query's words, else by meaning) with the query's words in it found, and
+its path relative to the indexed folder.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import embedd_client
 import numpy as np
 
-from embedd.index import vectors
+from embedd.index import fusion, vectors
 from embedd.index.modes import DEFAULT_MODE, MODE_BM25, MODE_HYBRID, MODE_VECTOR, MODES  # noqa: F401
 from embedd.index.records import model_fingerprint
 from embedd.index.store import (
@@ -37,14 +39,10 @@ from embedd.index.store import (
 )
 from embedd.index.vectors import row_key
 
-# Reciprocal rank fusion's constant: score = sum over rankings of 1 / (RRF_K + rank). 60 is the
-# value of Cormack, Clarke and Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and
-# individual Rank Learning Methods" (SIGIR 2009), used unchanged by most hybrid search engines.
-RRF_K = 60
-# BM25 matches fused per query: past a few hundred ranks a list adds at most 1/(60+200) to a
-# score, less than the gap between neighbouring top-10 ranks.
-BM25_CANDIDATES = 200
-
+# Chunks each list brings to fusion (at least; more when more hits are asked for): enough
+# that every copy of a duplicated passage and the neighbours of the best chunks are among
+# them; past a few hundred ranks a chunk stands below the list's mean and votes nothing.
+CANDIDATES = 200
 # (chunk, query word) pairs BM25 scores at most per query. FTS5 computes bm25() for every
 # chunk holding any query word, a few microseconds each: a query with a common word ("the",
 # "how") over a million chunks would score most of them. Over this many pairs the query's
@@ -52,6 +50,7 @@ BM25_CANDIDATES = 200
 # of chunks adds little to a chunk's score (BM25's inverse document frequency is the log of
 # its rarity), and 5,000 scorings take about 15 ms on one busy core (tests/search_bench.py).
 BM25_POSTINGS = 5_000
+
 # Characters of a passage at most: about two lines of a terminal, one or two sentences.
 PASSAGE_CHARS = 240
 # Words that say nothing about what is sought: left out when a passage is chosen by the words
@@ -64,14 +63,35 @@ STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 # Sentence ends: a long line (an unwrapped Markdown paragraph) is cut into passages here.
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _WORD = re.compile(r"\w+")
+# What joins the words of one identifier (CVE-2024-1, ssl.conf, a/b): matched words joined
+# by it are marked as one.
+_JOINER = re.compile(r"[-.@/:]")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a hit ranks where it does: each list's say (`votes`: rank, raw score and vote of
+    the hit's best chunk there; a list that ranked none of its chunks is absent), the weight
+    of each list for this query, the share of its score lost as boilerplate, the paths of
+    the near duplicates folded into it and the adjacent chunks of its file folded into it
+    (as chunk indexes)."""
+
+    votes: dict[str, fusion.Vote]
+    weights: dict[str, float]
+    boilerplate: float
+    similar: tuple[str, ...]
+    adjacent: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Hit:
     """One result: the chunk `span` (characters) of `file`, shown as `path` (relative to the
     indexed folder) at `line` (of its best passage; 0 when the index predates line numbers),
-    with that `passage`, the chunk's whole `text` and its `score` in the mode's own scale
-    (cosine for vector, BM25 with larger better for bm25, the fused RRF sum for hybrid)."""
+    with that `passage`, the character spans of the query's words in it (`matches`), the
+    chunk's whole `text` and its `score` in the mode's own scale (cosine for vector, BM25
+    with larger better for bm25, the fused vote for hybrid). `similar` counts the near
+    duplicates folded into it (their paths are in `why.similar`); `why` says how it was
+    ranked."""
 
     file: str
     path: str
@@ -80,6 +100,9 @@ class Hit:
     passage: str
     text: str
     span: tuple[int, int]
+    matches: tuple[tuple[int, int], ...] = ()
+    similar: int = 0
+    why: Explanation | None = None
 
 
 def search(
@@ -153,35 +176,71 @@ def _search(
         rel = relative_paths(files, roots)
         allowed = {f for f in files if _path_matches(rel[f], globs, f)} if globs else None
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
-        rankings: list[list[tuple[Key, float]]] = []
+        lists: dict[str, list[tuple[Key, float]]] = {}
+        wanted = max(k, CANDIDATES)
         if mode != MODE_BM25:
             assert client is not None
             q = _query_vector(client, meta, query)
-            rankings.append(_vector_ranking(db, shown, q, allowed, k if mode == MODE_VECTOR else 0))
+            lists[fusion.VECTOR] = _vector_ranking(db, shown, q, allowed, wanted)
         if mode != MODE_VECTOR:
-            rankings.append(_bm25_ranking(db, query, allowed, k if mode == MODE_BM25 else 0))
-        ranked = rankings[0][:k] if len(rankings) == 1 else _fuse(rankings)[:k]
+            lists[fusion.BM25] = _bm25_ranking(db, query, allowed, wanted)
+        weights = fusion.weights_for(query) if len(lists) > 1 else {n: 1.0 for n in lists}
+        chunks = _candidates(db, lists)
+        fused = fusion.fuse(lists, chunks, weights=weights)[:k]
         details = [
             db.execute(
                 f"SELECT start, end, text, {'line' if has_lines else '0'} FROM chunks "
                 "WHERE file = ? AND idx = ?",
-                key,
+                f.key,
             ).fetchone()
-            for key, _ in ranked
+            for f in fused
         ]
     finally:
         db.close()
     model = meta.get("model", "default")
     passages = _best_passages(client, model, q, query, [d[2] for d in details])
     hits = []
-    for ((file, _), score), (start, end, text, line), (offset, passage) in zip(
-        ranked, details, passages, strict=True
+    for f, (start, end, text, line), (offset, passage) in zip(
+        fused, details, passages, strict=True
     ):
+        file = f.key[0]
         passage_line = line + text.count("\n", 0, offset) if line else 0
-        if file not in rel:
-            rel.update(relative_paths([file], roots))
-        hits.append(Hit(file, rel[file], passage_line, score, passage, text, (start, end)))
+        unknown = [p for p in (file, *(s for s, _ in f.similar)) if p not in rel]
+        if unknown:
+            rel.update(relative_paths(unknown, roots))
+        # One list: its own score (cosine, BM25); several: the fused vote.
+        score = next(iter(f.votes.values())).score if len(lists) == 1 else f.score
+        why = Explanation(
+            dict(f.votes),
+            weights,
+            f.boilerplate,
+            tuple(rel.get(s, s) for s, _ in f.similar),
+            tuple(i for _, i in f.adjacent),
+        )
+        hits.append(
+            Hit(file, rel[file], passage_line, score, passage, text, (start, end),
+                matches(query, passage), len(f.similar), why)
+        )  # fmt: skip
     return hits
+
+
+def _candidates(
+    db: sqlite3.Connection, lists: dict[str, list[tuple[Key, float]]]
+) -> dict[Key, fusion.Chunk]:
+    """The text and file size (in chunks) of every chunk the lists rank (a point lookup
+    each)."""
+    keys = dict.fromkeys(key for ranking in lists.values() for key, _ in ranking)
+    sizes: dict[str, int] = {}
+    out = {}
+    for key in keys:
+        row = db.execute("SELECT text FROM chunks WHERE file = ? AND idx = ?", key).fetchone()
+        if row is None:
+            continue
+        if key[0] not in sizes:
+            found = db.execute("SELECT chunks FROM files WHERE path = ?", (key[0],)).fetchone()
+            sizes[key[0]] = int(found[0]) if found else 1
+        out[key] = fusion.Chunk(row[0], sizes[key[0]])
+    return out
 
 
 def _query_vector(
@@ -208,8 +267,8 @@ def _vector_ranking(
     allowed: set[str] | None,
     k: int,
 ) -> list[tuple[Key, float]]:
-    """Chunks by cosine to `q`, best first: the top `k`, or BM25_CANDIDATES to be fused."""
-    return vector_candidates(db, shown, q, allowed, k or BM25_CANDIDATES)
+    """Chunks by cosine to `q`, best first: the top `k` (CANDIDATES when 0)."""
+    return vector_candidates(db, shown, q, allowed, k or CANDIDATES)
 
 
 def vector_candidates(
@@ -315,7 +374,8 @@ def _fts_query(query: str) -> str:
 def _bm25_ranking(
     db: sqlite3.Connection, query: str, allowed: set[str] | None, k: int
 ) -> list[tuple[Key, float]]:
-    """Chunks by BM25 (SQLite's `bm25()`, smaller is better, negated here), best first."""
+    """Chunks by BM25 (SQLite's `bm25()`, smaller is better, negated here), best first: the
+    top `k` (CANDIDATES when 0)."""
     match = _fts_query(query)
     if not match:
         return []
@@ -324,7 +384,7 @@ def _bm25_ranking(
         f"SELECT file, idx, bm25({FTS_TABLE}) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? "
         f"ORDER BY bm25({FTS_TABLE})"
     )
-    limit = k or BM25_CANDIDATES
+    limit = k or CANDIDATES
     if allowed is None:
         rows = db.execute(sql + " LIMIT ?", (match, limit)).fetchall()
     else:
@@ -381,16 +441,6 @@ def _rare_words(db: sqlite3.Connection, query: str) -> str | None:
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in rare)
 
 
-def _fuse(rankings: Sequence[Sequence[tuple[Key, float]]]) -> list[tuple[Key, float]]:
-    """Reciprocal rank fusion: each ranking gives a chunk 1 / (RRF_K + rank), rank from 1.
-    It needs no common scale between cosines and BM25 scores, only the orders."""
-    fused: dict[Key, float] = {}
-    for ranking in rankings:
-        for rank, (key, _) in enumerate(ranking, start=1):
-            fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused.items(), key=lambda item: -item[1])
-
-
 def _from_here(glob: str) -> bool:
     """Whether a --path GLOB is a path from the current directory, as a shell reads one."""
     return glob in (".", "..") or glob.startswith(("/", "./", "../"))
@@ -427,6 +477,22 @@ def _stem(word: str) -> str:
         if w.endswith(suffix) and len(w) - len(suffix) >= 3:
             return w[: -len(suffix)]
     return w
+
+
+def matches(query: str, passage: str) -> tuple[tuple[int, int], ...]:
+    """The (start, end) character spans of `passage`'s words that are the query's words
+    (stemmed as for choosing passages, stopwords left out), in order: what a reader's eye
+    should land on."""
+    terms = {_stem(w) for w in _WORD.findall(query) if w.lower() not in STOPWORDS}
+    spans: list[tuple[int, int]] = []
+    for m in _WORD.finditer(passage):
+        if _stem(m.group()) not in terms:
+            continue
+        if spans and _JOINER.fullmatch(passage[spans[-1][1] : m.start()]):
+            spans[-1] = (spans[-1][0], m.end())  # CVE-2024-1 is one match, not three
+        else:
+            spans.append((m.start(), m.end()))
+    return tuple(spans)
 
 
 def _units(text: str) -> list[tuple[int, int]]:
