@@ -58,8 +58,10 @@ def test_search_finds_every_file_holding_a_repeated_chunk(
 ) -> None:
     db, _, _ = run
     hits = search(db, "where is the spare key", k=3, mode="vector", socket=daemon.socket)
-    assert {Path(h.file).name for h in hits[:2]} == {"a.md", "b.md"}
-    assert hits[0].score == pytest.approx(hits[1].score, abs=1e-6)  # one vector, copied
+    # The copies are one hit (near duplicates fold), naming the other file among its similar.
+    best = hits[0]
+    assert best.why is not None
+    assert {Path(best.file).name, *(Path(p).name for p in best.why.similar)} >= {"a.md", "b.md"}
 
 
 def test_an_edited_file_embeds_only_its_new_chunks(
