@@ -39,6 +39,7 @@ __all__ = [
     "EmbedOptions",
     "EmbeddError",
     "InputTooLongError",
+    "Ranked",
     "UntrustedDaemonError",
     "Window",
     "WindowOptions",
@@ -77,6 +78,10 @@ _UCRED = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
 
 PathArg = str | os.PathLike[str]
 Vectors = npt.NDArray[np.float32]
+# `embed`'s answer: float32 rows, or with `precision` float16 rows or packed signs (int8 for
+# "binary", uint8 for "ubinary", ceil(dim / 8) bytes a row, as sentence-transformers packs them).
+Embeddings = npt.NDArray[Any]
+_DTYPES = {"float32": "<f4", "float16": "<f2", "binary": "i1", "ubinary": "u1"}
 T = TypeVar("T")
 _Coroutine: typing.TypeAlias = "CoroutineType[Any, Any, T]"
 P = ParamSpec("P")
@@ -362,6 +367,7 @@ class EmbedOptions(WindowOptions, total=False):
     truncate: bool
     long: Literal["error", "truncate", "split"]
     pool: Literal["mean", "none"]
+    precision: Literal["float32", "float16", "binary", "ubinary"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -373,6 +379,23 @@ class Window:
     span: tuple[int, int]  # its [start, end) characters in that text
     text: str  # texts[input][start:end]
     vector: Vectors
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A document of a rerank answer: its index in the request, its score (the reranker's raw
+    logit), and its text if `return_documents` asked for it."""
+
+    index: int
+    score: float
+    document: str | None = None
+
+
+def _ranked(result: Mapping[str, Any]) -> list[Ranked]:
+    try:
+        return [Ranked(r["index"], float(r["score"]), r.get("document")) for r in result["results"]]
+    except (KeyError, TypeError, ValueError):
+        raise EmbeddError("protocol_error", "rerank result lacks its results") from None
 
 
 @dataclass(frozen=True)
@@ -395,7 +418,7 @@ class _Call(Generic[T]):
         return self.parse({k: v for k, v in response.items() if k not in ("id", "ok")})
 
 
-def _embed(texts: str | Sequence[str], model: str, options: Mapping[str, Any]) -> _Call[Vectors]:
+def _embed(texts: str | Sequence[str], model: str, options: Mapping[str, Any]) -> _Call[Embeddings]:
     timeout = options.get("timeout")
     if timeout is not None and not (0 < timeout <= MAX_TIMEOUT and math.isfinite(timeout)):
         raise EmbeddError(
@@ -426,16 +449,23 @@ def _texts(texts: str | Sequence[str]) -> str | list[str]:
     return texts if isinstance(texts, str) else list(texts)
 
 
-def _vectors(result: Mapping[str, Any], single: bool) -> Vectors:
+def _vectors(result: Mapping[str, Any], single: bool) -> Embeddings:
     count, dim, data = result.get("count"), result.get("dim"), result.get("embeddings")
+    precision = result.get("precision", "float32")
     if not isinstance(count, int) or not isinstance(dim, int) or not isinstance(data, bytes):
         raise EmbeddError("protocol_error", "embed result lacks count, dim or f32 embeddings")
-    if len(data) != count * dim * 4:
+    if precision not in _DTYPES:
+        raise EmbeddError("protocol_error", f"embed result has an unknown precision {precision!r}")
+    dtype = np.dtype(_DTYPES[precision])
+    # The packed precisions hold 8 signs a byte, the last byte padded.
+    width = (dim + 7) // 8 if precision in ("binary", "ubinary") else dim
+    if len(data) != count * width * dtype.itemsize:
         raise EmbeddError(
-            "protocol_error", f"embed result has {len(data)} bytes, expected {count} x {dim} x 4"
+            "protocol_error",
+            f"embed result has {len(data)} bytes, expected {count} x {width} of {dtype}",
         )
     # astype copies: the array is writable, native-endian and does not pin the frame's bytes.
-    vectors = np.frombuffer(data, "<f4").reshape(count, dim).astype(np.float32)
+    vectors = np.frombuffer(data, dtype).reshape(count, width).astype(dtype.newbyteorder("="))
     return vectors[0] if single else vectors
 
 
@@ -602,10 +632,12 @@ class _Base:
     @_Op
     def embed(
         self, texts: str | Sequence[str], model: str = "default", **options: Unpack[EmbedOptions]
-    ) -> _Call[Vectors]:
+    ) -> _Call[Embeddings]:
         """Vectors of shape (n, dim), or (dim,) for a single str; with `pool="none"`, one row
         per window (`embed_windows` says which input and span each is). `timeout` is the
-        daemon-side limit (default: its `request_timeout`); we wait a little longer ourselves."""
+        daemon-side limit (default: its `request_timeout`); we wait a little longer ourselves.
+        `precision`: float32 (default), float16, or signs packed 8 a byte ("binary": int8,
+        "ubinary": uint8; rows of ceil(dim / 8))."""
         return _embed(texts, model, options)
 
     @_Op
@@ -615,6 +647,20 @@ class _Base:
         """Each input split into windows that fit the model (`overlap` tokens shared between
         neighbours), each window with its vector, span and text, in input order."""
         return _embed_windows(texts, model, options)
+
+    @_Op
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        model: str = "default",
+        top_n: int | None = None,
+        return_documents: bool = False,
+    ) -> _Call[list[Ranked]]:
+        """Each document scored against `query` by a reranker (a cross-encoder), best first
+        (`top_n` of them); a document longer than the model's window scores as its best piece."""
+        args = _given(query=query, documents=list(documents), model=model, top_n=top_n)
+        return _Call("rerank", {**args, "return_documents": return_documents}, _ranked)
 
     @_Op
     def embed_query(
@@ -729,7 +775,7 @@ class Client(_Base):
         *,
         batch_size: int = DOCUMENT_BATCH,
         **options: Unpack[EmbedOptions],
-    ) -> Iterator[Vectors]:
+    ) -> Iterator[Embeddings]:
         """Vectors of any number of texts, at bulk priority, yielded `batch_size` at a time
         (shape (k, dim)), so a large folder is never held in memory at once."""
         options.setdefault("priority", "bulk")
@@ -893,7 +939,7 @@ class AsyncClient(_Base, asynchronous=True):
         *,
         batch_size: int = DOCUMENT_BATCH,
         **options: Unpack[EmbedOptions],
-    ) -> AsyncIterator[Vectors]:
+    ) -> AsyncIterator[Embeddings]:
         options.setdefault("priority", "bulk")
         for batch in _batches(texts, batch_size):
             yield await self._run(_embed(batch, model, options))

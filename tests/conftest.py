@@ -3,6 +3,7 @@ bundled model; nothing here is mocked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +94,19 @@ class Daemon:
                 raise AssertionError(f"not within {timeout:g}s: {what}; last stats: {stats}")
             time.sleep(0.02)
 
+    @contextlib.contextmanager
+    def model_stopped(self, model: str = "default") -> Iterator[int]:
+        """The model's process stopped (SIGSTOP) for the block, then continued: whatever it was
+        given stays in flight until then, however fast the machine, with no workload sized to
+        outlast a race. (The daemon replaces a process only after a batch computes for twice
+        the request timeout, far beyond any test.) The model must be loaded."""
+        pid = int(self.model_stats(model)["process"]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pid
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def wait_until_computing(
         self, before: dict[str, Any], requests: int = 1, *, model: str = "default"
     ) -> dict[str, Any]:
@@ -115,6 +129,15 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"daemon did not exit within {timeout}s:\n{self.log()}") from None
+
+
+def until_draining(conn: RawConnection, timeout: float = 60.0) -> None:
+    """Asks `health` on an open connection (a new one is refused while draining) until the
+    daemon reports it is shutting down. The timeout only bounds a wait of milliseconds."""
+    deadline = time.monotonic() + timeout
+    while conn.call("health")["status"] != "shutting_down":
+        assert time.monotonic() < deadline, "the daemon did not start draining"
+        time.sleep(0.02)
 
 
 def short_tmpdir() -> Path:

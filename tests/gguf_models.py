@@ -145,9 +145,13 @@ def write_qwen3(
     n_embd: int = 32,
     n_layer: int = 2,
     n_head: int = 2,
+    reranker: bool = False,
+    classifier: bool = True,
 ) -> Path:
     """A causal Qwen3 with last-token pooling and EOS appended, as Qwen3-Embedding is; by
-    default over a handful of merges, or over `vocab` (see `byte_level_vocabulary`)."""
+    default over a handful of merges, or over `vocab` (see `byte_level_vocabulary`). With
+    `reranker`, rank pooling and (with `classifier`) a yes/no head instead, as llama.cpp's
+    converter writes Qwen3-Reranker."""
     if vocab is None:
         tokens, merges = _byte_level_vocab()
     else:
@@ -172,7 +176,10 @@ def write_qwen3(
     writer.add_value_length(head)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(10000.0)
-    writer.add_pooling_type(gguf.PoolingType.LAST)
+    writer.add_pooling_type(gguf.PoolingType.RANK if reranker else gguf.PoolingType.LAST)
+    if reranker and classifier:
+        writer.add_classifier_output_labels(["yes", "no"])
+        writer.add_tensor("cls.output.weight", w(2, n_embd))
     writer.add_file_type(0)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")

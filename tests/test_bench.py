@@ -9,10 +9,14 @@ import sys
 from typing import Any
 from xml.etree import ElementTree
 
+import pytest
+
 from tests.conftest import Daemon
 
 
-def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon: Daemon) -> None:
+@pytest.fixture(scope="module")
+def quick_report(daemon: Daemon) -> dict[str, Any]:
+    """One quick run for this file's tests: a whole run, even a quick one, is the file's cost."""
     out = subprocess.run(
         [
             sys.executable,
@@ -31,7 +35,14 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
         timeout=300,
         check=True,
     )
-    report = json.loads(out.stdout)
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
+def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(
+    quick_report: dict[str, Any],
+) -> None:
+    report = quick_report
     assert report["model"] == "default" and report["quick"] is True
     rows = {r["key"]: r for r in report["rows"]}
     assert set(rows) == {
@@ -56,20 +67,19 @@ def test_bench_quick_json_reports_every_workload_for_daemon_and_baseline(daemon:
         assert row["baseline"] > 0, key
         assert row["ratio"] == row["daemon"] / row["baseline"]
     assert report["mixed_queries"] > 0
-    two = report["daemon"]["two_models"]
+
+
+def test_bench_with_a_second_model_reports_one_model_against_two(
+    quick_report: dict[str, Any],
+) -> None:
+    two = quick_report["daemon"]["two_models"]
     assert two["one_model_chunks_per_s"] > 0 and two["two_models_chunks_per_s"] > 0
 
 
-def test_bench_reports_each_replicas_busy_fraction_per_workload(daemon: Daemon) -> None:
-    command = ["bench", "--socket", str(daemon.socket), "--quick", "--json", "--no-baseline"]
-    out = subprocess.run(
-        [sys.executable, "-m", "embedd", *command],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    extra = json.loads(out.stdout)["daemon"]
+def test_bench_reports_each_replicas_busy_fraction_per_workload(
+    quick_report: dict[str, Any],
+) -> None:
+    extra = quick_report["daemon"]
     busy = extra["replica_busy"]
     assert list(busy) == ["W1", "W2", "W3", "W4", "W5", "idle"]
     assert all(len(fractions) == extra["replicas"] for fractions in busy.values())

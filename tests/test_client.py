@@ -535,7 +535,8 @@ def test_async_client_pipelines_many_requests_on_one_connection(
 
     async def main() -> list[Vec]:
         async with ec.AsyncClient(daemon.socket) as client:
-            return await asyncio.gather(*(client.embed(t) for t in texts))
+            rows: list[Vec] = await asyncio.gather(*(client.embed(t) for t in texts))
+            return rows
 
     with ec.Client(daemon.socket) as observer:
         before = observer.stats()["connections"]["total"]
@@ -549,13 +550,16 @@ def test_async_client_pipelines_many_requests_on_one_connection(
 
 
 def test_async_client_responses_arrive_out_of_order(daemon: Daemon, reference: Reference) -> None:
+    daemon.call("load")
+
     async def main() -> bool:
         async with ec.AsyncClient(daemon.socket) as client:
-            big = asyncio.create_task(client.embed(reference.chunks[:200]))
-            await _until_queued(client)
-            await client.health()
-            overtaken = not big.done()
-            assert (await big).shape == (200, DIM)
+            with daemon.model_stopped():  # the big request cannot finish meanwhile
+                big = asyncio.create_task(client.embed(reference.chunks[:20]))
+                await _until_queued(client)
+                await client.health()
+                overtaken = not big.done()
+            assert (await big).shape == (20, DIM)
             return overtaken
 
     assert asyncio.run(main())

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import signal
 import struct
-import time
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from embedd.inference.admission import estimate_tokens
-from tests.conftest import Daemon, Reference, start_daemon
-from tests.wire import RawConnection
+from tests.conftest import Daemon, Reference, start_daemon, until_draining
 
 
 def _error(response: dict[str, object]) -> dict[str, object]:
@@ -35,17 +32,6 @@ def _frames(*messages: dict[str, object]) -> bytes:
         body = msgpack.packb(message)
         out += struct.pack(">I", len(body)) + body
     return out
-
-
-def _until_draining(conn: RawConnection) -> None:
-    """Asks `health` on an open connection until the daemon reports it is shutting down."""
-    deadline = time.monotonic() + 60
-    for rid in itertools.count(1000):  # ids clear of the test's own
-        conn.send({"id": rid, "op": "health"})
-        if conn.recv_for(rid)["status"] == "shutting_down":
-            return
-        assert time.monotonic() < deadline, "the daemon did not start draining"
-        time.sleep(0.02)
 
 
 # --- bad_request ------------------------------------------------------------------------------
@@ -289,27 +275,30 @@ def test_shutdown_is_forbidden_unless_allowed(daemon: Daemon) -> None:
 def test_shutdown_when_allowed_stops_the_daemon(workdir: Path, own_daemon: list[Daemon]) -> None:
     d = start_daemon(workdir, "allow_shutdown = true\n")
     own_daemon.append(d)
-    assert d.call("shutdown") == {"id": 1, "ok": True}
+    answer = d.call("shutdown")
+    assert answer["ok"] is True and set(answer) == {"id", "ok"}
     assert d.proc.wait(30) == 0
     assert not d.socket.exists()
 
 
 def test_new_request_while_draining_is_shutting_down(
-    workdir: Path, own_daemon: list[Daemon], reference: Reference
+    workdir: Path, own_daemon: list[Daemon]
 ) -> None:
-    # A grace longer than the work: request 1 is answered, however slow the machine.
+    # A grace longer than the test: request 1 is answered once the model continues.
     d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
-    with d.connect() as conn:
-        conn.send({"id": 1, "op": "embed", "input": reference.chunks[:150], "timeout": 600})
-        d.wait_until_computing({"requests": 0})
+    d.call("load")
+    conn = d.connect()
+    with d.model_stopped():
+        conn.send({"id": 1, "op": "embed", "input": ["in flight", "at the signal"]})
+        d.wait_for(lambda s: s["requests"] >= 1, "request 1 taken by the model thread")
         d.proc.send_signal(signal.SIGTERM)
-        _until_draining(conn)
+        until_draining(conn)
         conn.send({"id": 2, "op": "embed", "input": "late"})
         assert _error(conn.recv_for(2))["code"] == "shutting_down"
         conn.send({"id": 3, "op": "health"})
         assert conn.recv_for(3)["status"] == "shutting_down"
-        assert conn.recv_for(1)["ok"]
+    assert conn.recv_for(1)["ok"]
     assert d.proc.wait(30) == 0
 
 

@@ -13,24 +13,27 @@ import time
 from pathlib import Path
 
 from embedd.daemon.app import FORCED_EXIT
-from tests.conftest import Daemon, Reference, start_daemon, wait_until_serving
+from tests.conftest import Daemon, Reference, start_daemon, until_draining, wait_until_serving
 from tests.wire import RawConnection
 
 
 def test_sigterm_answers_every_request_in_flight_then_removes_the_socket(
     workdir: Path, own_daemon: list[Daemon], reference: Reference
 ) -> None:
-    # A grace longer than the work: what is in flight is answered, however slow the machine.
+    # A grace longer than the test: what is in flight is answered once the model continues.
     d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
+    d.call("load")
     conns = [d.connect() for _ in range(3)]
     sent: list[tuple[RawConnection, int, int]] = []
-    for k, conn in enumerate(conns):
-        for j in range(4):
-            texts = reference.chunks[k * 40 + j * 10 : k * 40 + j * 10 + 10]
-            sent.append((conn, conn.request("embed", input=texts), len(texts)))
-    d.wait_for(lambda s: s["requests"] >= len(sent), "every request taken by the model thread")
-    d.proc.send_signal(signal.SIGTERM)
+    with d.model_stopped():
+        for k, conn in enumerate(conns):
+            for j in range(4):
+                texts = reference.chunks[k * 12 + j * 3 : k * 12 + j * 3 + 3]
+                sent.append((conn, conn.request("embed", input=texts), len(texts)))
+        d.wait_for(lambda s: s["requests"] >= len(sent), "every request taken by the model thread")
+        d.proc.send_signal(signal.SIGTERM)
+        until_draining(conns[0])
     for conn, rid, n in sent:
         r = conn.recv_for(rid)
         assert r["ok"], r
@@ -77,20 +80,18 @@ def _wait_for_log(d: Daemon, line: str, timeout: float = 60.0) -> None:
 
 
 def test_no_new_connections_are_accepted_while_draining(
-    workdir: Path, own_daemon: list[Daemon], reference: Reference
+    workdir: Path, own_daemon: list[Daemon]
 ) -> None:
-    # A grace longer than the work: what is in flight is answered, however slow the machine.
+    # A grace longer than the test: what is in flight is answered once the model continues.
     d = start_daemon(workdir, "shutdown_grace = 600\n")
     own_daemon.append(d)
-    with d.connect() as conn:
-        rid = conn.request("embed", input=reference.chunks[:120], timeout=600)
-        d.wait_until_computing({"requests": 0})
+    d.call("load")
+    conn = d.connect()
+    with d.model_stopped():
+        rid = conn.request("embed", input=["in flight", "at the signal"])
+        d.wait_for(lambda s: s["requests"] >= 1, "the request taken by the model thread")
         d.proc.send_signal(signal.SIGTERM)
-        # Draining (which `health` reports) starts after the listener is closed.
-        deadline = time.monotonic() + 60
-        while conn.call("health")["status"] != "shutting_down":
-            assert time.monotonic() < deadline, "the daemon did not start draining"
-            time.sleep(0.02)
+        until_draining(conn)  # which starts after the listener is closed
         try:
             late = RawConnection(d.socket, timeout=5)
         except (FileNotFoundError, ConnectionRefusedError):
@@ -101,6 +102,7 @@ def test_no_new_connections_are_accepted_while_draining(
                 answer = late.recv()  # the refusal at the door (id nil) or of the request
                 assert answer["ok"] is False
                 assert answer["error"]["code"] == "shutting_down"
+    with conn:
         assert conn.recv_for(rid)["ok"]
     assert d.proc.wait(60) == 0
 

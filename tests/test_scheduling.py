@@ -13,21 +13,27 @@ def test_interactive_requests_sent_during_a_bulk_request_complete_before_it(
     daemon: Daemon, reference: Reference
 ) -> None:
     finished: list[str] = []
+    daemon.call("load")
     before = daemon.model_stats()
 
     def bulk() -> None:
         with RawConnection(daemon.socket) as conn:
-            r = conn.call("embed", input=reference.chunks[:150], timeout=600)
+            r = conn.call("embed", input=reference.chunks[:40], timeout=600)
             assert r["ok"]
             finished.append("bulk")
 
     indexer = threading.Thread(target=bulk)
-    indexer.start()
-    daemon.wait_until_computing(before)  # the bulk request is in the model's queue
-    with RawConnection(daemon.socket) as conn:
-        for i in range(5):
-            assert conn.call("embed", input=reference.queries[i])["ok"]
-    finished.append("queries")
+    with daemon.connect() as conn:
+        # The model process stopped: the bulk request's first batches stay in flight and the
+        # rest stays queued while the queries arrive.
+        with daemon.model_stopped():
+            indexer.start()
+            daemon.wait_until_computing(before)
+            queries = [conn.request("embed", input=reference.queries[i]) for i in range(5)]
+            daemon.wait_until_computing(before, requests=6)
+        for rid in queries:
+            assert conn.recv_for(rid)["ok"]
+        finished.append("queries")
     indexer.join(300)
     assert finished == ["queries", "bulk"]
 
@@ -35,11 +41,16 @@ def test_interactive_requests_sent_during_a_bulk_request_complete_before_it(
 def test_explicit_bulk_priority_yields_to_interactive_work(
     daemon: Daemon, reference: Reference
 ) -> None:
+    daemon.call("load")
     before = daemon.model_stats()
     with daemon.connect() as conn:
-        slow = conn.request("embed", input=reference.chunks[150:230], priority="bulk", timeout=600)
-        daemon.wait_until_computing(before)  # the bulk request is in the model's queue
-        quick = conn.request("embed", input=reference.chunks[230:240], priority="interactive")
+        with daemon.model_stopped():
+            slow = conn.request(
+                "embed", input=reference.chunks[150:180], priority="bulk", timeout=600
+            )
+            daemon.wait_until_computing(before)  # the bulk request is in the model's queue
+            quick = conn.request("embed", input=reference.chunks[230:234], priority="interactive")
+            daemon.wait_until_computing(before, requests=2)
         first = conn.recv()
         assert first["id"] == quick and first["ok"]
         assert conn.recv_for(slow)["ok"]
@@ -53,9 +64,7 @@ def test_two_clients_flooding_at_the_same_priority_both_make_progress(
     def flood(name: str, offset: int) -> None:
         with RawConnection(daemon.socket) as conn:
             ids = [
-                conn.request(
-                    "embed", input=reference.chunks[offset + 10 * k : offset + 10 * k + 10]
-                )
+                conn.request("embed", input=reference.chunks[offset + 4 * k : offset + 4 * k + 4])
                 for k in range(8)
             ]
             for rid in ids:
@@ -80,19 +89,21 @@ def test_two_clients_flooding_at_the_same_priority_both_make_progress(
 def test_cancelled_inputs_never_reach_the_model_and_are_counted(
     daemon: Daemon, reference: Reference
 ) -> None:
+    daemon.call("load")
     before = daemon.call("stats")["models"]["default"]
-    with daemon.connect() as conn:
-        rid = conn.request("embed", input=reference.chunks_long[:300], truncate=True)
+    # The model process stopped: the request's first batches in flight, the rest queued.
+    with daemon.connect() as conn, daemon.model_stopped():
+        rid = conn.request("embed", input=reference.chunks_long[:40], truncate=True)
         daemon.wait_until_computing(before)
         assert conn.call("cancel", target=rid)["cancelled"] is True
         assert conn.recv_for(rid)["error"]["code"] == "cancelled"
     # The model thread drops the rest at its next batch boundary.
     after = daemon.wait_for(
-        lambda s: s["inputs"] + s["cancelled"] >= before["inputs"] + before["cancelled"] + 300,
-        "all 300 inputs computed or dropped",
+        lambda s: s["inputs"] + s["cancelled"] >= before["inputs"] + before["cancelled"] + 40,
+        "all 40 inputs computed or dropped",
     )
     dropped = after["cancelled"] - before["cancelled"]
     computed = after["inputs"] - before["inputs"]
     assert dropped > 0
-    assert computed + dropped == 300
-    assert computed < 300
+    assert computed + dropped == 40
+    assert computed < 40

@@ -105,8 +105,8 @@ def bundled_tokenizer() -> WordPieceTokenizer:
 
 
 @cache
-def oracle() -> Callable[[list[str]], list[list[int]]]:
-    """The reference tokenizer over the bundled vocabulary: texts -> bare ids."""
+def reference_tokenizer() -> Any:
+    """Hugging Face's tokenizer (`tokenizers.Tokenizer`) over the bundled vocabulary."""
     tk = pytest.importorskip("tokenizers")
     vocab = bundled_vocabulary()
     model = tk.models.WordPiece(
@@ -125,6 +125,13 @@ def oracle() -> Callable[[list[str]], list[list[int]]]:
             for t in tokenizer_module.BERT_SPECIAL_TOKENS
         ]
     )
+    return ref
+
+
+@cache
+def oracle() -> Callable[[list[str]], list[list[int]]]:
+    """The reference tokenizer over the bundled vocabulary: texts -> bare ids."""
+    ref = reference_tokenizer()
 
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in ref.encode_batch(texts, add_special_tokens=False)]

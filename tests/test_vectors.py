@@ -3,10 +3,26 @@ implementation's (sentence-transformers) vectors."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import numpy as np
+import numpy.typing as npt
+import pytest
 
 from tests.conftest import Daemon, Reference, cosines, vectors
 from tests.wire import RawConnection
+
+T = TypeVar("T")
+
+# The default run checks every SPREAD-th reference chunk (spread over the whole file, so every
+# document of the set is represented); `pytest -m slow` checks all of them. Embedding all 583
+# chunks twice (short and truncated long ones) is most of this file's time on a 2-core machine.
+SPREAD = 4
+
+
+def _spread(items: Sequence[T]) -> list[T]:
+    return list(items[::SPREAD])
 
 
 def _embed_all(conn: RawConnection, texts: list[str], **options: object) -> list[dict[str, object]]:
@@ -27,29 +43,49 @@ def test_every_reference_query_matches_at_cosine_0_9999(
     assert cosines(got, reference.q_vecs).min() >= 0.9999
 
 
-def test_every_reference_chunk_matches_at_cosine_0_9999(
-    daemon: Daemon, reference: Reference
-) -> None:
-
+def _check_chunks(daemon: Daemon, texts: list[str], expected: npt.NDArray[np.float32]) -> None:
     with daemon.connect() as conn:
-        responses = _embed_all(conn, reference.chunks)
+        responses = _embed_all(conn, texts)
     got = np.concatenate([vectors(r) for r in responses])
-    assert cosines(got, reference.c_vecs).min() >= 0.9999
+    assert cosines(got, expected).min() >= 0.9999
     assert not any(any(r["truncated"]) for r in responses)  # type: ignore[arg-type]
 
 
-def test_long_chunks_truncated_match_the_reference_truncation(
-    daemon: Daemon, reference: Reference
-) -> None:
-
+def _check_long_chunks(daemon: Daemon, texts: list[str], expected: npt.NDArray[np.float32]) -> None:
     with daemon.connect() as conn:
-        responses = _embed_all(conn, reference.chunks_long, truncate=True)
+        responses = _embed_all(conn, texts, truncate=True)
     got = np.concatenate([vectors(r) for r in responses])
-    assert cosines(got, reference.cl_vecs).min() >= 0.9999
+    assert cosines(got, expected).min() >= 0.9999
     flags = [f for r in responses for f in r["truncated"]]  # type: ignore[attr-defined]
     assert any(flags)  # some really were cut, and said so
     tokens = [t for r in responses for t in r["tokens"]]  # type: ignore[attr-defined]
     assert max(tokens) == 256
+
+
+def test_reference_chunks_spread_over_the_set_match_at_cosine_0_9999(
+    daemon: Daemon, reference: Reference
+) -> None:
+    _check_chunks(daemon, _spread(reference.chunks), reference.c_vecs[::SPREAD])
+
+
+@pytest.mark.slow
+def test_every_reference_chunk_matches_at_cosine_0_9999(
+    daemon: Daemon, reference: Reference
+) -> None:
+    _check_chunks(daemon, reference.chunks, reference.c_vecs)
+
+
+def test_long_chunks_spread_over_the_set_truncated_match_the_reference_truncation(
+    daemon: Daemon, reference: Reference
+) -> None:
+    _check_long_chunks(daemon, _spread(reference.chunks_long), reference.cl_vecs[::SPREAD])
+
+
+@pytest.mark.slow
+def test_every_long_chunk_truncated_matches_the_reference_truncation(
+    daemon: Daemon, reference: Reference
+) -> None:
+    _check_long_chunks(daemon, reference.chunks_long, reference.cl_vecs)
 
 
 def test_long_chunks_without_truncate_fail_naming_the_first_long_input(

@@ -18,7 +18,8 @@ class RawConnection:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self._ids = itertools.count(1)
+        # Far from the small ids tests send by hand on the same connection.
+        self._ids = itertools.count(1_000_000)
         self._stash: dict[Any, dict[str, Any]] = {}
 
     def __enter__(self) -> RawConnection:

@@ -431,6 +431,8 @@ def _card_line(m: Mapping[str, Any]) -> str | None:
         str(m.get("architecture")),
         str(m.get("model_name") or "unnamed"),
         str(m.get("quantization") or "?"),
+        # A reranker says so, with the pair it reads (an embedding model is the usual case).
+        f"reranker {m.get('pair_template')}" if m.get("task") == "rerank" else None,
         f"{size / 1e6:.1f} MB" if isinstance(size, int) else None,
         f"license {m['license']}" if m.get("license") else None,
         "causal" if m.get("causal") else None,

@@ -19,12 +19,14 @@ import numpy.typing as npt
 from .. import __version__
 from ..config import Config
 from ..inference.admission import estimate_tokens, estimate_windows
-from ..inference.cache import Entry, VectorCache, vector_keys
+from ..inference.cache import Entry, VectorCache, rerank_keys, vector_keys
 from ..inference.jobs import EmbedResult
 from ..inference.modelprocess import read_rss_bytes
 from ..inference.models import Clock, ModelRegistry
 from ..transport.counters import ConnectionCounts, Tally
+from ..wire import precision as compact
 from ..wire.answers import (
+    TOKEN_PIECE_JSON_BYTES,
     Answer,
     ChunkAnswer,
     ChunkPart,
@@ -35,6 +37,8 @@ from ..wire.answers import (
     ProcessStats,
     ReplicaStats,
     RequestStats,
+    RerankAnswer,
+    RerankResult,
     Sizing,
     StatsAnswer,
     TokenizeAnswer,
@@ -52,6 +56,7 @@ from ..wire.messages import (
     Load,
     Models,
     Request,
+    Rerank,
     Shutdown,
     Stats,
     Tokenize,
@@ -61,11 +66,22 @@ from .supervise import StatusSnapshot
 
 _log = logging.getLogger("embedd.daemon")
 
-# Bytes a float takes in an answer: f32 is 4; msgpack packs each list element as a float64 (9).
-_BYTES_PER_FLOAT = {"f32": 4, "list": 9}
-# How the msgpack socket's answers are sized, by the request's `encoding` (a front that encodes
-# otherwise passes its own `Sizing` to `handle`).
-MSGPACK_SIZING = {encoding: Sizing(n) for encoding, n in _BYTES_PER_FLOAT.items()}
+# Bytes msgpack takes for one element of an `encoding: "list"` answer: a float as a float64
+# (9), a packed byte of signs as an int (at most 2: -128..-33 and 128..255 take 2).
+_LIST_FLOAT_BYTES = 9
+_LIST_BYTE_BYTES = 2
+
+
+def msgpack_sizing(encoding: str, precision: str) -> Sizing:
+    """How the msgpack socket's embedding answer is sized, by the request's `encoding` and
+    `precision` (a front that encodes otherwise passes its own `Sizing` to `handle`)."""
+    if encoding == "f32":
+        return Sizing(compact.component_bytes(precision))
+    if compact.is_packed(precision):
+        return Sizing(_LIST_BYTE_BYTES / 8)
+    return Sizing(_LIST_FLOAT_BYTES)
+
+
 # Bytes a token id takes at most in a `tokenize` answer (msgpack uint32).
 _BYTES_PER_TOKEN_ID = 5
 # Answers' fixed part (keys, counts, token lists) for the answer budget, generously.
@@ -73,6 +89,9 @@ _ANSWER_OVERHEAD = 512
 # Bytes a window's span and counts take in a pool="none" answer (two msgpack uint32s and a
 # list header, generously).
 _BYTES_PER_SPAN = 16
+# Bytes a rerank result takes without its document (index, score, its keys, a document's
+# token and piece counts), generously.
+_BYTES_PER_RERANK_RESULT = 48
 # Dimension assumed for a model not loaded yet: the widest common embedding models (e5-large,
 # bge-large) have 1024; over-estimating only delays a non-reading client's requests.
 _UNKNOWN_DIM = 1024
@@ -121,10 +140,12 @@ class Daemon:
         match args:
             case Embed():
                 return await self._embed(
-                    args, owner, sizing or MSGPACK_SIZING[args.encoding], reserve
+                    args, owner, sizing or msgpack_sizing(args.encoding, args.precision), reserve
                 )
             case Tokenize():
                 return await self._tokenize(args)
+            case Rerank():
+                return await self._rerank(args, owner, reserve)
             case Hello():
                 return MapAnswer(self._hello())
             case Health():
@@ -170,11 +191,18 @@ class Daemon:
             vectors = len(args.input)
             if args.long == "split" and args.pool == "none" and slot is not None:
                 vectors = _windows(args, "", slot.max_tokens)
-            per_vector = dim * _BYTES_PER_FLOAT[args.encoding] + _BYTES_PER_SPAN
-            return _ANSWER_OVERHEAD + vectors * per_vector
+            sizing = msgpack_sizing(args.encoding, args.precision)
+            return _ANSWER_OVERHEAD + vectors * (sizing.size(1, dim) + _BYTES_PER_SPAN)
         if isinstance(args, Chunk):
             # Each chunk repeats its text, plus its span and count.
             return _ANSWER_OVERHEAD + 2 * len(args.input.encode("utf-8", "surrogatepass"))
+        if isinstance(args, Rerank):
+            texts = sum(len(d.encode("utf-8")) for d in args.documents)
+            return (
+                _ANSWER_OVERHEAD
+                + len(args.documents) * _BYTES_PER_RERANK_RESULT
+                + (texts if args.return_documents else 0)
+            )
         if isinstance(args, Tokenize):
             # At most one token per byte, plus the special frame.
             chars = sum(len(t) + 4 for t in args.input)
@@ -271,6 +299,8 @@ class Daemon:
                 latency_ms=st.latency_ms(),
                 loads=slot.loads,
                 unloads=slot.unloads,
+                reranks=st.reranks,
+                pairs=st.pairs,
                 process=ProcessStats(
                     pid=w.pid if w else None,
                     rss_bytes=w.process_rss() if w else None,
@@ -324,6 +354,14 @@ class Daemon:
         timeout = args.timeout or self.config.request_timeout
         deadline = self.loop.time() + timeout
         info = await slot.load(timeout)
+        if info.task == "rerank":
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"model {args.model!r} is a reranker (a cross-encoder): it scores query/"
+                "document pairs with `rerank` and makes no vectors; embed with an embedding "
+                "model",
+                key="model",
+            )
         # Checked here, before any work exists: the model's metadata is all it needs.
         dim = info.dim
         if args.dimensions is not None:
@@ -412,6 +450,95 @@ class Daemon:
         )
         return _embed_answer(args, matrix, counts)
 
+    async def _rerank(
+        self,
+        args: Rerank,
+        owner: object,
+        reserve: Callable[[int], Awaitable[None]] | None,
+    ) -> RerankAnswer:
+        slot = self.models.get(args.model)
+        timeout = args.timeout or self.config.request_timeout
+        deadline = self.loop.time() + timeout
+        info = await slot.load(timeout)
+        if info.task != "rerank":
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"model {args.model!r} is an embedding model: it makes vectors with `embed` "
+                "and scores no pairs; rerank with a reranker (a cross-encoder)",
+                key="model",
+            )
+        size = self.answer_size(Request(0, args))
+        if size > self.config.max_response:
+            # Only documents echoed back (`return_documents`) can make it this large.
+            limit = self.config.max_response
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"the answer would be about {size} bytes, more than max_response = {limit} "
+                "bytes; send fewer documents, or leave return_documents off",
+                key="documents",
+                limit=limit,
+            )
+        if reserve is not None:
+            await reserve(size)
+        # Cache hits skip the model; a document sent twice is scored once.
+        rows: list[Entry | None] = [None] * len(args.documents)
+        todo: dict[str, list[int]] = {}
+        keys = rerank_keys(info, args.query, args.documents)
+        use_cache = args.cache and self.cache.max_bytes > 0
+        for i, key in enumerate(keys):
+            entry = self.cache.get(key) if use_cache else None
+            if entry is not None:
+                rows[i] = entry
+            else:
+                todo.setdefault(args.documents[i], []).append(i)
+        if todo:
+            unique = list(todo)
+            bulk = (
+                args.priority == "bulk"
+                if args.priority is not None
+                else len(unique) > self.config.bulk_threshold
+            )
+            computed = await slot.rerank(
+                args.query,
+                unique,
+                indices=[todo[d][0] for d in unique],
+                bulk=bulk,
+                owner=owner,
+                timeout=max(deadline - self.loop.time(), 0.001),
+                timeout_reported=timeout,
+            )
+            first = 0
+            for j, doc in enumerate(unique):
+                pieces = computed.windows[j]
+                # A document scored in pieces scores as its best piece: the passage that
+                # answers the query, wherever it stands in the document.
+                score = computed.vectors[first : first + pieces, 0].max()
+                first += pieces
+                entry = Entry(np.asarray([score], np.float32), computed.tokens[j], False, pieces)
+                if use_cache:
+                    self.cache.put(keys[todo[doc][0]], entry)
+                for i in todo[doc]:
+                    rows[i] = entry
+        done = [r for r in rows if r is not None]
+        assert len(done) == len(rows)
+        order = sorted(range(len(done)), key=lambda i: (-float(done[i].vector[0]), i))
+        if args.top_n is not None:
+            order = order[: args.top_n]
+        return RerankAnswer(
+            model=args.model,
+            results=[
+                RerankResult(
+                    i,
+                    float(done[i].vector[0]),
+                    args.documents[i] if args.return_documents else None,
+                )
+                for i in order
+            ],
+            tokens=[r.tokens for r in done],
+            pieces=[r.windows for r in done],
+            usage=Usage(prompt_tokens=sum(r.tokens for r in done)),
+        )
+
     async def _chunk(self, args: Chunk) -> ChunkAnswer:
         slot = self.models.get(args.model)
         info = await slot.load(self.config.request_timeout)
@@ -444,10 +571,12 @@ class Daemon:
         prefix = self.models.prompt_prefix(slot, args.prompt)
         texts = [prefix + t for t in args.input]
         # The model's coordinator stops tokenizing once the ids would not fit the answer.
+        per_id = TOKEN_PIECE_JSON_BYTES if args.pieces else _BYTES_PER_TOKEN_ID
         result = await slot.tokenize(
             texts,
             self.config.request_timeout,
-            max_ids=self.config.max_response // _BYTES_PER_TOKEN_ID,
+            max_ids=self.config.max_response // per_id,
+            pieces=args.pieces,
         )
         info = slot.last_info
         return TokenizeAnswer(
@@ -455,6 +584,7 @@ class Daemon:
             ids=result.ids,
             counts=result.counts,
             max_tokens=info.max_tokens if info else None,
+            pieces=result.pieces,
         )
 
 
@@ -472,6 +602,7 @@ def _embed_answer(
         windows=result.windows,
         usage=Usage(prompt_tokens=sum(result.tokens)),
         spans=spans,
+        precision=args.precision,
     )
 
 

@@ -9,20 +9,23 @@ No I/O here: `http/server.py` moves the bytes and calls the daemon.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from .. import __version__
-from ..wire.answers import EmbedAnswer, Sizing
+from ..wire import precision as compact
+from ..wire.answers import EmbedAnswer, RerankAnswer, Sizing, TokenizeAnswer
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import Embed, Limits
+from ..wire.messages import DEFAULT_MODEL, Chunk, Embed, Limits, Rerank, Tokenize
 
 # What embedd says it is to apps that probe Ollama (`GET /api/version`): the Ollama API
 # version whose /api/embed fields this front implements.
@@ -105,20 +108,28 @@ def http_error(status: HTTPStatus, message: str) -> Response:
     )
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or `bad_request` saying why it is not one (each route
+    gives that error its API's shape)."""
     try:
         value = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
-        error = http_error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}")
-        raise ApiError(error) from exc
+        raise EmbeddError(Code.BAD_REQUEST, f"body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         # json's C scanner counts its depth against the recursion limit and stops cleanly:
         # 100,000 nested "[" is a malformed request, not a crash.
-        error = http_error(HTTPStatus.BAD_REQUEST, "body is not valid JSON: nested too deeply")
-        raise ApiError(error) from exc
+        raise EmbeddError(Code.BAD_REQUEST, "body is not valid JSON: nested too deeply") from exc
     if not isinstance(value, dict):
-        raise ApiError(http_error(HTTPStatus.BAD_REQUEST, "body must be a JSON object"))
+        raise EmbeddError(Code.BAD_REQUEST, "body must be a JSON object")
     return value
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """`json_object`, its refusal in the shape of the HTTP layer's own errors."""
+    try:
+        return json_object(body)
+    except EmbeddError as exc:
+        raise ApiError(http_error(HTTPStatus.BAD_REQUEST, exc.message)) from exc
 
 
 # The longest JSON text of one vector component: a float32 widened to float64 prints up to 17
@@ -133,33 +144,40 @@ _ROW_BYTES = 64
 _ENVELOPE_BYTES = 512
 
 
+# The longest JSON text of one packed byte of signs: "-128" and its comma.
+JSON_BYTE_BYTES = 5
+
+
 _JSON_UNIT = "bytes of JSON"
 _JSON_ADVICE = (
-    "send fewer inputs per request (or ask for encoding_format base64, or fewer dimensions)"
+    "send fewer inputs per request (or ask for encoding_format base64, a compact precision, "
+    "or fewer dimensions)"
 )
-_SIZING = {
-    "float": Sizing(JSON_FLOAT_BYTES, _ROW_BYTES + 2, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE),
-    # The float32 bytes in base64 (4 characters per 3 bytes, 16/3 a float) and quoted, with
-    # room for the padding.
-    "base64": Sizing(16 / 3, _ROW_BYTES + 2 + 4, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE),
-}
 
 
-def answer_sizing(encoding_format: str = "float") -> Sizing:
-    """How an embedding answer in this encoding_format is sized (the daemon checks it against
-    max_response once the model's dimension is known, before any work)."""
-    return _SIZING[encoding_format]
+def answer_sizing(encoding_format: str = "float", precision: str = "float32") -> Sizing:
+    """How an embedding answer in this encoding_format and precision is sized (the daemon
+    checks it against max_response once the model's dimension is known, before any work)."""
+    if encoding_format == "base64":
+        # The precision's bytes in base64 (4 characters per 3 bytes) and quoted, with room
+        # for the padding.
+        per_component = compact.component_bytes(precision) * 4 / 3
+        return Sizing(per_component, _ROW_BYTES + 2 + 4, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE)
+    per_component = JSON_BYTE_BYTES / 8 if compact.is_packed(precision) else JSON_FLOAT_BYTES
+    return Sizing(per_component, _ROW_BYTES + 2, _ENVELOPE_BYTES, _JSON_UNIT, _JSON_ADVICE)
 
 
-def answer_bytes(rows: int, dim: int, encoding_format: str = "float") -> int:
+def answer_bytes(
+    rows: int, dim: int, encoding_format: str = "float", precision: str = "float32"
+) -> int:
     """An embedding answer's size in bytes at most (rows x dim)."""
-    return answer_sizing(encoding_format).size(rows, dim)
+    return answer_sizing(encoding_format, precision).size(rows, dim)
 
 
 def check_answer_size(size: int, max_response: int) -> None:
     """Refuse an answer larger than `max_response`."""
     if size > max_response:
-        raise _SIZING["float"].refusal(size, max_response)
+        raise answer_sizing().refusal(size, max_response)
 
 
 def _bad(message: str, key: str) -> EmbeddError:
@@ -187,11 +205,11 @@ class OpenAIEmbed:
 # misspelt option never passes silently.
 OPENAI_KEYS = frozenset(
     {"input", "model", "encoding_format", "dimensions", "user"}
-    | {"truncate", "priority", "prompt", "long", "overlap"}
+    | {"truncate", "priority", "prompt", "long", "overlap", "precision"}
 )
 OLLAMA_EMBED_KEYS = frozenset(
     {"model", "input", "truncate", "options", "keep_alive", "dimensions"}
-    | {"priority", "prompt", "long", "overlap"}
+    | {"priority", "prompt", "long", "overlap", "precision"}
 )
 OLLAMA_LEGACY_KEYS = frozenset({"model", "prompt", "options", "keep_alive"})
 
@@ -248,7 +266,7 @@ def openai_embed(
     if "model" not in body:
         raise _bad("model is required", "model")
     args: dict[str, Any] = {"input": body.get("input"), "model": body["model"], "encoding": "f32"}
-    for key in ("dimensions", "priority", "prompt"):
+    for key in ("dimensions", "priority", "prompt", "precision"):
         if key in body and body[key] is not None:
             args[key] = body[key]
     args.update(_long_args(body, long_default))
@@ -261,7 +279,7 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
+def _json_rows(rows: npt.NDArray[Any], row: Any) -> bytearray:
     """`[row(0, r0),row(1, r1),...]` as JSON, built a row at a time into one buffer: a whole
     answer as Python objects first (a float object per component, ~30 bytes each) took several
     times the answer's size, and the freed objects kept the daemon's RSS up after it."""
@@ -277,18 +295,21 @@ def _json_rows(rows: npt.NDArray[np.float32], row: Any) -> bytearray:
 def openai_embed_json(call: OpenAIEmbed, answer: EmbedAnswer) -> bytearray:
     """The `POST /v1/embeddings` answer, encoded (JSON; large answers are built off the loop)."""
 
-    def row(i: int, r: npt.NDArray[np.float32]) -> dict[str, Any]:
+    dtype = compact.DTYPES[answer.precision]
+
+    def row(i: int, r: npt.NDArray[Any]) -> dict[str, Any]:
         embedding: Any
         if call.encoding_format == "base64":
-            # What the OpenAI SDKs decode: the little-endian float32 bytes, base64.
-            embedding = base64.b64encode(r.astype("<f4").tobytes()).decode("ascii")
+            # What the OpenAI SDKs decode: the little-endian float32 bytes, base64 (or the
+            # requested precision's bytes: float16, or the packed signs).
+            embedding = base64.b64encode(r.astype(dtype).tobytes()).decode("ascii")
         else:
             embedding = r.tolist()
         return {"object": "embedding", "index": i, "embedding": embedding}
 
     tokens = answer.usage.prompt_tokens
     out = bytearray(b'{"object":"list","data":')
-    out += _json_rows(answer.vectors, row)
+    out += _json_rows(answer.compact(), row)
     out += b',"model":' + _json(answer.model)
     out += b',"usage":' + _json({"prompt_tokens": tokens, "total_tokens": tokens})
     out += b',"embedd":' + _json(long_report(answer)[0]) + b"}"
@@ -332,7 +353,7 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "t
         "encoding": "f32",
         **_long_args(body, long_default),
     }
-    for key in ("dimensions", "priority", "prompt"):
+    for key in ("dimensions", "priority", "prompt", "precision"):
         if body.get(key) is not None:
             args[key] = body[key]
     if "input" not in body:
@@ -343,7 +364,7 @@ def ollama_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "t
 def ollama_embed_json(answer: EmbedAnswer, model: str, started_ns: int, load_ns: int) -> bytearray:
     """The `POST /api/embed` answer, encoded as `openai_embed_json` is."""
     out = bytearray(b'{"model":' + _json(model) + b',"embeddings":')
-    out += _json_rows(answer.vectors, lambda _i, r: r.tolist())
+    out += _json_rows(answer.compact(), lambda _i, r: r.tolist())
     out += b',"total_duration":' + _json(time.monotonic_ns() - started_ns)
     out += b',"load_duration":' + _json(load_ns)
     out += b',"prompt_eval_count":' + _json(answer.usage.prompt_tokens)
@@ -401,3 +422,333 @@ def ollama_ps(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def ollama_version() -> dict[str, Any]:
     return {"version": OLLAMA_API_VERSION, "server": f"embedd {__version__}"}
+
+
+# --- text-embeddings-inference (TEI) ----------------------------------------------------------
+# Hugging Face's embedding server, whose routes many libraries speak (LangChain's
+# HuggingFaceEndpointEmbeddings, LlamaIndex's TextEmbeddingsInference, huggingface_hub's
+# InferenceClient.feature_extraction). TEI serves one model; embedd serves several, so these
+# routes use the model named "default" unless the body names another (`model`, an extra).
+
+# The API version whose /embed, /tokenize and /info shapes these routes follow.
+TEI_API_VERSION = "1.8.0"
+
+# TEI's error kinds (its `ErrorType`) and the status each has there.
+_TEI_KIND = {
+    Code.INPUT_TOO_LONG: ("Validation", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+    Code.BUSY: ("Overloaded", HTTPStatus.TOO_MANY_REQUESTS),
+    Code.MODEL_LOAD_FAILED: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
+    Code.MODEL_CRASHED: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
+    Code.INTERNAL: ("Backend", HTTPStatus.FAILED_DEPENDENCY),
+    Code.SHUTTING_DOWN: ("Unhealthy", HTTPStatus.SERVICE_UNAVAILABLE),
+    Code.TIMEOUT: ("Backend", HTTPStatus.GATEWAY_TIMEOUT),
+}
+
+
+# The keys whose refusals with a `limit` are TEI's 413: the texts of a request, counted or
+# sized (`documents` is where a rerank answer echoing them is refused over max_response).
+_TEI_COUNTED = frozenset({"input", "texts", "documents"})
+
+
+def tei_error(error: EmbeddError) -> Response:
+    """Every refusal of a TEI route, in TEI's shape (`{"error", "error_type"}`) and with its
+    status: 413 for what is over a limit (too many inputs, an input over the model's tokens,
+    an answer over max_response), 422 for other invalid requests, 424 when the model fails,
+    429 when busy (with Retry-After), 503 while shutting down. A timeout keeps embedd's 504
+    (TEI has no request timeout), and what else TEI has no kind for keeps embedd's status."""
+    kind, status = _TEI_KIND.get(error.code, ("Validation", status_of(error)))
+    if error.code in (Code.BAD_REQUEST, Code.UNKNOWN_MODEL, Code.UNKNOWN_OP):
+        # Too many inputs (or rerank texts), or an answer over max_response, is over a limit.
+        over_limit = "limit" in error.details and error.details.get("key") in _TEI_COUNTED
+        status = (
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE if over_limit else HTTPStatus.UNPROCESSABLE_ENTITY
+        )
+    return Response(status, {"error": error.message, "error_type": kind}, _retry_headers(error))
+
+
+TEI_EMBED_KEYS = frozenset(
+    {"inputs", "normalize", "truncate", "truncation_direction", "prompt_name"}
+    | {"dimensions", "encoding_format", "model", "precision"}
+)
+TEI_TOKENIZE_KEYS = frozenset({"inputs", "add_special_tokens", "prompt_name", "model"})
+
+
+def tei_model(body: Mapping[str, Any]) -> str:
+    """The model a TEI route uses: `default`, or the one the body names (an extra)."""
+    name = body.get("model")
+    return name if isinstance(name, str) and name else DEFAULT_MODEL
+
+
+def tei_embed(body: Mapping[str, Any], limits: Limits, long_default: str = "error") -> Embed:
+    """`POST /embed` (and `POST /`, where huggingface_hub sends it) -> the typed request.
+    `truncate` true cuts, false refuses, absent leaves it to the model's `http_long`;
+    `prompt_name` is one of the model's configured prompts."""
+    _check_keys(body, TEI_EMBED_KEYS)
+    direction = body.get("truncation_direction")
+    if direction is not None and str(direction).lower() != "right":
+        raise _bad(
+            "truncation_direction must be right: embedd cuts at the end", "truncation_direction"
+        )
+    if body.get("encoding_format") not in (None, "float"):
+        raise _bad("encoding_format must be float on /embed", "encoding_format")
+    if "inputs" not in body:
+        raise _bad("inputs is required (a string or a list of strings)", "inputs")
+    args: dict[str, Any] = {"input": body["inputs"], "model": tei_model(body), "encoding": "f32"}
+    truncate = body.get("truncate")
+    if truncate is not None:
+        if not isinstance(truncate, bool):
+            raise _bad("truncate must be true or false", "truncate")
+        args["long"] = "truncate" if truncate else "error"
+    else:
+        args.update(_long_args({}, long_default))
+    for key, ours in (("normalize", "normalize"), ("prompt_name", "prompt")):
+        if body.get(key) is not None:
+            args[ours] = body[key]
+    for key in ("dimensions", "precision"):
+        if body.get(key) is not None:
+            args[key] = body[key]
+    return Embed.parse(args, limits)
+
+
+def tei_embed_json(answer: EmbedAnswer) -> bytearray:
+    """TEI's /embed answer: a list of vectors (one per input, a single string's too)."""
+    return _json_rows(answer.compact(), lambda _i, r: r.tolist())
+
+
+@dataclass(frozen=True)
+class TeiTokenize:
+    request: Tokenize
+    add_special_tokens: bool
+
+
+def tei_tokenize(body: Mapping[str, Any], limits: Limits) -> TeiTokenize:
+    """`POST /tokenize`: `inputs`, `add_special_tokens` (default true: the model's special
+    frame, such as [CLS] and [SEP], is in the answer), `prompt_name`, and the extra `model`."""
+    _check_keys(body, TEI_TOKENIZE_KEYS)
+    if "inputs" not in body:
+        raise _bad("inputs is required (a string or a list of strings)", "inputs")
+    args: dict[str, Any] = {"input": body["inputs"], "model": tei_model(body)}
+    if body.get("prompt_name") is not None:
+        args["prompt"] = body["prompt_name"]
+    special = body.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise _bad("add_special_tokens must be true or false", "add_special_tokens")
+    return TeiTokenize(dataclasses.replace(Tokenize.parse(args, limits), pieces=True), special)
+
+
+def tei_tokenize_json(call: TeiTokenize, answer: TokenizeAnswer) -> bytes:
+    """TEI's /tokenize answer: per text, its tokens as `{id, text, special, start, stop}`
+    with `start`/`stop` in UTF-8 bytes of the text as tokenized (the prompt's prefix first,
+    if any), as TEI counts them; null for the special frame. Only vocabularies embedd
+    tokenizes itself know each token's text."""
+    if answer.pieces is None:
+        raise EmbeddError(
+            Code.BAD_REQUEST,
+            f"model {answer.model!r} has a vocabulary that llama.cpp tokenizes: its tokens' "
+            "texts and offsets are not known to embedd (only WordPiece ones are); "
+            "POST /v1/tokenize gives any model's token ids",
+            key="model",
+        )
+    out = [
+        [
+            {"id": p.id, "text": p.text, "special": p.special, "start": p.start, "stop": p.end}
+            for p in pieces
+            if call.add_special_tokens or p.start is not None
+        ]
+        for pieces in answer.pieces
+    ]
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def tei_model_dtype(quantization: str | None) -> str:
+    """A GGUF file type as TEI names a model's dtype ("F16" -> "float16")."""
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    return names.get(quantization or "", (quantization or "unknown").lower())
+
+
+def tei_info(
+    model: Mapping[str, Any], *, batch_tokens: int, http_long: str, **limits: int
+) -> dict[str, Any]:
+    """`GET /info` for the model the TEI routes use (`models`' description of it, loaded):
+    `auto_truncate` says whether an over-long input is answered rather than refused (cut, or
+    split into windows whose vectors are pooled: the model's `http_long`)."""
+    max_tokens = int(model.get("max_tokens") or 0)
+    return {
+        "model_id": model["name"],
+        "model_sha": model.get("fingerprint"),
+        "model_dtype": tei_model_dtype(model.get("quantization")),
+        "model_type": {"embedding": {"pooling": model.get("pooling") or "unknown"}},
+        "max_concurrent_requests": limits["max_concurrent_requests"],
+        "max_input_length": max_tokens,
+        # Every input fits one batch whole, so a batch holds at least the model's limit.
+        "max_batch_tokens": max(batch_tokens, max_tokens),
+        "max_batch_requests": None,
+        "max_client_batch_size": limits["max_client_batch_size"],
+        "auto_truncate": http_long != "error",
+        "tokenization_workers": 1,
+        "version": TEI_API_VERSION,
+        "sha": None,
+        "docker_label": None,
+        "embedd": {"version": __version__, "http_long": http_long, "dim": model.get("dim")},
+    }
+
+
+# --- embedd's own ops over HTTP: chunk and tokenize -------------------------------------------
+
+CHUNK_KEYS = frozenset({"input", "model", "max_tokens", "overlap"})
+TOKENIZE_KEYS = frozenset({"input", "model", "prompt"})
+
+
+def embedd_chunk(body: Mapping[str, Any], limits: Limits) -> Chunk:
+    """`POST /v1/chunk`: the msgpack `chunk` op's fields and checks."""
+    _check_keys(body, CHUNK_KEYS)
+    args = {k: v for k, v in body.items() if v is not None}
+    return Chunk.parse(args, limits)
+
+
+def embedd_tokenize(body: Mapping[str, Any], limits: Limits) -> Tokenize:
+    """`POST /v1/tokenize`: the msgpack `tokenize` op's fields and checks."""
+    _check_keys(body, TOKENIZE_KEYS)
+    args = {k: v for k, v in body.items() if v is not None}
+    return Tokenize.parse(args, limits)
+
+
+# A `/v1/chunk` answer's size, estimated before any work (for the connection's answer budget,
+# as the msgpack socket estimates its own): the body carries the text JSON-escaped once; the
+# answer repeats it in its chunks (overlap repeats less than half of it again) with each
+# chunk's span and count, small next to its text.
+_CHUNK_ANSWER_FACTOR = 3
+
+
+def chunk_answer_bytes(body_bytes: int) -> int:
+    return _ENVELOPE_BYTES + _CHUNK_ANSWER_FACTOR * body_bytes
+
+
+# --- rerank: llama-server / Jina / Cohere, and text-embeddings-inference ----------------------
+# Two shapes of one request. `POST /v1/rerank` (llama-server's route, the shape Jina's API and
+# Cohere's v1 API share) and `POST /v2/rerank` (Cohere's v2, which LangChain's CohereRerank
+# calls): {model, query, documents, top_n, return_documents} -> {results: [{index,
+# relevance_score, document?}], model, usage}. `POST /rerank` is TEI's: {query, texts,
+# raw_scores, return_text, truncate} -> [{index, score, text?}]. Both score with the model's
+# raw logit where their reference server does: llama-server returns the logit as
+# `relevance_score`; TEI returns its sigmoid unless `raw_scores` is true. TEI's route refuses
+# in TEI's shape (`tei_error`).
+
+RERANK_KEYS = frozenset(
+    {"model", "query", "documents", "top_n", "return_documents"}
+    # Cohere's: embedd never cuts a document (a long one is scored in pieces, as its best
+    # piece), so a token cap per document is accepted and has nothing to cut; `priority` is
+    # Cohere's number, unrelated to embedd's lanes, and accepted unused.
+    | {"max_tokens_per_doc", "max_chunks_per_doc", "rank_fields", "priority"}
+)
+TEI_RERANK_KEYS = frozenset(
+    {"query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction", "model"}
+)
+
+
+def _document_text(doc: Any) -> Any:
+    """A document as Jina and Cohere send it: a string, or an object with its `text`."""
+    if isinstance(doc, Mapping) and isinstance(doc.get("text"), str):
+        return doc["text"]
+    return doc
+
+
+def rerank(body: Mapping[str, Any], limits: Limits) -> Rerank:
+    """`POST /v1/rerank`, `POST /v2/rerank` -> the typed request (its checks are the msgpack
+    op's). Raises EmbeddError (-> openai_error)."""
+    _check_keys(body, RERANK_KEYS)
+    if "model" not in body:
+        raise _bad("model is required", "model")
+    args: dict[str, Any] = {"model": body["model"]}
+    for key in ("query", "top_n", "return_documents"):
+        if body.get(key) is not None:
+            args[key] = body[key]
+    documents = body.get("documents")
+    if isinstance(documents, list):
+        args["documents"] = [_document_text(d) for d in documents]
+    elif documents is not None:
+        args["documents"] = documents
+    return Rerank.parse(args, limits)
+
+
+def rerank_json(call: Rerank, answer: RerankAnswer) -> bytes:
+    """The llama-server / Jina / Cohere answer: results best first, each document (if asked)
+    as `{"text": ...}`, and the tokens read as usage."""
+    results = []
+    for r in answer.results:
+        item: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
+        if r.document is not None:
+            item["document"] = {"text": r.document}
+        results.append(item)
+    tokens = answer.usage.prompt_tokens
+    return _json_text(
+        {
+            "id": str(uuid.uuid4()),
+            "object": "list",
+            "model": call.model,
+            "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "meta": {"billed_units": {"input_tokens": tokens}},
+            "embedd": {"pieces": {str(i): n for i, n in enumerate(answer.pieces) if n > 1}},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TeiRerank:
+    request: Rerank
+    raw_scores: bool
+
+
+def tei_rerank(body: Mapping[str, Any], limits: Limits) -> TeiRerank:
+    """TEI's `POST /rerank` -> the typed request, on the model named "default" unless the
+    body names another (`model`, an extra: TEI serves one model). `truncate` is accepted and
+    changes nothing: embedd never cuts a document (a long one is scored in pieces)."""
+    _check_keys(body, TEI_RERANK_KEYS)
+    flags = {}
+    for key in ("raw_scores", "return_text", "truncate"):
+        value = body.get(key, False)
+        if not isinstance(value, bool):
+            raise _bad(f"{key} must be true or false", key)
+        flags[key] = value
+    args: dict[str, Any] = {"model": body.get("model") or "default"}
+    if "query" in body:
+        args["query"] = body["query"]
+    if "texts" in body:
+        args["documents"] = body["texts"]
+    try:
+        request = Rerank.parse({**args, "return_documents": flags["return_text"]}, limits)
+    except EmbeddError as exc:
+        # TEI's own names for what was wrong.
+        if exc.details.get("key") == "documents":
+            exc = EmbeddError(
+                exc.code,
+                exc.message.replace("documents", "texts"),
+                **{**exc.details, "key": "texts"},
+            )
+        raise exc from None
+    return TeiRerank(request, flags["raw_scores"])
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def tei_rerank_json(call: TeiRerank, answer: RerankAnswer) -> bytes:
+    """TEI's answer: `[{index, score, text?}]`, best first; the score is the logit's sigmoid
+    unless `raw_scores`."""
+    rows = []
+    for r in answer.results:
+        row: dict[str, Any] = {
+            "index": r.index,
+            "score": r.score if call.raw_scores else _sigmoid(r.score),
+        }
+        if r.document is not None:
+            row["text"] = r.document
+        rows.append(row)
+    return _json_text(rows)
+
+
+def _json_text(value: Any) -> bytes:
+    """JSON with text as UTF-8 (documents echoed back are not inflated sixfold by escapes)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -57,7 +57,23 @@ class Route:
     authenticated: bool = True
 
 
+# text-embeddings-inference's routes (TEI serves its embed at `/` too, where huggingface_hub's
+# InferenceClient posts), and embedd's own chunk and tokenize ops.
+TEI_ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/embed"): Route("tei_embed", http_api.tei_error),
+    ("POST", "/"): Route("tei_embed", http_api.tei_error),
+    ("GET", "/info"): Route("tei_info", http_api.tei_error),
+    ("POST", "/tokenize"): Route("tei_tokenize", http_api.tei_error),
+    ("POST", "/rerank"): Route("tei_rerank", http_api.tei_error),
+}
+OPS_ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/v1/chunk"): Route("embedd_chunk"),
+    ("POST", "/v1/tokenize"): Route("embedd_tokenize"),
+}
+
 ROUTES: dict[tuple[str, str], Route] = {
+    **TEI_ROUTES,
+    **OPS_ROUTES,
     ("POST", "/v1/embeddings"): Route("openai_embeddings"),
     ("GET", "/v1/models"): Route("openai_models"),
     ("POST", "/api/embed"): Route("ollama_embed", http_api.ollama_error),
@@ -65,6 +81,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/tags"): Route("ollama_tags", http_api.ollama_error),
     ("GET", "/api/ps"): Route("ollama_ps", http_api.ollama_error),
     ("GET", "/api/version"): Route("ollama_version", http_api.ollama_error),
+    # Rerank: llama-server's route (Jina's and Cohere's v1 shape) and Cohere's v2 (TEI's is
+    # among TEI_ROUTES).
+    ("POST", "/v1/rerank"): Route("rerank"),
+    ("POST", "/v2/rerank"): Route("rerank"),
     # Probes from a service manager or a load balancer need no key.
     ("GET", "/health"): Route("health", authenticated=False),
     ("GET", "/metrics"): Route("metrics"),

@@ -29,7 +29,11 @@ _DAEMON = [
     (("cache", "bytes"), "embedd_cache_bytes", "gauge", "Bytes held by the vector cache"),
 ]  # fmt: skip
 _MODEL: list[tuple[str | tuple[str, ...], str, str, str]] = [
-    ("requests", "embedd_model_requests_total", "counter", "Embed requests that reached the model"),
+    ("requests", "embedd_model_requests_total", "counter",
+     "Embed and rerank requests that reached the model"),
+    ("reranks", "embedd_model_reranks_total", "counter", "Rerank requests that reached the model"),
+    ("pairs", "embedd_model_rerank_pairs_total", "counter",
+     "Query/document pairs computed for rerank requests"),
     ("inputs", "embedd_model_inputs_total", "counter", "Inputs computed"),
     ("tokens", "embedd_model_tokens_total", "counter", "Tokens computed"),
     ("batches", "embedd_model_batches_total", "counter", "llama batches run"),

@@ -36,9 +36,19 @@ from ..config import Config
 from ..transport.counters import ConnectionCounts, Tally
 from ..transport.shell import Connection, Handler, Listener, RequestTask, Reservation, Timer
 from ..transport.sockets import bind_unix_socket
-from ..wire.answers import Answer, EmbedAnswer, MapAnswer, Sizing, StatsAnswer
+from ..wire.answers import (
+    TOKEN_PIECE_JSON_BYTES,
+    Answer,
+    ChunkAnswer,
+    EmbedAnswer,
+    MapAnswer,
+    RerankAnswer,
+    Sizing,
+    StatsAnswer,
+    TokenizeAnswer,
+)
 from ..wire.errors import Code, EmbeddError
-from ..wire.messages import Embed, Limits, Load, Models, Request, Stats
+from ..wire.messages import DEFAULT_MODEL, Embed, Limits, Load, Models, Request, Rerank, Stats
 from . import api as http_api
 from . import metrics
 from .api import ApiError, Response
@@ -54,6 +64,8 @@ _KEY_BYTES = 32
 # a thread. json handles ~100 MB/s here, so 256 KiB is ~2.5 ms of loop time at most, about
 # the cost of one query batch (about 4 ms for the bundled model on 2 cores).
 _ON_LOOP_BYTES = 256 * 1024
+# The longest JSON escape of one character ("\u0001").
+_ESCAPED_CHAR = 6
 
 
 class HttpSetupError(Exception):
@@ -244,7 +256,7 @@ class HttpServer(Listener):
         """Run an embed request, its answer sized as JSON in `fmt`: the daemon refuses it over
         max_response once the model's dimension is known, else reserves it in the
         connection's answer budget, before any work."""
-        sizing = http_api.answer_sizing(fmt)
+        sizing = http_api.answer_sizing(fmt, embed.precision)
         answer = await self._run(embed, sizing, reservation)
         if not isinstance(answer, EmbedAnswer):
             raise EmbeddError(Code.INTERNAL, f"embed answered {type(answer).__name__}")
@@ -338,6 +350,24 @@ class HttpServer(Listener):
             return Response(HTTPStatus.SERVICE_UNAVAILABLE, {"status": state}, {"Retry-After": "1"})
         return Response(HTTPStatus.OK, {"status": "ok", "default_model": state})
 
+    # --- rerank (llama-server / Jina / Cohere, and TEI) --------------------------------------
+
+    async def _rerank(self, call: Rerank, reservation: Reservation) -> RerankAnswer:
+        answer = await self._run(call, None, reservation)
+        if not isinstance(answer, RerankAnswer):
+            raise EmbeddError(Code.INTERNAL, f"rerank answered {type(answer).__name__}")
+        return answer
+
+    async def rerank(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.rerank(await self._json(request.body), self.limits)
+        answer = await self._rerank(call, reservation)
+        return Response(HTTPStatus.OK, http_api.rerank_json(call, answer))
+
+    async def tei_rerank(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.tei_rerank(await self._tei_body(request), self.limits)
+        answer = await self._rerank(call.request, reservation)
+        return Response(HTTPStatus.OK, http_api.tei_rerank_json(call, answer))
+
     async def metrics(self, request: HttpRequest, reservation: Reservation) -> Response:
         stats = await self._run(Stats())
         assert isinstance(stats, StatsAnswer), stats
@@ -346,6 +376,66 @@ class HttpServer(Listener):
             metrics.render(stats.to_wire()).encode(),
             {"Content-Type": metrics.CONTENT_TYPE},
         )
+
+    # --- text-embeddings-inference's routes (TEI_ROUTES) -------------------------------------
+
+    async def _tei_body(self, request: HttpRequest) -> dict[str, Any]:
+        """The body, its JSON refusal in TEI's shape (the route's errors)."""
+        if len(request.body) <= _ON_LOOP_BYTES:
+            return http_api.json_object(request.body)
+        return await asyncio.to_thread(http_api.json_object, request.body)
+
+    async def tei_embed(self, request: HttpRequest, reservation: Reservation) -> Response:
+        body = await self._tei_body(request)
+        long_default = self.daemon.http_long(http_api.tei_model(body))
+        embed = http_api.tei_embed(body, self.limits, long_default)
+        done = await self._embed(embed, reservation)
+        answer = done.answer
+        return await self._encoded(
+            done.size, lambda: http_api.tei_embed_json(answer), http_api.long_report(answer)[1]
+        )
+
+    async def tei_info(self, request: HttpRequest, reservation: Reservation) -> Response:
+        # The figures are the loaded model's: load it first, as the embed routes would.
+        described = await self._run(Load(DEFAULT_MODEL))
+        assert isinstance(described, MapAnswer), described
+        model = described.values
+        cfg = self.config
+        batch_tokens = cfg.models[model["name"]].batch_tokens if model["name"] in cfg.models else 0
+        info = http_api.tei_info(
+            model,
+            batch_tokens=batch_tokens,
+            http_long=self.daemon.http_long(model["name"]),
+            max_concurrent_requests=cfg.max_connections,
+            max_client_batch_size=cfg.max_inputs,
+        )
+        return Response(HTTPStatus.OK, info)
+
+    async def tei_tokenize(self, request: HttpRequest, reservation: Reservation) -> Response:
+        call = http_api.tei_tokenize(await self._tei_body(request), self.limits)
+        # Each token's JSON beside its text, and the texts (the body's own characters,
+        # escaped at most 6 bytes each), estimated before any work.
+        await reservation.reserve(TOKEN_PIECE_JSON_BYTES * len(request.body))
+        answer = await self._run(call.request)
+        assert isinstance(answer, TokenizeAnswer), answer
+        size = TOKEN_PIECE_JSON_BYTES * sum(answer.counts) + _ESCAPED_CHAR * len(request.body)
+        return await self._encoded(size, lambda: http_api.tei_tokenize_json(call, answer))
+
+    # --- embedd's own ops (OPS_ROUTES) --------------------------------------------------------
+
+    async def embedd_chunk(self, request: HttpRequest, reservation: Reservation) -> Response:
+        chunk = http_api.embedd_chunk(await self._json(request.body), self.limits)
+        size = http_api.chunk_answer_bytes(len(request.body))
+        await reservation.reserve(size)
+        answer = await self._run(chunk)
+        assert isinstance(answer, ChunkAnswer), answer
+        return await self._encoded(size, lambda: json_body(answer.to_wire()))
+
+    async def embedd_tokenize(self, request: HttpRequest, reservation: Reservation) -> Response:
+        tokenize = http_api.embedd_tokenize(await self._json(request.body), self.limits)
+        answer = await self._run(tokenize)
+        assert isinstance(answer, TokenizeAnswer), answer
+        return Response(HTTPStatus.OK, answer.to_wire())
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,17 @@ def vector_keys(
     return [CacheKey(*identity, text, unnamed) for text in texts]
 
 
+# The options of a cached rerank score: no embed request that is cached ever has them
+# (long="split" with pool="none" is never cached), and a reranker embeds nothing anyway.
+RERANK_OPTIONS = VectorOptions(long="split", pool="none", normalize=False)
+
+
+def rerank_keys(model: ModelIdentity, query: str, documents: Sequence[str]) -> list[CacheKey]:
+    """The key of each document's score against `query`: the pair written with the query's
+    length first, so that no other query and document spell the same key."""
+    return vector_keys(model, [f"{len(query)}:{query}{doc}" for doc in documents], RERANK_OPTIONS)
+
+
 def vector_key(model: ModelIdentity, text: str, options: VectorOptions) -> CacheKey:
     return vector_keys(model, [text], options)[0]
 

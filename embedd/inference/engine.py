@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .chunking import TextPiece
-from .pipe import ModelInfo, TokenizerSpec, WordPieceSpec
+from .pipe import ModelInfo, PairFrame, TokenizerSpec, WordPieceSpec
 from .tokenizer import TOKENIZER_VERSION, vocabulary_from_gguf
 from .tokens import ModelTokenizer
 
@@ -254,6 +254,7 @@ class Model:
         self._head, self._tail = self._special_frame()
         if len(self._head) + len(self._tail) >= max_tokens:
             raise ModelLoadError(f"max_tokens {max_tokens} leaves no room for text")
+        self.classifier_labels = self._classifier_labels()
         self.tokenizer_spec = TokenizerSpec(
             head=self._head,
             tail=self._tail,
@@ -265,14 +266,22 @@ class Model:
             trailing_space=self._trailing_space_token(),
             space_probe=self.tokenize_bare("a a"),
             wordpiece=self._wordpiece_spec(),
+            pair=self._pair_frame(),
         )
         try:
             self.tokenizer = ModelTokenizer(self.tokenizer_spec, self.tokenize_bare)
         except ValueError as exc:
             raise ModelLoadError(f"unusable WordPiece vocabulary: {exc}") from exc
 
-    def info(self, pooling: str) -> ModelInfo:
-        """What `models` and the coordinator are told, once a context has said how it pools."""
+    def info(self, pooling: str, outputs: int) -> ModelInfo:
+        """What `models` and the coordinator are told, once a context has said how it pools
+        (and so whether the model embeds or reranks) and how many floats it returns per
+        sequence."""
+        task = "rerank" if pooling == "rank" else "embed"
+        card = {**self.card, "task": task}
+        if task == "rerank":
+            card["pair_template"] = self._pair_template()
+            card["classifier_labels"] = self.classifier_labels
         return ModelInfo(
             dim=self.dim,
             pooling=pooling,
@@ -281,13 +290,71 @@ class Model:
             max_tokens=self.max_tokens,
             batch_tokens=self.batch_tokens,
             max_seqs=self.max_seqs,
-            card=self.card,
+            card=card,
             tokenizer=self.card["tokenizer"],
+            task=task,
+            outputs=outputs,
         )
 
     def new_context(self, *, threads: int, pooling: str | None) -> Context:
         """A context over these weights, for the calling thread to own."""
-        return Context(self, threads=threads, pooling=pooling)
+        return Context(self, threads=threads, pooling=self.pooling_for(pooling))
+
+    def pooling_for(self, configured: str | None) -> str | None:
+        """The pooling a context gets: the config's, else the file's own (llama.cpp reads it),
+        else rank for a file with a classification head. llama.cpp's converter writes a
+        cross-encoder's head (`classifier.output_labels`) but no pooling type, which is why
+        llama-server needs `--reranking` for them; the head says what the model is."""
+        if configured is not None:
+            return configured
+        declared = self._meta(f"{self.card['architecture']}.pooling_type")
+        if declared is None:
+            return "rank" if self.classifier_labels else None
+        # Named here (rather than left to llama.cpp) so that the context knows it reranks.
+        rank = declared.isdigit() and int(declared) == lc.LLAMA_POOLING_TYPE_RANK
+        return "rank" if rank else None
+
+    def _classifier_labels(self) -> list[str]:
+        """The labels of the file's classification head (`ARCH.classifier.output_labels`),
+        none when it has no head."""
+        labels = []
+        for i in range(int(lc.llama_model_n_cls_out(self._model))):
+            label = lc.llama_model_cls_label(self._model, i)
+            if label is None:
+                return []
+            labels.append(label.decode("utf-8", "replace"))
+        return labels
+
+    def _pair_frame(self) -> PairFrame:
+        """The special tokens around a query/document pair, by llama-server's rule
+        (`format_prompt_rerank`): BOS if the vocabulary adds one, the query, EOS (else SEP) if
+        it adds one, SEP if it adds one, the document, EOS again. With the flags llama.cpp's
+        converter writes, that is exactly the pair each reference tokenizer builds: BERT's
+        `[CLS] q [SEP] d [SEP]`, XLM-RoBERTa's `<s> q </s></s> d </s>`."""
+        vocab = self._vocab
+        eos = int(lc.llama_vocab_eos(vocab))
+        if eos < 0:
+            eos = int(lc.llama_vocab_sep(vocab))
+        head = [int(lc.llama_vocab_bos(vocab))] if lc.llama_vocab_get_add_bos(vocab) else []
+        middle = [eos] if lc.llama_vocab_get_add_eos(vocab) else []
+        if lc.llama_vocab_get_add_sep(vocab):
+            middle.append(int(lc.llama_vocab_sep(vocab)))
+        tail = [eos] if lc.llama_vocab_get_add_eos(vocab) else []
+
+        def known(ids: list[int]) -> list[int]:
+            return [i for i in ids if i >= 0]  # a role the vocabulary lacks is -1
+
+        return PairFrame(head=known(head), middle=known(middle), tail=known(tail))
+
+    def _pair_template(self) -> str:
+        """The pair frame as text, for the model card."""
+        pair = self.tokenizer_spec.pair
+        vocab = self.vocabulary()
+
+        def names(ids: list[int]) -> str:
+            return "".join(vocab[i] for i in ids)
+
+        return f"{names(pair.head)}{{query}}{names(pair.middle)}{{document}}{names(pair.tail)}"
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1024)
@@ -471,8 +538,15 @@ class Context:
         cparams.embeddings = True
         cparams.kv_unified = True
         # Measured here: with flash attention, packing several sequences in one ubatch helps;
-        # without it, the masked attention over the whole ubatch makes packing slower.
-        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # without it, the masked attention over the whole ubatch makes packing slower. A
+        # reranker's context goes without: llama.cpp's CPU flash attention computes in half
+        # precision, which raised the largest score error against the checkpoints' forward
+        # pass (tests/data/rerankers) from 4.1e-4 to 6.6e-4 (BERT) and from 2.4e-4 to 5.3e-4
+        # (XLM-RoBERTa), and a score, unlike a vector, is read to its decimals.
+        rank = pooling == "rank"
+        cparams.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_DISABLED if rank else lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        )
         cparams.pooling_type = (
             POOLING_BY_NAME[pooling] if pooling is not None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
         )
@@ -487,13 +561,29 @@ class Context:
                     f"not an embedding model: {model.path} declares no pooling type "
                     "(set `pooling` for it in the config if it really is one)"
                 )
-            if pooling_type == lc.LLAMA_POOLING_TYPE_RANK:
-                raise ModelLoadError(f"{model.path} is a reranking model, not an embedding model")
+            rank = pooling_type == lc.LLAMA_POOLING_TYPE_RANK
+            if rank and not model.classifier_labels:
+                # Without a head, llama.cpp's rank output is the first float of [CLS]'s hidden
+                # state: a number, never a score.
+                raise ModelLoadError(
+                    f"pooling 'rank' needs a cross-encoder's classification head "
+                    f"(`classifier.output_labels` in the GGUF), and {model.path} has none"
+                )
+            if rank and lc.llama_get_causal_attn(ctx):
+                # Qwen3-Reranker and its kind: llama.cpp scores them from the last token through
+                # a yes/no head and a chat template of its own (`tokenizer.chat_template.rerank`),
+                # which embedd does not fill in.
+                raise ModelLoadError(
+                    f"{model.path} is a causal reranker (a Qwen3-Reranker-style model); embedd "
+                    "serves encoder cross-encoders (BERT, XLM-RoBERTa) only"
+                )
         except BaseException:
             self.close()
             raise
         self.pooling = POOLING_NAME.get(pooling_type, str(pooling_type))
-        self._dim = model.dim
+        # A reranker's sequence output is its classifier's scores, not a vector.
+        self.outputs = int(lc.llama_model_n_cls_out(model._model)) if rank else model.dim
+        self._dim = self.outputs
         self._max_seqs = max_seqs
         self._batch = lc.llama_batch_init(batch_tokens, 0, max_seqs)
         self._cap = batch_tokens

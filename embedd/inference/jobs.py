@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from ..wire.answers import TokenPiece
 from ..wire.errors import EmbeddError
 from ..wire.messages import Embed
 from .chunking import TextPiece
@@ -40,6 +41,8 @@ class EmbedResult:
 @dataclass(frozen=True, slots=True)
 class TokenizeResult:
     ids: list[list[int]]
+    # Each text's tokens with their texts and spans, when asked for and known.
+    pieces: list[list[TokenPiece]] | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -113,6 +116,25 @@ class EmbedJob(Job[EmbedResult]):
         return self.indices[i] if self.indices else i
 
 
+# What a rerank job asks of the machinery an embed job runs on: every piece of a document is
+# computed and kept (its score row), nothing is pooled or normalised in the model thread.
+RERANK_REQUEST = Embed(long="split", pool="none", normalize=False)
+
+
+@dataclass(eq=False)
+class RerankJob(EmbedJob):
+    """Scoring `texts` (a request's distinct documents) against `query` with a cross-encoder.
+    It runs as an embed job does, queued, batched and retried alike: each document becomes one
+    or more query/document pairs (a document too long for the model is cut into pieces by the
+    `long="split"` rules), each pair one sequence, and its output row the classifier's scores;
+    the answer holds every pair's row, grouped by document, and the caller takes each
+    document's best piece."""
+
+    query: str = ""
+    # The model thread's own: the query's ids, without special tokens.
+    query_ids: list[int] = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class TokenizeJob(Job[TokenizeResult]):
     """`texts` with the prompt already prepended (a count is of what the model would see).
@@ -120,6 +142,8 @@ class TokenizeJob(Job[TokenizeResult]):
     known, without tokenizing the rest."""
 
     max_ids: int | None = None
+    # Each token's text and span too (`ModelTokenizer.pieces`).
+    pieces: bool = False
 
 
 @dataclass(eq=False)

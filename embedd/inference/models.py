@@ -24,11 +24,13 @@ from .budget import CoreBudget
 from .canary import Verdicts
 from .crashes import PoisonMemory
 from .jobs import (
+    RERANK_REQUEST,
     ChunkJob,
     ChunkResult,
     EmbedJob,
     EmbedResult,
     Job,
+    RerankJob,
     TokenizeJob,
     TokenizeResult,
 )
@@ -258,10 +260,37 @@ class ModelSlot:
         )
         return await self._run(job, timeout, timeout_reported=timeout_reported)
 
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        *,
+        indices: list[int],
+        bulk: bool,
+        owner: object,
+        timeout: float,
+        timeout_reported: float,
+    ) -> EmbedResult:
+        """Every query/document pair's classifier row, grouped by document (`windows` says
+        how many pieces each document was scored in, in order)."""
+        job = RerankJob(
+            documents,
+            self._loop.create_future(),
+            self._loop,
+            owner=owner,
+            bulk=bulk,
+            request=RERANK_REQUEST,
+            indices=indices,
+            query=query,
+        )
+        return await self._run(job, timeout, timeout_reported=timeout_reported)
+
     async def tokenize(
-        self, texts: list[str], timeout: float, max_ids: int | None = None
+        self, texts: list[str], timeout: float, max_ids: int | None = None, pieces: bool = False
     ) -> TokenizeResult:
-        job = TokenizeJob(texts, self._loop.create_future(), self._loop, max_ids=max_ids)
+        job = TokenizeJob(
+            texts, self._loop.create_future(), self._loop, max_ids=max_ids, pieces=pieces
+        )
         return await self._run(job, timeout)
 
     async def chunk(
@@ -284,6 +313,9 @@ class ModelSlot:
             if job.request.long == "split":
                 cap = None  # every window is computed: the whole text counts
         estimate = sum(estimate_tokens(prefix + t, cap) for t in job.texts)
+        if isinstance(job, RerankJob):
+            # The query is computed again beside every document (and every piece of one).
+            estimate += len(job.texts) * estimate_tokens(job.query, self.max_tokens)
         if not isinstance(job, EmbedJob):
             # Tokenize and chunk go through the whole text, but only tokenize it.
             whole = sum(estimate_tokens(t, None) for t in job.texts)

@@ -51,6 +51,11 @@ class ModelInfo:
     # Which tokenizer made the ids (cache keys, index fingerprints): vectors from another
     # tokenizer's ids are different vectors.
     tokenizer: str = ""
+    # "embed" (a vector per text) or "rerank" (a cross-encoder: scores per query/document pair,
+    # llama.cpp's rank pooling); and the floats a sequence's output holds (`dim` for an
+    # embedder, the classifier's outputs for a reranker).
+    task: str = "embed"
+    outputs: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,20 @@ class WordPieceSpec:
     lowercase: bool
     unk_token: str
     special_tokens: list[str]
+
+
+@dataclass(frozen=True)
+class PairFrame:
+    """The special tokens around a query/document pair for a cross-encoder: `head`, the query's
+    ids, `middle`, the document's ids, `tail`."""
+
+    head: list[int]
+    middle: list[int]
+    tail: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.middle) + len(self.tail)
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,7 @@ class TokenizerSpec:
     # llama.cpp's ids of "a a": a text between two letters that tokenizes so is a space.
     space_probe: list[int]
     wordpiece: WordPieceSpec | None = None
+    pair: PairFrame = PairFrame([], [], [])
 
 
 # --- daemon -> model process ------------------------------------------------------------------
@@ -234,9 +254,12 @@ def _decode_body(body: bytes) -> Message:
         if cls is Loaded:
             info, spec, replicas = args
             wordpiece = spec.pop("wordpiece")
+            pair = PairFrame(**spec.pop("pair"))
             return Loaded(
                 ModelInfo(**info),
-                TokenizerSpec(**spec, wordpiece=WordPieceSpec(**wordpiece) if wordpiece else None),
+                TokenizerSpec(
+                    **spec, wordpiece=WordPieceSpec(**wordpiece) if wordpiece else None, pair=pair
+                ),
                 replicas,
             )
         message: Message = cls(*args)

@@ -130,7 +130,7 @@ class _Process:
             threads=load.threads,
             gpu_offloaded=model.card["runs_on"] == "gpu",
         )
-        created: queue.SimpleQueue[str | Exception] = queue.SimpleQueue()
+        created: queue.SimpleQueue[tuple[str, int] | Exception] = queue.SimpleQueue()
         for index in range(count):
             mailbox: queue.SimpleQueue[Compute] = queue.SimpleQueue()
             self._mailboxes.append(mailbox)
@@ -145,14 +145,17 @@ class _Process:
         if failed:
             self._writer.send(LoadFailed(str(failed[0])))
             return
-        self._writer.send(Loaded(model.info(str(outcomes[0])), model.tokenizer_spec, count))
+        first = outcomes[0]
+        assert not isinstance(first, Exception)
+        pooling, outputs = first
+        self._writer.send(Loaded(model.info(pooling, outputs), model.tokenizer_spec, count))
 
     def _replica(
         self,
         model: Model,
         load: Load,
         mailbox: queue.SimpleQueue[Compute],
-        created: queue.SimpleQueue[str | Exception],
+        created: queue.SimpleQueue[tuple[str, int] | Exception],
     ) -> None:
         """One llama context, created, used and never shared by this thread."""
         try:
@@ -160,7 +163,7 @@ class _Process:
         except Exception as exc:
             created.put(exc)
             return
-        created.put(context.pooling)
+        created.put((context.pooling, context.outputs))
         while True:
             job = mailbox.get()
             tokens = np.frombuffer(job.tokens, "<i4")

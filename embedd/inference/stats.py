@@ -60,6 +60,10 @@ class WorkerStats:
     last_threads: int = 0
     # Batches started (they end in `batches`).
     launched: int = 0
+    # Rerank requests queued (also counted in `requests`), and the query/document pairs they
+    # became (a document too long for the model is several pairs).
+    reranks: int = 0
+    pairs: int = 0
     # One entry per llama context of the loaded model.
     replicas: list[ReplicaStats] = field(default_factory=list)
     # Bulk batches that started after an interactive request had arrived and ended before it

@@ -225,6 +225,7 @@ class WordPieceTokenizer:
         for i, tok in enumerate(tokens):
             vocab.setdefault(tok, i)
         self.vocab = vocab
+        self.tokens = list(tokens)
         if config.unk_token not in vocab:
             raise ValueError(f"the vocabulary has no unknown token {config.unk_token!r}")
         self.unk_id = vocab[config.unk_token]
@@ -264,6 +265,44 @@ class WordPieceTokenizer:
         if pos < len(text):
             self._encode_plain(text[pos:], out)
         return out
+
+    def encode_with_spans(self, text: str) -> list[tuple[int, int, int, bool]] | None:
+        """`encode(text)` with where each token came from: (id, start, end, special), the
+        [start, end) characters of `text` it stands for (a word piece's own characters, an
+        [UNK] its whole word, a special token written in the text its match). Characters
+        are normalised one at a time to map the normalised text back; where that differs
+        from normalising the whole text (a rare reordering of combining marks), the ids
+        would differ, and None says the spans are unknown."""
+        out: list[tuple[int, int, int, bool]] = []
+        pos = 0
+        matches = self._special.finditer(text) if self._special is not None else ()
+        for m in matches:
+            self._plain_spans(text, pos, m.start(), out)
+            out.append((self._special_ids[m.group()], m.start(), m.end(), True))
+            pos = m.end()
+        self._plain_spans(text, pos, len(text), out)
+        return out if [t[0] for t in out] == self.encode(text) else None
+
+    def _plain_spans(
+        self, text: str, lo: int, hi: int, out: list[tuple[int, int, int, bool]]
+    ) -> None:
+        origin: list[int] = []
+        parts: list[str] = []
+        for i in range(lo, hi):
+            part = self.normalize(text[i])
+            parts.append(part)
+            origin.extend([i] * len(part))
+        for m in self._tables.words.finditer("".join(parts)):
+            ids = self._word_ids(m.group())
+            if len(ids) == 1:
+                out.append((ids[0], origin[m.start()], origin[m.end() - 1] + 1, False))
+                continue
+            at = m.start()
+            for j, tid in enumerate(ids):
+                piece = self.tokens[tid]
+                width = len(piece) - (len(self._cont) if j else 0)
+                out.append((tid, origin[at], origin[at + width - 1] + 1, False))
+                at += width
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
         if text.isascii():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable, Iterator
 
+from ..wire.answers import TokenPiece
 from .chunking import TextPiece, iter_chunks
 from .pipe import TokenizerSpec
 from .tokenizer import MAX_SLICE, WordPieceConfig, WordPieceTokenizer
@@ -133,6 +134,35 @@ class ModelTokenizer:
         return iter_chunks(
             text, count, budget, overlap=overlap, chars_per_token=self._longest_piece
         )
+
+    def bare(self, text: str) -> list[int]:
+        """`text`'s ids without any special tokens (a query or document of a pair)."""
+        return self._bare_ids(text)
+
+    def pair(self, query: list[int], document: list[int]) -> list[int]:
+        """A cross-encoder's input: the bare ids of a query and a document in the model's
+        pair frame (`PairFrame`)."""
+        frame = self.spec.pair
+        return frame.head + query + frame.middle + document + frame.tail
+
+    def pieces(self, text: str) -> list[TokenPiece] | None:
+        """`tokenize(text)`'s tokens, each with its vocabulary text (a special token's) or
+        the characters of `text` it stands for and their [start, end) span in UTF-8 bytes.
+        Known for the vocabularies embedd tokenizes itself (WordPiece); None for llama.cpp's."""
+        wp = self._wordpiece
+        spans = wp.encode_with_spans(text) if wp is not None else None
+        if wp is None or spans is None:
+            return None
+        at = [0]  # each character offset's byte offset
+        for ch in text:
+            at.append(at[-1] + len(ch.encode("utf-8", "surrogatepass")))
+        frame = [TokenPiece(i, wp.tokens[i], True, None, None) for i in self.head]
+        body = [
+            TokenPiece(i, wp.tokens[i] if sp else text[start:end], sp, at[start], at[end])
+            for i, start, end, sp in spans
+        ]
+        tail = [TokenPiece(i, wp.tokens[i], True, None, None) for i in self.tail]
+        return frame + body + tail
 
     def tokenize(self, text: str, *, truncate_to: int | None = None) -> tuple[list[int], bool]:
         """Token ids with the special tokens; cut to `truncate_to` tokens keeping them."""

@@ -57,6 +57,7 @@ from .jobs import (
     EmbedJob,
     EmbedResult,
     Job,
+    RerankJob,
     TokenizeJob,
     TokenizeResult,
     settle,
@@ -88,6 +89,10 @@ M = TypeVar("M")
 CHUNK_SLICE = 0.005
 # The canary's batch number: real batches count from 1.
 _CANARY_BATCH = 0
+# The most of a cross-encoder's window a rerank query may take: the rest is the document's, so
+# a document is never read through a slit narrower than this share of the model's limit. A
+# longer query is refused (never cut), as an over-long embed input is.
+QUERY_SHARE = 0.5
 
 
 class _Failed(Exception):
@@ -705,7 +710,9 @@ class ModelWorker:
         )
         if not job.answered:
             self._scheduler.remove(job)
-            job.resolve(_crashed_error(self.config.name, index, exit.how, again=False))
+            job.resolve(
+                _crashed_error(self.config.name, index, exit.how, again=False, key=_key(job))
+            )
 
     # --- launching batches ------------------------------------------------------------------
 
@@ -946,7 +953,10 @@ class ModelWorker:
             return
         try:
             if isinstance(job, TokenizeJob):
-                job.resolve(TokenizeResult(_tokenize_within(tok, job)))
+                ids = _tokenize_within(tok, job)
+                pieces = [tok.pieces(t) for t in job.texts] if job.pieces else []
+                known = [p for p in pieces if p is not None]
+                job.resolve(TokenizeResult(ids, known if job.pieces and known == pieces else None))
                 return
             if isinstance(job, ChunkJob):
                 self._chunking.append(job)
@@ -956,6 +966,10 @@ class ModelWorker:
                 self.budget.note_interactive()
                 self._queries[job] = self.stats.launched
                 self.stats.queries_during_bulk += self._bulk_in_flight > 0
+            if isinstance(job, RerankJob):
+                self._tokenize_query(job)
+                self._splitting.append(job)
+                return
             if job.request.long == "split":
                 self._splitting.append(job)
                 return
@@ -1022,9 +1036,10 @@ class ModelWorker:
             if how is not None:
                 self.stats.poison_refused += 1
                 index = job.index(_input_of(job, k))
-                raise _crashed_error(self.config.name, index, how, again=True)
+                raise _crashed_error(self.config.name, index, how, again=True, key=_key(job))
         assert self.info is not None
-        job.vectors = np.empty((len(job.tokens), self.info.dim), dtype=np.float32)
+        width = self.info.outputs or self.info.dim
+        job.vectors = np.empty((len(job.tokens), width), dtype=np.float32)
         job.remaining = len(job.tokens)
 
     def _split_slice(self) -> None:
@@ -1037,9 +1052,10 @@ class ModelWorker:
             job.resolve(EmbeddError(Code.CANCELLED, "request cancelled"))
             return
         until = time.perf_counter() + CHUNK_SLICE
+        step = self._split_pair if isinstance(job, RerankJob) else self._split_input
         try:
             while job.split_next < len(job.texts):
-                if not self._split_input(job, until):
+                if not step(job, until):
                     return
                 if time.perf_counter() > until:
                     return
@@ -1055,7 +1071,80 @@ class ModelWorker:
             return
         self._splitting.popleft()
         self.stats.requests += 1
+        if isinstance(job, RerankJob):
+            self.stats.reranks += 1
+            self.stats.pairs += len(job.tokens)
         self._scheduler.add(job)
+
+    def _tokenize_query(self, job: RerankJob) -> None:
+        """The query's ids, once per job; refused when it would take more than QUERY_SHARE of
+        the model's limit (it is never cut: a cut query asks something else)."""
+        tok = self._tokenizer
+        assert tok is not None
+        most = int(tok.max_tokens * QUERY_SHARE)
+        usable, partial = tok.usable_prefix(job.query, limit=most + tok.frame_size)
+        ids = tok.bare(usable)
+        if partial or len(ids) > most:
+            raise EmbeddError(
+                Code.INPUT_TOO_LONG,
+                f"the query has {'at least ' if partial else ''}{len(ids)} tokens, more than "
+                f"{most} (half of the model's limit of {tok.max_tokens}, the most a query may "
+                "take beside a document); a query is never cut",
+                key="query",
+                tokens=len(ids),
+                limit=most,
+            )
+        if not ids:
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                "the query has no tokens the model knows (only control, unknown or private-use "
+                "characters)",
+                key="query",
+            )
+        job.query_ids = ids
+
+    def _split_pair(self, job: EmbedJob, until: float) -> bool:
+        """Continue cutting the job's current document into pairs with its query; True when
+        that document is done, False when the slice ran out first. A document that fits
+        beside the query is one pair; a longer one is cut by the `long="split"` rules
+        (paragraphs, then sentences, then words; no overlap), each piece paired with the
+        whole query, so nothing of it goes unread."""
+        tok = self._tokenizer
+        assert tok is not None and isinstance(job, RerankJob)
+        room = tok.max_tokens - tok.spec.pair.size - len(job.query_ids)
+        i = job.split_next
+        text = job.texts[i]
+        if job.split_cursor is None:
+            job.split_windows = []
+            usable, partial = tok.usable_prefix(text, limit=room + tok.frame_size)
+            whole = None if partial else tok.bare(usable)
+            if whole is not None and len(whole) <= room:
+                job.split_windows.append((0, len(text), tok.pair(job.query_ids, whole)))
+                job.split_cursor = iter(())
+            else:
+                job.split_cursor = tok.chunk(text, max_tokens=room + tok.frame_size)
+        for c in job.split_cursor:
+            piece = tok.bare(text[c.start : c.end])[:room]
+            job.split_windows.append((c.start, c.end, tok.pair(job.query_ids, piece)))
+            if time.perf_counter() > until:
+                return False
+        windows = job.split_windows
+        if not windows or len(windows[0][2]) <= tok.spec.pair.size + len(job.query_ids):
+            index = job.index(i)
+            raise EmbeddError(
+                Code.BAD_REQUEST,
+                f"documents[{index}] has no tokens the model knows",
+                key="documents",
+                index=index,
+            )
+        job.groups.append(list(range(len(job.tokens), len(job.tokens) + len(windows))))
+        job.spans.append([(start, end) for start, end, _ in windows])
+        job.tokens.extend(toks for _, _, toks in windows)
+        job.truncated.append(False)
+        job.split_cursor = None
+        job.split_windows = []
+        job.split_next += 1
+        return True
 
     def _split_input(self, job: EmbedJob, until: float) -> bool:
         """Continue windowing the job's current input; True when that input is done, False
@@ -1133,18 +1222,26 @@ def _input_of(job: EmbedJob, sequence: int) -> int:
     return sequence
 
 
-def _crashed_error(model: str, index: int, how: str, *, again: bool) -> EmbeddError:
+def _crashed_error(
+    model: str, index: int, how: str, *, again: bool, key: str = "input"
+) -> EmbeddError:
+    """`key`: what the request calls its texts (`documents` for a rerank)."""
     if again:
         message = (
-            f"input[{index}] is refused: it crashed model {model!r} ({how}) before, and would again"
+            f"{key}[{index}] is refused: it crashed model {model!r} ({how}) before, and would again"
         )
     else:
         message = (
-            f"input[{index}] crashes model {model!r} ({how}): llama.cpp died computing it, on "
+            f"{key}[{index}] crashes model {model!r} ({how}): llama.cpp died computing it, on "
             "two model processes; it is refused from now on (the other inputs computing with "
             "it were answered)"
         )
     return EmbeddError(Code.MODEL_CRASHED, message, index=index, signal=how, model=model)
+
+
+def _key(job: EmbedJob) -> str:
+    """What the job's request calls its texts."""
+    return "documents" if isinstance(job, RerankJob) else "input"
 
 
 def _tokenize_within(tok: ModelTokenizer, job: TokenizeJob) -> list[list[int]]:

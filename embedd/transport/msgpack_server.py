@@ -37,13 +37,13 @@ _LIST_ON_LOOP_MAX = 50_000
 
 async def wire_map(answer: Answer, request: Request) -> dict[str, Any]:
     """An answer as the msgpack map PROTOCOL.md documents; an embedding's vectors as the
-    request's `encoding` asks."""
+    request's `encoding` asks, in its `precision`."""
     if not isinstance(answer, EmbedAnswer):
         return answer.to_wire()
     encoding = request.args.encoding if isinstance(request.args, Embed) else "f32"
     if encoding == "list" and answer.vectors.size > _LIST_ON_LOOP_MAX:
         # Building millions of float objects would stall the loop.
-        return answer.to_wire(encoding, await asyncio.to_thread(answer.vectors.tolist))
+        return answer.to_wire(encoding, await asyncio.to_thread(answer.wire_list))
     return answer.to_wire(encoding)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import precision as compact
 from .errors import Code, EmbeddError
 
 
@@ -70,6 +71,8 @@ class EmbedAnswer:
     usage: Usage
     # Each window's [start, end] in its input, for pool="none" answers only.
     spans: list[list[int]] | None = None
+    # How the vectors are given to the client (precision.py); `vectors` stay float32.
+    precision: str = "float32"
 
     @property
     def dim(self) -> int:
@@ -79,20 +82,31 @@ class EmbedAnswer:
     def count(self) -> int:
         return int(self.vectors.shape[0])
 
-    def f32_bytes(self) -> bytes:
-        """The vectors as the little-endian float32 bytes of `encoding: "f32"`."""
-        return np.ascontiguousarray(self.vectors, dtype="<f4").tobytes()
+    def compact(self) -> npt.NDArray[Any]:
+        """The vectors in the answer's precision (float32, float16, or packed signs)."""
+        return compact.quantize(self.vectors, self.precision)
+
+    def packed_bytes(self) -> bytes:
+        """The vectors as the bytes of `encoding: "f32"`: the precision's little-endian
+        elements, row-major."""
+        return compact.to_bytes(self.vectors, self.precision)
+
+    def wire_list(self) -> list[list[Any]]:
+        """The vectors as `encoding: "list"` sends them: floats, or each packed byte an int."""
+        rows: list[list[Any]] = self.compact().tolist()
+        return rows
 
     def to_wire(self, encoding: str, embeddings: Any = None) -> dict[str, Any]:
         """The msgpack answer; `embeddings`: the vectors already encoded (a large `list` is
         built off the event loop by the caller), else they are encoded here."""
         if embeddings is None:
-            embeddings = self.f32_bytes() if encoding == "f32" else self.vectors.tolist()
+            embeddings = self.packed_bytes() if encoding == "f32" else self.wire_list()
         out = {
             "model": self.model,
             "dim": self.dim,
             "count": self.count,
             "encoding": encoding,
+            "precision": self.precision,
             "embeddings": embeddings,
             "tokens": self.tokens,
             "truncated": self.truncated,
@@ -104,15 +118,42 @@ class EmbedAnswer:
         return out
 
 
+# The JSON of one token with its span, beside its text (the HTTP front's TEI /tokenize):
+# {"id":30521,"text":"","special":false,"start":1048576,"stop":1048580}, with room. The
+# daemon bounds such a request's tokens by it and max_response.
+TOKEN_PIECE_JSON_BYTES = 96
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One token with what it stands for: the bytes [start, end) of the UTF-8 text it came
+    from, and that text (None for the special frame the model adds, whose text is the
+    token's own), and whether it is a special token."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    end: int | None
+
+
 @dataclass(frozen=True)
 class TokenizeAnswer:
     model: str
     ids: list[list[int]]
     counts: list[int]
     max_tokens: int | None
+    # Each text's tokens with their texts and spans, when the HTTP front asked for them and
+    # the model's vocabulary is one embedd tokenizes itself (WordPiece); never on the wire.
+    pieces: list[list[TokenPiece]] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "model": self.model,
+            "ids": self.ids,
+            "counts": self.counts,
+            "max_tokens": self.max_tokens,
+        }
 
 
 @dataclass(frozen=True)
@@ -136,6 +177,44 @@ class ChunkAnswer:
                 {"text": c.text, "span": [c.start, c.end], "tokens": c.tokens} for c in self.chunks
             ],
             "max_tokens": self.max_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """One document's place in a rerank answer: its index in the request, its score (the
+    cross-encoder's raw logit, its best piece's for a document scored in pieces), and the
+    document itself when the request asked for it."""
+
+    index: int
+    score: float
+    document: str | None = None
+
+
+@dataclass(frozen=True)
+class RerankAnswer:
+    model: str
+    # Best first; `top_n` of them when the request set it.
+    results: list[RerankResult]
+    # Per document, in the request's order: its pairs' tokens, and how many pieces it was
+    # scored in (1 unless it was longer than the model's window beside the query).
+    tokens: list[int]
+    pieces: list[int]
+    usage: Usage
+
+    def to_wire(self) -> dict[str, Any]:
+        results = []
+        for r in self.results:
+            item: dict[str, Any] = {"index": r.index, "score": r.score}
+            if r.document is not None:
+                item["document"] = r.document
+            results.append(item)
+        return {
+            "model": self.model,
+            "results": results,
+            "tokens": self.tokens,
+            "pieces": self.pieces,
+            "usage": asdict(self.usage),
         }
 
 
@@ -202,6 +281,9 @@ class ModelStats:
     latency_ms: dict[str, dict[str, float]]
     loads: int
     unloads: int
+    # Rerank requests (also in `requests`) and the query/document pairs they were computed as.
+    reranks: int
+    pairs: int
     # The model process: llama.cpp runs there, never in the daemon.
     process: ProcessStats
     # Why a failed model cannot serve; the key is present only then.
@@ -247,4 +329,4 @@ class MapAnswer:
         return dict(self.values)
 
 
-Answer = EmbedAnswer | TokenizeAnswer | ChunkAnswer | StatsAnswer | MapAnswer
+Answer = EmbedAnswer | TokenizeAnswer | ChunkAnswer | RerankAnswer | StatsAnswer | MapAnswer

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from .errors import Code, EmbeddError
 from .options import LONG_MODES, POOLS, Long, Pool, VectorOptions
+from .precision import PRECISIONS, Precision
 
 # The model a request names when it names none (the bundled one unless the config replaces it).
 DEFAULT_MODEL = "default"
@@ -26,6 +27,10 @@ PRIORITIES = ("interactive", "bulk")
 # (100,000 long chunks take about an hour on 2 cores with the bundled model), and a finite cap
 # keeps every wait in the daemon and the client bounded (1e10 overflowed the client's clock).
 MAX_TIMEOUT = 3600.0
+# Documents one `rerank` request may score: the most Cohere's rerank API recommends per
+# request, which reranking clients are written for (every document is a full pass of the
+# model beside the query); the config's `max_inputs` lowers it further when it is smaller.
+MAX_RERANK_DOCUMENTS = 1000
 # Echoed client values (ids, keys, op names) are cut to this many characters in error
 # messages, so that a hostile 60 MB value cannot turn into a 180 MB error frame.
 MAX_ECHO = 80
@@ -228,6 +233,8 @@ class Tokenize(Op):
     input: tuple[str, ...] = ()
     model: str = DEFAULT_MODEL
     prompt: str | None = None
+    # Each token's text and span too (the HTTP front's TEI /tokenize), not a wire key.
+    pieces: bool = _derived(False)
 
     @classmethod
     def parse(cls, args: Mapping[str, Any], limits: Limits) -> Tokenize:
@@ -247,6 +254,8 @@ class Embed(Op):
     dimensions: int | None = None
     prompt: str | None = None
     encoding: str = "f32"
+    # How each vector is given (precision.py); not a vector option: the cache holds float32.
+    precision: Precision = "float32"
     timeout: float | None = None
     priority: str | None = None
     cache: bool = True
@@ -289,6 +298,8 @@ class Embed(Op):
             kw["prompt"] = _typed(args, "prompt", str, "a prompt name (string)")
         if "encoding" in args:
             kw["encoding"] = _choice(args, "encoding", ENCODINGS)
+        if "precision" in args:
+            kw["precision"] = _choice(args, "precision", PRECISIONS)
         if "timeout" in args:
             kw["timeout"] = _timeout(args)
         if "priority" in args:
@@ -337,14 +348,102 @@ class Chunk(Op):
         return cls(inputs[0], _model(args), max_tokens, overlap)
 
 
+def _rerank_text(value: Any, key: str, index: int | None = None) -> str:
+    """A query or document: a non-empty string of well-formed UTF-8 with more than
+    whitespace in it (such a text would be scored on the special tokens alone)."""
+    where = key if index is None else f"{key}[{index}]"
+    if not isinstance(value, str):
+        raise _bad(f"{where} must be a string, got {type(value).__name__}", key=key, index=index)
+    if not value.strip():
+        raise _bad(f"{where} is empty or holds only whitespace", key=key, index=index)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(
+            f"{where} is not valid UTF-8 (an unpaired surrogate at character {exc.start})",
+            key=key,
+            index=index,
+        ) from None
+    return value
+
+
+@dataclass(frozen=True)
+class Rerank(Op):
+    """Score each document against the query with a cross-encoder (a reranking model); the
+    answer lists the documents by score, best first, `top_n` of them."""
+
+    op = "rerank"
+    is_work = True
+    query: str = ""
+    documents: tuple[str, ...] = ()
+    model: str = DEFAULT_MODEL
+    top_n: int | None = None
+    return_documents: bool = False
+    timeout: float | None = None
+    priority: str | None = None
+    cache: bool = True
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Any], limits: Limits) -> Rerank:
+        if "query" not in args:
+            raise _bad("query is required (a string)", key="query")
+        query = _rerank_text(args["query"], "query")
+        if "documents" not in args:
+            raise _bad("documents is required (a list of strings)", key="documents")
+        raw = args["documents"]
+        if not isinstance(raw, list):
+            raise _bad(
+                f"documents must be a list of strings, got {type(raw).__name__}", key="documents"
+            )
+        if not raw:
+            raise _bad("documents is an empty list", key="documents")
+        most = min(MAX_RERANK_DOCUMENTS, limits.max_inputs)
+        if len(raw) > most:
+            raise _bad(
+                f"documents has {len(raw)} texts, more than the limit of {most} per request "
+                "(MAX_RERANK_DOCUMENTS, or the config's max_inputs if lower)",
+                key="documents",
+                limit=most,
+            )
+        documents = tuple(_rerank_text(doc, "documents", i) for i, doc in enumerate(raw))
+        kw: dict[str, Any] = {}
+        if "top_n" in args:
+            top_n: int = _typed(args, "top_n", int, "a number of documents (integer >= 1)")
+            if top_n < 1:
+                raise _bad(f"top_n must be >= 1, got {top_n}", key="top_n")
+            kw["top_n"] = top_n
+        for key in ("return_documents", "cache"):
+            if key in args:
+                kw[key] = _typed(args, key, bool, "true or false")
+        if "timeout" in args:
+            kw["timeout"] = _timeout(args)
+        if "priority" in args:
+            kw["priority"] = _choice(args, "priority", PRIORITIES)
+        return cls(query=query, documents=documents, model=_model(args), **kw)
+
+
 Args = (
-    Hello | Health | Models | Stats | Shutdown | Load | Unload | Cancel | Tokenize | Embed | Chunk
+    Hello
+    | Health
+    | Models
+    | Stats
+    | Shutdown
+    | Load
+    | Unload
+    | Cancel
+    | Tokenize
+    | Embed
+    | Chunk
+    | Rerank
 )
 # The ops, by wire name: the one list of what the daemon understands.
 OP_TYPES: dict[str, type[Op]] = {
     t.op: t
-    for t in (Hello, Health, Models, Stats, Shutdown, Load, Unload, Cancel, Tokenize, Embed, Chunk)
-}
+    for t in (
+        Hello, Health, Models, Stats, Shutdown, Load, Unload, Cancel, Tokenize, Embed, Chunk,
+        Rerank,
+    )
+}  # fmt: skip
 OPS = tuple(OP_TYPES)
 
 
