@@ -147,14 +147,16 @@ def rankings(
     socket: Path,
     modes: Sequence[str] = idx.MODES,
     k: int = CHUNKS_ASKED,
+    rerank: str | None = None,
 ) -> dict[str, list[list[str]]]:
     """Each mode's ranked files for each of the set's questions (in the set's order), from
-    its first `k` hits."""
+    its first `k` hits (reordered by the reranker `rerank` when given)."""
+
+    def hits(question: str, mode: str) -> list[idx.Hit]:
+        return idx.search(db, question, k=k, mode=mode, socket=socket, rerank=rerank)
+
     return {
-        mode: [
-            ranked_files(h.path for h in idx.search(db, q.question, k=k, mode=mode, socket=socket))
-            for q in rset.questions
-        ]
+        mode: [ranked_files(h.path for h in hits(q.question, mode)) for q in rset.questions]
         for mode in modes
     }
 
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", type=int, help="as for `embedd index`")
     parser.add_argument("--overlap", type=int, default=0, help="as for `embedd index`")
     parser.add_argument("--split", choices=SPLITS, help="only this half of the questions")
+    parser.add_argument(
+        "--rerank", metavar="MODEL", help="rerank with MODEL, a reranker the --socket daemon serves"
+    )
     args = parser.parse_args(argv)
     rset = load(args.set)
     if not rset.root.is_dir():
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             overlap=args.overlap,
             progress=Progress(sys.stderr, tty=sys.stderr.isatty()),
         )
-        print(table(breakdown(rankings(rset, db, socket), rset), rset))
+        ranked = rankings(rset, db, socket, rerank=args.rerank)
+        print(table(breakdown(ranked, rset), rset))
     finally:
         if daemon is not None:
             daemon.stop()

@@ -339,6 +339,8 @@ def _why_json(why: Explanation | None) -> dict[str, object] | None:
         "boilerplate": why.boilerplate,
         "similar": list(why.similar),
         "adjacent": list(why.adjacent),
+        "fused_rank": why.fused_rank,
+        "fused_score": why.fused_score,
     }
 
 
@@ -396,9 +398,14 @@ def explain_text(h: Hit) -> list[str]:
         return []
     lists = " + ".join(_vote_text(name, why) for name in why.weights)
     # Several lists: their weighted votes add up to the fused score shown; one list: the
-    # hit's score is that list's own.
-    fused = f" -> {h.score:.4f}" if len(why.weights) > 1 else ""
+    # hit's score is that list's own; reranked: the fused list's, then the reranker's.
+    score = h.score if why.fused_score is None else why.fused_score
+    fused = f" -> {score:.4f}" if len(why.weights) > 1 else ""
     lines = [f"why: {lists}{fused}"]
+    if why.fused_rank is not None:
+        lines.append(
+            f"     reranked: #{why.fused_rank} of the fused list, reranker score {h.score:.4f}"
+        )
     if why.boilerplate:
         lines.append(
             f"     boilerplate: {why.boilerplate:.0%} of it recurs in other files "

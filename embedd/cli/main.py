@@ -1001,6 +1001,12 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
         help="say why each hit ranks where it does: its rank, score and vote in each list, "
         "the fused score, the near duplicates and adjacent chunks folded into it, boilerplate",
     )
+    p.add_argument(
+        "--rerank",
+        metavar="MODEL",
+        help="reorder the best fused hits with MODEL, a reranker the daemon serves (a "
+        "cross-encoder reading query and chunk together); off by default",
+    )
 
 
 @_command(
@@ -1018,7 +1024,8 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
         "  embedd search notes.db 'how do I renew the certificate' -k 5\n"
         "  embedd search notes.db 'backup schedule' --path 'work/*' --path '*.md'\n"
         "  embedd search notes.db 'ERR_CERT_DATE_INVALID' --mode bm25\n"
-        "  embedd search notes.db 'CVE-2024-45491' --explain"
+        "  embedd search notes.db 'CVE-2024-45491' --explain\n"
+        "  embedd search notes.db 'why does the upload stall' --rerank bge-reranker"
     ),
 )
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -1036,6 +1043,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 paths=args.path,
                 client=client,
                 note=_err,
+                rerank=args.rerank,
             )
     except embedd_client.DaemonUnavailableError:
         _err(_not_running(path))

@@ -2,7 +2,8 @@
 words, or both, the lists fused into passages (`embedd.index.fusion`: near duplicates
 folded, adjacent chunks voting together, boilerplate down-weighted); each hit shown at its
 best passage (by the query's words, else by meaning) with the query's words in it found, and
-its path relative to the indexed folder.
+its path relative to the indexed folder. A reranker (a cross-encoder the daemon serves) may
+reorder the best fused candidates: it reads query and chunk together, which neither list can.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ CANDIDATES = 200
 # of chunks adds little to a chunk's score (BM25's inverse document frequency is the log of
 # its rarity), and 5,000 scorings take about 15 ms on one busy core (tests/search_bench.py).
 BM25_POSTINGS = 5_000
+# Fused hits a reranker reorders (at least; all asked for when more): a cross-encoder reads
+# each whole chunk beside the query, about 20 times the work of embedding the query alone per
+# chunk, so its depth is what a search can afford at interactive speed; an answer further
+# down than this in the fused list is rare (docs/search.md, the relevance figures).
+RERANK_DEPTH = 20
 
 # Characters of a passage at most: about two lines of a terminal, one or two sentences.
 PASSAGE_CHARS = 240
@@ -81,6 +87,10 @@ class Explanation:
     boilerplate: float
     similar: tuple[str, ...]
     adjacent: tuple[int, ...]
+    # With a reranker: the hit's rank in the fused list before it reordered them (1 = first)
+    # and the fused score it had there; the hit's own `score` is then the reranker's.
+    fused_rank: int | None = None
+    fused_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,20 +125,25 @@ def search(
     client: embedd_client.Client | None = None,
     socket: str | os.PathLike[str] | None = None,
     note: Callable[[str], None] | None = None,
+    rerank: str | None = None,
 ) -> list[Hit]:
     """The `k` chunks of `index` that best answer `query`, best first: by `mode` ("hybrid":
     vector and BM25 rankings fused; "vector"; "bm25", which needs no daemon), among files whose
     path relative to the indexed folder matches one of the globs `paths` (all when empty; a
     glob starting with `/`, `./` or `../` is a path from the current directory).
     `note` receives a one-line remark when an old index limits what can be done (no keyword
-    table yet: hybrid falls back to vectors). Raises IndexUsageError, naming the file, for
+    table yet: hybrid falls back to vectors). `rerank` names a reranker the daemon serves: the
+    first `max(k, RERANK_DEPTH)` fused hits are scored by it against the query and reordered,
+    and each hit's score is the reranker's. Raises IndexUsageError, naming the file, for
     anything wrong with `index` (missing, a directory, not SQLite, truncated, another
     program's database, vectors of another length than the model's, another model)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if client is None and mode != MODE_BM25:
+    if client is None and (mode != MODE_BM25 or rerank is not None):
         with embedd_client.Client(socket) as own:
-            return search(index, query, k=k, mode=mode, paths=paths, client=own, note=note)
+            return search(
+                index, query, k=k, mode=mode, paths=paths, client=own, note=note, rerank=rerank
+            )
     path = Path(index)
     shown = display(str(path))
     if not path.exists():
@@ -136,7 +151,7 @@ def search(
     if path.is_dir():
         raise IndexUsageError(f"{shown} is a directory, not an index file")
     try:
-        return _search(client, path, shown, query, k, mode, paths, note)
+        return _search(client, path, shown, query, k, mode, paths, note, rerank)
     except sqlite3.Error as exc:
         raise IndexUsageError(
             f"{shown}: {exc} (not an index `embedd index` wrote, or damaged)"
@@ -155,6 +170,7 @@ def _search(
     mode: str,
     globs: Sequence[str],
     note: Callable[[str], None] | None,
+    rerank: str | None = None,
 ) -> list[Hit]:
     db, tables = open_read_only(index, shown)
     try:
@@ -186,7 +202,8 @@ def _search(
             lists[fusion.BM25] = _bm25_ranking(db, query, allowed, wanted)
         weights = fusion.weights_for(query) if len(lists) > 1 else {n: 1.0 for n in lists}
         chunks = _candidates(db, lists)
-        fused = fusion.fuse(lists, chunks, weights=weights)[:k]
+        depth = k if rerank is None else max(k, RERANK_DEPTH)
+        fused = fusion.fuse(lists, chunks, weights=weights)[:depth]
         details = [
             db.execute(
                 f"SELECT start, end, text, {'line' if has_lines else '0'} FROM chunks "
@@ -197,31 +214,63 @@ def _search(
         ]
     finally:
         db.close()
+    fused_ranks: list[int | None] = [None] * len(fused)
+    fused_scores: list[float | None] = [None] * len(fused)
+    reranked: list[float] = []
+    if rerank is not None:
+        assert client is not None
+        order = _reranked(client, rerank, query, [d[2] for d in details])[:k]
+        fused_ranks = [i + 1 for i, _ in order]
+        fused_scores = [fused[i].score for i, _ in order]
+        reranked = [score for _, score in order]
+        fused = [fused[i] for i, _ in order]
+        details = [details[i] for i, _ in order]
     model = meta.get("model", "default")
     passages = _best_passages(client, model, q, query, [d[2] for d in details])
     hits = []
-    for f, (start, end, text, line), (offset, passage) in zip(
-        fused, details, passages, strict=True
+    for n, (f, (start, end, text, line), (offset, passage)) in enumerate(
+        zip(fused, details, passages, strict=True)
     ):
         file = f.key[0]
         passage_line = line + text.count("\n", 0, offset) if line else 0
         unknown = [p for p in (file, *(s for s, _ in f.similar)) if p not in rel]
         if unknown:
             rel.update(relative_paths(unknown, roots))
-        # One list: its own score (cosine, BM25); several: the fused vote.
+        # One list: its own score (cosine, BM25); several: the fused vote; reranked: the
+        # reranker's score.
         score = next(iter(f.votes.values())).score if len(lists) == 1 else f.score
+        if reranked:
+            score = reranked[n]
         why = Explanation(
             dict(f.votes),
             weights,
             f.boilerplate,
             tuple(rel.get(s, s) for s, _ in f.similar),
             tuple(i for _, i in f.adjacent),
+            fused_ranks[n],
+            fused_scores[n],
         )
         hits.append(
             Hit(file, rel[file], passage_line, score, passage, text, (start, end),
                 matches(query, passage), len(f.similar), why)
         )  # fmt: skip
     return hits
+
+
+def _reranked(
+    client: embedd_client.Client, model: str, query: str, texts: Sequence[str]
+) -> list[tuple[int, float]]:
+    """(index in `texts`, score) of each text by the reranker `model`, best first. A model
+    that does not rerank (or is not served) is the user's to fix: IndexUsageError."""
+    if not texts:
+        return []
+    try:
+        ranked = client.rerank(query, texts, model)
+    except embedd_client.EmbeddError as exc:
+        if exc.code in ("bad_request", "unknown_model", "model_load_failed"):
+            raise IndexUsageError(f"--rerank {model}: {exc.message}") from None
+        raise
+    return [(r.index, r.score) for r in ranked]
 
 
 def _candidates(
