@@ -26,7 +26,15 @@ from embedd.ray.cluster import core_plan
 from embedd.ray.columns import EmbedSettings, arrow_type, chunk_ids, chunked, embedded
 from embedd.ray.nodes import daemon_cpus, lost
 from embedd.ray.progress import Segments, node_line
-from embedd.ray.resume import OutputMismatch, done_ids, missing_mask
+from embedd.ray.resume import (
+    MAX_BLOCK_ROWS,
+    MIN_BLOCK_ROWS,
+    OutputMismatch,
+    done_ids,
+    missing_mask,
+    rows_per_block,
+    tally,
+)
 from embedd.ray.retry import Patience, PatientClient
 from embedd.ray.supervisor import (
     DIR_PREFIX,
@@ -234,6 +242,39 @@ def test_resuming_over_a_foreign_parquet_file_names_it(tmp_path: Path, ids: pa.T
     with pytest.raises(OutputMismatch, match=f"{tmp_path / 'theirs.parquet'} is not embedd's"):
         done_ids(tmp_path)
     assert (tmp_path / "theirs.parquet").exists()  # someone else's: never deleted
+
+
+# --- spreading the work, checking it was all written ----------------------------------------------
+
+
+def test_the_rows_left_are_cut_into_eight_blocks_a_node() -> None:
+    assert rows_per_block(1200, 2) == 75
+    assert rows_per_block(600, 1) == 75
+
+
+def test_a_block_is_never_smaller_than_the_least_nor_larger_than_the_most() -> None:
+    assert rows_per_block(20, 4) == MIN_BLOCK_ROWS
+    assert rows_per_block(0, 0) == MIN_BLOCK_ROWS
+    assert rows_per_block(10_000_000, 2) == MAX_BLOCK_ROWS
+
+
+def test_rows_the_output_lacks_or_holds_twice_are_named_with_their_count() -> None:
+    result = tally(["a", "b", "c", "d", "a"], ["a", "c", "c"])
+    assert (result.expected, result.missing, result.repeated) == (4, ["b", "d"], ["c"])
+    assert result.message() == (
+        "2 of 4 rows are missing from the output (ids b, d); a rerun through `unembedded` "
+        "embeds just those; 1 rows are in the output more than once (ids c)"
+    )
+
+
+def test_a_long_list_of_missing_rows_names_the_first_five() -> None:
+    expected = [f"{i:02}" for i in range(12)]
+    message = tally(expected, expected[:2]).message()
+    assert "10 of 12 rows are missing from the output (ids 02, 03, 04, 05, 06, ...)" in message
+
+
+def test_an_output_with_every_row_once_says_so() -> None:
+    assert tally(["a", "b"], ["b", "a"]).message() == "all 2 rows written once"
 
 
 # --- the progress line -------------------------------------------------------------------------

@@ -69,8 +69,10 @@ class Daemons:
     - `cpus`: logical CPUs each node's actor reserves for its daemon (default: all of the
       node's but PIPELINE_CPUS: `daemon_cpus`). The daemon computes on every core that is
       free (its thread policy gives way to other work); the reservation keeps Ray from
-      packing the node with other CPU-heavy tasks, and must leave room for the rest of the
-      pipeline.
+      packing the node with other CPU-heavy tasks, and must leave a whole CPU free on some
+      node: Ray Data's read, write and repartition tasks (`unembedded` spreads the rows with
+      one) ask for one each, and wait forever where none is. An attached daemon's actor
+      needs none (`cpus=0`): the service's cores are its own.
     - `name`: the actors' name prefix; two jobs, or two configs, at once need two names.
     - `trust_uids`: another user's daemon to trust (`Client`'s argument), with `socket`.
     """
