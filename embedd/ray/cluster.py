@@ -41,11 +41,13 @@ LOOPBACK = "127.0.0.2"
 # Each node's object store (bytes): a corpus job moves batches of text and vectors, megabytes;
 # Ray's default (30% of the memory) would have every node of one machine claim it.
 OBJECT_STORE_BYTES = 150 * 2**20
-# How fast the head judges a node lost: Ray's defaults (a health check every 3 s, 5 misses)
-# take ~15 s; a test's nodes share one machine, where a missed check means a killed raylet.
+# How fast the head judges a node lost: Ray's defaults (a health check every 3 s, 5 failed in a
+# row) take ~15 s for a killed raylet, whose checks fail at once (connection refused). Checking
+# every second takes ~5 s; each check still has Ray's default 10 s to answer, so that a busy
+# machine's slow raylet is not taken for a lost one.
 FAST_FAILURE_DETECTION = {
     "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 3000,
+    "health_check_timeout_ms": 10000,
     "health_check_failure_threshold": 5,
 }
 
