@@ -14,11 +14,12 @@ from /proc) of each node's processes is sampled, by kind, and the peak of each k
 
 - `daemon`: the node's embedd daemon and its model process;
 - `node actor`: the Ray actor that keeps the daemon (embedd/ray/nodes.py);
-- `Embed actors`: the step's actors on the node, together;
+- `Embed actors`: the step's actors on the node (Ray titles their processes), together;
 - `Ray`: the node's raylet, its agents and idle workers (and on the head, the GCS and the
   cluster's monitors), together.
 
-Speed is measured here, never asserted in a test.
+Each round also says how many rows each node's actors embedded. Speed is measured here, never
+asserted in a test.
 """
 
 from __future__ import annotations
@@ -79,12 +80,21 @@ def _tree(pid: int, children: dict[int, list[int]]) -> Iterator[int]:
         yield from _tree(child, children)
 
 
+def _is_embed_actor(pid: int) -> bool:
+    """Whether `pid` is a Ray worker running an Embed step (Ray names it in its title)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return title.startswith(b"ray::MapWorker") and b"Embed" in title
+
+
 def _rss(pids: list[int]) -> int:
     return sum(read_rss_bytes(pid) or 0 for pid in pids)
 
 
 class EmbedWithPid(Embed):
-    """`Embed`, also reporting its actor's pid (to find the process in /proc)."""
+    """`Embed`, also reporting its actor's pid (which node embedded each row)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = super().__call__(batch)
@@ -97,7 +107,7 @@ class Sampler:
     def __init__(self, cluster: LocalCluster, daemons: dict[str, int]) -> None:
         self.cluster = cluster
         self.daemons = daemons  # node id -> daemon pid
-        self.embed_pids: set[int] = set()
+        self.node_of: dict[int, str] = {}  # Embed actor pid -> its node
         self.peak: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -111,7 +121,8 @@ class Sampler:
             actor = _ppid(daemon)  # the daemon's launcher execs it: its parent is the actor
             daemon_tree = list(_tree(daemon, children))
             workers = children.get(raylet, [])
-            embed = [p for p in workers if p in self.embed_pids]
+            embed = [p for p in workers if _is_embed_actor(p)]
+            self.node_of.update(dict.fromkeys(embed, node))
             own = [
                 pid
                 for processes in self.cluster.nodes[index].all_processes.values()
@@ -146,6 +157,7 @@ def measure(nodes: int, texts: list[str], rounds: int) -> dict[str, Any]:
     """Rows/s of each round and each node's peak memory by kind (MB), on `nodes` nodes."""
     settings = EmbedSettings()
     rates: list[float] = []
+    shares: list[dict[str, int]] = []  # rows each node embedded, per round
     work = Path(tempfile.mkdtemp(prefix="embedd-scaling-"))
     (work / "texts").mkdir()
     pq.write_table(pa.table({"text": texts}), work / "texts" / "part-0.parquet")
@@ -169,15 +181,22 @@ def measure(nodes: int, texts: list[str], rounds: int) -> dict[str, Any]:
                         num_cpus=0, batch_size=BATCH,
                     )  # fmt: skip
 
+                    pids_of_rows: list[int] = []
                     for batch in vectors.iter_batches(batch_format="pyarrow"):
-                        sampler.embed_pids.update(pa.table(batch)["actor_pid"].to_pylist())
+                        pids_of_rows += pa.table(batch)["actor_pid"].to_pylist()
                     rates.append(len(texts) / (time.perf_counter() - started))
+                    share: dict[str, int] = {}
+                    for pid in pids_of_rows:
+                        node = sampler.node_of.get(pid, "unknown")
+                        share[node] = share.get(node, 0) + 1
+                    shares.append(share)
                     print(f"{nodes} node(s): {rates[-1]:.1f} rows/s", file=sys.stderr)
         ray.shutdown()
     return {
         "nodes": nodes,
         "rows_per_s": [round(r, 2) for r in rates],
         "median_rows_per_s": round(statistics.median(rates), 2),
+        "rows_per_node": [sorted(share.values(), reverse=True) for share in shares],
         "peak_rss_mb_per_node": [
             {kind: round(value / 2**20) for kind, value in peak.items()}
             for peak in sampler.peak.values()
@@ -203,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         each = ", ".join(f"{r:.1f}" for r in result["rows_per_s"])
         print(f"{result['nodes']} node(s): {result['median_rows_per_s']:.1f} rows/s "
-              f"(median of {each})")  # fmt: skip
+              f"(median of {each}); rows per node in each round: "
+              f"{result['rows_per_node']}")  # fmt: skip
         for i, peak in enumerate(result["peak_rss_mb_per_node"]):
             print(f"  node {i}: " + ", ".join(f"{k} {v} MB" for k, v in peak.items()))
     return 0
