@@ -463,9 +463,9 @@ def test_a_node_lost_mid_run_with_another_nodes_daemon_killed_still_writes_every
         runner = threading.Thread(target=run)
         runner.start()
         try:
-            # Mid-run: a third of the rows embedded (of the half that passed the gate, Embed
-            # may keep back up to a batch while it waits for more to fill one).
-            _wait(lambda: sum(_inputs(own).values()) >= LOST_RUN // 3,
+            # Mid-run: a batch embedded. Of the half that passed the gate, Embed may keep back
+            # up to a batch while it waits for more rows to fill one, never the first.
+            _wait(lambda: sum(_inputs(own).values()) >= BLOCK,
                   "rows before the gate embedded")  # fmt: skip
             pid = own.pids()[head]
             assert pid is not None
