@@ -12,8 +12,8 @@ machine has a core for each.
 Two of Ray's habits need working around, and a driver of the cluster needs the same:
 - Ray replaces 127.0.0.1 and "localhost" by the host's outward address wherever an address is
   given (`ray.init`, `ray start`), where nothing listens: the nodes use LOOPBACK, another address
-  of the loopback interface that Ray takes as it is, and a driver passes it as its own
-  (`ray.init(address=..., _node_ip_address=LOOPBACK)`).
+  of the loopback interface that Ray takes as it is, and drivers connect to the head there
+  (`ray.init(address="127.0.0.2:PORT")`).
 - A head node started here would become every later `ray.init()`'s default cluster on the
   machine (Ray records the last one started in its temp directory); this one is not recorded.
 
@@ -129,7 +129,8 @@ class LocalCluster:
         return self
 
     def connect(self, **init: Any) -> Any:
-        """`ray.init` for this process as a driver of the cluster."""
+        """`ray.init` for this process as a driver of the cluster, naming LOOPBACK as its own
+        address (the nodes' one)."""
         return ray.init(address=self.address, _node_ip_address=LOOPBACK, **init)
 
     def raylet_pid(self, index: int) -> int:
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(args.nodes, args.cpus, pin=not args.no_pin) as cluster:
         pinned = ", ".join("all cores" if c is None else f"core {min(c)}" for c in cluster.plan)
         print(f"{args.nodes} nodes of {args.cpus} CPU(s) ({pinned}) at {cluster.address}")
-        print(f'drivers: ray.init(address="{cluster.address}", _node_ip_address="{LOOPBACK}")')
+        print(f'drivers: ray.init(address="{cluster.address}")')
         print("Ctrl-C stops them.", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
