@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,11 +22,29 @@ import pytest
 
 from embedd.index import store
 from embedd.index.records import META_FINGERPRINT, NAMES, chunk_id
+from embedd.ray.cluster import core_plan
 from embedd.ray.columns import EmbedSettings, arrow_type, chunk_ids, chunked, embedded
-from embedd.ray.progress import node_line
-from embedd.ray.resume import OutputMismatch, done_ids, missing_mask
+from embedd.ray.nodes import daemon_cpus, lost
+from embedd.ray.progress import Segments, node_line
+from embedd.ray.resume import (
+    MAX_BLOCK_ROWS,
+    MIN_BLOCK_ROWS,
+    OutputMismatch,
+    done_ids,
+    missing_mask,
+    rows_per_block,
+    tally,
+)
 from embedd.ray.retry import Patience, PatientClient
-from embedd.ray.supervisor import DaemonSupervisor
+from embedd.ray.supervisor import (
+    DIR_PREFIX,
+    OWNER_FILE,
+    DaemonSupervisor,
+    owner_gone,
+    owner_line,
+    start_time,
+    sweep_stale,
+)
 from embedd.wire.messages import Embed, Limits, parse_request
 from embedd.wire.options import VectorOptions
 from tests.conftest import BUNDLED, Daemon, Reference, cosines
@@ -225,6 +244,39 @@ def test_resuming_over_a_foreign_parquet_file_names_it(tmp_path: Path, ids: pa.T
     assert (tmp_path / "theirs.parquet").exists()  # someone else's: never deleted
 
 
+# --- spreading the work, checking it was all written ----------------------------------------------
+
+
+def test_the_rows_left_are_cut_into_eight_blocks_a_node() -> None:
+    assert rows_per_block(1200, 2) == 75
+    assert rows_per_block(600, 1) == 75
+
+
+def test_a_block_is_never_smaller_than_the_least_nor_larger_than_the_most() -> None:
+    assert rows_per_block(20, 4) == MIN_BLOCK_ROWS
+    assert rows_per_block(0, 0) == MIN_BLOCK_ROWS
+    assert rows_per_block(10_000_000, 2) == MAX_BLOCK_ROWS
+
+
+def test_rows_the_output_lacks_or_holds_twice_are_named_with_their_count() -> None:
+    result = tally(["a", "b", "c", "d", "a"], ["a", "c", "c"])
+    assert (result.expected, result.missing, result.repeated) == (4, ["b", "d"], ["c"])
+    assert result.message() == (
+        "2 of 4 rows are missing from the output (ids b, d); a rerun through `unembedded` "
+        "embeds just those; 1 rows are in the output more than once (ids c)"
+    )
+
+
+def test_a_long_list_of_missing_rows_names_the_first_five() -> None:
+    expected = [f"{i:02}" for i in range(12)]
+    message = tally(expected, expected[:2]).message()
+    assert "10 of 12 rows are missing from the output (ids 02, 03, 04, 05, 06, ...)" in message
+
+
+def test_an_output_with_every_row_once_says_so() -> None:
+    assert tally(["a", "b"], ["b", "a"]).message() == "all 2 rows written once"
+
+
 # --- the progress line -------------------------------------------------------------------------
 
 
@@ -235,11 +287,100 @@ def test_the_progress_line_shows_rates_queue_busy_answers_and_restarts() -> None
         return {"models": {"default": model}, "requests": {"errors": {"busy": 3}},
                 "supervisor": {"pid": 42, "restarts": 1}}  # fmt: skip
 
-    line = node_line("abcdef0123", stats(300, 3000), stats(100, 1000), 10.0)
+    line = node_line("abcdef0123", stats(300, 3000), {"inputs": 100, "tokens": 1000}, 10.0)
     assert line == (
         "embedd node abcdef01 (pid 42, 1 restarts): 20.0 chunks/s, 200 tok/s, 300 chunks done, "
         "queue 5 inputs / 60 tokens, computing 50% of the time, 3 busy answers"
     )
+
+
+def test_a_restarted_daemons_counts_start_a_new_segment_and_totals_never_go_down() -> None:
+    node = Segments()
+    assert node.update(10, {"inputs": 500, "tokens": 5000}) == {"inputs": 500, "tokens": 5000}
+    assert node.update(10, {"inputs": 800, "tokens": 8000}) == {"inputs": 800, "tokens": 8000}
+    # Killed: its successor counts from zero.
+    assert node.update(11, {"inputs": 50, "tokens": 500}) == {"inputs": 850, "tokens": 8500}
+    assert node.update(11, {"inputs": 90, "tokens": 900}) == {"inputs": 890, "tokens": 8900}
+
+
+def test_counts_that_go_down_under_the_same_pid_are_a_new_segment_too() -> None:
+    """A daemon the node's service restarted with a recycled pid, as an attached one may be."""
+    node = Segments()
+    node.update(10, {"inputs": 500, "tokens": 5000})
+    assert node.update(10, {"inputs": 20, "tokens": 200})["inputs"] == 520
+
+
+def test_the_rate_across_a_daemon_restart_is_never_negative() -> None:
+    node = Segments()
+    before = node.update(10, {"inputs": 800, "tokens": 8000})
+    now = {"models": {"default": {"inputs": 50, "tokens": 500}}, "supervisor": {"pid": 11}}
+    totals = node.update(11, {"inputs": 50, "tokens": 500})
+    line = node_line("abcdef0123", now, before, 10.0, totals)
+    assert "5.0 chunks/s, 50 tok/s, 850 chunks done" in line
+
+
+def test_a_lost_node_gets_a_line_saying_so() -> None:
+    line = node_line("abcdef0123", {"lost": True, "error": "its node is lost"}, None, 10.0)
+    assert line == "embedd node abcdef01: lost, skipped (its node is lost)"
+
+
+# --- CPU reservations, lost nodes, a local cluster's cores --------------------------------------
+
+
+@pytest.mark.parametrize(("node", "daemon"), [(1, 0.0), (2, 1.0), (16, 15.0)])
+def test_a_nodes_daemon_reserves_all_its_cpus_but_the_one_a_read_or_write_task_needs(
+    node: float, daemon: float
+) -> None:
+    assert daemon_cpus(node) == daemon
+
+
+def test_nodes_missing_from_the_live_ones_are_the_lost_ones() -> None:
+    assert lost(["a", "b", "c"], ["c", "a", "d"]) == ["b"]
+
+
+def test_each_local_node_gets_its_own_core_while_there_is_one_for_each() -> None:
+    assert core_plan(2, [3, 1]) == [{1}, {3}]
+    assert core_plan(2, [0, 1, 2, 3]) == [{0}, {1}]
+
+
+def test_local_nodes_share_the_cores_when_there_are_fewer_cores_than_nodes() -> None:
+    assert core_plan(3, [0, 1]) == [None, None, None]
+
+
+# --- private directories that outlive their owner ------------------------------------------------
+
+
+def test_an_owner_that_exited_or_whose_pid_was_reused_is_gone() -> None:
+    assert not owner_gone(owner_line(os.getpid()))
+    assert owner_gone("4242 100", lambda pid: None)  # no such process
+    assert owner_gone("4242 100", lambda pid: 999)  # another process took the pid
+    assert not owner_gone("", lambda pid: None)  # being written: never judged
+
+
+def test_the_sweep_removes_only_directories_whose_owner_is_gone(tmp_path: Path) -> None:
+    child = subprocess.Popen(["true"])  # its pid: one no process has once it exited
+    child.wait()
+    stale = tmp_path / f"{DIR_PREFIX}stale"
+    live = tmp_path / f"{DIR_PREFIX}live"
+    unowned = tmp_path / f"{DIR_PREFIX}new"
+    other = tmp_path / "someone-else"
+    for path in (stale, live, unowned, other):
+        path.mkdir()
+    (stale / OWNER_FILE).write_text(f"{child.pid} {start_time(os.getpid())}")
+    (stale / "embedd.sock").write_text("")
+    (live / OWNER_FILE).write_text(owner_line(os.getpid()))
+    (other / OWNER_FILE).write_text(f"{child.pid} 1")
+    assert sweep_stale(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, unowned.name, other.name]
+    )
+
+
+def test_a_stopped_supervisor_leaves_no_directory() -> None:
+    supervisor = DaemonSupervisor()
+    supervisor.wait()
+    supervisor.stop()
+    assert not supervisor.dir.exists()
 
 
 # --- the node supervisor and the patient client, on real daemons --------------------------------

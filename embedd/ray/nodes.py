@@ -13,6 +13,8 @@ their stats and fingerprints and stops them.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -26,11 +28,15 @@ from embedd.ray.progress import DaemonProgress
 from embedd.ray.supervisor import (
     HELLO_TIMEOUT,
     START_TIMEOUT,
+    STOP_GRACE,
     AttachedDaemon,
     DaemonStartError,
     DaemonSupervisor,
     NodeDaemon,
+    sweep_stale,
 )
+
+log = logging.getLogger(__name__)
 
 # Calls the actor serves at once: `replace` from every step on the node after one death, and
 # the driver's `stats`, must not queue behind a `wait` that lasts a daemon start.
@@ -39,10 +45,16 @@ ACTOR_CONCURRENCY = 16
 # scheduled and constructed (Ray starts a worker process: seconds; more means no free CPUs).
 ACTOR_MARGIN = 60.0
 # Whole CPUs per node left to the rest of a pipeline by default: Ray Data's file listing, read
-# and write tasks ask for one CPU each unless told otherwise, and the steps' actors for a share
-# (they mostly wait on the socket: num_cpus=0.25). With one CPU left, a 2-CPU node never ran
-# read_parquet's listing task beside two Embed actors (measured: the job waited forever).
-PIPELINE_CPUS = 2.0
+# and write tasks ask for one CPU each unless told otherwise. The steps' actors and the resume
+# filter ask for none (STEP_CPUS), so one CPU is enough beside the daemon's on a node of any
+# size, and a node of one CPU reserves none for its daemon: then Ray may run a read task there
+# beside the daemon, which gives way to it (the daemon's thread policy).
+PIPELINE_CPUS = 1.0
+# CPUs each step (Embed, Chunk, the resume filter) asks for: none. A step only waits on its
+# node's daemon, whose cores the node's actor reserves once; a step asking for a share of a
+# CPU could leave a small node without the whole CPU a read task needs, and the job would wait
+# forever.
+STEP_CPUS = 0.0
 # Ray's way of saying "restart (or retry) without limit".
 UNLIMITED = -1
 
@@ -55,9 +67,12 @@ class Daemons:
       run one per node, supervised, with `config` (the daemon's TOML config as text, paths in
       it absolute; None: the bundled model).
     - `cpus`: logical CPUs each node's actor reserves for its daemon (default: all of the
-      node's but PIPELINE_CPUS). The daemon computes on every core that is free (its thread
-      policy gives way to other work); the reservation keeps Ray from packing the node with
-      other CPU-heavy tasks, and must leave room for the rest of the pipeline.
+      node's but PIPELINE_CPUS: `daemon_cpus`). The daemon computes on every core that is
+      free (its thread policy gives way to other work); the reservation keeps Ray from
+      packing the node with other CPU-heavy tasks, and must leave a whole CPU free on some
+      node: Ray Data's read, write and repartition tasks (`unembedded` spreads the rows with
+      one) ask for one each, and wait forever where none is. An attached daemon's actor
+      needs none (`cpus=0`): the service's cores are its own.
     - `name`: the actors' name prefix; two jobs, or two configs, at once need two names.
     - `trust_uids`: another user's daemon to trust (`Client`'s argument), with `socket`.
     """
@@ -106,7 +121,10 @@ class _NodeActor:
         raise ValueError(f"the daemon on node {self.node_id} has no model {model!r}")
 
     def stop(self) -> None:
-        self.daemon.stop()
+        try:
+            self.daemon.stop()
+        finally:
+            sweep_stale()  # and what actors lost with their node or driver left here
 
 
 _RemoteNodeActor: Any = ray.remote(_NodeActor)
@@ -125,6 +143,18 @@ def _node_cpus(node_id: str) -> float:
     raise DaemonStartError(f"Ray knows no node {node_id}")
 
 
+def daemon_cpus(node_cpus: float) -> float:
+    """The CPUs a node's actor reserves for its daemon by default: all but PIPELINE_CPUS (a
+    node of one CPU reserves none: the daemon still computes there, giving way to the rest)."""
+    return max(0.0, node_cpus - PIPELINE_CPUS)
+
+
+def lost(known: Iterable[str], alive: Iterable[str]) -> list[str]:
+    """The nodes of `known` that are not among the `alive` ones, in `known`'s order."""
+    living = set(alive)
+    return [node for node in known if node not in living]
+
+
 def node_actor(daemons: Daemons, node_id: str) -> tuple[Any, bool]:
     """The node's actor, and whether this call started it: the one already running under its
     name (started by the driver, another step or another `NodeDaemons`), else a new one
@@ -136,7 +166,7 @@ def node_actor(daemons: Daemons, node_id: str) -> tuple[Any, bool]:
         pass
     cpus = daemons.cpus
     if cpus is None:
-        cpus = max(0.0, _node_cpus(node_id) - PIPELINE_CPUS)
+        cpus = daemon_cpus(_node_cpus(node_id))
     handle = _RemoteNodeActor.options(
         name=name,
         get_if_exists=True,  # another caller may have started it since
@@ -225,13 +255,17 @@ class NodeDaemons:
     ) -> None:
         self.stop()
 
+    def lost(self) -> list[str]:
+        """The nodes this object started or found a daemon on that Ray now counts dead."""
+        return lost(self.links, alive_nodes())
+
     def fingerprint(self, model: str = "default") -> str:
-        """The model's fingerprint (embedd/index/records.py), the same on every node; a node
-        whose file differs fails here, before any vector is computed, naming both."""
-        cards = ray.get([link.actor.card.remote(model) for link in self.links.values()])
-        prints = {
-            node: model_fingerprint(card) for node, card in zip(self.links, cards, strict=True)
-        }
+        """The model's fingerprint (embedd/index/records.py), the same on every live node; a
+        node whose file differs fails here, before any vector is computed, naming both."""
+        gone = set(self.lost())
+        links = {node: link for node, link in self.links.items() if node not in gone}
+        cards = ray.get([link.actor.card.remote(model) for link in links.values()])
+        prints = {node: model_fingerprint(card) for node, card in zip(links, cards, strict=True)}
         if len(set(prints.values())) > 1:
             listed = ", ".join(f"{node[:8]}: {fp[:16]}" for node, fp in prints.items())
             raise ValueError(
@@ -243,15 +277,23 @@ class NodeDaemons:
         return next(iter(prints.values()))
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Each node's daemon `stats`, with `supervisor` (pid, socket, restarts); `error`
-        for a node whose actor does not answer in time (restarting, or its node gone), so
-        that a progress line never waits on one node."""
-        refs = {node: link.actor.stats.remote() for node, link in self.links.items()}
+        """Each node's daemon `stats`, with `supervisor` (pid, socket, restarts). A node Ray
+        counts dead is not asked (its actor can never run again: asking would wait, then
+        fail) and has `lost` and `error` instead; a live node whose actor does not answer in
+        time (restarting) has `error`. So a progress line never waits on, or stops for, one
+        node."""
+        gone = set(self.lost())
+        refs = {
+            node: link.actor.stats.remote() for node, link in self.links.items() if node not in gone
+        }
         out: dict[str, dict[str, Any]] = {}
-        for node, ref in refs.items():
+        for node in self.links:
+            if node in gone:
+                out[node] = {"error": "its node is lost", "lost": True, "supervisor": {}}
+                continue
             try:
-                out[node] = dict(ray.get(ref, timeout=HELLO_TIMEOUT + ACTOR_MARGIN))
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+                out[node] = dict(ray.get(refs[node], timeout=HELLO_TIMEOUT + ACTOR_MARGIN))
+            except ray.exceptions.RayError as exc:  # its node lost since, or a restart
                 out[node] = {"error": f"its actor did not answer ({type(exc).__name__})",
                              "supervisor": {}}  # fmt: skip
         return out
@@ -265,10 +307,25 @@ class NodeDaemons:
         return DaemonProgress(self, every=every)
 
     def stop(self) -> None:
-        """Stop the node daemons this object started (they drain first) and their actors;
-        those it found running stay, for whoever started them."""
+        """Stop the node daemons this object started (they drain first, their private
+        directories are removed) and their actors; those it found running stay, for whoever
+        started them. A node lost meanwhile is skipped (logged): its daemon went with it, and
+        its directory is removed by the next daemon or `stop` on its machine. Every other
+        node is stopped whatever happens to one of them."""
         links, self.links = self.links, {}
-        owned = [link for link in links.values() if link.started]
-        ray.get([link.actor.stop.remote() for link in owned])
-        for link in owned:
-            ray.kill(link.actor)
+        owned = {node: link for node, link in links.items() if link.started}
+        gone = set(lost(owned, alive_nodes()))
+        refs = {node: link.actor.stop.remote() for node, link in owned.items() if node not in gone}
+        for node, ref in refs.items():
+            try:
+                ray.get(ref, timeout=STOP_GRACE + ACTOR_MARGIN)
+            except ray.exceptions.RayError as exc:  # lost since: as above
+                gone.add(node)
+                log.warning("embedd: node %s's daemon did not stop (%s)", node[:8], exc)
+        for node in sorted(gone):
+            log.warning("embedd: node %s was lost; its daemon went with it", node[:8])
+        for link in owned.values():
+            try:
+                ray.kill(link.actor)
+            except ray.exceptions.RayError as exc:
+                log.warning("embedd: node %s's actor: %s", link.node_id[:8], exc)

@@ -3,7 +3,8 @@
 Ray's progress counts rows and blocks; a daemon's `stats` says what the nodes are doing:
 chunks and tokens per second, what is queued, how much of the time the model computed, `busy`
 answers given, and restarts. A thread in the driver polls every node's actor and logs one line
-per node every `every` seconds, and a last line when it stops.
+per node every `every` seconds, and a last line when it stops. A node lost from the cluster
+gets a line saying so and is not asked again; a restarted daemon's counts add to its node's.
 """
 
 from __future__ import annotations
@@ -38,27 +39,68 @@ def _model(stats: Mapping[str, Any]) -> dict[str, int | float]:
     return out
 
 
+# The figures a node's line counts up: a daemon's totals since it started.
+COUNTED = ("inputs", "tokens")
+
+
+class Segments:
+    """One node's counts across its daemon's restarts. A daemon's counters start at zero: a
+    restarted one (another pid, or counts that went down) begins a new segment, and the
+    totals are the finished segments' last figures plus the current one's, so that they
+    never go down and no rate is ever negative. (What a daemon did between the last poll and
+    its death is not counted: a rate may read low across a restart, never below zero.)"""
+
+    def __init__(self) -> None:
+        self.finished: dict[str, float] = dict.fromkeys(COUNTED, 0.0)
+        self.pid: int | None = None
+        self.current: dict[str, float] = dict.fromkeys(COUNTED, 0.0)
+        self.segments = 0
+
+    def update(self, pid: int | None, figures: Mapping[str, int | float]) -> dict[str, float]:
+        """The node's totals after a poll that found daemon `pid` with `figures`."""
+        now = {key: float(figures.get(key) or 0) for key in COUNTED}
+        restarted = pid != self.pid or any(now[k] < self.current[k] for k in COUNTED)
+        if restarted:
+            if self.segments:
+                for key in COUNTED:
+                    self.finished[key] += self.current[key]
+            self.segments += 1
+            self.pid = pid
+        self.current = now
+        return self.totals()
+
+    def totals(self) -> dict[str, float]:
+        return {key: self.finished[key] + self.current[key] for key in COUNTED}
+
+
 def node_line(
-    node: str, now: Mapping[str, Any], before: Mapping[str, Any] | None, seconds: float
+    node: str,
+    now: Mapping[str, Any],
+    before: Mapping[str, float] | None,
+    seconds: float,
+    totals: Mapping[str, float] | None = None,
 ) -> str:
-    """One node's line: rates over the `seconds` since the stats `before` (the last poll; None
-    for the first, which shows totals only)."""
+    """One node's line: `now` is its stats, `totals` its counts over every daemon it had
+    (Segments; None: the stats' own), `before` the totals at the last poll (None for the
+    first, which shows totals only), `seconds` ago."""
     supervisor = now.get("supervisor") or {}
+    if now.get("lost"):
+        return f"embedd node {node[:8]}: lost, skipped ({now.get('error')})"
     head = f"embedd node {node[:8]} (pid {supervisor.get('pid')}"
     head += f", {supervisor.get('restarts', 0)} restarts)"
     if "error" in now:
         return f"{head}: no daemon answering ({now['error']})"
     figures = _model(now)
+    counted = totals if totals is not None else {k: float(figures[k]) for k in COUNTED}
     busy = ((now.get("requests") or {}).get("errors") or {}).get("busy", 0)
     rate = ""
-    if before is not None and "error" not in before and seconds > 0:
-        old = _model(before)
-        chunks = (figures["inputs"] - old["inputs"]) / seconds
-        tokens = (figures["tokens"] - old["tokens"]) / seconds
+    if before is not None and seconds > 0:
+        chunks = max(0.0, counted["inputs"] - before["inputs"]) / seconds
+        tokens = max(0.0, counted["tokens"] - before["tokens"]) / seconds
         rate = f"{chunks:,.1f} chunks/s, {tokens:,.0f} tok/s, "
     return (
-        f"{head}: {rate}{figures['inputs']:,} chunks done, queue {figures['queue_inputs']:,} "
-        f"inputs / {figures['queue_tokens']:,} tokens, computing "
+        f"{head}: {rate}{int(counted['inputs']):,} chunks done, queue "
+        f"{figures['queue_inputs']:,} inputs / {figures['queue_tokens']:,} tokens, computing "
         f"{100 * figures['busy_fraction']:.0f}% of the time, {busy:,} busy answers"
     )
 
@@ -78,7 +120,8 @@ class DaemonProgress:
         self.every = every
         self.log = log
         self._stop = threading.Event()
-        self._before: dict[str, dict[str, Any]] = {}
+        self._segments: dict[str, Segments] = {}
+        self._before: dict[str, dict[str, float]] = {}
         self._when = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="embedd-progress", daemon=True)
 
@@ -105,9 +148,19 @@ class DaemonProgress:
         except Exception as exc:  # Ray raises many kinds while a node goes away
             self.log(f"embedd: node daemons' stats unavailable ({exc})")
             return
+        totals: dict[str, dict[str, float]] = {}
         for node, figures in stats.items():
-            self.log(node_line(node, figures, self._before.get(node), now - self._when))
-        self._before, self._when = stats, now
+            if "error" in figures:  # no figures now: the next answer is compared with the last
+                self.log(node_line(node, figures, None, 0.0))
+                if node in self._before:
+                    totals[node] = self._before[node]
+                continue
+            segments = self._segments.setdefault(node, Segments())
+            pid = (figures.get("supervisor") or {}).get("pid")
+            totals[node] = segments.update(pid, _model(figures))
+            self.log(node_line(node, figures, self._before.get(node), now - self._when,
+                               totals[node]))  # fmt: skip
+        self._before, self._when = totals, now
 
     def _run(self) -> None:
         self.report()

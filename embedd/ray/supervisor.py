@@ -38,6 +38,11 @@ HELLO_TIMEOUT = 10.0
 STOP_GRACE = 30.0
 # The tail of the daemon's log quoted when it cannot start (bytes).
 LOG_TAIL = 4000
+# The private directories' name prefix, and the file in each naming the process that owns it
+# ("PID START": its pid and start time in clock ticks since boot, /proc/PID/stat's 22nd field,
+# so that a reused pid is not taken for the owner).
+DIR_PREFIX = "embedd-ray-"
+OWNER_FILE = "owner"
 
 # The daemon runs through this, so that it gets SIGTERM when the actor's process dies (Linux's
 # PR_SET_PDEATHSIG, which execve keeps): a crashed or killed actor leaves no daemon behind, and
@@ -54,6 +59,51 @@ if os.getppid() != parent:  # the parent died before the signal was armed
     sys.exit(0)
 os.execv(sys.executable, [sys.executable, "-m", "embedd", *sys.argv[2:]])
 """
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None if there is none (or no
+    /proc to ask)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after it.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def owner_line(pid: int) -> str:
+    return f"{pid} {start_time(pid)}"
+
+
+def owner_gone(line: str, started: Callable[[int], int | None] = start_time) -> bool:
+    """Whether the process an owner file names (`owner_line`) has exited: no process has its
+    pid now, or the one that has started at another time. A line that is not an owner's
+    (a directory being made) is not judged gone."""
+    try:
+        pid_text, when = line.split()
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    return str(started(pid)) != when
+
+
+def sweep_stale(root: str | Path | None = None) -> list[Path]:
+    """Remove the private directories under `root` (the temp directory) whose owning process
+    has exited without removing its own: an actor killed with its node or its driver (SIGKILL
+    runs no cleanup). The ones removed. Directories of live processes, of other users (not
+    ours to remove), or without an owner file yet are left."""
+    removed: list[Path] = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+        try:
+            line = (path / OWNER_FILE).read_text()
+        except OSError:
+            continue
+        if owner_gone(line):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    return removed
 
 
 class DaemonStartError(RuntimeError):
@@ -88,7 +138,9 @@ class DaemonSupervisor:
     directory); None serves the bundled model with the defaults."""
 
     def __init__(self, config: str | None = None, *, start_timeout: float = START_TIMEOUT):
-        self.dir = Path(tempfile.mkdtemp(prefix="embedd-ray-"))
+        sweep_stale()  # what actors killed before their cleanup left on this node
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+        (self.dir / OWNER_FILE).write_text(owner_line(os.getpid()))
         self.socket = self.dir / "embedd.sock"
         self.config = self.dir / "config.toml"
         self.config.write_text(config or "")
@@ -226,21 +278,23 @@ class DaemonSupervisor:
 
     def stop(self) -> None:
         """SIGTERM the daemon (it answers what it accepted, then exits), SIGKILL after
-        STOP_GRACE, and remove the private directory."""
+        STOP_GRACE, and remove the private directory (whatever went wrong before)."""
         with self._cond:
             self._stopping = True
             proc = self._proc
             self._cond.notify_all()
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._thread.join(STOP_GRACE)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self._thread.join(STOP_GRACE)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class AttachedDaemon:
