@@ -175,10 +175,12 @@ def measure(nodes: int, texts: list[str], rounds: int) -> dict[str, Any]:
                     todo = unembedded(
                         ray.data.read_parquet(str(work / "texts")), out, settings, fingerprint
                     )
+                    # As the docs' example: actors spread over the nodes, one batch each at a time.
+                    pool = ray.data.ActorPoolStrategy(size=ACTORS, max_tasks_in_flight_per_actor=1)
                     vectors = todo.map_batches(
                         EmbedWithPid, fn_constructor_args=(daemons.daemons, settings),
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ACTORS),
-                        num_cpus=0, batch_size=BATCH,
+                        batch_format="pyarrow", compute=pool, num_cpus=0, batch_size=BATCH,
+                        scheduling_strategy="SPREAD",
                     )  # fmt: skip
 
                     pids_of_rows: list[int] = []
