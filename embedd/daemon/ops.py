@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, assert_never
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy.typing as npt
 from .. import __version__
 from ..config import Config
 from ..inference.admission import estimate_tokens, estimate_windows
-from ..inference.cache import Entry, VectorCache, rerank_keys, vector_keys
+from ..inference.cache import CacheKey, Entry, VectorCache, rerank_keys, vector_keys
 from ..inference.jobs import EmbedResult
 from ..inference.modelprocess import read_rss_bytes
 from ..inference.models import Clock, ModelRegistry
@@ -412,16 +412,9 @@ class Daemon:
             await reserve(size)
 
         # Cache hits skip the model; identical texts within the request are computed once.
-        rows: list[Entry | None] = [None] * len(args.input)
-        todo: dict[str, list[int]] = {}
         keys = vector_keys(info, [prefix + text for text in args.input], args.options)
         use_cache = args.cache and self.cache.max_bytes > 0
-        for i, key in enumerate(keys):
-            entry = self.cache.get(key) if use_cache else None
-            if entry is not None:
-                rows[i] = entry
-            else:
-                todo.setdefault(args.input[i], []).append(i)
+        rows, todo = _from_cache(self.cache, keys, args.input, use_cache)
 
         if todo:
             unique = list(todo)
@@ -481,16 +474,9 @@ class Daemon:
         if reserve is not None:
             await reserve(size)
         # Cache hits skip the model; a document sent twice is scored once.
-        rows: list[Entry | None] = [None] * len(args.documents)
-        todo: dict[str, list[int]] = {}
         keys = rerank_keys(info, args.query, args.documents)
         use_cache = args.cache and self.cache.max_bytes > 0
-        for i, key in enumerate(keys):
-            entry = self.cache.get(key) if use_cache else None
-            if entry is not None:
-                rows[i] = entry
-            else:
-                todo.setdefault(args.documents[i], []).append(i)
+        rows, todo = _from_cache(self.cache, keys, args.documents, use_cache)
         if todo:
             unique = list(todo)
             bulk = (
@@ -586,6 +572,22 @@ class Daemon:
             max_tokens=info.max_tokens if info else None,
             pieces=result.pieces,
         )
+
+
+def _from_cache(
+    cache: VectorCache, keys: Sequence[CacheKey], texts: Sequence[str], use: bool
+) -> tuple[list[Entry | None], dict[str, list[int]]]:
+    """Each text's cached entry (None where the model must compute it), and the texts left to
+    compute with the positions each fills: a text sent twice is computed once."""
+    rows: list[Entry | None] = [None] * len(texts)
+    todo: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        entry = cache.get(key) if use else None
+        if entry is not None:
+            rows[i] = entry
+        else:
+            todo.setdefault(texts[i], []).append(i)
+    return rows, todo
 
 
 def _embed_answer(

@@ -197,7 +197,7 @@ def _search(
         if mode != MODE_BM25:
             assert client is not None
             q = _query_vector(client, meta, query)
-            lists[fusion.VECTOR] = _vector_ranking(db, shown, q, allowed, wanted)
+            lists[fusion.VECTOR] = vector_candidates(db, shown, q, allowed, wanted)
         if mode != MODE_VECTOR:
             lists[fusion.BM25] = _bm25_ranking(db, query, allowed, wanted)
         weights = fusion.weights_for(query) if len(lists) > 1 else {n: 1.0 for n in lists}
@@ -307,17 +307,6 @@ def _query_vector(
         options["prompt"] = "query"
     q = np.asarray(client.embed(query, model, **options), dtype=np.float32)
     return q / np.linalg.norm(q)
-
-
-def _vector_ranking(
-    db: sqlite3.Connection,
-    shown: str,
-    q: np.ndarray[Any, np.dtype[np.float32]],
-    allowed: set[str] | None,
-    k: int,
-) -> list[tuple[Key, float]]:
-    """Chunks by cosine to `q`, best first: the top `k` (CANDIDATES when 0)."""
-    return vector_candidates(db, shown, q, allowed, k or CANDIDATES)
 
 
 def vector_candidates(
