@@ -193,3 +193,28 @@ def test_only_the_best_candidates_are_compared_as_text() -> None:
     chunks = {key: Chunk(paragraph) for key, _ in low}
     fused = fusion.fuse({VECTOR: ahead + low}, chunks)
     assert [f.key for f in fused][-2:] == [key for key, _ in low]
+
+
+def test_a_limited_fusion_is_the_first_hits_of_the_whole_one() -> None:
+    """Hits past the limit are left out, but a chunk next to one of them still folds into it
+    rather than into a hit on the page (as without the limit)."""
+    ranking = [((f"f{i % 7}", i // 7), 1.0 - i * 0.01) for i in range(60)]
+    whole = fusion.fuse({VECTOR: ranking}, {})
+    limited = fusion.fuse({VECTOR: ranking}, {}, limit=3)
+    assert [(f.key, f.adjacent, f.score) for f in limited] == [
+        (f.key, f.adjacent, f.score) for f in whole[:3]
+    ]
+
+
+def test_only_the_compared_candidates_texts_are_read() -> None:
+    """`compared` names the chunks whose texts fuse reads: copies among them fold, and a
+    text given for any other chunk changes nothing."""
+    paragraph = words("copy", 60)
+    ranking = [((f"top{i}", 0), 1.0 - i * 1e-3) for i in range(fusion.COMPARED + 20)]
+    read = fusion.compared({VECTOR: ranking})
+    assert read == [key for key, _ in ranking[: fusion.COMPARED]]
+    chunks = {key: Chunk(paragraph) for key, _ in ranking[fusion.COMPARED - 2 :]}
+    fused = {f.key: f for f in fusion.fuse({VECTOR: ranking}, chunks)}
+    last_two = [key for key, _ in ranking[fusion.COMPARED - 2 : fusion.COMPARED]]
+    assert fused[last_two[0]].similar == (last_two[1],)
+    assert len(fused) == len(ranking) - 1

@@ -570,6 +570,33 @@ def test_the_snippet_is_the_passage_that_matches_not_the_chunks_start(
     assert not hit["text"].startswith(hit["passage"])
 
 
+# Shares no word with the diary (stemmed, stopwords aside) but means its spare-key line.
+_NO_SHARED_WORD = "concealed entry token beneath pottery"
+
+
+def test_the_cli_shows_a_hit_sharing_no_word_at_its_passage_closest_in_meaning(
+    daemon: Daemon, story: Path
+) -> None:
+    hit = _search(daemon, story, _NO_SHARED_WORD, "-k", "1", "--mode", "vector")[0]
+    assert "spare key is hidden" in hit["passage"], hit
+    assert hit["matches"] == [], hit
+
+
+def test_the_api_shows_a_hit_sharing_no_word_at_its_first_lines_unless_asked(
+    daemon: Daemon, story: Path
+) -> None:
+    """Choosing a passage by meaning embeds the hit's passages: the API does that only when
+    asked (`meaning_passages`), as the CLI does."""
+    from embedd import index
+
+    quick = index.search(story, _NO_SHARED_WORD, k=1, mode="vector", socket=daemon.socket)[0]
+    assert quick.text.lstrip().startswith(quick.passage), quick.passage
+    asked = index.search(
+        story, _NO_SHARED_WORD, k=1, mode="vector", socket=daemon.socket, meaning_passages=True
+    )[0]
+    assert "spare key is hidden" in asked.passage, asked.passage
+
+
 @pytest.mark.parametrize("mode", ["hybrid", "vector"])
 def test_a_paragraph_longer_than_the_model_takes_is_a_query_like_any_other(
     daemon: Daemon, story: Path, mode: str

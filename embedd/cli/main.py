@@ -1044,6 +1044,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 client=client,
                 note=_err,
                 rerank=args.rerank,
+                meaning_passages=True,  # a person reads them
             )
     except embedd_client.DaemonUnavailableError:
         _err(_not_running(path))

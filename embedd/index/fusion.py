@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 Key = tuple[str, int]  # (file, chunk index)
 
@@ -79,7 +81,6 @@ MAX_CANDIDATES = 1000
 # bounds the text work of a query to about a hundred chunks of a few hundred words.
 COMPARED = 100
 
-_WORD = re.compile(r"\w+")
 # A word of a query that names something rather than says something: it holds a digit or an
 # underscore, starts with a dash (a flag), has a dash, dot, slash, @, = or colon inside
 # (a file, a version, a key=value, an error code), or capitals after its first letter
@@ -123,6 +124,10 @@ class Fused:
     boilerplate: float = 0.0
 
 
+# Where `fuse` notes a hit past its limit.
+_BELOW_LIMIT = -1
+
+
 @dataclass
 class _Unit:
     members: list[Key]
@@ -164,61 +169,141 @@ def normalised(scores: Sequence[float]) -> list[float]:
     return [max(0.0, (s - mean) / spread) for s in scores]
 
 
-# A shingle as the hash of its words: ints compare and sort far faster than tuples of
-# strings. Python salts string hashes per process, so only comparisons within one query are
-# made with them; what fusion returns does not depend on their values.
-Shingle = int
+# A chunk's shingles: the hashes of its runs of words. Word hashes are Python's own (salted
+# per process), so only comparisons within one query are made with them; what fusion returns
+# does not depend on their values. Arrays rather than sets of tuples: the text work of a
+# query (about a hundred chunks of a few hundred words) is then a few numpy sorts over all
+# of them at once instead of tens of thousands of Python set operations.
+Shingles = np.ndarray[Any, np.dtype[np.uint64]]
+_NO_SHINGLES: Shingles = np.zeros(0, dtype=np.uint64)
+# An odd 64-bit multiplier (2**64 / golden ratio) folding a run of word hashes into one:
+# the words' order changes the result, and products wrap modulo 2**64.
+_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def shingles(text: str) -> frozenset[Shingle]:
-    """The chunk's runs of SHINGLE_WORDS words (lower-cased), from its first MAX_SHINGLES
-    positions, hashed."""
-    words = [w.lower() for w in _WORD.findall(text)][: MAX_SHINGLES + SHINGLE_WORDS - 1]
-    return frozenset(map(hash, zip(*(words[i:] for i in range(SHINGLE_WORDS)), strict=False)))
+def _runs(text: str) -> Shingles:
+    """The hashes of the chunk's runs of SHINGLE_WORDS words (lower-cased, split at white
+    space: punctuation stays on its word, which only has to be the same in two copies; five
+    times faster than a word pattern) at its first MAX_SHINGLES positions, repeats
+    included."""
+    words = text.lower().split(maxsplit=MAX_SHINGLES + SHINGLE_WORDS - 1)
+    words = words[: MAX_SHINGLES + SHINGLE_WORDS - 1]
+    runs = len(words) - SHINGLE_WORDS + 1
+    if runs <= 0:
+        return _NO_SHINGLES
+    hashes = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    mixed = hashes[:runs].copy()
+    with np.errstate(over="ignore"):
+        for i in range(1, SHINGLE_WORDS):
+            mixed = mixed * _MIX + hashes[i : i + runs]
+    return mixed
+
+
+def shingles(text: str) -> Shingles:
+    """The chunk's distinct shingles (see `_runs`), sorted."""
+    return _distinct(_runs(text))
+
+
+def _distinct(values: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.dtype[Any]]:
+    """The distinct values, sorted (a sort and a mask: numpy's `unique` takes three times as
+    long on a query's shingles)."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The shingles of a group of chunks, as every distinct (chunk, shingle) pair, sorted by
+    chunk then shingle: `chunk[i]` (the chunk's place in the group) holds `shingle[i]` (the
+    shingle's place among the group's distinct shingles, `distinct` of them), which
+    `held[i]` chunks of the group hold; chunk c has `sizes[c]` shingles, its pairs from
+    `starts[c]` on."""
+
+    chunk: np.ndarray[Any, np.dtype[np.int64]]
+    shingle: np.ndarray[Any, np.dtype[np.int64]]
+    held: np.ndarray[Any, np.dtype[np.int64]]
+    sizes: np.ndarray[Any, np.dtype[np.int64]]
+    starts: np.ndarray[Any, np.dtype[np.int64]]
+    distinct: int
+
+    def of(self, c: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """Chunk c's shingles, sorted."""
+        first = int(self.starts[c])
+        return self.shingle[first : first + int(self.sizes[c])]
+
+
+def _held(runs: Sequence[Shingles]) -> _Held:
+    """The `_Held` of chunks with these runs (two sorts over all of them)."""
+    lengths = np.fromiter(map(len, runs), dtype=np.int64, count=len(runs))
+    if not lengths.sum():
+        none = np.zeros(0, dtype=np.int64)
+        zeros = np.zeros(len(runs), dtype=np.int64)
+        return _Held(none, none, none, zeros, zeros, 0)
+    distinct, inverse = np.unique(np.concatenate(runs), return_inverse=True)
+    width = len(distinct)
+    owner = np.repeat(np.arange(len(runs), dtype=np.int64), lengths)
+    pairs = _distinct(owner * width + inverse.astype(np.int64))
+    chunk, shingle = np.divmod(pairs, width)
+    sizes = np.bincount(chunk, minlength=len(runs)).astype(np.int64)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    held = np.bincount(shingle, minlength=width)[shingle].astype(np.int64)
+    return _Held(chunk, shingle, held, sizes, starts, width)
 
 
 def near_duplicates(texts: Mapping[Key, str]) -> list[list[Key]]:
     """Groups of chunks that share NEAR_DUPLICATE or more of the larger one's shingles (each
     chunk in exactly one group, in the order given)."""
-    return _near_duplicates({key: shingles(text) for key, text in texts.items()})
+    return _near_duplicates(list(texts), _held([_runs(t) for t in texts.values()]))
 
 
-def _near_duplicates(sets: Mapping[Key, frozenset[Shingle]]) -> list[list[Key]]:
-    """near_duplicates over shingle sets. Only chunks that share one of the rarest shingles
-    of each are compared (prefix filtering: two sets sharing a share t of the larger one
-    share one of the first (1 - t) * size + 1 shingles of each, ranked rarest first), so a
-    phrase every candidate holds does not make every pair a comparison."""
-    parent = {key: key for key in sets}
+def _near_duplicates(keys: Sequence[Key], held: _Held) -> list[list[Key]]:
+    """near_duplicates over the shingles `held` by `keys`. Only chunks that share one of the
+    rarest shingles of each are compared (prefix filtering: two sets sharing a share t of
+    the larger one share one of the first (1 - t) * size + 1 shingles of each, ranked rarest
+    first), so a phrase every candidate holds does not make every pair a comparison; a pair
+    already in one group is not compared again (a hundred copies of a paragraph are a
+    hundred unions, not five thousand comparisons)."""
+    parent = list(range(len(keys)))
 
-    def root(k: Key) -> Key:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
 
-    held: dict[Shingle, int] = defaultdict(int)
-    for s in sets.values():
-        for h in s:
-            held[h] += 1
-    prefix_of: dict[Key, list[Shingle]] = {}
-    for key, s in sets.items():
-        if len(s) >= MIN_SHINGLES:
-            ranked = sorted(s, key=lambda h: (held[h], h))
-            prefix_of[key] = ranked[: int((1.0 - NEAR_DUPLICATE) * len(s)) + 1]
-    postings: dict[Shingle, list[Key]] = defaultdict(list)
-    for key, prefix in prefix_of.items():
-        for h in prefix:
-            postings[h].append(key)
-    for key, prefix in prefix_of.items():
-        others = {other for h in prefix for other in postings[h] if other != key}
-        for other in others:
-            large = max(len(sets[key]), len(sets[other]))
-            if len(sets[key] & sets[other]) >= NEAR_DUPLICATE * large:
-                parent[root(other)] = root(key)
-    groups: dict[Key, list[Key]] = {}
-    for key in sets:
-        groups.setdefault(root(key), []).append(key)
-    return list(groups.values())
+    if held.distinct:
+        # Each chunk's shingles rarest first (ties by the shingle itself, one order for all).
+        width = held.distinct
+        order = np.argsort((held.chunk * (len(keys) + 1) + held.held) * width + held.shingle)
+        chunk, shingle = held.chunk[order], held.shingle[order]
+        place = np.arange(len(chunk)) - held.starts[chunk]
+        prefix = ((1.0 - NEAR_DUPLICATE) * held.sizes).astype(np.int64) + 1
+        keep = (place < prefix[chunk]) & (held.sizes[chunk] >= MIN_SHINGLES)
+        chunk, shingle = chunk[keep], shingle[keep]
+        # Pairs of chunks whose prefixes share a shingle, each once: only the prefix
+        # shingles that two or more chunks hold are looked at.
+        shared = np.bincount(shingle, minlength=width)[shingle] > 1
+        chunk, shingle = chunk[shared], shingle[shared]
+        by_shingle = np.argsort(shingle, kind="stable")
+        groups: dict[int, list[int]] = {}
+        for s, c in zip(shingle[by_shingle].tolist(), chunk[by_shingle].tolist(), strict=True):
+            groups.setdefault(s, []).append(c)
+        pairs: set[tuple[int, int]] = set()
+        for members in groups.values():
+            pairs.update((a, b) for i, a in enumerate(members) for b in members[i + 1 :])
+        for a, b in sorted(pairs):
+            if root(a) == root(b):
+                continue
+            large = max(int(held.sizes[a]), int(held.sizes[b]))
+            common = np.intersect1d(held.of(a), held.of(b), assume_unique=True).size
+            if common >= NEAR_DUPLICATE * large:
+                parent[root(b)] = root(a)
+    found: dict[int, list[Key]] = {}
+    for i, key in enumerate(keys):
+        found.setdefault(root(i), []).append(key)
+    return list(found.values())
 
 
 def boilerplate_shares(
@@ -229,40 +314,46 @@ def boilerplate_shares(
     one of the smallest file (`file_chunks`: the licence itself rather than the copyright
     files quoting it), among those the one made most wholly of recurring text. Shares under
     BOILERPLATE_MIN count as 0."""
-    return _boilerplate_shares({key: shingles(t) for key, t in texts.items()}, file_chunks or {})
+    keys = list(texts)
+    held = _held([_runs(t) for t in texts.values()])
+    return _boilerplate_shares(keys, held, file_chunks or {})
 
 
 def _boilerplate_shares(
-    sets: Mapping[Key, frozenset[Shingle]], sizes: Mapping[Key, int]
+    keys: Sequence[Key], held: _Held, sizes: Mapping[Key, int]
 ) -> dict[Key, float]:
-    files: dict[Shingle, set[str]] = defaultdict(set)
-    for (file, _), s in sets.items():
-        for h in s:
-            files[h].add(file)
-    recurring = {
-        key: [h for h in s if len(files[h]) >= BOILERPLATE_FILES] for key, s in sets.items()
-    }
-    whole = {key: len(r) / len(sets[key]) if sets[key] else 0.0 for key, r in recurring.items()}
-    owner: dict[Shingle, Key] = {}
-    for key in sorted(sets, key=lambda k: (sizes.get(k, 1), -whole[k], k)):
-        for h in recurring[key]:
-            owner.setdefault(h, key)
-    out = {}
-    for key, r in recurring.items():
-        quoted = sum(1 for h in r if owner[h] != key) / len(sets[key]) if sets[key] else 0.0
-        out[key] = quoted if quoted >= BOILERPLATE_MIN else 0.0
+    out = dict.fromkeys(keys, 0.0)
+    if not held.distinct:
+        return out
+    file_ids: dict[str, int] = {}
+    file_of = np.asarray([file_ids.setdefault(f, len(file_ids)) for f, _ in keys], dtype=np.int64)
+    # Files holding each shingle: distinct (shingle, file) pairs counted per shingle.
+    pair = _distinct(held.shingle * len(file_ids) + file_of[held.chunk])
+    files = np.bincount(pair // len(file_ids), minlength=held.distinct)
+    recurring = files[held.shingle] >= BOILERPLATE_FILES
+    if not recurring.any():
+        return out
+    whole = np.bincount(held.chunk[recurring], minlength=len(keys)) / np.maximum(held.sizes, 1)
+    # Each recurring shingle's owner: the first of its chunks in this order (an empty chunk
+    # owns nothing, so only chunks with shingles are ordered).
+    texts = np.flatnonzero(held.sizes).tolist()
+    ranked = sorted(texts, key=lambda i: (sizes.get(keys[i], 1), -whole[i], keys[i]))
+    rank = np.zeros(len(keys), dtype=np.int64)
+    rank[ranked] = np.arange(len(ranked))
+    owner = np.full(held.distinct, len(keys), dtype=np.int64)
+    np.minimum.at(owner, held.shingle[recurring], rank[held.chunk[recurring]])
+    quoting = recurring & (owner[held.shingle] != rank[held.chunk])
+    quoted = np.bincount(held.chunk[quoting], minlength=len(keys)) / np.maximum(held.sizes, 1)
+    for i in np.flatnonzero(quoted >= BOILERPLATE_MIN).tolist():
+        out[keys[i]] = float(quoted[i])
     return out
 
 
-def fuse(
-    lists: Mapping[str, Sequence[tuple[Key, float]]],
-    chunks: Mapping[Key, Chunk],
-    *,
-    weights: Mapping[str, float] = WEIGHTS,
-) -> list[Fused]:
-    """The passages the ranked `lists` (name -> (key, score) best first) point to, best
-    first, by the rules of this module. `chunks` holds every listed key's text and file
-    size; a key missing from it counts as an empty chunk of a one-chunk file."""
+def _votes(
+    lists: Mapping[str, Sequence[tuple[Key, float]]], weights: Mapping[str, float]
+) -> tuple[dict[str, dict[Key, tuple[int, float, float]]], list[Key], dict[Key, float]]:
+    """Each list's (rank, raw score, normalised vote) per key, the candidates in the order
+    the lists name them (at most MAX_CANDIDATES), and each candidate's own weighted vote."""
     norms: dict[str, dict[Key, tuple[int, float, float]]] = {}
     order: list[Key] = []
     for name, ranking in lists.items():
@@ -278,25 +369,53 @@ def fuse(
         key: sum(weights.get(n, 1.0) * norms[n][key][2] for n in norms if key in norms[n])
         for key in candidates
     }
+    return norms, candidates, own
+
+
+def compared(
+    lists: Mapping[str, Sequence[tuple[Key, float]]], *, weights: Mapping[str, float] = WEIGHTS
+) -> list[Key]:
+    """The candidates whose texts `fuse` reads (the COMPARED best by their own votes): a
+    caller need fetch only these texts, and every candidate's file size."""
+    _, candidates, own = _votes(lists, weights)
+    return _compared(candidates, own)
+
+
+def _compared(candidates: Sequence[Key], own: Mapping[Key, float]) -> list[Key]:
+    return sorted(candidates, key=lambda k: -own[k])[:COMPARED]
+
+
+def fuse(
+    lists: Mapping[str, Sequence[tuple[Key, float]]],
+    chunks: Mapping[Key, Chunk],
+    *,
+    weights: Mapping[str, float] = WEIGHTS,
+    limit: int | None = None,
+) -> list[Fused]:
+    """The passages the ranked `lists` (name -> (key, score) best first) point to, best
+    first, by the rules of this module: the first `limit` of them (all when None; the ones
+    below still fold into those as their neighbours). `chunks` holds every listed key's file
+    size and the texts of those `compared` names (others are not read); a key missing from
+    it counts as an empty chunk of a one-chunk file."""
+    norms, candidates, own = _votes(lists, weights)
     # Only the best candidates are compared as text (see COMPARED); the others stay alone.
-    best_first = sorted(candidates, key=lambda k: -own[k])
-    compared = set(best_first[:COMPARED])
-    sets = {
-        key: shingles(chunks[key].text) if key in chunks and key in compared else frozenset()
-        for key in candidates
-    }
+    read = set(_compared(candidates, own))
+    held = _held(
+        [_runs(chunks[key].text) if key in chunks and key in read else _NO_SHINGLES
+         for key in candidates]
+    )  # fmt: skip
     sizes = {key: chunks[key].file_chunks if key in chunks else 1 for key in candidates}
-    shares = _boilerplate_shares(sets, sizes)
+    shares = _boilerplate_shares(candidates, held, sizes)
 
     units: list[_Unit] = []
     unit_of: dict[Key, _Unit] = {}
-    for members in _near_duplicates(sets):
+    for members in _near_duplicates(candidates, held):
         best = min(members, key=lambda k: (-own[k], sizes[k], k))
         unit = _Unit(members, best, boilerplate=shares[best])
         for name, mine in norms.items():
-            held = [mine[m] for m in members if m in mine]
-            if held:
-                unit.votes[name] = max(held, key=lambda v: (v[2], -v[0]))
+            given = [mine[m] for m in members if m in mine]
+            if given:
+                unit.votes[name] = max(given, key=lambda v: (v[2], -v[0]))
         units.append(unit)
         for m in members:
             unit_of[m] = unit
@@ -311,27 +430,32 @@ def fuse(
         return near
 
     by_id = {id(u): u for u in units}
-    scored: list[tuple[float, _Unit, dict[str, Vote]]] = []
+    scored: list[tuple[float, _Unit, dict[str, tuple[int, float, float]]]] = []
     for unit in units:
         near = [by_id[i] for i in neighbours(unit)]
-        votes: dict[str, Vote] = {}
+        votes: dict[str, tuple[int, float, float]] = {}
         total = 0.0
         for name in norms:
             rank, raw, vote = unit.votes.get(name, (0, 0.0, 0.0))
-            lent = max((n.votes[name][2] for n in near if name in n.votes), default=0.0)
-            vote = max(vote, NEIGHBOUR_SHARE * lent)
+            if near:
+                lent = max((n.votes[name][2] for n in near if name in n.votes), default=0.0)
+                vote = max(vote, NEIGHBOUR_SHARE * lent)
             if name in unit.votes or vote > 0:
-                votes[name] = Vote(rank, raw, vote)
+                votes[name] = (rank, raw, vote)
             total += weights.get(name, 1.0) * vote
         total *= 1.0 - BOILERPLATE_WEIGHT * unit.boilerplate
         scored.append((total, unit, votes))
     scored.sort(key=lambda t: (-t[0], sizes[t[1].key], t[1].key))
 
     out: list[Fused] = []
-    shown: dict[Key, int] = {}  # a shown member -> its hit's place in `out`
+    # A shown member -> its hit's place in `out` (BELOW_LIMIT for a hit past `limit`).
+    shown: dict[Key, int] = {}
     for total, unit, votes in scored:
         file, i = unit.key
         host = next((shown[(file, j)] for j in (i - 1, i + 1) if (file, j) in shown), None)
+        if host == _BELOW_LIMIT or (host is None and limit is not None and len(out) >= limit):
+            shown[unit.key] = _BELOW_LIMIT  # not returned, but its neighbours fold into it
+            continue
         if host is not None:
             hit = out[host]
             out[host] = Fused(
@@ -341,6 +465,7 @@ def fuse(
             shown[unit.key] = host
             continue
         similar = tuple(m for m in unit.members if m != unit.key)
-        out.append(Fused(unit.key, total, votes, similar, (), unit.boilerplate))
+        said = {name: Vote(*v) for name, v in votes.items()}
+        out.append(Fused(unit.key, total, said, similar, (), unit.boilerplate))
         shown[unit.key] = len(out) - 1
     return out

@@ -9,11 +9,13 @@ reorder the best fused candidates: it reads query and chunk together, which neit
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,9 @@ a an and are as at be by can do does for from how i in is it my of on or should 
 to what when where which who why will with you your
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+# Words whose stems are remembered: a page of hits holds a few thousand words, most of them
+# recurring (a few hundred kilobytes at most).
+STEMS_CACHED = 8192
 # Sentence ends: a long line (an unwrapped Markdown paragraph) is cut into passages here.
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _WORD = re.compile(r"\w+")
@@ -126,6 +131,7 @@ def search(
     socket: str | os.PathLike[str] | None = None,
     note: Callable[[str], None] | None = None,
     rerank: str | None = None,
+    meaning_passages: bool = False,
 ) -> list[Hit]:
     """The `k` chunks of `index` that best answer `query`, best first: by `mode` ("hybrid":
     vector and BM25 rankings fused; "vector"; "bm25", which needs no daemon), among files whose
@@ -134,16 +140,21 @@ def search(
     `note` receives a one-line remark when an old index limits what can be done (no keyword
     table yet: hybrid falls back to vectors). `rerank` names a reranker the daemon serves: the
     first `max(k, RERANK_DEPTH)` fused hits are scored by it against the query and reordered,
-    and each hit's score is the reranker's. Raises IndexUsageError, naming the file, for
-    anything wrong with `index` (missing, a directory, not SQLite, truncated, another
+    and each hit's score is the reranker's. Each hit's passage is the one sharing most words
+    with the query (else the chunk's first lines); with `meaning_passages`, a hit sharing no
+    word with the query has its passages embedded and is shown at the one closest to the
+    query (a daemon request of a few windows per such hit: tens to hundreds of milliseconds,
+    worth it where a person reads the passages). Raises IndexUsageError, naming the file,
+    for anything wrong with `index` (missing, a directory, not SQLite, truncated, another
     program's database, vectors of another length than the model's, another model)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if client is None and (mode != MODE_BM25 or rerank is not None):
         with embedd_client.Client(socket) as own:
             return search(
-                index, query, k=k, mode=mode, paths=paths, client=own, note=note, rerank=rerank
-            )
+                index, query, k=k, mode=mode, paths=paths, client=own, note=note,
+                rerank=rerank, meaning_passages=meaning_passages,
+            )  # fmt: skip
     path = Path(index)
     shown = display(str(path))
     if not path.exists():
@@ -151,7 +162,7 @@ def search(
     if path.is_dir():
         raise IndexUsageError(f"{shown} is a directory, not an index file")
     try:
-        return _search(client, path, shown, query, k, mode, paths, note, rerank)
+        return _search(client, path, shown, query, k, mode, paths, note, rerank, meaning_passages)
     except sqlite3.Error as exc:
         raise IndexUsageError(
             f"{shown}: {exc} (not an index `embedd index` wrote, or damaged)"
@@ -171,6 +182,7 @@ def _search(
     globs: Sequence[str],
     note: Callable[[str], None] | None,
     rerank: str | None = None,
+    meaning_passages: bool = False,
 ) -> list[Hit]:
     db, tables = open_read_only(index, shown)
     try:
@@ -194,24 +206,32 @@ def _search(
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
         lists: dict[str, list[tuple[Key, float]]] = {}
         wanted = max(k, CANDIDATES)
-        if mode != MODE_BM25:
-            assert client is not None
-            q = _query_vector(client, meta, query)
+        # The daemon embeds the query while BM25 ranks here: the two waits overlap.
+        embedding = None if mode == MODE_BM25 else _Beside(_query_vector, client, meta, query)
+        try:
+            keyword = None if mode == MODE_VECTOR else _bm25_ranking(db, query, allowed, wanted)
+        finally:
+            q = None if embedding is None else embedding.result()
+        if q is not None:
             lists[fusion.VECTOR] = vector_candidates(db, shown, q, allowed, wanted)
-        if mode != MODE_VECTOR:
-            lists[fusion.BM25] = _bm25_ranking(db, query, allowed, wanted)
+        if keyword is not None:
+            lists[fusion.BM25] = keyword
         weights = fusion.weights_for(query) if len(lists) > 1 else {n: 1.0 for n in lists}
-        chunks = _candidates(db, lists)
+        sizes = _file_sizes(db, {key[0] for ranking in lists.values() for key, _ in ranking})
+        texts = _rows(db, fusion.compared(lists, weights=weights), has_lines)
+        chunks = {
+            key: fusion.Chunk(texts[key].text if key in texts else "", sizes.get(key[0], 1))
+            for ranking in lists.values()
+            for key, _ in ranking
+        }
         depth = k if rerank is None else max(k, RERANK_DEPTH)
-        fused = fusion.fuse(lists, chunks, weights=weights)[:depth]
-        details = [
-            db.execute(
-                f"SELECT start, end, text, {'line' if has_lines else '0'} FROM chunks "
-                "WHERE file = ? AND idx = ?",
-                f.key,
-            ).fetchone()
-            for f in fused
-        ]
+        # A chunk deleted since its list was ranked is passed over: twice the hits asked for
+        # are fused, and all of them when that leaves too few.
+        ranked = fusion.fuse(lists, chunks, weights=weights, limit=2 * depth)
+        fused, details = _readable(db, ranked, texts, depth, has_lines)
+        if len(fused) < depth and len(ranked) == 2 * depth:
+            ranked = fusion.fuse(lists, chunks, weights=weights)
+            fused, details = _readable(db, ranked, texts, depth, has_lines)
     finally:
         db.close()
     fused_ranks: list[int | None] = [None] * len(fused)
@@ -219,19 +239,18 @@ def _search(
     reranked: list[float] = []
     if rerank is not None:
         assert client is not None
-        order = _reranked(client, rerank, query, [d[2] for d in details])[:k]
+        order = _reranked(client, rerank, query, [d.text for d in details])[:k]
         fused_ranks = [i + 1 for i, _ in order]
         fused_scores = [fused[i].score for i, _ in order]
         reranked = [score for _, score in order]
         fused = [fused[i] for i, _ in order]
         details = [details[i] for i, _ in order]
     model = meta.get("model", "default")
-    passages = _best_passages(client, model, q, query, [d[2] for d in details])
+    embedder = client if meaning_passages else None
+    passages = _best_passages(embedder, model, q, query, [d.text for d in details])
     hits = []
-    for n, (f, (start, end, text, line), (offset, passage)) in enumerate(
-        zip(fused, details, passages, strict=True)
-    ):
-        file = f.key[0]
+    for n, (f, row, (offset, passage)) in enumerate(zip(fused, details, passages, strict=True)):
+        file, text, line, start, end = f.key[0], row.text, row.line, row.start, row.end
         passage_line = line + text.count("\n", 0, offset) if line else 0
         unknown = [p for p in (file, *(s for s, _ in f.similar)) if p not in rel]
         if unknown:
@@ -273,23 +292,88 @@ def _reranked(
     return [(r.index, r.score) for r in ranked]
 
 
-def _candidates(
-    db: sqlite3.Connection, lists: dict[str, list[tuple[Key, float]]]
-) -> dict[Key, fusion.Chunk]:
-    """The text and file size (in chunks) of every chunk the lists rank (a point lookup
-    each)."""
-    keys = dict.fromkeys(key for ranking in lists.values() for key, _ in ranking)
-    sizes: dict[str, int] = {}
-    out = {}
-    for key in keys:
-        row = db.execute("SELECT text FROM chunks WHERE file = ? AND idx = ?", key).fetchone()
-        if row is None:
-            continue
-        if key[0] not in sizes:
-            found = db.execute("SELECT chunks FROM files WHERE path = ?", (key[0],)).fetchone()
-            sizes[key[0]] = int(found[0]) if found else 1
-        out[key] = fusion.Chunk(row[0], sizes[key[0]])
+class _Beside(threading.Thread):
+    """A call run in a thread beside the caller's own work; `result()` waits for it and
+    returns its value or raises its exception."""
+
+    def __init__(self, call: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self._call, self._args = call, args
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._call(*self._args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What a search reads of a chunk it shows or compares."""
+
+    text: str
+    start: int
+    end: int
+    line: int
+
+
+def _rows(db: sqlite3.Connection, keys: Sequence[Key], has_lines: bool) -> dict[Key, _Row]:
+    """The rows of the chunks `keys` (those no longer in the index left out), a statement for
+    hundreds of them: a point lookup each costs more in Python than in SQLite."""
+    out: dict[Key, _Row] = {}
+    per = SQL_PARAMS // 2
+    line = "c.line" if has_lines else "0"
+    for first in range(0, len(keys), per):
+        part = keys[first : first + per]
+        values = ",".join("(?,?)" for _ in part)
+        rows = db.execute(
+            f"SELECT c.file, c.idx, c.text, c.start, c.end, {line} FROM (VALUES {values}) AS v "
+            "JOIN chunks AS c ON c.file = v.column1 AND c.idx = v.column2",
+            [v for key in part for v in key],
+        )
+        out.update(((f, int(i)), _Row(t, int(a), int(b), int(n))) for f, i, t, a, b, n in rows)
     return out
+
+
+def _readable(
+    db: sqlite3.Connection,
+    ranked: Sequence[fusion.Fused],
+    known: Mapping[Key, _Row],
+    n: int,
+    has_lines: bool,
+) -> tuple[list[fusion.Fused], list[_Row]]:
+    """The first `n` of the `ranked` hits still in the index, with their rows (from `known`
+    or read)."""
+    hits: list[fusion.Fused] = []
+    rows: list[_Row] = []
+    rest = list(ranked)
+    while rest and len(hits) < n:
+        batch, rest = rest[: n - len(hits)], rest[n - len(hits) :]
+        read = {**known, **_rows(db, [f.key for f in batch if f.key not in known], has_lines)}
+        hits.extend(f for f in batch if f.key in read)
+        rows.extend(read[f.key] for f in batch if f.key in read)
+    return hits, rows
+
+
+def _file_sizes(db: sqlite3.Connection, files: set[str]) -> dict[str, int]:
+    """How many chunks each of `files` has (fusion shows a copy at its smallest file)."""
+    names = sorted(files)
+    sizes: dict[str, int] = {}
+    for first in range(0, len(names), SQL_PARAMS):
+        batch = names[first : first + SQL_PARAMS]
+        marks = ",".join("?" * len(batch))
+        rows = db.execute(f"SELECT path, chunks FROM files WHERE path IN ({marks})", batch)
+        sizes.update((str(path), int(n)) for path, n in rows)
+    return sizes
 
 
 def _query_vector(
@@ -508,6 +592,7 @@ def _path_matches(rel: str, globs: Sequence[str], full: str = "") -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=STEMS_CACHED)
 def _stem(word: str) -> str:
     """A crude English stem, enough to match "renewed" with "renew" inside one chunk."""
     w = word.lower()
@@ -521,7 +606,7 @@ def matches(query: str, passage: str) -> tuple[tuple[int, int], ...]:
     """The (start, end) character spans of `passage`'s words that are the query's words
     (stemmed as for choosing passages, stopwords left out), in order: what a reader's eye
     should land on."""
-    terms = {_stem(w) for w in _WORD.findall(query) if w.lower() not in STOPWORDS}
+    terms = _terms(query)
     spans: list[tuple[int, int]] = []
     for m in _WORD.finditer(passage):
         if _stem(m.group()) not in terms:
@@ -554,36 +639,49 @@ def _units(text: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b in units if b > a]
 
 
-def _windows(text: str, *, step_whole: bool) -> list[tuple[int, int]]:
-    """Runs of consecutive units up to PASSAGE_CHARS: one starting at each unit, or with
-    `step_whole`, back to back (fewer, for passages that are embedded)."""
-    units = _units(text)
+def _runs(units: Sequence[tuple[int, int]], *, step_whole: bool) -> list[tuple[int, int]]:
+    """Runs of consecutive units up to PASSAGE_CHARS, as (first, past-last) unit indexes: one
+    starting at each unit, or with `step_whole`, back to back (fewer, for passages that are
+    embedded)."""
     out = []
     i = 0
     while i < len(units):
         j = i + 1
         while j < len(units) and units[j][1] - units[i][0] <= PASSAGE_CHARS:
             j += 1
-        out.append((units[i][0], units[j - 1][1]))
+        out.append((i, j))
         i = j if step_whole else i + 1
-    return out or [(0, len(text))]
+    return out
 
 
-def _lexical_best(query: str, text: str) -> tuple[tuple[int, int], int]:
-    """The window sharing most distinct query words with the query (stemmed, stopwords out),
-    among equals one whose first line shares one (so the passage and its line number start
-    at the match, not lines before it), then the earliest; and how many words it shares."""
-    terms = {_stem(w) for w in _WORD.findall(query) if w.lower() not in STOPWORDS}
+def _windows(text: str, *, step_whole: bool) -> list[tuple[int, int]]:
+    """The runs of `_runs` as (start, end) offsets in `text` (the whole text when it has no
+    units)."""
+    units = _units(text)
+    return [(units[i][0], units[j - 1][1]) for i, j in _runs(units, step_whole=step_whole)] or [
+        (0, len(text))
+    ]
 
-    def shared(a: int, b: int) -> int:
-        return len(terms & {_stem(w) for w in _WORD.findall(text[a:b])})
 
-    units = dict(_units(text))
-    best, best_key = (0, 0), (-1, False)
-    for a, b in _windows(text, step_whole=False):
-        key = (shared(a, b), shared(a, units.get(a, b)) > 0)
+def _terms(query: str) -> frozenset[str]:
+    """The query's words as passages are matched against them: stemmed, stopwords out."""
+    return frozenset(_stem(w) for w in _WORD.findall(query) if w.lower() not in STOPWORDS)
+
+
+def _lexical_best(terms: frozenset[str], text: str) -> tuple[tuple[int, int], int]:
+    """The window sharing most distinct query `terms` with the query, among equals one whose
+    first line shares one (so the passage and its line number start at the match, not lines
+    before it), then the earliest; and how many words it shares. Units hold every word of a
+    window (what lies between them is white space), so each unit's words are stemmed once."""
+    units = _units(text)
+    if not units:
+        return (0, len(text)), 0
+    found = [terms.intersection(map(_stem, _WORD.findall(text[a:b]))) for a, b in units]
+    best, best_key = (0, len(text)), (-1, False)
+    for i, j in _runs(units, step_whole=False):
+        key = (len(frozenset().union(*found[i:j])), bool(found[i]))
         if key > best_key:
-            best, best_key = (a, b), key
+            best, best_key = (units[i][0], units[j - 1][1]), key
     return best, best_key[0]
 
 
@@ -600,8 +698,9 @@ def _best_passages(
     one closest to the query vector chosen, in one request at interactive priority."""
     chosen: list[tuple[int, int]] = []
     by_meaning: list[int] = []
+    terms = _terms(query)
     for i, text in enumerate(texts):
-        span, shared = _lexical_best(query, text)
+        span, shared = _lexical_best(terms, text)
         chosen.append(span)
         if shared <= 0 and client is not None and q is not None:
             by_meaning.append(i)
