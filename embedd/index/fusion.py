@@ -181,27 +181,34 @@ _NO_SHINGLES: Shingles = np.zeros(0, dtype=np.uint64)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _runs(text: str) -> Shingles:
-    """The hashes of the chunk's runs of SHINGLE_WORDS words (lower-cased, split at white
+def _runs(texts: Sequence[str]) -> tuple[Shingles, np.ndarray[Any, np.dtype[np.int64]]]:
+    """The hashes of each chunk's runs of SHINGLE_WORDS words (lower-cased, split at white
     space: punctuation stays on its word, which only has to be the same in two copies; five
     times faster than a word pattern) at its first MAX_SHINGLES positions, repeats
-    included."""
-    words = text.lower().split(maxsplit=MAX_SHINGLES + SHINGLE_WORDS - 1)
-    words = words[: MAX_SHINGLES + SHINGLE_WORDS - 1]
+    included, for all the chunks at once; and the chunk (its place in `texts`) of each."""
+    longest = MAX_SHINGLES + SHINGLE_WORDS - 1
+    words: list[str] = []
+    counts: list[int] = []
+    for text in texts:
+        mine = text.lower().split(maxsplit=longest)[:longest]
+        words.extend(mine)
+        counts.append(len(mine))
     runs = len(words) - SHINGLE_WORDS + 1
     if runs <= 0:
-        return _NO_SHINGLES
+        return _NO_SHINGLES, np.zeros(0, dtype=np.int64)
     hashes = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
     mixed = hashes[:runs].copy()
     with np.errstate(over="ignore"):
         for i in range(1, SHINGLE_WORDS):
             mixed = mixed * _MIX + hashes[i : i + runs]
-    return mixed
+    owner = np.repeat(np.arange(len(texts), dtype=np.int64), counts)
+    within = owner[:runs] == owner[SHINGLE_WORDS - 1 :]  # not across two chunks
+    return mixed[within], owner[:runs][within]
 
 
 def shingles(text: str) -> Shingles:
     """The chunk's distinct shingles (see `_runs`), sorted."""
-    return _distinct(_runs(text))
+    return _distinct(_runs([text])[0])
 
 
 def _distinct(values: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.dtype[Any]]:
@@ -234,19 +241,18 @@ class _Held:
         return self.shingle[first : first + int(self.sizes[c])]
 
 
-def _held(runs: Sequence[Shingles]) -> _Held:
-    """The `_Held` of chunks with these runs (two sorts over all of them)."""
-    lengths = np.fromiter(map(len, runs), dtype=np.int64, count=len(runs))
-    if not lengths.sum():
+def _held(texts: Sequence[str]) -> _Held:
+    """The `_Held` of chunks with these texts (two sorts over all of them)."""
+    runs, owner = _runs(texts)
+    if not len(runs):
         none = np.zeros(0, dtype=np.int64)
-        zeros = np.zeros(len(runs), dtype=np.int64)
+        zeros = np.zeros(len(texts), dtype=np.int64)
         return _Held(none, none, none, zeros, zeros, 0)
-    distinct, inverse = np.unique(np.concatenate(runs), return_inverse=True)
+    distinct, inverse = np.unique(runs, return_inverse=True)
     width = len(distinct)
-    owner = np.repeat(np.arange(len(runs), dtype=np.int64), lengths)
     pairs = _distinct(owner * width + inverse.astype(np.int64))
     chunk, shingle = np.divmod(pairs, width)
-    sizes = np.bincount(chunk, minlength=len(runs)).astype(np.int64)
+    sizes = np.bincount(chunk, minlength=len(texts)).astype(np.int64)
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
     held = np.bincount(shingle, minlength=width)[shingle].astype(np.int64)
     return _Held(chunk, shingle, held, sizes, starts, width)
@@ -255,7 +261,7 @@ def _held(runs: Sequence[Shingles]) -> _Held:
 def near_duplicates(texts: Mapping[Key, str]) -> list[list[Key]]:
     """Groups of chunks that share NEAR_DUPLICATE or more of the larger one's shingles (each
     chunk in exactly one group, in the order given)."""
-    return _near_duplicates(list(texts), _held([_runs(t) for t in texts.values()]))
+    return _near_duplicates(list(texts), _held(list(texts.values())))
 
 
 def _near_duplicates(keys: Sequence[Key], held: _Held) -> list[list[Key]]:
@@ -315,7 +321,7 @@ def boilerplate_shares(
     files quoting it), among those the one made most wholly of recurring text. Shares under
     BOILERPLATE_MIN count as 0."""
     keys = list(texts)
-    held = _held([_runs(t) for t in texts.values()])
+    held = _held(list(texts.values()))
     return _boilerplate_shares(keys, held, file_chunks or {})
 
 
@@ -400,10 +406,7 @@ def fuse(
     norms, candidates, own = _votes(lists, weights)
     # Only the best candidates are compared as text (see COMPARED); the others stay alone.
     read = set(_compared(candidates, own))
-    held = _held(
-        [_runs(chunks[key].text) if key in chunks and key in read else _NO_SHINGLES
-         for key in candidates]
-    )  # fmt: skip
+    held = _held([chunks[key].text if key in chunks and key in read else "" for key in candidates])
     sizes = {key: chunks[key].file_chunks if key in chunks else 1 for key in candidates}
     shares = _boilerplate_shares(candidates, held, sizes)
 
