@@ -206,12 +206,17 @@ def _search(
         q: np.ndarray[Any, np.dtype[np.float32]] | None = None
         lists: dict[str, list[tuple[Key, float]]] = {}
         wanted = max(k, CANDIDATES)
-        # The daemon embeds the query while BM25 ranks here: the two waits overlap.
-        embedding = None if mode == MODE_BM25 else _Beside(_query_vector, client, meta, query)
-        try:
-            keyword = None if mode == MODE_VECTOR else _bm25_ranking(db, query, allowed, wanted)
-        finally:
-            q = None if embedding is None else embedding.result()
+        keyword = None
+        if mode == MODE_VECTOR:
+            assert client is not None
+            q = _query_vector(client, meta, query)
+        else:
+            # The daemon embeds the query while BM25 ranks here: the two waits overlap.
+            embedding = None if mode == MODE_BM25 else _Beside(_query_vector, client, meta, query)
+            try:
+                keyword = _bm25_ranking(db, query, allowed, wanted)
+            finally:
+                q = None if embedding is None else embedding.result()
         if q is not None:
             lists[fusion.VECTOR] = vector_candidates(db, shown, q, allowed, wanted)
         if keyword is not None:
