@@ -407,3 +407,16 @@ def test_past_the_keyword_budget_the_commonest_words_are_left_out(
     assert search._rare_words(db, "Chunks of b 7") == '"7"'
     found = search._bm25_ranking(db, "Chunks of b 7", None, 3)
     assert {key for key, _ in found} == {("a", 7), ("b", 7), ("c", 7)}
+
+
+@pytest.mark.parametrize(
+    "rows", [1, vectors.SPLIT_ROWS - 1, vectors.SPLIT_ROWS, 3 * vectors.SPLIT_ROWS + 7]
+)
+def test_scores_split_across_threads_equal_one_products(rows: int) -> None:
+    """A large matrix is scored in row parts on two threads: every row's score is the one a
+    single product gives, in place, whichever part it fell in."""
+    rng = np.random.default_rng(rows)
+    matrix = rng.standard_normal((rows, 16)).astype(np.float32)
+    q = rng.standard_normal(16).astype(np.float32)
+    # Within float32 rounding: a part's rows may start at another alignment in memory.
+    assert np.allclose(vectors.cosines(matrix, q), matrix @ q, rtol=1e-5, atol=1e-5)

@@ -203,40 +203,10 @@ def _search(
         )
         rel = relative_paths(files, roots)
         allowed = {f for f in files if _path_matches(rel[f], globs, f)} if globs else None
-        q: np.ndarray[Any, np.dtype[np.float32]] | None = None
-        lists: dict[str, list[tuple[Key, float]]] = {}
-        wanted = max(k, CANDIDATES)
-        keyword = None
-        if mode == MODE_VECTOR:
-            assert client is not None
-            q = _query_vector(client, meta, query)
-        else:
-            # The daemon embeds the query while BM25 ranks here: the two waits overlap.
-            embedding = None if mode == MODE_BM25 else _Beside(_query_vector, client, meta, query)
-            try:
-                keyword = _bm25_ranking(db, query, allowed, wanted)
-            finally:
-                q = None if embedding is None else embedding.result()
-        if q is not None:
-            lists[fusion.VECTOR] = vector_candidates(db, shown, q, allowed, wanted)
-        if keyword is not None:
-            lists[fusion.BM25] = keyword
+        q, lists = _lists(client, db, shown, meta, query, mode, allowed, max(k, CANDIDATES))
         weights = fusion.weights_for(query) if len(lists) > 1 else {n: 1.0 for n in lists}
-        sizes = _file_sizes(db, {key[0] for ranking in lists.values() for key, _ in ranking})
-        texts = _rows(db, fusion.compared(lists, weights=weights), has_lines)
-        chunks = {
-            key: fusion.Chunk(texts[key].text if key in texts else "", sizes.get(key[0], 1))
-            for ranking in lists.values()
-            for key, _ in ranking
-        }
         depth = k if rerank is None else max(k, RERANK_DEPTH)
-        # A chunk deleted since its list was ranked is passed over: twice the hits asked for
-        # are fused, and all of them when that leaves too few.
-        ranked = fusion.fuse(lists, chunks, weights=weights, limit=2 * depth)
-        fused, details = _readable(db, ranked, texts, depth, has_lines)
-        if len(fused) < depth and len(ranked) == 2 * depth:
-            ranked = fusion.fuse(lists, chunks, weights=weights)
-            fused, details = _readable(db, ranked, texts, depth, has_lines)
+        fused, details = _fused(db, lists, weights, depth, has_lines)
     finally:
         db.close()
     fused_ranks: list[int | None] = [None] * len(fused)
@@ -279,6 +249,64 @@ def _search(
                 matches(query, passage), len(f.similar), why)
         )  # fmt: skip
     return hits
+
+
+def _lists(
+    client: embedd_client.Client | None,
+    db: sqlite3.Connection,
+    shown: str,
+    meta: dict[str, str],
+    query: str,
+    mode: str,
+    allowed: set[str] | None,
+    wanted: int,
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]] | None, dict[str, list[tuple[Key, float]]]]:
+    """The query's unit vector (None in bm25 mode) and the `wanted` best chunks of each list
+    the mode ranks by, vectors first."""
+    q: np.ndarray[Any, np.dtype[np.float32]] | None = None
+    keyword = None
+    if mode == MODE_VECTOR:
+        assert client is not None
+        q = _query_vector(client, meta, query)
+    else:
+        # The daemon embeds the query while BM25 ranks here: the two waits overlap.
+        embedding = None if mode == MODE_BM25 else _Beside(_query_vector, client, meta, query)
+        try:
+            keyword = _bm25_ranking(db, query, allowed, wanted)
+        finally:
+            q = None if embedding is None else embedding.result()
+    lists: dict[str, list[tuple[Key, float]]] = {}
+    if q is not None:
+        lists[fusion.VECTOR] = vector_candidates(db, shown, q, allowed, wanted)
+    if keyword is not None:
+        lists[fusion.BM25] = keyword
+    return q, lists
+
+
+def _fused(
+    db: sqlite3.Connection,
+    lists: dict[str, list[tuple[Key, float]]],
+    weights: dict[str, float],
+    depth: int,
+    has_lines: bool,
+) -> tuple[list[fusion.Fused], list[_Row]]:
+    """The first `depth` fused hits with their rows. Fusion reads the texts of the candidates
+    it compares and every candidate's file size, nothing else; a chunk deleted since its list
+    was ranked is passed over: twice the hits asked for are fused, and all of them when that
+    leaves too few."""
+    sizes = _file_sizes(db, {key[0] for ranking in lists.values() for key, _ in ranking})
+    texts = _rows(db, fusion.compared(lists, weights=weights), has_lines)
+    chunks = {
+        key: fusion.Chunk(texts[key].text if key in texts else "", sizes.get(key[0], 1))
+        for ranking in lists.values()
+        for key, _ in ranking
+    }
+    ranked = fusion.fuse(lists, chunks, weights=weights, limit=2 * depth)
+    fused, details = _readable(db, ranked, texts, depth, has_lines)
+    if len(fused) < depth and len(ranked) == 2 * depth:
+        ranked = fusion.fuse(lists, chunks, weights=weights)
+        fused, details = _readable(db, ranked, texts, depth, has_lines)
+    return fused, details
 
 
 def _reranked(

@@ -26,10 +26,12 @@ chunks take 46 MB and 1,000,000 take 1.5 GB, about what the vector blobs take in
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sqlite3
 import struct
 import sys
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -587,14 +589,44 @@ def remove(index: Path) -> None:
     matrix_path(index).unlink(missing_ok=True)
 
 
+# Rows from which scoring is split across two threads (numpy releases the GIL while it
+# computes): below it a thread's start costs more than half the product saves (about 1 ms
+# for 30,000 rows of 384 on one core of the machine docs/search.md measured on).
+SPLIT_ROWS = 20_000
+# Threads a product is split across at most: scoring streams the matrix from memory, which
+# two cores of a desktop already come close to saturating.
+SCORE_THREADS = 2
+
+
 def cosines(matrix: npt.NDArray[np.float32], q: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Each row of `matrix` (unit vectors) dotted with the unit query `q`. numpy's einsum, on
-    one thread, rather than `@`: OpenBLAS splits a matrix-vector product across threads, and
-    on a machine whose cores are busy its threads wait for a time slice (tens of
-    milliseconds) while the product alone takes one; one core streams the matrix as fast as
-    memory allows."""
-    out: npt.NDArray[np.float32] = np.einsum("ij,j->i", matrix, q)
+    """Each row of `matrix` (unit vectors) dotted with the unit query `q`. numpy's einsum
+    rather than `@`: OpenBLAS splits a matrix-vector product across threads that spin at
+    their barriers, and on a machine whose cores are busy they wait for a time slice (tens
+    of milliseconds) while the product alone takes one. A large matrix is split in row
+    halves across two of our own threads instead, which block rather than spin: on a busy
+    machine they take turns on the free core, on an idle one each streams its half."""
+    out: npt.NDArray[np.float32] = np.empty(len(matrix), dtype=np.float32)
+    parts = _score_threads() if len(matrix) >= SPLIT_ROWS else 1
+    bounds = [len(matrix) * i // parts for i in range(parts + 1)]
+    helpers = [
+        threading.Thread(
+            target=np.einsum, args=("ij,j->i", matrix[a:b], q), kwargs={"out": out[a:b]}
+        )
+        for a, b in itertools.pairwise(bounds[1:])
+    ]
+    for helper in helpers:
+        helper.start()
+    np.einsum("ij,j->i", matrix[: bounds[1]], q, out=out[: bounds[1]])
+    for helper in helpers:
+        helper.join()
     return out
+
+
+def _score_threads() -> int:
+    """Threads scoring may use: SCORE_THREADS, fewer where this process may run on fewer
+    cores (its affinity mask)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(1, min(SCORE_THREADS, usable))
 
 
 def top(
