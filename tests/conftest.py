@@ -280,6 +280,13 @@ def parse_all(parser: HttpParser, data: bytes) -> list[HttpRequest | HttpError]:
     return out
 
 
+def http_front_args(workdir: Path, port: int) -> tuple[str, ...]:
+    """The daemon's arguments for its HTTP front on a Unix socket in `workdir` and on loopback
+    `port`, with the API key written to `workdir/key`."""
+    socket, key = str(workdir / "http.sock"), str(workdir / "key")
+    return ("--http-socket", socket, "--http", f"127.0.0.1:{port}", "--api-key-file", key)
+
+
 def free_port() -> int:
     """A loopback TCP port nobody listens on now (for a daemon's --http)."""
     with socket.socket() as s:

@@ -29,6 +29,7 @@ from tests.conftest import (
     Reference,
     cosines,
     free_port,
+    http_front_args,
     parse_all,
     short_tmpdir,
     start_daemon,
@@ -147,14 +148,7 @@ def front() -> Iterator[Front]:
         workdir,
         "frame_timeout = 2\n[models.prompted]\npath = '{bundled}'\n"
         "[models.prompted.prompts]\nquery = 'query: '\n",
-        extra_args=(
-            "--http-socket",
-            str(workdir / "http.sock"),
-            "--http",
-            f"127.0.0.1:{port}",
-            "--api-key-file",
-            str(workdir / "key"),
-        ),
+        extra_args=http_front_args(workdir, port),
     )
     key = (workdir / "key").read_text().strip()
     assert oct((workdir / "key").stat().st_mode & 0o777) == "0o600"

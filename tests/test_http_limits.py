@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Reference, free_port, short_tmpdir, start_daemon
+from tests.conftest import (
+    Daemon,
+    Reference,
+    free_port,
+    http_front_args,
+    short_tmpdir,
+    start_daemon,
+)
 from tests.test_hostile import open_fds, rss_mb, still_serves_correctly
 
 CAP = 8
@@ -55,14 +62,7 @@ def _start(workdir: Path, config: str, port: int) -> Daemon:
     return start_daemon(
         workdir,
         config,
-        extra_args=(
-            "--http-socket",
-            str(workdir / "http.sock"),
-            "--http",
-            f"127.0.0.1:{port}",
-            "--api-key-file",
-            str(workdir / "key"),
-        ),
+        extra_args=http_front_args(workdir, port),
     )
 
 

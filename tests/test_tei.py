@@ -27,6 +27,7 @@ from tests.conftest import (
     Reference,
     cosines,
     free_port,
+    http_front_args,
     short_tmpdir,
     start_daemon,
     vectors,
@@ -131,14 +132,7 @@ def front() -> Iterator[Front]:
         # serves every test.
         f"max_inputs = {MAX_INPUTS}\n[models.default]\npath = '{{bundled}}'\nmax_tokens = 256\n"
         "[models.default.prompts]\nquery = 'query: '\n",
-        extra_args=(
-            "--http-socket",
-            str(workdir / "http.sock"),
-            "--http",
-            f"127.0.0.1:{port}",
-            "--api-key-file",
-            str(workdir / "key"),
-        ),
+        extra_args=http_front_args(workdir, port),
     )
     yield Front(d, port, (workdir / "key").read_text().strip())
     d.stop()

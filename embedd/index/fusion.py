@@ -378,17 +378,39 @@ def _votes(
     return norms, candidates, own
 
 
+class Fusion:
+    """The ranked `lists` (name -> (key, score) best first) put on one scale once, for a
+    caller that must read texts between the two steps: `compared` names the candidates whose
+    texts fusion reads (the COMPARED best by their own votes; the caller fetches only these,
+    and every candidate's file size), and `fuse` ranks the passages from them."""
+
+    def __init__(
+        self,
+        lists: Mapping[str, Sequence[tuple[Key, float]]],
+        *,
+        weights: Mapping[str, float] = WEIGHTS,
+    ) -> None:
+        self._weights = weights
+        self._norms, self._candidates, self._own = _votes(lists, weights)
+        self.compared: list[Key] = sorted(self._candidates, key=lambda k: -self._own[k])[:COMPARED]
+
+    def fuse(self, chunks: Mapping[Key, Chunk], *, limit: int | None = None) -> list[Fused]:
+        """The passages the lists point to, best first, by the rules of this module: the
+        first `limit` of them (all when None; the ones below still fold into those as their
+        neighbours). `chunks` holds every listed key's file size and the texts of those
+        `compared` names (others are not read); a key missing from it counts as an empty
+        chunk of a one-chunk file."""
+        return _fused(
+            self._norms, self._candidates, self._own, set(self.compared), chunks,
+            self._weights, limit,
+        )  # fmt: skip
+
+
 def compared(
     lists: Mapping[str, Sequence[tuple[Key, float]]], *, weights: Mapping[str, float] = WEIGHTS
 ) -> list[Key]:
-    """The candidates whose texts `fuse` reads (the COMPARED best by their own votes): a
-    caller need fetch only these texts, and every candidate's file size."""
-    _, candidates, own = _votes(lists, weights)
-    return _compared(candidates, own)
-
-
-def _compared(candidates: Sequence[Key], own: Mapping[Key, float]) -> list[Key]:
-    return sorted(candidates, key=lambda k: -own[k])[:COMPARED]
+    """`Fusion.compared` of these lists."""
+    return Fusion(lists, weights=weights).compared
 
 
 def fuse(
@@ -398,14 +420,20 @@ def fuse(
     weights: Mapping[str, float] = WEIGHTS,
     limit: int | None = None,
 ) -> list[Fused]:
-    """The passages the ranked `lists` (name -> (key, score) best first) point to, best
-    first, by the rules of this module: the first `limit` of them (all when None; the ones
-    below still fold into those as their neighbours). `chunks` holds every listed key's file
-    size and the texts of those `compared` names (others are not read); a key missing from
-    it counts as an empty chunk of a one-chunk file."""
-    norms, candidates, own = _votes(lists, weights)
+    """`Fusion.fuse` of these lists."""
+    return Fusion(lists, weights=weights).fuse(chunks, limit=limit)
+
+
+def _fused(
+    norms: Mapping[str, Mapping[Key, tuple[int, float, float]]],
+    candidates: Sequence[Key],
+    own: Mapping[Key, float],
+    read: set[Key],
+    chunks: Mapping[Key, Chunk],
+    weights: Mapping[str, float],
+    limit: int | None,
+) -> list[Fused]:
     # Only the best candidates are compared as text (see COMPARED); the others stay alone.
-    read = set(_compared(candidates, own))
     held = _held([chunks[key].text if key in chunks and key in read else "" for key in candidates])
     sizes = {key: chunks[key].file_chunks if key in chunks else 1 for key in candidates}
     shares = _boilerplate_shares(candidates, held, sizes)

@@ -29,7 +29,6 @@ from embedd.index.records import model_fingerprint
 from embedd.index.store import (
     FTS_TABLE,
     FTS_TOKENIZE,
-    SQL_PARAMS,
     VECTOR_ITEM_BYTES,
     IndexUsageError,
     columns_of,
@@ -38,6 +37,7 @@ from embedd.index.store import (
     model_card,
     open_read_only,
     relative_paths,
+    select_in,
     tables_of,
 )
 from embedd.index.vectors import row_key
@@ -294,17 +294,18 @@ def _fused(
     it compares and every candidate's file size, nothing else; a chunk deleted since its list
     was ranked is passed over: twice the hits asked for are fused, and all of them when that
     leaves too few."""
+    plan = fusion.Fusion(lists, weights=weights)
     sizes = _file_sizes(db, {key[0] for ranking in lists.values() for key, _ in ranking})
-    texts = _rows(db, fusion.compared(lists, weights=weights), has_lines)
+    texts = _rows(db, plan.compared, has_lines)
     chunks = {
         key: fusion.Chunk(texts[key].text if key in texts else "", sizes.get(key[0], 1))
         for ranking in lists.values()
         for key, _ in ranking
     }
-    ranked = fusion.fuse(lists, chunks, weights=weights, limit=2 * depth)
+    ranked = plan.fuse(chunks, limit=2 * depth)
     fused, details = _readable(db, ranked, texts, depth, has_lines)
     if len(fused) < depth and len(ranked) == 2 * depth:
-        ranked = fusion.fuse(lists, chunks, weights=weights)
+        ranked = plan.fuse(chunks)
         fused, details = _readable(db, ranked, texts, depth, has_lines)
     return fused, details
 
@@ -362,19 +363,13 @@ class _Row:
 def _rows(db: sqlite3.Connection, keys: Sequence[Key], has_lines: bool) -> dict[Key, _Row]:
     """The rows of the chunks `keys` (those no longer in the index left out), a statement for
     hundreds of them: a point lookup each costs more in Python than in SQLite."""
-    out: dict[Key, _Row] = {}
-    per = SQL_PARAMS // 2
     line = "c.line" if has_lines else "0"
-    for first in range(0, len(keys), per):
-        part = keys[first : first + per]
-        values = ",".join("(?,?)" for _ in part)
-        rows = db.execute(
-            f"SELECT c.file, c.idx, c.text, c.start, c.end, {line} FROM (VALUES {values}) AS v "
-            "JOIN chunks AS c ON c.file = v.column1 AND c.idx = v.column2",
-            [v for key in part for v in key],
-        )
-        out.update(((f, int(i)), _Row(t, int(a), int(b), int(n))) for f, i, t, a, b, n in rows)
-    return out
+    sql = (
+        f"SELECT c.file, c.idx, c.text, c.start, c.end, {line} FROM (VALUES {{marks}}) AS v "
+        "JOIN chunks AS c ON c.file = v.column1 AND c.idx = v.column2"
+    )
+    rows = select_in(db, sql, keys, width=2)
+    return {(f, int(i)): _Row(t, int(a), int(b), int(n)) for f, i, t, a, b, n in rows}
 
 
 def _readable(
@@ -399,14 +394,8 @@ def _readable(
 
 def _file_sizes(db: sqlite3.Connection, files: set[str]) -> dict[str, int]:
     """How many chunks each of `files` has (fusion shows a copy at its smallest file)."""
-    names = sorted(files)
-    sizes: dict[str, int] = {}
-    for first in range(0, len(names), SQL_PARAMS):
-        batch = names[first : first + SQL_PARAMS]
-        marks = ",".join("?" * len(batch))
-        rows = db.execute(f"SELECT path, chunks FROM files WHERE path IN ({marks})", batch)
-        sizes.update((str(path), int(n)) for path, n in rows)
-    return sizes
+    rows = select_in(db, "SELECT path, chunks FROM files WHERE path IN ({marks})", sorted(files))
+    return {str(path): int(n) for path, n in rows}
 
 
 def _query_vector(
@@ -467,27 +456,14 @@ def _database_file(db: sqlite3.Connection) -> Path | None:
 
 def _row_keys(db: sqlite3.Connection, files: set[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
     """The row keys of every chunk of `files`."""
-    names = sorted(files)
-    keys: list[int] = []
-    for first in range(0, len(names), SQL_PARAMS):
-        part = names[first : first + SQL_PARAMS]
-        rows = db.execute(
-            f"SELECT file, idx FROM chunks WHERE file IN ({','.join('?' * len(part))})", part
-        )
-        keys.extend(row_key(f, int(i)) for f, i in rows)
-    return np.asarray(keys, dtype=np.int64)
+    rows = select_in(db, "SELECT file, idx FROM chunks WHERE file IN ({marks})", sorted(files))
+    return np.asarray([row_key(f, int(i)) for f, i in rows], dtype=np.int64)
 
 
 def _places(db: sqlite3.Connection, keys: list[int]) -> dict[int, Key]:
     """(file, idx) of each row key, through the keyword table whose rowid it is."""
-    out: dict[int, Key] = {}
-    for first in range(0, len(keys), SQL_PARAMS):
-        part = keys[first : first + SQL_PARAMS]
-        marks = ",".join("?" * len(part))
-        sql = f"SELECT rowid, file, idx FROM {FTS_TABLE} WHERE rowid IN ({marks})"
-        rows = db.execute(sql, part)
-        out.update((int(k), (str(f), int(i))) for k, f, i in rows)
-    return out
+    sql = f"SELECT rowid, file, idx FROM {FTS_TABLE} WHERE rowid IN ({{marks}})"
+    return {int(k): (str(f), int(i)) for k, f, i in select_in(db, sql, keys)}
 
 
 def _sqlite_candidates(

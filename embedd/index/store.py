@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,20 +176,30 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(normal.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+def select_in(
+    db: sqlite3.Connection, sql: str, values: Sequence[Any], *, width: int = 1
+) -> Iterator[Any]:
+    """The rows of `sql` over all of `values`, at most SQL_PARAMS bound a statement: `{marks}`
+    in `sql` becomes each batch's placeholders (`?,?` for single values, `(?,?),(?,?)` for
+    tuples of `width`, as a `VALUES` list takes them)."""
+    per = max(1, SQL_PARAMS // width)
+    mark = "?" if width == 1 else "(" + ",".join("?" * width) + ")"
+    for first in range(0, len(values), per):
+        part = values[first : first + per]
+        bound = part if width == 1 else [v for row in part for v in row]
+        yield from db.execute(sql.replace("{marks}", ",".join([mark] * len(part))), bound)
+
+
 def stored_vectors(db: sqlite3.Connection, hashes: Sequence[str]) -> dict[str, bytes]:
     """A stored vector for each of the text hashes `hashes` the index already holds (every
     vector of an index is of one model and one set of options, so any of them serves)."""
-    out: dict[str, bytes] = {}
-    wanted = sorted(set(hashes))
-    for first in range(0, len(wanted), SQL_PARAMS):
-        part = wanted[first : first + SQL_PARAMS]
-        rows = db.execute(
-            "SELECT h.hash, c.vector FROM text_hashes h JOIN chunks c "
-            f"ON c.file = h.file AND c.idx = h.idx WHERE h.hash IN ({','.join('?' * len(part))})",
-            part,
-        )
-        out.update((h, bytes(v)) for h, v in rows)
-    return out
+    rows = select_in(
+        db,
+        "SELECT h.hash, c.vector FROM text_hashes h JOIN chunks c "
+        "ON c.file = h.file AND c.idx = h.idx WHERE h.hash IN ({marks})",
+        sorted(set(hashes)),
+    )
+    return {h: bytes(v) for h, v in rows}
 
 
 def drop_file(db: sqlite3.Connection, name: str) -> list[int]:
