@@ -2,22 +2,30 @@
 half of a relevance set (tuning, held-out), on real documents.
 
     python -m tests.relevance [--set tests/data/relevance/packages.json] [--socket PATH]
-                              [--split tuning|held-out]
+                              [--split tuning|held-out] [--round N] [--pool N]
 
 A set (a JSON file) names a corpus folder (`root`, relative to the JSON file or absolute),
 the files of it to index and questions, each with its `kind` (`paraphrase`: the answer in
 other words; `exact`: an identifier, flag, error code or CVE id; `mixed`), its half
 (`split`: `tuning`, the questions the ranking's constants were chosen on, or `held-out`,
-never looked at while choosing) and its answers. An answer is a file, or a list of files
-that are copies of one document (any of them counts as finding it). The files are copied
-into a temporary folder, indexed once with the real daemon (the one at --socket, else one
-started here with the bundled model), and every question is searched in every mode. A
-result list is read at the level of files (a file's first hit is its rank):
+not used to choose them), the `round` it was written in (a later round's questions were
+written after the ranking they test), its answers and the files `judged` not to answer it.
+An answer is a file, or a list of files that are copies of one document (any of them counts as
+finding it). The files are copied into a temporary folder, indexed once with the real daemon
+(the one at --socket, else one started here with the bundled model), and every question is
+searched in every mode. A result list is read at the level of files (a file's first hit is
+its rank):
 - hit@1: whether the first file answers the question;
 - recall@5: the share of a question's answers among the first 5 distinct files;
 - MRR@10: 1 / the rank of the first answer among the first 10 files (0 when absent).
 The shipped set (`packages.json`) lives in the repository; an older set over
 /usr/share/doc (`debian-docs.json`) is skipped where its files are missing.
+
+A file that states an answer but is not labelled counts against whichever mode ranks it
+high, so labels are completed by pooling, as TREC does: `--pool N` prints, for every
+question, the files among the first N of any mode that are neither answers nor judged, in
+path order and without saying which mode ranked them, for a reader to judge against the
+files. What the reader finds goes into the set: a new answer, or a `judged` file.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ RANKED_FILES = 10
 # Hits asked for per question: enough to hold RANKED_FILES distinct files, as long files
 # give several of the top hits.
 CHUNKS_ASKED = 50
+# How deep `--pool` reads each mode's files by default: the depth recall@CUTOFF and hit@1 see.
+POOL_DEPTH = CUTOFF
 # The halves of a set and the kinds of questions.
 TUNING = "tuning"
 HELD_OUT = "held-out"
@@ -56,6 +66,8 @@ class Question:
     answers: tuple[frozenset[str], ...]  # each: the files that are copies of one answer
     kind: str = ""  # "" in a set without kinds
     split: str = ""  # "" in a set without halves
+    judged: frozenset[str] = frozenset()  # files read and found not to answer it
+    round: int = 0  # when it was written (0 in a set without rounds)
 
     @property
     def files(self) -> frozenset[str]:
@@ -71,11 +83,15 @@ class RelevanceSet:
     def missing(self) -> list[str]:
         return [f for f in self.files if not (self.root / f).is_file()]
 
-    def only(self, split: str | None = None, kind: str | None = None) -> list[Question]:
+    def only(
+        self, split: str | None = None, kind: str | None = None, round: int | None = None
+    ) -> list[Question]:
         return [
             q
             for q in self.questions
-            if (split is None or q.split == split) and (kind is None or q.kind == kind)
+            if (split is None or q.split == split)
+            and (kind is None or q.kind == kind)
+            and (round is None or q.round == round)
         ]
 
 
@@ -103,6 +119,8 @@ def load(path: Path = SET) -> RelevanceSet:
                 tuple(_answer(a) for a in q["answers"]),
                 q.get("kind", ""),
                 q.get("split", ""),
+                frozenset(q.get("judged", ())),
+                q.get("round", 0),
             )
             for q in data["questions"]
         ],
@@ -161,6 +179,21 @@ def rankings(
     }
 
 
+def pool(
+    ranked: Mapping[str, Sequence[Sequence[str]]],
+    questions: Sequence[Question],
+    depth: int = POOL_DEPTH,
+) -> list[list[str]]:
+    """For each question, the files among the first `depth` of any mode that are neither
+    among its answers nor judged not to answer it: what a judge must still read to complete
+    its labels. Sorted by path, so the list does not say which mode ranked a file or how
+    high."""
+    return [
+        sorted({f for r in ranked.values() for f in r[i][:depth]} - q.files - q.judged)
+        for i, q in enumerate(questions)
+    ]
+
+
 def measure(
     rset: RelevanceSet, db: Path, socket: Path, modes: Sequence[str] = idx.MODES
 ) -> dict[str, Scores]:
@@ -210,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", type=int, help="as for `embedd index`")
     parser.add_argument("--overlap", type=int, default=0, help="as for `embedd index`")
     parser.add_argument("--split", choices=SPLITS, help="only this half of the questions")
+    parser.add_argument("--round", type=int, help="only the questions written in this round")
+    parser.add_argument(
+        "--pool",
+        type=int,
+        metavar="N",
+        help="print each question's unlabelled files among the first N of any mode, not scores",
+    )
     parser.add_argument(
         "--rerank", metavar="MODEL", help="rerank with MODEL, a reranker the --socket daemon serves"
     )
@@ -218,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rset.root.is_dir():
         print(f"skipped: the corpus root {rset.root} is not on this machine", file=sys.stderr)
         return 0
-    if args.split:
-        rset = RelevanceSet(rset.root, rset.files, rset.only(args.split))
+    if args.split or args.round:
+        rset = RelevanceSet(rset.root, rset.files, rset.only(args.split, round=args.round))
     missing = rset.missing()
     if missing:
         print(f"{len(missing)} files missing under {rset.root}: {', '.join(missing[:5])} ...",
@@ -245,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             progress=Progress(sys.stderr, tty=sys.stderr.isatty()),
         )
         ranked = rankings(rset, db, socket, rerank=args.rerank)
-        print(table(breakdown(ranked, rset), rset))
+        if args.pool:
+            unjudged = pool(ranked, rset.questions, args.pool)
+            for q, files in zip(rset.questions, unjudged, strict=True):
+                print(json.dumps({"question": q.question, "unjudged": files}))
+        else:
+            print(table(breakdown(ranked, rset), rset))
     finally:
         if daemon is not None:
             daemon.stop()

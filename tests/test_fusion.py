@@ -43,6 +43,31 @@ def test_a_list_of_one_gives_its_chunk_a_full_vote() -> None:
     assert fusion.normalised([3.0]) == [1.0]
 
 
+def test_chunks_a_list_leaves_out_as_scoring_zero_make_the_few_it_names_stand_out() -> None:
+    alone = fusion.normalised([4.6, 4.6])
+    among_zeros = fusion.normalised([4.6, 4.6], unlisted=198)
+    assert alone == [0.0, 0.0] and min(among_zeros) > 5
+
+
+def test_the_few_chunks_holding_a_rare_identifier_win_over_vectors_look_alikes() -> None:
+    # BM25 names only the two chunks that hold the identifier, with equal scores; the
+    # vectors rank a look-alike first. The rest of the index holds none of its words.
+    holders = [(("debian/changelog", 7), 4.6), (("debian/changelog", 20), 4.6)]
+    look_alike = ("upstream/changelog", 3)
+    vector = [(look_alike, 0.69), (holders[0][0], 0.67), *tail("v", 0.6, 0.002)]
+    weights = fusion.weights_for("ZSTD_LEGACY_MULTITHREADED_API")
+    fused = fusion.fuse({VECTOR: vector, BM25: holders}, {}, weights=weights)
+    assert fused[0].key in {key for key, _ in holders}
+
+
+def test_only_a_keyword_list_counts_what_it_leaves_out_as_zero() -> None:
+    # A cosine list shorter than the BM25 list names every chunk there is: nothing unlisted.
+    few = [(("a.txt", 0), 0.5), (("b.txt", 0), 0.5)]
+    many = tail("b", 9.0, 0.05)
+    norms, _, _ = fusion._votes({VECTOR: few, BM25: many}, fusion.WEIGHTS)
+    assert [vote for _, _, vote in norms[VECTOR].values()] == [0.0, 0.0]
+
+
 def test_adjacent_chunks_of_one_file_vote_together() -> None:
     """Vectors rank chunk 1 of the answer first, BM25 its chunk 2: together they beat a
     chunk that both lists rank second, which each answer chunk alone would not."""

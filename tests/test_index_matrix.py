@@ -395,6 +395,22 @@ def test_a_query_within_the_keyword_budget_is_scored_whole(
     assert _rare_words(index[1], "chunk 7 of b") is None  # 233 (chunk, word) pairs
 
 
+def test_an_identifier_held_whole_outranks_its_words_held_apart(tmp_path: Path) -> None:
+    db = store.open_index(tmp_path / "k.db")
+    store.check_model(db, "m", "fp")
+    apart = "Enable static trampolines for all targets: all static, enable all"
+    texts = ["Add ./configure --enable-all-static to link everything statically"] + [
+        f"{apart} (part {i})" for i in range(9)
+    ]
+    rows = [{**row, "text": t} for row, t in zip(_rows("notes", len(texts)), texts, strict=True)]
+    with db:
+        db.execute("INSERT INTO files VALUES ('notes', 'x', ?, 0)", (len(texts),))
+        store.insert_chunks(db, rows)
+    from embedd.index.search import _bm25_ranking
+
+    assert _bm25_ranking(db, "--enable-all-static", None, 3)[0][0] == ("notes", 0)
+
+
 def test_past_the_keyword_budget_the_commonest_words_are_left_out(
     index: tuple[Path, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,7 +420,7 @@ def test_past_the_keyword_budget_the_commonest_words_are_left_out(
     monkeypatch.setattr(search, "BM25_POSTINGS", 10)
     _path, db = index
     # "chunks" and "of" are in all 100 chunks, "b" in 30, "7" in 3: only "7" fits in 10.
-    assert search._rare_words(db, "Chunks of b 7") == '"7"'
+    assert search._rare_words(db, "Chunks of b 7") == ["7"]
     found = search._bm25_ranking(db, "Chunks of b 7", None, 3)
     assert {key for key, _ in found} == {("a", 7), ("b", 7), ("c", 7)}
 
@@ -420,3 +436,15 @@ def test_scores_split_across_threads_equal_one_products(rows: int) -> None:
     q = rng.standard_normal(16).astype(np.float32)
     # Within float32 rounding: a part's rows may start at another alignment in memory.
     assert np.allclose(vectors.cosines(matrix, q), matrix @ q, rtol=1e-5, atol=1e-5)
+
+
+def test_past_the_keyword_budget_an_identifier_holding_a_common_word_is_left_out(
+    index: tuple[Path, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    search = importlib.import_module("embedd.index.search")
+    monkeypatch.setattr(search, "BM25_POSTINGS", 10)
+    # "of-b" as a phrase would read the lists of "of" (100 chunks) and "b" (30) and match 30.
+    found = search._bm25_ranking(index[1], "of-b 7", None, 10)
+    assert {key for key, _ in found} == {("a", 7), ("b", 7), ("c", 7)}

@@ -52,6 +52,29 @@ def test_every_answer_is_a_file_of_the_shipped_corpus() -> None:
     assert all(x.answers and x.files <= set(rset.files) for x in rset.questions)
 
 
+def test_the_last_rounds_questions_are_all_held_out() -> None:
+    rset = relevance.load()
+    last = max(x.round for x in rset.questions)
+    fresh = rset.only(round=last)
+    assert last > 1 and fresh and {x.split for x in fresh} == {relevance.HELD_OUT}
+
+
+def test_judged_files_are_files_of_the_corpus_and_never_answers() -> None:
+    rset = relevance.load()
+    assert any(x.judged for x in rset.questions)
+    assert all(x.judged <= set(rset.files) and not x.judged & x.files for x in rset.questions)
+
+
+def test_the_pool_holds_each_modes_unlabelled_files_down_to_its_depth_once_in_path_order() -> None:
+    ranked = {"vector": [["c", "a", "x"]], "bm25": [["b", "c", "y"]]}
+    assert relevance.pool(ranked, [q("a")], depth=2) == [["b", "c"]]
+
+
+def test_the_pool_leaves_out_files_already_judged() -> None:
+    judged = relevance.Question("?", (frozenset(["a"]),), judged=frozenset(["b"]))
+    assert relevance.pool({"bm25": [["a", "b", "c"]]}, [judged], depth=3) == [["c"]]
+
+
 def test_hit_at_1_is_whether_the_first_file_answers() -> None:
     scores = relevance.score([["a", "x"], ["x", "b"]], [q("a"), q("b")])
     assert scores.hit1 == 0.5
@@ -100,14 +123,17 @@ def test_the_metrics_are_computed_for_every_mode_per_half_and_kind(
 def test_hybrid_ranks_the_held_out_answers_at_least_as_well_as_either_mode_alone(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    """The whole measurement (8 to 17 minutes on two cores under load). MRR@10 over the
-    held-out half, where hybrid led BM25, the better single mode, by whole questions' ranks
-    (docs/search.md), not by a float tie that another CPU could flip."""
+    """The whole measurement (under a minute on two cores). On the held-out half, per kind
+    of question, hybrid's MRR@10 is at least the better single mode's, and over the half it
+    meets the targets docs/search.md states: hit@1 >= 0.75, recall@5 >= 0.92, MRR@10 >= 0.80."""
     rset = relevance.load()
     corpus = tmp_path / "corpus"
     relevance.copy_corpus(rset, corpus)
     db = tmp_path / "r.db"
     index.index_paths([corpus], db, socket=daemon.socket)
     results = relevance.breakdown(relevance.rankings(rset, db, daemon.socket), rset)
-    held = {mode: results[(relevance.HELD_OUT, "all", mode)] for mode in index.MODES}
-    assert held["hybrid"].mrr >= max(held["vector"].mrr, held["bm25"].mrr), held
+    for kind in ("all", *relevance.KINDS):
+        held = {mode: results[(relevance.HELD_OUT, kind, mode)] for mode in index.MODES}
+        assert held["hybrid"].mrr >= max(held["vector"].mrr, held["bm25"].mrr), (kind, held)
+    whole = results[(relevance.HELD_OUT, "all", "hybrid")]
+    assert whole.hit1 >= 0.75 and whole.recall >= 0.92 and whole.mrr >= 0.80, whole

@@ -5,9 +5,11 @@ Each list (cosine to the query, BM25 over the words) ranks chunks by its own sca
 1. Each list's scores are put on one scale: how many standard deviations a chunk's score
    stands above the list's mean (`normalised`), so a clear first place in one list carries
    a large vote on its own, and a list whose scores are flat (vectors for a bare identifier)
-   gives little to anyone. A chunk absent from a list gets 0 from it. The lists are
-   weighted by the query's shape (`weights_for`): vectors count more for a question in
-   words, BM25 for identifiers, flags and error codes.
+   gives little to anyone. A chunk absent from a list gets 0 from it; a BM25 list shorter
+   than the others names every chunk holding a query word, and the chunks it leaves out
+   count in its mean and spread as scoring 0 (ZERO_FLOORED). The lists are weighted by the
+   query's shape (`weights_for`): vectors count more for a question in words, BM25 for
+   identifiers, flags and error codes.
 2. Near-duplicate chunks (the same paragraph in the copies of a changelog that several
    packages ship, a copy with a line changed) are folded into one unit: they share
    NEAR_DUPLICATE or more of the larger one's word shingles. A unit takes each list's best
@@ -42,6 +44,9 @@ Key = tuple[str, int]  # (file, chunk index)
 # Names of the lists fusion knows; other names are accepted with weight 1.
 VECTOR = "vector"
 BM25 = "bm25"
+# Lists whose every unlisted chunk scored 0: BM25 names only the chunks that hold a query
+# word. (A cosine list names the best of all chunks; those it leaves out scored something.)
+ZERO_FLOORED = frozenset({BM25})
 # The weight of each list's vote in the fused score when no query says otherwise.
 WEIGHTS: Mapping[str, float] = {VECTOR: 1.0, BM25: 1.0}
 # The vectors' weight (BM25's is 1) for a query in plain words and for one made of
@@ -155,15 +160,19 @@ def weights_for(query: str) -> dict[str, float]:
     return {VECTOR: vector, BM25: 1.0}
 
 
-def normalised(scores: Sequence[float]) -> list[float]:
+def normalised(scores: Sequence[float], unlisted: int = 0) -> list[float]:
     """Each score as how far it stands above the list's mean, in standard deviations
     (never below 0): a list with a clear winner gives it a large vote, a flat list (vectors
-    for a bare identifier, BM25 for words every chunk has) gives nobody much. A list of one
-    gives it 1; a list of equal scores gives each 0."""
-    if len(scores) < 2:
+    for a bare identifier, BM25 for words every chunk has) gives nobody much. `unlisted`
+    more chunks scored 0 and are counted in the mean and spread: a BM25 list that names
+    only the two chunks holding a rare identifier then gives both a large vote, where the
+    two alone, equal, would give nothing. A list of one gives it 1 (unless `unlisted`); a
+    list of equal scores gives each 0."""
+    n = len(scores) + unlisted
+    if not scores or n < 2:
         return [1.0] * len(scores)
-    mean = sum(scores) / len(scores)
-    spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    mean = sum(scores) / n
+    spread = math.sqrt((sum((s - mean) ** 2 for s in scores) + unlisted * mean**2) / n)
     if spread == 0:
         return [0.0] * len(scores)
     return [max(0.0, (s - mean) / spread) for s in scores]
@@ -362,9 +371,13 @@ def _votes(
     the lists name them (at most MAX_CANDIDATES), and each candidate's own weighted vote."""
     norms: dict[str, dict[Key, tuple[int, float, float]]] = {}
     order: list[Key] = []
+    # The longest list says how many chunks each list could have named: a shorter list of
+    # ZERO_FLOORED scores names every chunk that scored above 0, and the rest scored 0.
+    depth = max((len(ranking[:MAX_CANDIDATES]) for ranking in lists.values()), default=0)
     for name, ranking in lists.items():
         ranking = ranking[:MAX_CANDIDATES]
-        normed = normalised([s for _, s in ranking])
+        unlisted = depth - len(ranking) if name in ZERO_FLOORED else 0
+        normed = normalised([s for _, s in ranking], unlisted)
         mine: dict[Key, tuple[int, float, float]] = {}
         for rank, ((key, score), vote) in enumerate(zip(ranking, normed, strict=True), start=1):
             mine.setdefault(key, (rank, score, vote))

@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -494,12 +494,25 @@ def _sqlite_candidates(
     return [((rows[i][0], int(rows[i][1])), float(scores[i])) for i in order]
 
 
-def _fts_query(query: str) -> str:
-    """The query's words as an FTS5 query that cannot be a syntax error: each word quoted
-    (FTS5 strings double their quotes), any of them may match (OR), BM25 weighing each by
-    how rare it is."""
-    words = _WORD.findall(query)
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+def _identifiers(query: str) -> list[str]:
+    """The query's compound identifiers (`--enable-all-static`, `CVE-2024-45491`, `ssl.conf`):
+    runs of words joined without white space, each as its words separated by spaces."""
+    found = []
+    for token in query.split():
+        words = _WORD.findall(token)
+        if len(words) > 1:
+            found.append(" ".join(words))
+    return found
+
+
+def _fts_query(words: Iterable[str], phrases: Iterable[str] = ()) -> str:
+    """An FTS5 query that cannot be a syntax error: each word and phrase quoted (FTS5 strings
+    double their quotes; a quoted string of several words is a phrase, matched only where
+    its words stand in order), any of them may match (OR), BM25 weighing each by how rare it
+    is. A phrase is scored besides its words, so the chunk holding an identifier whole
+    (`--enable-all-static`) gets the rarity of the whole on top of its parts', and outranks
+    chunks that hold `enable`, `all` and `static` apart."""
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in (*words, *phrases))
 
 
 def _bm25_ranking(
@@ -507,10 +520,14 @@ def _bm25_ranking(
 ) -> list[tuple[Key, float]]:
     """Chunks by BM25 (SQLite's `bm25()`, smaller is better, negated here), best first: the
     top `k` (CANDIDATES when 0)."""
-    match = _fts_query(query)
-    if not match:
+    words = _WORD.findall(query)
+    if not words:
         return []
-    match = _rare_words(db, query) or match  # the common words left out when too many
+    # The common words are left out when too many chunks hold them, and so is an identifier
+    # holding one of them: matching a phrase reads the chunk lists of all of its words.
+    kept = _rare_words(db, query) or words
+    phrases = [p for p in _identifiers(query) if set(p.split()) <= set(kept)]
+    match = _fts_query(kept, phrases)
     sql = (
         f"SELECT file, idx, bm25({FTS_TABLE}) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? "
         f"ORDER BY bm25({FTS_TABLE})"
@@ -523,8 +540,8 @@ def _bm25_ranking(
     return [((file, int(idx)), -float(score)) for file, idx, score in rows]
 
 
-def _rare_words(db: sqlite3.Connection, query: str) -> str | None:
-    """An FTS5 query of the query's rarer words only, when scoring every chunk that holds any
+def _rare_words(db: sqlite3.Connection, query: str) -> list[str] | None:
+    """The query's rarer words only, when scoring every chunk that holds any
     query word would mean more than BM25_POSTINGS (chunk, word) pairs; None when that fits
     (the whole query is scored). Words are taken from the rarest while their chunk counts
     add up to BM25_POSTINGS (the rarest always): the others are left out as stopwords are.
@@ -569,7 +586,7 @@ def _rare_words(db: sqlite3.Connection, query: str) -> str | None:
             break
         rare.append(word)
         total += n
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in rare)
+    return rare
 
 
 def _from_here(glob: str) -> bool:
