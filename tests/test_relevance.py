@@ -5,6 +5,7 @@ docs/search.md, from `python -m tests.relevance`; the whole measurement is a slo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,26 @@ def test_the_metrics_are_computed_for_every_mode_per_half_and_kind(
         (split, kind) for split in relevance.SPLITS for kind in {x.kind for x in questions}
     }
     assert all(0 <= s.hit1 <= s.mrr <= 1 and 0 <= s.recall <= 1 for s in results.values())
+
+
+def test_the_pool_is_printed_a_json_line_per_question(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = relevance.load()
+    files = [f for f in full.files if f.startswith(SLICE)]
+    asked = [x for x in full.questions if x.files <= set(files)][:3]
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({
+        "root": str(full.root), "files": files,
+        "questions": [{"question": x.question, "answers": [sorted(a) for a in x.answers]}
+                      for x in asked],
+    }))  # fmt: skip
+    assert relevance.main(["--set", str(small), "--socket", str(daemon.socket), "--pool", "3"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["question"] for line in lines] == [x.question for x in asked]
+    for line, x in zip(lines, asked, strict=True):
+        assert len(line["unjudged"]) <= 3 * len(index.MODES)
+        assert line["unjudged"] == sorted(line["unjudged"]) and not set(line["unjudged"]) & x.files
 
 
 @pytest.mark.slow
