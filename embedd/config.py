@@ -95,9 +95,10 @@ class Config:
     max_inputs: int = 100_000
     request_timeout: float = 120.0
     # Seconds a model process may take to start, load its weights and compute its first batch
-    # before it counts as hung (killed; the load fails naming this key). Reading 20 GB of
-    # weights from a disk of 100 MB/s takes under 4 minutes; a load past 10 is stuck (a file
-    # on a network share that stopped answering), not slow.
+    # before it counts as hung (killed; the load fails naming this key), counted from when the
+    # daemon has identified the file (its hash, read once per version of it). Reading 20 GB
+    # of weights from a disk of 100 MB/s takes under 4 minutes; a load past 10 is stuck (a
+    # file on a network share that stopped answering), not slow.
     load_timeout: float = 600.0
     allow_shutdown: bool = False
     # Bytes of vectors and texts the LRU cache may hold (0 turns it off). 16 MiB holds about
@@ -480,7 +481,13 @@ def load_config(
         if key in data:
             _positive(data[key], key, where)
             kwargs[key] = data[key]
-    for key in ("idle_timeout", "frame_timeout"):
+    for key in (
+        "idle_timeout",
+        "frame_timeout",
+        "request_timeout",
+        "load_timeout",
+        "metrics_every",
+    ):
         if key in data:
             _positive(data[key], key, where)
             kwargs[key] = float(data[key])
@@ -491,10 +498,6 @@ def load_config(
         if key in data:
             _positive(data[key], key, where, allow_zero=True)
             kwargs[key] = data[key]
-    for key in ("request_timeout", "load_timeout"):
-        if key in data:
-            _positive(data[key], key, where)
-            kwargs[key] = float(data[key])
     for key in ("allow_shutdown", "no_api_key", "http_allow_remote"):
         if key in data:
             kwargs[key] = data[key]
@@ -509,9 +512,6 @@ def load_config(
         if not all(isinstance(o, str) and o for o in origins):
             raise ConfigError(f"{where}: cors_origins must be a list of origins (strings)")
         kwargs["cors_origins"] = tuple(origins)
-    if "metrics_every" in data:
-        _positive(data["metrics_every"], "metrics_every", where)
-        kwargs["metrics_every"] = float(data["metrics_every"])
     if "log_format" in data:
         if data["log_format"] not in LOG_FORMATS:
             raise ConfigError(f"{where}: log_format must be one of {', '.join(LOG_FORMATS)}")

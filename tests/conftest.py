@@ -201,14 +201,24 @@ def wait_until_serving(daemon: Daemon, timeout: float = 30.0) -> None:
     raise AssertionError(f"daemon did not answer within {timeout}s:\n{daemon.log()}")
 
 
+@contextlib.contextmanager
+def running_daemon(config: str = "", **options: Any) -> Iterator[Daemon]:
+    """A daemon started with `config` (and `start_daemon`'s `options`) in a folder of its
+    own, for the block: stopped and its folder removed after."""
+    workdir = short_tmpdir()
+    d = start_daemon(workdir, config, **options)
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
     """One daemon shared by the tests that do not change its state."""
-    workdir = short_tmpdir()
-    d = start_daemon(workdir, BASE_CONFIG)
-    yield d
-    d.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_daemon(BASE_CONFIG) as d:
+        yield d
 
 
 @pytest.fixture

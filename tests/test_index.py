@@ -670,6 +670,27 @@ def test_matched_words_are_bold_on_a_terminal_and_starred_elsewhere() -> None:
     assert "**renew** the" in hits_text([hit], tty=False)
 
 
+@pytest.mark.parametrize("tty", [True, False])
+def test_a_mark_cut_off_with_a_long_passage_is_closed_and_never_split(tty: bool) -> None:
+    from embedd.cli.index import BOLD, PLAIN_MARK, hits_text
+    from embedd.index import Hit
+
+    text = "word " * 60 + "renew"
+    # every word marked: whatever column the cut falls on, it is inside or beside a mark
+    spans = tuple((i, i + 4) for i in range(0, len(text), 5))
+    for width in range(40, 60):
+        shown = hits_text([Hit("/d/a.txt", "a.txt", 1, 0.5, text, "", (0, 1), spans)], width,
+                          tty=tty)  # fmt: skip
+        opened, closed = BOLD if tty else PLAIN_MARK
+        body = shown.split("\n", 1)[1]
+        assert body.rstrip().endswith(("…", "…" + closed)), body
+        if tty:
+            assert body.count(opened) == body.count(closed), (width, body)
+            assert "\x1b" not in body.replace(opened, "").replace(closed, ""), (width, body)
+        else:
+            assert body.count(opened) % 2 == 0, (width, body)
+
+
 def test_the_words_of_one_identifier_are_marked_as_one() -> None:
     from embedd.index.search import matches
 

@@ -411,6 +411,15 @@ def test_an_identifier_held_whole_outranks_its_words_held_apart(tmp_path: Path) 
     assert _bm25_ranking(db, "--enable-all-static", None, 3)[0][0] == ("notes", 0)
 
 
+def test_words_joined_by_an_apostrophe_are_not_an_identifier() -> None:
+    from embedd.index.search import _identifiers
+
+    assert _identifiers("the parent domain's --enable-all-static HTTP/2") == [
+        "enable all static",
+        "HTTP 2",
+    ]
+
+
 def test_past_the_keyword_budget_the_commonest_words_are_left_out(
     index: tuple[Path, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch
 ) -> None:

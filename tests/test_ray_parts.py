@@ -319,6 +319,28 @@ def test_the_rate_across_a_daemon_restart_is_never_negative() -> None:
     assert "5.0 chunks/s, 50 tok/s, 850 chunks done" in line
 
 
+def test_a_rate_after_a_poll_the_node_missed_spans_the_time_since_it_last_answered() -> None:
+    from embedd.ray import progress
+
+    def answer(inputs: int) -> dict[str, Any]:
+        return {"models": {"default": {"inputs": inputs, "tokens": 10 * inputs}},
+                "supervisor": {"pid": 7}}  # fmt: skip
+
+    # The node's answers at 0, 10 and 20 s: the second poll finds no daemon answering.
+    polls = iter([answer(0), {"error": "timed out"}, answer(200)])
+    clock = iter([0.0, 10.0, 20.0])
+
+    class Source:
+        def stats(self) -> dict[str, dict[str, Any]]:
+            return {"abcdef0123": next(polls)}
+
+    lines: list[str] = []
+    reporter = progress.DaemonProgress(Source(), log=lines.append, clock=lambda: next(clock))
+    for _ in range(3):
+        reporter.report()
+    assert "10.0 chunks/s" in lines[-1], lines  # 200 chunks over 20 s, not over 10
+
+
 def test_a_lost_node_gets_a_line_saying_so() -> None:
     line = node_line("abcdef0123", {"lost": True, "error": "its node is lost"}, None, 10.0)
     assert line == "embedd node abcdef01: lost, skipped (its node is lost)"

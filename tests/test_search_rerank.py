@@ -17,7 +17,7 @@ from embedd_client import Client
 
 from embedd import index
 from embedd.index.search import RERANK_DEPTH
-from tests.conftest import Daemon, short_tmpdir, start_daemon
+from tests.conftest import Daemon, running_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 STDLIB_JSON = Path(json.__file__).parent
@@ -33,11 +33,8 @@ QUERY = "how is a string with escapes decoded"
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Daemon]:
-    workdir = short_tmpdir()
-    d = start_daemon(workdir, CONFIG)
-    yield d
-    d.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_daemon(CONFIG) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -381,6 +381,25 @@ def marked(passage: str, spans: Sequence[tuple[int, int]], marks: tuple[str, str
     return "".join(out)
 
 
+def _cut(line: str, length: int, marks: tuple[str, str]) -> str:
+    """`line` cut to `length` characters and ended with "…", never inside a mark (half an
+    escape sequence would print as garbage)."""
+    cut = line[:length]
+    for mark in marks:
+        for k in range(1, len(mark)):
+            if cut.endswith(mark[:k]) and line.startswith(mark, len(cut) - k):
+                cut = cut[:-k]
+    return cut + "…"
+
+
+def _open_mark(lines: Sequence[str], marks: tuple[str, str]) -> bool:
+    """Whether the last mark opened in `lines` is not closed in them."""
+    text = "".join(lines)
+    if marks[0] == marks[1]:
+        return text.count(marks[0]) % 2 == 1
+    return text.count(marks[0]) > text.count(marks[1])
+
+
 def _vote_text(name: str, why: Explanation) -> str:
     v = why.votes.get(name)
     weight = why.weights.get(name, 1.0)
@@ -436,7 +455,9 @@ def hits_text(
         passage = textwrap.wrap(" ".join(marked(h.passage, h.matches, marks).split()), wrap)
         if len(passage) > PASSAGE_LINES:
             passage = passage[:PASSAGE_LINES]
-            passage[-1] = passage[-1][: wrap - 1] + "…"
+            passage[-1] = _cut(passage[-1], wrap - 1, marks)
+            if _open_mark(passage, marks):  # a terminal would stay bold past the passage
+                passage[-1] += marks[1]
         lines.extend(" " * PASSAGE_INDENT + p for p in passage)
         if explain:
             lines.extend(" " * PASSAGE_INDENT + e for e in explain_text(h))

@@ -549,9 +549,8 @@ def _index_file(
         for first in range(0, len(chunks), EMBED_BATCH):
             batch = chunks[first : first + EMBED_BATCH]
             hashes = [text_hash(c["text"]) for c in batch]
-            known = stored_vectors(db, [h for h in hashes if h not in seen])
-            new = {h: c["text"] for h, c in zip(hashes, batch, strict=True)}
-            new = {h: t for h, t in new.items() if h not in seen and h not in known}
+            seen.update(stored_vectors(db, [h for h in hashes if h not in seen]))
+            new = {h: c["text"] for h, c in zip(hashes, batch, strict=True) if h not in seen}
             if new:
                 progress(BatchSent())
                 embedded = client.embed(
@@ -559,7 +558,6 @@ def _index_file(
                 )
                 for h, vec in zip(new, embedded, strict=True):
                     seen[h] = np.asarray(vec, dtype="<f4").tobytes()
-            seen.update(known)
             for j, c in enumerate(batch):
                 idx = first + j
                 rows.append(
@@ -567,12 +565,13 @@ def _index_file(
                      "file": name, "idx": idx, "start": c["span"][0], "end": c["span"][1],
                      "line": lines[idx], "text": c["text"], "tokens": c["tokens"],
                      "model": model, "model_fingerprint": fingerprint,
-                     "vector": seen[hashes[j]]}
+                     "vector": seen[hashes[j]], "text_hash": hashes[j]}
                 )  # fmt: skip
             tokens = sum(int(c["tokens"]) for c in batch)
             done += tokens
-            reused += len(batch) - len(new)
-            progress(Embedded(len(batch), tokens, len(batch) - len(new)))
+            again = len(batch) - len(new)
+            reused += again
+            progress(Embedded(len(batch), tokens, again))
     except embedd_client.EmbeddError as exc:
         if exc.code != "bad_request":
             raise

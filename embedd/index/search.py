@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import json
 import os
 import re
@@ -496,12 +497,16 @@ def _sqlite_candidates(
 
 def _identifiers(query: str) -> list[str]:
     """The query's compound identifiers (`--enable-all-static`, `CVE-2024-45491`, `ssl.conf`):
-    runs of words joined without white space, each as its words separated by spaces."""
+    words joined by what joins an identifier's words (_JOINER, as their marks are joined),
+    each as its words separated by spaces. "domain's" is not one."""
     found = []
     for token in query.split():
-        words = _WORD.findall(token)
-        if len(words) > 1:
-            found.append(" ".join(words))
+        words = list(_WORD.finditer(token))
+        joined = all(
+            _JOINER.fullmatch(token[a.end() : b.start()]) for a, b in itertools.pairwise(words)
+        )
+        if len(words) > 1 and joined:
+            found.append(" ".join(m.group() for m in words))
     return found
 
 

@@ -193,10 +193,13 @@ def select_in(
 def stored_vectors(db: sqlite3.Connection, hashes: Sequence[str]) -> dict[str, bytes]:
     """A stored vector for each of the text hashes `hashes` the index already holds (every
     vector of an index is of one model and one set of options, so any of them serves)."""
+    # One stored copy per hash: a text repeated in thousands of files (a licence header)
+    # would otherwise read every copy's vector again for each new file.
     rows = select_in(
         db,
-        "SELECT h.hash, c.vector FROM text_hashes h JOIN chunks c "
-        "ON c.file = h.file AND c.idx = h.idx WHERE h.hash IN ({marks})",
+        "SELECT q.hash, (SELECT c.vector FROM text_hashes h JOIN chunks c "
+        "ON c.file = h.file AND c.idx = h.idx WHERE h.hash = q.hash LIMIT 1) "
+        "FROM (SELECT DISTINCT hash FROM text_hashes WHERE hash IN ({marks})) AS q",
         sorted(set(hashes)),
     )
     return {h: bytes(v) for h, v in rows}
@@ -214,7 +217,7 @@ def drop_file(db: sqlite3.Connection, name: str) -> list[int]:
 
 def insert_chunks(db: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Store chunk records (maps by the shared column names), their keyword rows and their
-    text hashes."""
+    text hashes (a record's `text_hash` when it carries one, as indexing's do)."""
     db.executemany(INSERT_CHUNK, ([r[name] for name in NAMES] for r in rows))
     db.executemany(
         f"INSERT INTO {FTS_TABLE} (rowid, text, file, idx) VALUES (?, ?, ?, ?)",
@@ -222,7 +225,7 @@ def insert_chunks(db: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> 
     )
     db.executemany(
         "INSERT INTO text_hashes VALUES (?, ?, ?)",
-        ((text_hash(r["text"]), r["file"], r["idx"]) for r in rows),
+        ((r.get("text_hash") or text_hash(r["text"]), r["file"], r["idx"]) for r in rows),
     )
 
 

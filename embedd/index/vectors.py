@@ -456,8 +456,7 @@ def _check_lengths(db: sqlite3.Connection, dim: int | None, total: int) -> None:
         dim = int(lengths[0][0]) // 4
     width = dim * 4
     wrong = db.execute(
-        "SELECT count(*), min(length(vector)) FROM chunks WHERE length(vector) != ? "
-        "OR typeof(vector) != 'blob'",
+        "SELECT count(*) FROM chunks WHERE length(vector) != ? OR typeof(vector) != 'blob'",
         (width,),
     ).fetchone()
     if wrong[0]:
@@ -476,17 +475,18 @@ class Writer:
     else rebuilds. Holds the keys of every slot in memory (8 bytes a slot) to find removed
     rows and free slots without reading the mapped vectors."""
 
+    header: Header
+    keys: npt.NDArray[np.int64]
+
     def __init__(self, index: Path, db: sqlite3.Connection) -> None:
         self.index = index
         self.path = matrix_path(index)
-        matrix = open_checked(index, db, None)
-        self.header = matrix.header
-        self.keys: npt.NDArray[np.int64] = np.array(matrix.keys, dtype=np.int64)
-        matrix.close()
         self.rebuilds = 0
         self.compactions = 0
+        self._reload(db)
 
     def _reload(self, db: sqlite3.Connection) -> None:
+        """The file's header and slot keys, checked against SQLite (rebuilt if they differ)."""
         matrix = open_checked(self.index, db, None)
         self.header = matrix.header
         self.keys = np.array(matrix.keys, dtype=np.int64)

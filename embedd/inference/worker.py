@@ -341,9 +341,10 @@ class ModelWorker:
         that failed (and every job heard why)."""
         cfg = self.config
         started = time.monotonic()
-        self._load_deadline = started + self._load_timeout
         try:
             identity = _identify(cfg.path)
+            # The process's own time: hashing a large file first is not a hung load.
+            self._load_deadline = time.monotonic() + self._load_timeout
             info = self._start(identity)
         except _Failed as exc:
             self._fail_load(str(exc))

@@ -319,8 +319,7 @@ class NodeDaemons:
         for node, ref in refs.items():
             try:
                 ray.get(ref, timeout=STOP_GRACE + ACTOR_MARGIN)
-            except ray.exceptions.RayError as exc:  # lost since: as above
-                gone.add(node)
+            except ray.exceptions.RayError as exc:  # lost since, or stuck: said once, here
                 log.warning("embedd: node %s's daemon did not stop (%s)", node[:8], exc)
         for node in sorted(gone):
             log.warning("embedd: node %s was lost; its daemon went with it", node[:8])

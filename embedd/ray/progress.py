@@ -54,17 +54,14 @@ class Segments:
         self.finished: dict[str, float] = dict.fromkeys(COUNTED, 0.0)
         self.pid: int | None = None
         self.current: dict[str, float] = dict.fromkeys(COUNTED, 0.0)
-        self.segments = 0
 
     def update(self, pid: int | None, figures: Mapping[str, int | float]) -> dict[str, float]:
         """The node's totals after a poll that found daemon `pid` with `figures`."""
         now = {key: float(figures.get(key) or 0) for key in COUNTED}
         restarted = pid != self.pid or any(now[k] < self.current[k] for k in COUNTED)
-        if restarted:
-            if self.segments:
-                for key in COUNTED:
-                    self.finished[key] += self.current[key]
-            self.segments += 1
+        if restarted:  # (the first poll adds the zeros `current` starts with)
+            for key in COUNTED:
+                self.finished[key] += self.current[key]
             self.pid = pid
         self.current = now
         return self.totals()
@@ -107,7 +104,8 @@ def node_line(
 
 class DaemonProgress:
     """Logs every node daemon's line every `every` seconds (to stderr, or `log`), from a
-    thread, until `stop` (or the end of a `with` block), which logs a last line per node."""
+    thread, until `stop` (or the end of a `with` block), which logs a last line per node.
+    Rates are over the time `clock` says passed since the node last answered."""
 
     def __init__(
         self,
@@ -115,14 +113,17 @@ class DaemonProgress:
         *,
         every: float = 10.0,
         log: Callable[[str], None] = _stderr,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.nodes = nodes
         self.every = every
         self.log = log
+        self.clock = clock
         self._stop = threading.Event()
         self._segments: dict[str, Segments] = {}
-        self._before: dict[str, dict[str, float]] = {}
-        self._when = time.monotonic()
+        # Each node's totals at its last answered poll, and when: a node that did not answer
+        # one poll is compared with the one before, over the time since then.
+        self._last: dict[str, tuple[dict[str, float], float]] = {}
         self._thread = threading.Thread(target=self._run, name="embedd-progress", daemon=True)
 
     def start(self) -> Self:
@@ -142,25 +143,22 @@ class DaemonProgress:
 
     def report(self) -> None:
         """Log one line per node now."""
-        now = time.monotonic()
+        now = self.clock()
         try:
             stats = self.nodes.stats()
         except Exception as exc:  # Ray raises many kinds while a node goes away
             self.log(f"embedd: node daemons' stats unavailable ({exc})")
             return
-        totals: dict[str, dict[str, float]] = {}
         for node, figures in stats.items():
             if "error" in figures:  # no figures now: the next answer is compared with the last
                 self.log(node_line(node, figures, None, 0.0))
-                if node in self._before:
-                    totals[node] = self._before[node]
                 continue
             segments = self._segments.setdefault(node, Segments())
             pid = (figures.get("supervisor") or {}).get("pid")
-            totals[node] = segments.update(pid, _model(figures))
-            self.log(node_line(node, figures, self._before.get(node), now - self._when,
-                               totals[node]))  # fmt: skip
-        self._before, self._when = totals, now
+            totals = segments.update(pid, _model(figures))
+            before, when = self._last.get(node, (None, now))
+            self.log(node_line(node, figures, before, now - when, totals))
+            self._last[node] = (totals, now)
 
     def _run(self) -> None:
         self.report()

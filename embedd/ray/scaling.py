@@ -41,13 +41,13 @@ import pyarrow.parquet as pq
 import ray
 
 from embedd.inference.modelprocess import read_rss_bytes
+from embedd.ray.bench import CORPUS
 from embedd.ray.cluster import LocalCluster
 from embedd.ray.columns import EmbedSettings
 from embedd.ray.nodes import Daemons, NodeDaemons
 from embedd.ray.resume import unembedded
 from embedd.ray.steps import Embed
 
-CORPUS = Path(__file__).resolve().parent.parent / "bundled" / "bench_corpus.json"
 # Seconds between memory samples while a round runs.
 SAMPLE_EVERY = 0.5
 # Texts per Embed batch and actors, as in docs/ray.md's example.
@@ -154,11 +154,16 @@ class Sampler:
 
 
 def measure(nodes: int, texts: list[str], rounds: int) -> dict[str, Any]:
-    """Rows/s of each round and each node's peak memory by kind (MB), on `nodes` nodes."""
+    """Rows/s of each round and each node's peak memory by kind (MB), on `nodes` nodes (its
+    input and vectors in a temporary folder, removed after)."""
+    with tempfile.TemporaryDirectory(prefix="embedd-scaling-") as folder:
+        return _measure(nodes, texts, rounds, Path(folder))
+
+
+def _measure(nodes: int, texts: list[str], rounds: int, work: Path) -> dict[str, Any]:
     settings = EmbedSettings()
     rates: list[float] = []
     shares: list[dict[str, int]] = []  # rows each node embedded, per round
-    work = Path(tempfile.mkdtemp(prefix="embedd-scaling-"))
     (work / "texts").mkdir()
     pq.write_table(pa.table({"text": texts}), work / "texts" / "part-0.parquet")
     with LocalCluster(nodes, 1) as cluster:
